@@ -1,0 +1,3 @@
+from gptoss.cli import main
+
+raise SystemExit(main())

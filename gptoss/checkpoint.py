@@ -1,0 +1,274 @@
+"""Reading gpt-oss checkpoints: the three real on-disk layouts, one name map, strict checks.
+
+Layouts (see docs/architecture.md and the spec, section 3):
+  "original"  OpenAI `original/`: `block.N.attn.qkv.weight` (q, k, v fused), `mlp1_weight.blocks`, ...
+              one `model.safetensors` (20b) or `model--0000k-of-0000n.safetensors` shards (120b).
+  "hf-mxfp4"  Hugging Face MXFP4: `model.layers.N.mlp.experts.gate_up_proj_blocks`, ...; shards listed
+              in `model.safetensors.index.json` (20b: three files named `-of-00002`).
+  "hf-bf16"   Hugging Face dequantized: dense experts `gate_up_proj` [E, in, out] in bf16.
+
+Everything is mapped onto the *canonical* names, which are the HF MXFP4 names and also the names of
+our modules' parameters and buffers. Tensors are memory-mapped by safetensors; MXFP4 experts stay
+packed (uint8) and a bf16 file's experts are transposed lazily (a view), never copied at load.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from gptoss.config import ModelConfig
+
+LAYOUTS = ("original", "hf-mxfp4", "hf-bf16")
+INDEX_FILE = "model.safetensors.index.json"
+FLOAT, UINT8 = "BF16", "U8"  # on-disk dtype labels, as safetensors names them
+_FLOAT_DTYPES = {"BF16", "F16", "F32"}  # accepted for a float tensor (real checkpoints are BF16)
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be loaded; the message says what was expected, what was found and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The name map: canonical (HF MXFP4) name -> OpenAI original name
+# ---------------------------------------------------------------------------------------------
+
+_LAYER_TO_ORIGINAL = {
+    "input_layernorm.weight": "attn.norm.scale",
+    "self_attn.sinks": "attn.sinks",
+    "self_attn.o_proj.weight": "attn.out.weight",
+    "self_attn.o_proj.bias": "attn.out.bias",
+    "post_attention_layernorm.weight": "mlp.norm.scale",
+    "mlp.router.weight": "mlp.gate.weight",
+    "mlp.router.bias": "mlp.gate.bias",
+    "mlp.experts.gate_up_proj_blocks": "mlp.mlp1_weight.blocks",
+    "mlp.experts.gate_up_proj_scales": "mlp.mlp1_weight.scales",
+    "mlp.experts.gate_up_proj_bias": "mlp.mlp1_bias",
+    "mlp.experts.down_proj_blocks": "mlp.mlp2_weight.blocks",
+    "mlp.experts.down_proj_scales": "mlp.mlp2_weight.scales",
+    "mlp.experts.down_proj_bias": "mlp.mlp2_bias",
+}  # q/k/v_proj are fused into attn.qkv (rows q, then k, then v)
+_GLOBAL_TO_ORIGINAL = {
+    "model.embed_tokens.weight": "embedding.weight",
+    "model.norm.weight": "norm.scale",
+    "lm_head.weight": "unembedding.weight",
+}
+
+
+def canonical_spec(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every tensor of the model in canonical (HF MXFP4) names: name -> (shape, on-disk dtype)."""
+    d, V, E = config.hidden_size, config.vocab_size, config.num_local_experts
+    I2, I = 2 * config.intermediate_size, config.intermediate_size
+    spec = {"model.embed_tokens.weight": ((V, d), FLOAT)}
+    for n in range(config.num_hidden_layers):
+        p = f"model.layers.{n}."
+        spec |= {
+            p + "input_layernorm.weight": ((d,), FLOAT),
+            p + "self_attn.q_proj.weight": ((config.q_dim, d), FLOAT),
+            p + "self_attn.q_proj.bias": ((config.q_dim,), FLOAT),
+            p + "self_attn.k_proj.weight": ((config.kv_dim, d), FLOAT),
+            p + "self_attn.k_proj.bias": ((config.kv_dim,), FLOAT),
+            p + "self_attn.v_proj.weight": ((config.kv_dim, d), FLOAT),
+            p + "self_attn.v_proj.bias": ((config.kv_dim,), FLOAT),
+            p + "self_attn.o_proj.weight": ((d, config.q_dim), FLOAT),
+            p + "self_attn.o_proj.bias": ((d,), FLOAT),
+            p + "self_attn.sinks": ((config.num_attention_heads,), FLOAT),
+            p + "post_attention_layernorm.weight": ((d,), FLOAT),
+            p + "mlp.router.weight": ((E, d), FLOAT),
+            p + "mlp.router.bias": ((E,), FLOAT),
+            p + "mlp.experts.gate_up_proj_blocks": ((E, I2, d // 32, 16), UINT8),
+            p + "mlp.experts.gate_up_proj_scales": ((E, I2, d // 32), UINT8),
+            p + "mlp.experts.gate_up_proj_bias": ((E, I2), FLOAT),
+            p + "mlp.experts.down_proj_blocks": ((E, d, I // 32, 16), UINT8),
+            p + "mlp.experts.down_proj_scales": ((E, d, I // 32), UINT8),
+            p + "mlp.experts.down_proj_bias": ((E, d), FLOAT),
+        }
+    spec["model.norm.weight"] = ((d,), FLOAT)
+    spec["lm_head.weight"] = ((V, d), FLOAT)
+    return spec
+
+
+def disk_spec(config: ModelConfig, layout: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every tensor a checkpoint of `layout` holds, in file order: disk name -> (shape, dtype)."""
+    canon = canonical_spec(config)
+    if layout != "hf-bf16" and not config.mxfp4_compatible:
+        raise CheckpointError(
+            f"hidden_size={config.hidden_size} and intermediate_size={config.intermediate_size} must be multiples "
+            f"of 32 for an MXFP4 layout ({layout}); only the hf-bf16 layout holds other widths"
+        )
+    if layout == "hf-mxfp4":
+        return canon
+    if layout == "hf-bf16":  # dense experts in HF's [E, in, out] orientation
+        d, E, I = config.hidden_size, config.num_local_experts, config.intermediate_size
+        dense = {"gate_up_proj": (E, d, 2 * I), "down_proj": (E, I, d)}
+        spec = {}
+        for name, (shape, dtype) in canon.items():
+            base = name.rsplit(".", 1)[-1]
+            if base.endswith("_scales"):
+                continue
+            if base.endswith("_blocks"):
+                spec[name.removesuffix("_blocks")] = (dense[base.removesuffix("_blocks")], FLOAT)
+            else:
+                spec[name] = (shape, dtype)
+        return spec
+    if layout == "original":
+        spec = {}
+        for name, (shape, dtype) in canon.items():
+            m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+            if m is None:
+                spec[_GLOBAL_TO_ORIGINAL[name]] = (shape, dtype)
+            elif m[2] in ("self_attn.q_proj.weight", "self_attn.q_proj.bias"):
+                kind = m[2].rsplit(".", 1)[1]
+                rows = config.q_dim + 2 * config.kv_dim
+                spec[f"block.{m[1]}.attn.qkv.{kind}"] = ((rows,) + shape[1:], dtype)
+            elif ".k_proj." in m[2] or ".v_proj." in m[2]:
+                continue
+            else:
+                spec[f"block.{m[1]}.{_LAYER_TO_ORIGINAL[m[2]]}"] = (shape, dtype)
+        return spec
+    raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+
+
+def canonical_from_disk(config: ModelConfig, layout: str, get: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (canonical or module name, tensor) from a checkpoint's tensors, converting as needed.
+
+    For "hf-bf16" the experts come out dense as `gate_up_proj` [E, 2I, D] / `down_proj` [E, D, I]
+    (our [out, in] orientation; HF stores [E, in, out]), as transposed views.
+    """
+    for name in canonical_spec(config):
+        if layout == "hf-mxfp4":
+            yield name, get(name)
+        elif layout == "hf-bf16":
+            if name.endswith("_scales"):
+                continue
+            if name.endswith("_blocks"):
+                dense = name.removesuffix("_blocks")
+                yield dense, get(dense).transpose(1, 2)
+            else:
+                yield name, get(name)
+        else:
+            m = re.fullmatch(r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", name)
+            if m:
+                qkv = get(f"block.{m[1]}.attn.qkv.{m[3]}")
+                q, kv = config.q_dim, config.kv_dim
+                start, size = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[m[2]]
+                yield name, qkv.narrow(0, start, size)
+                continue
+            m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+            yield name, get(f"block.{m[1]}.{_LAYER_TO_ORIGINAL[m[2]]}" if m else _GLOBAL_TO_ORIGINAL[name])
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the files
+# ---------------------------------------------------------------------------------------------
+
+
+def detect_layout(folder: Path, names: set[str]) -> str:
+    if "block.0.attn.qkv.weight" in names or "embedding.weight" in names:
+        return "original"
+    if any(n.endswith("mlp.experts.gate_up_proj_blocks") for n in names):
+        return "hf-mxfp4"
+    if any(n.endswith("mlp.experts.gate_up_proj") for n in names):
+        return "hf-bf16"
+    sample = ", ".join(sorted(names)[:3]) or "no tensors"
+    raise CheckpointError(
+        f"{folder} does not hold a gpt-oss checkpoint: none of its tensor names ({sample}, ...) belong to "
+        "the OpenAI original/ or Hugging Face gpt-oss layouts"
+    )
+
+
+def resolve_folder(source: str | Path) -> Path:
+    """The folder that holds the weights: `source`, or `source/original` for a repo root without root weights."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        path = path.parent
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint folder {path} does not exist; pass a local folder or a hub id like openai/gpt-oss-20b")
+    for folder in (path, path / "original"):
+        if folder.is_dir() and (any(folder.glob("*.safetensors")) or (folder / INDEX_FILE).exists()):
+            return folder
+    raise CheckpointError(f"{path} holds no *.safetensors files (nor does {path / 'original'}); is the download complete?")
+
+
+class TensorIndex:
+    """name -> file for every tensor of a checkpoint folder, with lazily opened, memory-mapped files."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._handles: dict[Path, object] = {}
+        index = folder / INDEX_FILE
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index} is not a valid safetensors index ({e!r}); re-download it") from None
+            self.files = {name: folder / file for name, file in weight_map.items()}
+            for file in sorted(set(self.files.values())):
+                if not file.exists():
+                    raise CheckpointError(f"shard {file.name} listed in {index.name} is missing from {folder}; re-download it")
+        else:
+            self.files = {}
+            for file in sorted(folder.glob("*.safetensors")):
+                for name in self._open(file).keys():
+                    self.files[name] = file
+
+    def _open(self, file: Path):
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"cannot read {file}: {e} -- the file is truncated or corrupt; re-download it") from None
+        return self._handles[file]
+
+    def meta(self, name: str) -> tuple[tuple[int, ...], str]:
+        sl = self._open(self.files[name]).get_slice(name)
+        return tuple(sl.get_shape()), sl.get_dtype()
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._open(self.files[name]).get_tensor(name)  # memory-mapped, not copied
+
+    def validate(self, spec: dict[str, tuple[tuple[int, ...], str]], layout: str) -> None:
+        """Check presence, shape and dtype of every expected tensor; raise on the first problem."""
+        missing = [n for n in spec if n not in self.files]
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise CheckpointError(
+                f"tensor {missing[0]}{more} missing from the {layout} checkpoint in {self.folder}: "
+                "the config and the weights disagree, or a shard is absent"
+            )
+        for name, (shape, dtype) in spec.items():
+            found_shape, found_dtype = self.meta(name)
+            file = self.files[name].name
+            if found_shape != shape:
+                raise CheckpointError(
+                    f"tensor {name} in {file}: expected shape {list(shape)}, found {list(found_shape)}; "
+                    "does config.json belong to these weights?"
+                )
+            ok = found_dtype in _FLOAT_DTYPES if dtype == FLOAT else found_dtype == dtype
+            if not ok:
+                raise CheckpointError(f"tensor {name} in {file}: expected dtype {dtype}, found {found_dtype}")
+
+
+def read_config(folder: Path) -> ModelConfig:
+    path = folder / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{folder} has weights but no config.json; copy the model's config.json beside them")
+    try:
+        return ModelConfig.from_json(path)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def open_checkpoint(source: str | Path) -> tuple[ModelConfig, str, TensorIndex]:
+    """Find, identify and validate a local checkpoint: (config, layout, index)."""
+    folder = resolve_folder(source)
+    index = TensorIndex(folder)
+    layout = detect_layout(folder, set(index.files))
+    config = read_config(folder)
+    index.validate(disk_spec(config, layout), layout)
+    return config, layout, index

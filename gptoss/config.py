@@ -1,0 +1,289 @@
+"""Model configuration: one flat dataclass, both on-disk config styles, and presets.
+
+Field names follow the Hugging Face `config.json` of gpt-oss where one exists; the RoPE fields use
+the flat names of OpenAI's `original/config.json` (`rope_scaling_factor`, `rope_ntk_alpha`, ...),
+because HF nests them in `rope_scaling` / `rope_parameters` under other names (beta_slow = ntk_alpha,
+beta_fast = ntk_beta).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+@dataclass
+class ModelConfig:
+    num_hidden_layers: int = 24
+    hidden_size: int = 2880
+    intermediate_size: int = 2880
+    num_attention_heads: int = 64
+    num_key_value_heads: int = 8
+    head_dim: int = 64
+    num_local_experts: int = 32
+    num_experts_per_tok: int = 4
+    vocab_size: int = 201088
+    sliding_window: int = 128
+    layer_types: list[str] = field(default_factory=list)  # empty -> even layers slide, odd are full
+    rope_theta: float = 150000.0
+    rope_scaling_factor: float = 32.0
+    rope_ntk_alpha: float = 1.0  # HF beta_slow
+    rope_ntk_beta: float = 32.0  # HF beta_fast
+    initial_context_length: int = 4096  # HF rope_scaling.original_max_position_embeddings
+    max_position_embeddings: int = 131072
+    rms_norm_eps: float = 1e-5
+    swiglu_limit: float = 7.0
+    swiglu_alpha: float = 1.702
+    eos_token_id: int = 200002
+    pad_token_id: int = 199999
+
+    def __post_init__(self) -> None:
+        if not self.layer_types:
+            self.layer_types = [SLIDING if i % 2 == 0 else FULL for i in range(self.num_hidden_layers)]
+        problems = []
+        if len(self.layer_types) != self.num_hidden_layers:
+            problems.append(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+        if bad := sorted(set(self.layer_types) - {SLIDING, FULL}):
+            problems.append(f"unknown layer_types {bad} (expected {SLIDING!r} or {FULL!r})")
+        if self.num_attention_heads % self.num_key_value_heads:
+            problems.append(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.head_dim % 2:
+            problems.append(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if not 1 <= self.num_experts_per_tok <= self.num_local_experts:
+            problems.append(f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, {self.num_local_experts}]")
+        if self.sliding_window < 1:
+            problems.append(f"sliding_window={self.sliding_window} must be at least 1")
+        if problems:
+            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+
+    # -- derived sizes ---------------------------------------------------------------------------
+    @property
+    def q_dim(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    @property
+    def mxfp4_compatible(self) -> bool:
+        """MXFP4 packs 32 input values per block: both expert input widths must be multiples of 32."""
+        return self.hidden_size % 32 == 0 and self.intermediate_size % 32 == 0
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.layer_types[layer] == SLIDING
+
+    # -- reading config.json -----------------------------------------------------------------------
+    @classmethod
+    def from_json(cls, path: str | Path) -> ModelConfig:
+        """Read `config.json` in either style: OpenAI `original/` or Hugging Face."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no model config at {path}: expected a gpt-oss config.json there")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); re-download or regenerate it") from None
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config") -> ModelConfig:
+        raw = dict(raw)
+        if raw.get("model_type", "gpt_oss") != "gpt_oss":
+            raise ValueError(f"{source} describes a {raw['model_type']!r} model, not gpt-oss (model_type 'gpt_oss')")
+        renames = {"num_experts": "num_local_experts", "experts_per_token": "num_experts_per_tok"}
+        for old, new in renames.items():
+            if old in raw:
+                raw.setdefault(new, raw.pop(old))
+        # HF: rope_scaling (transformers 4.x) or rope_parameters (5.x, which also holds rope_theta).
+        rope = raw.pop("rope_parameters", None) or raw.pop("rope_scaling", None) or {}
+        if rope:
+            rope_type = rope.get("rope_type", rope.get("type", "yarn"))
+            if rope_type not in ("yarn", "default"):
+                raise ValueError(f"{source}: unsupported rope_type {rope_type!r} (gpt-oss uses 'yarn')")
+            if rope.get("truncate", False):
+                raise ValueError(f"{source}: YaRN truncate=true is not gpt-oss (its correction range is fractional)")
+            if "rope_theta" in rope:
+                raw["rope_theta"] = rope["rope_theta"]
+            if rope_type == "default":
+                raw["rope_scaling_factor"] = 1.0
+            else:
+                raw["rope_scaling_factor"] = rope.get("factor", cls.rope_scaling_factor)
+                raw["rope_ntk_alpha"] = rope.get("beta_slow", cls.rope_ntk_alpha)
+                raw["rope_ntk_beta"] = rope.get("beta_fast", cls.rope_ntk_beta)
+                if "original_max_position_embeddings" in rope:
+                    raw["initial_context_length"] = rope["original_max_position_embeddings"]
+        if "max_position_embeddings" not in raw and "initial_context_length" in raw:
+            raw["max_position_embeddings"] = int(raw["initial_context_length"] * raw.get("rope_scaling_factor", 32.0))
+        for key in ("eos_token_id", "pad_token_id"):  # HF may give a list of ids
+            if isinstance(raw.get(key), list):
+                raw[key] = raw[key][0]
+            if raw.get(key) is None:
+                raw.pop(key, None)
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in raw.items() if k in known}
+        if "hidden_size" not in kwargs or "num_hidden_layers" not in kwargs:
+            raise ValueError(f"{source} lacks hidden_size/num_hidden_layers: it is not a gpt-oss config")
+        return cls(**kwargs)
+
+    def to_original_json(self) -> dict:
+        """The key set of OpenAI's `original/config.json`."""
+        return {
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_experts": self.num_local_experts,
+            "experts_per_token": self.num_experts_per_tok,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "swiglu_limit": self.swiglu_limit,
+            "head_dim": self.head_dim,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "sliding_window": self.sliding_window,
+            "initial_context_length": self.initial_context_length,
+            "rope_theta": self.rope_theta,
+            "rope_scaling_factor": self.rope_scaling_factor,
+            "rope_ntk_alpha": self.rope_ntk_alpha,
+            "rope_ntk_beta": self.rope_ntk_beta,
+        }
+
+    def to_hf_json(self, quantized: bool = True) -> dict:
+        """The key set of the Hugging Face `config.json` (transformers 4.55 style, `rope_scaling`)."""
+        cfg = {
+            "architectures": ["GptOssForCausalLM"],
+            "model_type": "gpt_oss",
+            "attention_bias": True,
+            "attention_dropout": 0.0,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "experts_per_token": self.num_experts_per_tok,
+            "num_experts_per_tok": self.num_experts_per_tok,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "hidden_size": self.hidden_size,
+            "initial_context_length": self.initial_context_length,
+            "initializer_range": 0.02,
+            "intermediate_size": self.intermediate_size,
+            "layer_types": list(self.layer_types),
+            "max_position_embeddings": self.max_position_embeddings,
+            "num_attention_heads": self.num_attention_heads,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_key_value_heads": self.num_key_value_heads,
+            "num_local_experts": self.num_local_experts,
+            "output_router_logits": False,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_scaling": {
+                "rope_type": "yarn",
+                "factor": self.rope_scaling_factor,
+                "beta_fast": self.rope_ntk_beta,
+                "beta_slow": self.rope_ntk_alpha,
+                "original_max_position_embeddings": self.initial_context_length,
+                "truncate": False,
+            },
+            "rope_theta": self.rope_theta,
+            "router_aux_loss_coef": 0.9,
+            "sliding_window": self.sliding_window,
+            "swiglu_limit": self.swiglu_limit,
+            "tie_word_embeddings": False,
+            "use_cache": True,
+            "vocab_size": self.vocab_size,
+        }
+        if quantized:
+            cfg["quantization_config"] = {
+                "quant_method": "mxfp4",
+                "modules_to_not_convert": [
+                    "model.layers.*.self_attn",
+                    "model.layers.*.mlp.router",
+                    "model.embed_tokens",
+                    "lm_head",
+                ],
+            }
+        return cfg
+
+    # -- parameter accounting ----------------------------------------------------------------------
+    def param_table(self) -> list[tuple[str, int, int]]:
+        """(component, total parameters, parameters active per token), from the tensor shapes.
+
+        "Active" counts the routed experts only (k of E) and one vocabulary matrix (the unembedding;
+        the embedding is a row lookup), as the gpt-oss model card does.
+        """
+        d, n, E, k = self.hidden_size, self.num_hidden_layers, self.num_local_experts, self.num_experts_per_tok
+        attn = (self.q_dim + 2 * self.kv_dim) * (d + 1) + (self.q_dim + 1) * d + self.num_attention_heads
+        expert = 2 * self.intermediate_size * (d + 1) + (self.intermediate_size + 1) * d
+        router = E * (d + 1)
+        vocab = self.vocab_size * d
+        return [
+            ("embedding", vocab, 0),
+            ("attention (qkv, out, sinks)", n * attn, n * attn),
+            ("norms", (2 * n + 1) * d, (2 * n + 1) * d),
+            ("router", n * router, n * router),
+            ("experts (MXFP4 weights + biases)", n * E * expert, n * k * expert),
+            ("unembedding", vocab, vocab),
+        ]
+
+    def num_params(self) -> tuple[int, int]:
+        table = self.param_table()
+        return sum(r[1] for r in table), sum(r[2] for r in table)
+
+    def yarn_correction_range(self) -> tuple[float, float]:
+        """NTK-by-parts boundaries (fractional, never rounded) in units of rotary pair index."""
+
+        def dim_for(rotations: float) -> float:
+            ctx = self.initial_context_length
+            return self.head_dim * math.log(ctx / (rotations * 2 * math.pi)) / (2 * math.log(self.rope_theta))
+
+        low, high = dim_for(self.rope_ntk_beta), dim_for(self.rope_ntk_alpha)
+        return max(low, 0.0), min(high, self.head_dim - 1.0)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "gpt-oss-20b": ModelConfig(num_hidden_layers=24, num_local_experts=32),
+    "gpt-oss-120b": ModelConfig(num_hidden_layers=36, num_local_experts=128),
+    # Small enough for the CPU test-suite, but with every structural feature of the real model:
+    # GQA (4 query heads per KV head), q width != hidden width, intermediate != hidden,
+    # sliding and full layers, a window shorter than the test sequences.
+    "tiny": ModelConfig(
+        num_hidden_layers=4,
+        hidden_size=128,
+        intermediate_size=96,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=32,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        vocab_size=201088,
+        sliding_window=16,
+        initial_context_length=4096,
+        max_position_embeddings=131072,
+    ),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], layer_types=list(PRESETS[name].layer_types))
+
+
+def format_param_table(config: ModelConfig, markdown: bool = False) -> str:
+    """The parameter table of `config`, as fixed-width text or a Markdown table."""
+    rows = config.param_table()
+    total, active = config.num_params()
+    rows = rows + [("total", total, active)]
+    if markdown:
+        lines = ["| component | parameters | active per token |", "|---|---:|---:|"]
+        lines += [f"| {name} | {n:,} | {a:,} |" for name, n, a in rows]
+        return "\n".join(lines)
+    lines = [f"{'component':<34}{'parameters':>18}{'active/token':>18}"]
+    lines += [f"{name:<34}{n:>18,}{a:>18,}" for name, n, a in rows]
+    return "\n".join(lines)

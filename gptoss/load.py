@@ -1,0 +1,83 @@
+"""`load_model`: a local folder in any gpt-oss layout, or a hub id, to a ready model."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from gptoss.checkpoint import INDEX_FILE, CheckpointError, canonical_from_disk, open_checkpoint
+from gptoss.model import GptOss, RotaryEmbedding
+
+BACKENDS = ("auto", "torch", "triton")
+# Files fetched for a hub id: the HF MXFP4 root only (not original/ or metal/, which duplicate it).
+HUB_PATTERNS = ["config.json", "generation_config.json", INDEX_FILE, "model*.safetensors"]
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def download(repo_id: str) -> Path:
+    """Fetch the files a gpt-oss hub repo needs (about 13 GB for 20b) into the HF cache."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # network, auth, unknown repo: all end the same way for the user
+        raise CheckpointError(
+            f"could not download {repo_id} from the Hugging Face hub ({type(e).__name__}: {e}); "
+            "download it where the hub is reachable and pass the local folder instead"
+        ) from None
+
+
+def resolve_source(source: str | Path) -> Path:
+    path = Path(source).expanduser()
+    if path.exists() or not _HUB_ID.fullmatch(str(source)):
+        return path
+    return download(str(source))
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        return "torch"  # becomes "triton" on CUDA once the Triton MoE kernels are in gptoss.kernels
+    if backend == "triton":
+        raise NotImplementedError("the Triton MoE backend is not available yet; use backend='torch'")
+    return backend
+
+
+def load_model(
+    source: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    backend: str = "auto",
+    adapter: str | Path | None = None,
+) -> GptOss:
+    """Load gpt-oss from `source`: a folder in the OpenAI `original/`, HF MXFP4 or HF bf16 layout,
+    the root of a downloaded HF repo, or a hub id such as `openai/gpt-oss-20b`.
+
+    Experts stay MXFP4 (uint8, memory-mapped) and are decoded per use; other weights are cast to
+    `dtype` (no copy when it is the file's bf16); RMSNorm gains are kept in fp32. Returns the model
+    in eval mode with gradients off.
+    """
+    if dtype not in (torch.bfloat16, torch.float32, torch.float16):
+        raise ValueError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype}")
+    if adapter is not None:
+        raise NotImplementedError("loading LoRA adapters arrives with the trainer (gptoss.train)")
+    device = torch.device(device)
+    backend = resolve_backend(backend, device)
+    config, layout, index = open_checkpoint(resolve_source(source))
+
+    with torch.device("meta"):
+        model = GptOss(config, quantized=layout != "hf-bf16")
+    state = {}
+    for name, tensor in canonical_from_disk(config, layout, index.get):
+        if tensor.is_floating_point():
+            keep_fp32 = name.endswith("layernorm.weight") or name == "model.norm.weight"
+            tensor = tensor.to(torch.float32 if keep_fp32 else dtype)
+        state[name] = tensor
+    model.load_state_dict(state, strict=True, assign=True)
+    model.model.rotary_emb = RotaryEmbedding(config)  # computed, not stored
+    model.backend = backend
+    return model.requires_grad_(False).eval().to(device)

@@ -1,0 +1,293 @@
+"""gpt-oss, the reference forward pass in plain PyTorch.
+
+Read top to bottom: RMSNorm -> YaRN rotary embedding -> attention with learned sinks (sliding
+window on some layers) -> top-k mixture of experts with the clamped SwiGLU -> the model.
+The math follows OpenAI's reference (`gpt_oss/torch/model.py`); module and parameter names
+follow the Hugging Face checkpoint (`model.layers.N.self_attn.q_proj.weight`, ...).
+
+Shape legend: B batch, T tokens (queries), S keys, D hidden size, K KV heads, G query heads per
+KV head, Dh head dim, E experts, k experts per token, I expert intermediate size, V vocabulary.
+Dtype policy: weights and activations in the model dtype (bf16 by default); RMSNorm statistics,
+rotary tables, the attention softmax (sinks included) and the router softmax in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from gptoss import mxfp4
+from gptoss.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        # the gain stays fp32 whatever the model dtype (it is stored bf16 on disk; both references upcast)
+        self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        return y.to(x.dtype)  # plain gain, no (1 + g)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary embedding with YaRN (NTK-by-parts interpolation + attention "concentration")
+# ---------------------------------------------------------------------------------------------
+
+
+def yarn_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequency of each rotary pair j = 0 .. Dh/2-1, and the concentration factor.
+
+    Pairs below the correction range keep their original frequency (extrapolation), pairs above it
+    are slowed down by the scaling factor (interpolation), pairs inside blend linearly. The range
+    stays fractional (8.09 .. 17.40 for gpt-oss); rounding it is a known source of mismatches.
+    """
+    half = config.head_dim // 2
+    base_freq = config.rope_theta ** (torch.arange(half, dtype=torch.float64) * 2 / config.head_dim)
+    extrapolation = 1.0 / base_freq
+    factor = config.rope_scaling_factor
+    if factor <= 1.0:
+        return extrapolation.float(), 1.0
+    interpolation = 1.0 / (factor * base_freq)
+    low, high = config.yarn_correction_range()
+    if high == low:
+        high += 1e-3
+    ramp = ((torch.arange(half, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    inv_freq = extrapolation * (1 - ramp) + interpolation * ramp
+    concentration = 0.1 * math.log(factor) + 1.0  # multiplies cos and sin, so q.k grows by its square
+    return inv_freq.float(), concentration
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        inv_freq, self.concentration = yarn_inv_freq(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [Dh/2] fp32
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = positions.float()[:, None] * self.inv_freq[None, :]  # [T, Dh/2]
+        return angles.cos() * self.concentration, angles.sin() * self.concentration
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (j, j + Dh/2): the two halves of each head, not adjacent elements.
+
+    x [B, T, ..., Dh]; cos, sin [T, Dh/2] (cast to x's dtype first, as both references do).
+    """
+    shape = (1, x.shape[1]) + (1,) * (x.dim() - 3) + (x.shape[-1] // 2,)
+    cos, sin = cos.to(x.dtype).view(shape), sin.to(x.dtype).view(shape)
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention: grouped-query, learned per-head sinks, optional sliding window
+# ---------------------------------------------------------------------------------------------
+
+
+def attention_with_sinks(
+    q: torch.Tensor,  # [B, T, K, G, Dh] rotated queries
+    k: torch.Tensor,  # [B, S, K, Dh] rotated keys
+    v: torch.Tensor,  # [B, S, K, Dh]
+    sinks: torch.Tensor,  # [K*G] one logit per query head
+    q_pos: torch.Tensor,  # [T] absolute positions of the queries
+    k_pos: torch.Tensor,  # [S] absolute positions of the keys
+    window: int | None,  # None: full causal; w: the w most recent keys, the current one included
+) -> torch.Tensor:  # [B, T, K, G, Dh]
+    B, T, K, G, Dh = q.shape
+    scores = torch.einsum("btkgd,bskd->bkgts", q.float(), k.float()) / math.sqrt(Dh)  # [B, K, G, T, S]
+    visible = k_pos[None, :] <= q_pos[:, None]  # [T, S] causal
+    if window is not None:
+        visible &= k_pos[None, :] > q_pos[:, None] - window
+    scores = scores.masked_fill(~visible, float("-inf"))
+    # The sink is one extra logit per head in the softmax denominator with no value vector: raw
+    # (not scaled by 1/sqrt(Dh)), and part of the max, so a row whose keys are all masked is still defined.
+    sink = sinks.float().view(1, K, G, 1, 1).expand(B, K, G, T, 1)
+    probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]  # [B, K, G, T, S]
+    out = torch.einsum("bkgts,bskd->btkgd", probs, v.float())  # [B, T, K, G, Dh]
+    return out.to(q.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.num_kv_heads = config.num_key_value_heads
+        self.group = config.num_attention_heads // config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.window = config.sliding_window if config.is_sliding(layer) else None
+        self.q_proj = nn.Linear(config.hidden_size, config.q_dim, bias=True)
+        self.k_proj = nn.Linear(config.hidden_size, config.kv_dim, bias=True)
+        self.v_proj = nn.Linear(config.hidden_size, config.kv_dim, bias=True)
+        self.o_proj = nn.Linear(config.q_dim, config.hidden_size, bias=True)
+        self.sinks = nn.Parameter(torch.zeros(config.num_attention_heads))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        K, G, Dh = self.num_kv_heads, self.group, self.head_dim
+        q = self.q_proj(x).view(B, T, K, G, Dh)  # query head h = kv_head * G + g
+        k = self.k_proj(x).view(B, T, K, Dh)
+        v = self.v_proj(x).view(B, T, K, Dh)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = attention_with_sinks(q, k, v, self.sinks, positions, positions, self.window)  # [B, T, K, G, Dh]
+        return self.o_proj(out.reshape(B, T, K * G * Dh))  # [B, T, D]
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixture of experts
+# ---------------------------------------------------------------------------------------------
+
+
+def swiglu(h: torch.Tensor, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
+    """gpt-oss's clamped SwiGLU on [..., 2I] -> [..., I].
+
+    Gate and linear columns are interleaved (even = gate, odd = linear), not two halves. The gate
+    is clamped from above only, the linear part on both sides, and the linear part gets a +1.
+    """
+    gate, linear = h[..., 0::2], h[..., 1::2]
+    gate = gate.clamp(max=limit)
+    linear = linear.clamp(min=-limit, max=limit)
+    return gate * torch.sigmoid(alpha * gate) * (linear + 1)
+
+
+def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of the raw router logits [T, E], then softmax over those k only: (weights fp32 [T, k], ids [T, k])."""
+    top_logits, top_ids = torch.topk(logits, k, dim=-1)
+    return torch.softmax(top_logits.float(), dim=-1), top_ids
+
+
+class Experts(nn.Module):
+    """The E experts of one layer, weights kept as the checkpoint holds them, oriented [out, in].
+
+    MXFP4 checkpoints: `gate_up_proj_blocks` [E, 2I, D/32, 16] and `gate_up_proj_scales` [E, 2I, D/32]
+    (uint8), `down_proj_blocks` [E, D, I/32, 16] and `down_proj_scales` [E, D, I/32].
+    bf16 checkpoints: dense `gate_up_proj` [E, 2I, D] and `down_proj` [E, D, I] (transposed at load
+    from Hugging Face's [E, in, out]). Biases `gate_up_proj_bias` [E, 2I], `down_proj_bias` [E, D].
+    """
+
+    def __init__(self, config: ModelConfig, quantized: bool = True):
+        super().__init__()
+        E, D, I = config.num_local_experts, config.hidden_size, config.intermediate_size
+        self.quantized = quantized
+        if quantized:
+            if not config.mxfp4_compatible:
+                raise ValueError(f"MXFP4 experts need hidden_size ({D}) and intermediate_size ({I}) divisible by 32")
+            u8 = torch.uint8
+            self.register_buffer("gate_up_proj_blocks", torch.zeros(E, 2 * I, D // 32, 16, dtype=u8))
+            self.register_buffer("gate_up_proj_scales", torch.zeros(E, 2 * I, D // 32, dtype=u8))
+            self.register_buffer("down_proj_blocks", torch.zeros(E, D, I // 32, 16, dtype=u8))
+            self.register_buffer("down_proj_scales", torch.zeros(E, D, I // 32, dtype=u8))
+        else:
+            self.gate_up_proj = nn.Parameter(torch.zeros(E, 2 * I, D))
+            self.down_proj = nn.Parameter(torch.zeros(E, D, I))
+        self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, 2 * I))
+        self.down_proj_bias = nn.Parameter(torch.zeros(E, D))
+
+    def weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e's (gate_up [2I, D], down [D, I]) in the compute dtype; MXFP4 is decoded here, per use."""
+        dtype = self.gate_up_proj_bias.dtype
+        if not self.quantized:
+            return self.gate_up_proj[e].to(dtype), self.down_proj[e].to(dtype)
+        w1 = mxfp4.dequantize(self.gate_up_proj_blocks[e], self.gate_up_proj_scales[e], dtype)
+        w2 = mxfp4.dequantize(self.down_proj_blocks[e], self.down_proj_scales[e], dtype)
+        return w1, w2
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig, quantized: bool = True):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
+        self.router = nn.Linear(config.hidden_size, config.num_local_experts, bias=True)
+        self.experts = Experts(config, quantized)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        x_TD = x.reshape(B * T, D)
+        weights_Tk, ids_Tk = route(self.router(x_TD), self.top_k)
+        # Group the (token, slot) pairs by expert so each expert used is decoded once, and only those.
+        flat_ids = ids_Tk.flatten()  # [T*k]
+        order = torch.argsort(flat_ids, stable=True)  # pair indices sorted by expert
+        counts = torch.bincount(flat_ids, minlength=self.router.out_features).tolist()
+        out_TD = torch.zeros(B * T, D, dtype=torch.float32, device=x.device)
+        b1, b2 = self.experts.gate_up_proj_bias, self.experts.down_proj_bias
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            pairs = order[start : start + n]  # [n]
+            start += n
+            tokens = pairs // self.top_k  # [n]
+            w1, w2 = self.experts.weights(e)  # [2I, D], [D, I]
+            h = torch.einsum("nd,fd->nf", x_TD[tokens], w1) + b1[e]  # [n, 2I]
+            y = torch.einsum("ni,di->nd", swiglu(h, self.alpha, self.limit), w2) + b2[e]  # [n, D]
+            # the second bias is inside the routing-weighted sum
+            out_TD.index_add_(0, tokens, y.float() * weights_Tk.flatten()[pairs, None])
+        return out_TD.to(x.dtype).view(B, T, D)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, quantized: bool = True):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MoE(config, quantized)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: ModelConfig, quantized: bool = True):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, quantized) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+
+class GptOss(nn.Module):
+    """input_ids [B, T] -> logits [B, T, V]. Untied embedding and unembedding; no bias on the latter."""
+
+    def __init__(self, config: ModelConfig, quantized: bool = True):
+        super().__init__()
+        self.config = config
+        self.backend = "torch"
+        self.model = Decoder(config, quantized)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        check_input_ids(input_ids, self.config)
+        B, T = input_ids.shape
+        positions = torch.arange(T, device=input_ids.device)
+        cos, sin = self.model.rotary_emb(positions)  # [T, Dh/2] each
+        x = self.model.embed_tokens(input_ids)  # [B, T, D], no scaling
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, positions)
+        return self.lm_head(self.model.norm(x))  # [B, T, V]
+
+
+def check_input_ids(input_ids: torch.Tensor, config: ModelConfig) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        found = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a [batch, tokens] tensor, got {found}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids must hold integer token ids (int64), got {input_ids.dtype}")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids has no tokens")
+    if input_ids.shape[1] > config.max_position_embeddings:
+        raise ValueError(f"{input_ids.shape[1]} tokens exceed the context of {config.max_position_embeddings}")
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= config.vocab_size:
+        raise ValueError(f"token ids must lie in [0, {config.vocab_size}), found values in [{lo}, {hi}]")

@@ -1,0 +1,67 @@
+"""MXFP4 (OCP Microscaling, E2M1 elements with a shared E8M0 scale per block of 32).
+
+On disk (both the OpenAI `original/` and the Hugging Face MXFP4 layout):
+    blocks [..., rows, in/32, 16] uint8  -- two 4-bit codes per byte, LOW nibble = earlier element
+    scales [..., rows, in/32]     uint8  -- E8M0: the block's scale is 2 ** (byte - 127)
+Blocks run along the last (input / reduction) dimension of a weight stored [out, in].
+A code is sign (bit 3) | exponent (bits 2-1, bias 1) | mantissa (bit 0); see FP4_VALUES.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BLOCK = 32
+SCALE_BIAS = 127
+# value of each 4-bit code 0..15; codes 8..15 are the negatives of 0..7
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+# midpoints between consecutive magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6: the rounding boundaries
+_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+
+
+def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """[..., rows, G, 16] uint8 codes + [..., rows, G] uint8 scales -> [..., rows, G*32] in `dtype`.
+
+    Exact: every E2M1 value times a power of two is representable in bf16 and fp32 (the product is
+    formed in fp32, then cast).
+    """
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
+        raise TypeError(f"MXFP4 blocks and scales must be uint8, got {blocks.dtype} and {scales.dtype}")
+    if blocks.shape[-1] != BLOCK // 2 or blocks.shape[:-1] != scales.shape:
+        raise ValueError(
+            f"MXFP4 shapes do not match: blocks {tuple(blocks.shape)} should be scales {tuple(scales.shape)} + (16,)"
+        )
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
+    low = lut[(blocks & 0x0F).long()]  # [..., G, 16] elements 0, 2, 4, ...
+    high = lut[(blocks >> 4).long()]  # [..., G, 16] elements 1, 3, 5, ...
+    values = torch.stack((low, high), dim=-1).flatten(-2)  # [..., G, 32]
+    scale = torch.exp2(scales.to(torch.float32) - SCALE_BIAS)  # [..., G]
+    out = values * scale.unsqueeze(-1)  # [..., G, 32]
+    return out.flatten(-2).to(dtype)  # [..., G*32]
+
+
+def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., rows, in] float -> (blocks [..., rows, in/32, 16], scales [..., rows, in/32]), both uint8.
+
+    OCP MX rule: shared exponent = floor(log2(amax of the block)) - 2 (2 = largest E2M1 exponent),
+    then each element rounds to the nearest E2M1 value (ties to even code, saturating at +-6).
+    A block already on the grid of some power-of-two scale comes back with the same values.
+    """
+    if w.shape[-1] % BLOCK:
+        raise ValueError(f"the last dimension ({w.shape[-1]}) must be a multiple of {BLOCK} to quantize to MXFP4")
+    x = w.to(torch.float32).unflatten(-1, (-1, BLOCK))  # [..., G, 32]
+    amax = x.abs().amax(dim=-1)  # [..., G]
+    exponent = torch.floor(torch.log2(amax)) - 2
+    exponent = torch.where(amax > 0, exponent, torch.full_like(exponent, -SCALE_BIAS))
+    exponent = exponent.clamp(-SCALE_BIAS, SCALE_BIAS)
+    scaled = x / torch.exp2(exponent).unsqueeze(-1)  # [..., G, 32], magnitudes < 8
+    mag = scaled.abs().contiguous()
+    mids = torch.tensor(_MIDPOINTS, device=w.device)
+    code = torch.bucketize(mag, mids)  # nearest magnitude index; a tie picks the lower one
+    tie = (code < len(_MIDPOINTS)) & (mag == mids[code.clamp(max=len(_MIDPOINTS) - 1)])
+    code = code + (tie & (code % 2 == 1)).long()  # ...and round ties to the even code instead
+    code = code | ((scaled < 0).long() << 3)  # sign bit (a rounded-to-zero negative keeps -0.0)
+    code = code.to(torch.uint8).unflatten(-1, (BLOCK // 2, 2))  # [..., G, 16, 2]
+    blocks = code[..., 0] | (code[..., 1] << 4)  # low nibble first
+    scales = (exponent + SCALE_BIAS).to(torch.uint8)
+    return blocks.contiguous(), scales.contiguous()

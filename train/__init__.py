@@ -1,0 +1,1 @@
+"""The minimal LoRA trainer (installed as `gptoss.train`)."""
