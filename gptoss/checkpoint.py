@@ -134,7 +134,9 @@ def disk_spec(config: ModelConfig, layout: str) -> dict[str, tuple[tuple[int, ..
     raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
 
 
-def canonical_from_disk(config: ModelConfig, layout: str, get: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+def canonical_from_disk(
+    config: ModelConfig, layout: str, get: Callable[[str], torch.Tensor]
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (canonical or module name, tensor) from a checkpoint's tensors, converting as needed.
 
     For "hf-bf16" the experts come out dense as `gate_up_proj` [E, 2I, D] / `down_proj` [E, D, I]
@@ -188,11 +190,15 @@ def resolve_folder(source: str | Path) -> Path:
     if path.is_file():
         path = path.parent
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint folder {path} does not exist; pass a local folder or a hub id like openai/gpt-oss-20b")
+        raise CheckpointError(
+            f"checkpoint folder {path} does not exist; pass a local folder or a hub id like openai/gpt-oss-20b"
+        )
     for folder in (path, path / "original"):
         if folder.is_dir() and (any(folder.glob("*.safetensors")) or (folder / INDEX_FILE).exists()):
             return folder
-    raise CheckpointError(f"{path} holds no *.safetensors files (nor does {path / 'original'}); is the download complete?")
+    raise CheckpointError(
+        f"{path} holds no *.safetensors files (nor does {path / 'original'}); is the download complete?"
+    )
 
 
 class TensorIndex:
@@ -210,7 +216,9 @@ class TensorIndex:
             self.files = {name: folder / file for name, file in weight_map.items()}
             for file in sorted(set(self.files.values())):
                 if not file.exists():
-                    raise CheckpointError(f"shard {file.name} listed in {index.name} is missing from {folder}; re-download it")
+                    raise CheckpointError(
+                        f"shard {file.name} listed in {index.name} is missing from {folder}; re-download it"
+                    )
         else:
             self.files = {}
             for file in sorted(folder.glob("*.safetensors")):
@@ -222,7 +230,9 @@ class TensorIndex:
             try:
                 self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
             except (SafetensorError, OSError) as e:
-                raise CheckpointError(f"cannot read {file}: {e} -- the file is truncated or corrupt; re-download it") from None
+                raise CheckpointError(
+                    f"cannot read {file}: {e} -- the file is truncated or corrupt; re-download it"
+                ) from None
         return self._handles[file]
 
     def meta(self, name: str) -> tuple[tuple[int, ...], str]:

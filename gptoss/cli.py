@@ -23,7 +23,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
     max_bytes = int(args.max_shard_gb * 1e9) if args.max_shard_gb else None
     start = time.perf_counter()
     write_checkpoint(args.out, config, args.layout, args.seed, max_shard_bytes=max_bytes, progress=True)
-    print(f"wrote a random {args.preset} checkpoint ({args.layout}) to {args.out} in {time.perf_counter() - start:.1f} s")
+    print(
+        f"wrote a random {args.preset} checkpoint ({args.layout}) to {args.out} in {time.perf_counter() - start:.1f} s"
+    )
     return 0
 
 
@@ -68,7 +70,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     top = logits[0, -1].float().softmax(-1).topk(5)
     print(f"[3/3] forward pass over {args.tokens} tokens: logits {list(logits.shape)} in {elapsed * 1e3:.0f} ms")
-    print("      next-token top-5 (id: prob): " + ", ".join(f"{i}: {p:.2e}" for p, i in zip(top.values.tolist(), top.indices.tolist())))
+    print(
+        "      next-token top-5 (id: prob): "
+        + ", ".join(f"{i}: {p:.2e}" for p, i in zip(top.values.tolist(), top.indices.tolist()))
+    )
     print("      (random weights: the ids mean nothing; the point is the machinery)")
     return 0
 
@@ -83,8 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=list(PRESETS), default="tiny", help="model shape (default: tiny)")
     p.add_argument("--layout", choices=LAYOUTS, default="hf-mxfp4", help="on-disk layout (default: hf-mxfp4)")
     p.add_argument("--out", required=True, help="folder to write the checkpoint into")
-    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same model in every layout")
-    p.add_argument("--max-shard-gb", type=float, default=None, help="shard size (default: that of the real checkpoints)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="random seed; the same seed gives the same model in every layout"
+    )
+    p.add_argument(
+        "--max-shard-gb", type=float, default=None, help="shard size (default: that of the real checkpoints)"
+    )
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("info", help="print the parameter table of a checkpoint or a preset")

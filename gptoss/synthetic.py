@@ -51,7 +51,9 @@ def _random_tensor(name: str, shape: tuple[int, ...], config: ModelConfig, seed:
     return noise / math.sqrt(shape[-1])  # weights [out, in]
 
 
-def _canonical_producers(config: ModelConfig, seed: int, tensors: Mapping[str, torch.Tensor] | None) -> dict[str, Producer]:
+def _canonical_producers(
+    config: ModelConfig, seed: int, tensors: Mapping[str, torch.Tensor] | None
+) -> dict[str, Producer]:
     producers: dict[str, Producer] = {}
     for name, (shape, _) in canonical_spec(config).items():
         if tensors is not None:
@@ -101,7 +103,9 @@ def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
     return math.prod(shape) * _DTYPES[dtype].itemsize
 
 
-def write_safetensors(path: Path, spec: Mapping[str, tuple[tuple[int, ...], str]], producers: Mapping[str, Producer], progress=None) -> None:
+def write_safetensors(
+    path: Path, spec: Mapping[str, tuple[tuple[int, ...], str]], producers: Mapping[str, Producer], progress=None
+) -> None:
     """Stream tensors into a safetensors file: header first (from `spec`), then each tensor's bytes.
 
     Written to `path.tmp` and renamed at the end, so an interrupted write never leaves a file that
@@ -127,7 +131,9 @@ def write_safetensors(path: Path, spec: Mapping[str, tuple[tuple[int, ...], str]
                 f.write(chunk.view(torch.uint8).numpy().data)
                 written += chunk.numel() * chunk.element_size()
             if written != _nbytes(shape, dtype):
-                raise RuntimeError(f"{name}: produced {written} bytes, expected {_nbytes(shape, dtype)} for {shape} {dtype}")
+                raise RuntimeError(
+                    f"{name}: produced {written} bytes, expected {_nbytes(shape, dtype)} for {shape} {dtype}"
+                )
             if progress is not None:
                 progress.update(written)
     os.replace(tmp, path)
@@ -199,11 +205,18 @@ def write_checkpoint(
 
     if layout == "original":
         (folder / "config.json").write_text(json.dumps(config.to_original_json(), indent=2) + "\n")
-        labels = {n: ("FP4" if n.endswith(".blocks") else "UE8") if d == UINT8 else "BF16" for n, (_, d) in spec.items()}
+        labels = {
+            n: ("FP4" if n.endswith(".blocks") else "UE8") if d == UINT8 else "BF16" for n, (_, d) in spec.items()
+        }
         (folder / "dtypes.json").write_text(json.dumps(labels, indent=2) + "\n")
     else:
         hf = config.to_hf_json(quantized=layout == "hf-mxfp4")
         (folder / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-        generation = {"bos_token_id": 199998, "do_sample": True, "eos_token_id": [200002, 199999, 200012], "pad_token_id": 199999}
+        generation = {
+            "bos_token_id": 199998,
+            "do_sample": True,
+            "eos_token_id": [200002, 199999, 200012],
+            "pad_token_id": 199999,
+        }
         (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return folder

@@ -105,7 +105,7 @@ def test_hub_id_downloads_only_what_is_needed(checkpoints, monkeypatch):
     monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
     model = load_model("openai/gpt-oss-20b", dtype=torch.float32)
     assert model.config == small_config()
-    (repo, patterns), = calls
+    ((repo, patterns),) = calls
     assert repo == "openai/gpt-oss-20b"
     import fnmatch
 
@@ -197,13 +197,17 @@ def single_file(tmp_path):
 
 def test_wrong_shape_names_tensor_file_expected_and_found(single_file):
     _rewrite(single_file, "block.1.attn.sinks", torch.zeros(5, dtype=torch.bfloat16))
-    with pytest.raises(CheckpointError, match=r"tensor block.1.attn.sinks in model.safetensors: expected shape \[6\], found \[5\]"):
+    with pytest.raises(
+        CheckpointError, match=r"tensor block.1.attn.sinks in model.safetensors: expected shape \[6\], found \[5\]"
+    ):
         load_model(single_file)
 
 
 def test_wrong_dtype(single_file):
     _rewrite(single_file, "block.0.mlp.mlp1_weight.scales", torch.zeros(7, 128, 3, dtype=torch.int32))
-    with pytest.raises(CheckpointError, match="block.0.mlp.mlp1_weight.scales in model.safetensors: expected dtype U8, found I32"):
+    with pytest.raises(
+        CheckpointError, match="block.0.mlp.mlp1_weight.scales in model.safetensors: expected dtype U8, found I32"
+    ):
         load_model(single_file)
 
 
