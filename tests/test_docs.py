@@ -1,0 +1,22 @@
+import re
+from pathlib import Path
+
+from gptoss import get_preset
+from gptoss.config import format_param_table
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_architecture_doc_parameter_table_matches_the_config_code():
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    table = re.search(r"<!-- param-table:gpt-oss-20b -->\n(.*?)\n<!-- /param-table -->", doc, re.S)
+    assert table, "docs/architecture.md lost its parameter table markers"
+    assert table[1] == format_param_table(get_preset("gpt-oss-20b"), markdown=True)
+
+
+def test_readme_starts_with_the_two_commands():
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```(?:bash|sh)?\n(.*?)```", readme, re.S)[1]
+    commands = [line.split("#")[0].strip() for line in block.splitlines() if line.split("#")[0].strip()]
+    assert commands == ["make demo", "make test"]
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
