@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from gptoss.checkpoint import LAYOUTS, CheckpointError
+from gptoss.harmony import VocabularyError
 
 
 def _default_cache() -> Path:
@@ -55,13 +56,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     folder = Path(args.dir) if args.dir else _default_cache() / "tiny-hf-mxfp4"
     config = get_preset("tiny")
     if not (folder / "config.json").exists():
-        print(f"[1/3] writing a random tiny checkpoint (HF MXFP4 layout) to {folder}")
+        print(f"[1/4] writing a random tiny checkpoint (HF MXFP4 layout) to {folder}")
         write_checkpoint(folder, config, "hf-mxfp4", seed=0)
     else:
-        print(f"[1/3] using the tiny checkpoint in {folder}")
+        print(f"[1/4] using the tiny checkpoint in {folder}")
     start = time.perf_counter()
     model = load_model(folder, dtype=torch.float32)
-    print(f"[2/3] loaded in {time.perf_counter() - start:.2f} s; parameters:")
+    print(f"[2/4] loaded in {time.perf_counter() - start:.2f} s; parameters:")
     print(format_param_table(model.config))
     ids = torch.randint(0, 199998, (1, args.tokens), generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
@@ -69,13 +70,147 @@ def cmd_demo(args: argparse.Namespace) -> int:
         logits = model(ids)
     elapsed = time.perf_counter() - start
     top = logits[0, -1].float().softmax(-1).topk(5)
-    print(f"[3/3] forward pass over {args.tokens} tokens: logits {list(logits.shape)} in {elapsed * 1e3:.0f} ms")
+    print(f"[3/4] forward pass over {args.tokens} tokens: logits {list(logits.shape)} in {elapsed * 1e3:.0f} ms")
     print(
         "      next-token top-5 (id: prob): "
         + ", ".join(f"{i}: {p:.2e}" for p, i in zip(top.values.tolist(), top.indices.tolist()))
     )
     print("      (random weights: the ids mean nothing; the point is the machinery)")
+
+    from gptoss import harmony
+    from gptoss.generate import generate
+
+    prompt = harmony.render_prompt(harmony.build_conversation([{"role": "user", "content": "What is 2 + 2?"}]))
+    stats: dict = {}
+    tokens = generate(model, [prompt], max_new_tokens=16, temperature=0.0, stats=stats)[0]
+    print(f"[4/4] greedy generation from a {len(prompt)}-token Harmony prompt with the KV cache:")
+    print(f"      {harmony.decode(tokens)!r}")
+    print(f"      {_speed(stats)}")
     return 0
+
+
+def _load(args: argparse.Namespace):
+    import torch
+
+    from gptoss.load import load_model
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    return load_model(args.model, device=args.device, dtype=dtype)
+
+
+def _speed(stats: dict) -> str:
+    def rate(n, s):
+        return f"{n / s:.1f} tok/s" if s > 0 else "n/a"
+
+    return (
+        f"prefill: {stats['prefill_tokens']} tokens in {stats['prefill_s']:.2f} s "
+        f"({rate(stats['prefill_tokens'], stats['prefill_s'])}); "
+        f"decode: {stats['decode_tokens']} tokens in {stats['decode_s']:.2f} s "
+        f"({rate(stats['decode_tokens'], stats['decode_s'])})"
+    )
+
+
+def _print_reply(reply) -> None:
+    if reply.error is not None or not (reply.analysis or reply.final or reply.calls):
+        why = reply.error.splitlines()[0] if reply.error else "no Harmony message in it"
+        print(f"── output, unparsed ({why}) ──")
+        print(reply.raw)
+        return
+    print("── analysis ──")
+    print(reply.analysis or "(none)")
+    for recipient, arguments in reply.calls:
+        print(f"── tool call to {recipient} ──")
+        print(arguments)
+    print("── final ──")
+    print(reply.final or "(none)")
+    if not reply.complete:
+        print("(stopped at the token limit)")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from gptoss import harmony
+    from gptoss.generate import generate
+
+    if args.raw:
+        prompt = harmony.encode(args.prompt)
+        stops = (harmony.ENDOFTEXT,)
+    else:
+        turns = [{"role": "user", "content": args.prompt}]
+        conversation = harmony.build_conversation(
+            turns, developer=args.developer, reasoning_effort=args.reasoning_effort
+        )
+        prompt, stops = harmony.render_prompt(conversation), harmony.ASSISTANT_STOP_TOKENS
+    model = _load(args)
+    stats: dict = {}
+    tokens = generate(
+        model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, seed=args.seed, stop_tokens=stops, stats=stats,
+    )[0]  # fmt: skip
+    if args.raw:
+        print("── completion ──")
+        print(harmony.decode(tokens))
+    else:
+        _print_reply(harmony.parse_reply(tokens))
+    print("── speed ──")
+    print(_speed(stats))
+    return 0
+
+
+def chat_prompt(history: list[dict], developer: str | None, reasoning_effort: str) -> list[int]:
+    """The next prompt of a chat. `history` holds user turns and earlier assistant *final* answers
+    only: Harmony drops a finished turn's analysis, and a final answer that was sampled ending in
+    `<|return|>` is rendered in history ending with `<|end|>`."""
+    from gptoss import harmony
+
+    conversation = harmony.build_conversation(history, developer=developer, reasoning_effort=reasoning_effort)
+    return harmony.render_prompt(conversation)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from gptoss import harmony
+    from gptoss.generate import generate
+
+    model = _load(args)
+    history: list[dict] = []
+    print("gptoss chat: type a message; /reset clears the history, /exit or Ctrl-D quits.", flush=True)
+    while True:
+        print("user> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            print()
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/reset":
+            history.clear()
+            continue
+        history.append({"role": "user", "content": text})
+        prompt = chat_prompt(history, args.developer, args.reasoning_effort)
+        stats: dict = {}
+        tokens = generate(
+            model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+            seed=args.seed, stop_tokens=harmony.ASSISTANT_STOP_TOKENS, stats=stats,
+        )[0]  # fmt: skip
+        reply = harmony.parse_reply(tokens)
+        _print_reply(reply)
+        print(f"({_speed(stats)})", flush=True)
+        history.append({"role": "assistant", "content": reply.final if reply.error is None else reply.raw})
+
+
+def _add_model_args(p: argparse.ArgumentParser, sampling: bool = True) -> None:
+    from gptoss.harmony import REASONING_EFFORTS
+
+    p.add_argument("--model", required=True, help="checkpoint folder (any layout), HF repo root, or hub id")
+    p.add_argument("--developer", default=None, help="developer instructions, e.g. 'reasoning language: French'")
+    p.add_argument("--reasoning-effort", choices=REASONING_EFFORTS, default="medium", help="system message setting")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="token budget per reply (default: 256)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default: 1.0, as OpenAI recommends)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 = all (default)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="compute dtype (default: bf16)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,6 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", help="checkpoint folder (default: $GPTOSS_CACHE/tiny-hf-mxfp4, ~/.cache/gptoss)")
     p.add_argument("--tokens", type=int, default=64, help="tokens in the forward pass (default: 64)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("generate", help="complete one prompt (Harmony chat format, or --raw text)")
+    p.add_argument("--prompt", required=True, help="the user message (or the raw text with --raw)")
+    p.add_argument("--raw", action="store_true", help="plain text completion without Harmony, stops at <|endoftext|>")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat in the Harmony format")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_chat)
     return parser
 
 
@@ -114,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, FileNotFoundError, ValueError, KeyError, NotImplementedError) as e:
+    except (CheckpointError, VocabularyError, FileNotFoundError, ValueError, KeyError, NotImplementedError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"gptoss {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -266,6 +266,18 @@ PRESETS: dict[str, ModelConfig] = {
         initial_context_length=4096,
         max_position_embeddings=131072,
     ),
+    # A mid-size shape for CPU benchmarks (about 1 B parameters, 2 GB in bf16): 20b's head layout and
+    # vocabulary, a third of its width, half its depth and half its experts.
+    "mid": ModelConfig(
+        num_hidden_layers=12,
+        hidden_size=1024,
+        intermediate_size=1024,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        head_dim=64,
+        num_local_experts=16,
+        num_experts_per_tok=4,
+    ),
 }
 
 

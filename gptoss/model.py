@@ -70,16 +70,17 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [Dh/2] fp32
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        angles = positions.float()[:, None] * self.inv_freq[None, :]  # [T, Dh/2]
+        """positions [T] or [B, T] -> cos, sin [..., Dh/2] in fp32 (padding, position -1, gets angle 0)."""
+        angles = positions.clamp(min=0).float().unsqueeze(-1) * self.inv_freq  # [..., T, Dh/2]
         return angles.cos() * self.concentration, angles.sin() * self.concentration
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (j, j + Dh/2): the two halves of each head, not adjacent elements.
 
-    x [B, T, ..., Dh]; cos, sin [T, Dh/2] (cast to x's dtype first, as both references do).
+    x [B, T, ..., Dh]; cos, sin [T, Dh/2] or [B, T, Dh/2] (cast to x's dtype first, as both references do).
     """
-    shape = (1, x.shape[1]) + (1,) * (x.dim() - 3) + (x.shape[-1] // 2,)
+    shape = (cos.shape[0] if cos.dim() == 3 else 1, x.shape[1]) + (1,) * (x.dim() - 3) + (x.shape[-1] // 2,)
     cos, sin = cos.to(x.dtype).view(shape), sin.to(x.dtype).view(shape)
     first, second = x.chunk(2, dim=-1)
     return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
@@ -95,15 +96,17 @@ def attention_with_sinks(
     k: torch.Tensor,  # [B, S, K, Dh] rotated keys
     v: torch.Tensor,  # [B, S, K, Dh]
     sinks: torch.Tensor,  # [K*G] one logit per query head
-    q_pos: torch.Tensor,  # [T] absolute positions of the queries
-    k_pos: torch.Tensor,  # [S] absolute positions of the keys
+    q_pos: torch.Tensor,  # [T] or [B, T] absolute positions of the queries
+    k_pos: torch.Tensor,  # [S] or [B, S] absolute positions of the keys; negative = padding, never seen
     window: int | None,  # None: full causal; w: the w most recent keys, the current one included
 ) -> torch.Tensor:  # [B, T, K, G, Dh]
     B, T, K, G, Dh = q.shape
     scores = torch.einsum("btkgd,bskd->bkgts", q.float(), k.float()) / math.sqrt(Dh)  # [B, K, G, T, S]
-    visible = k_pos[None, :] <= q_pos[:, None]  # [T, S] causal
+    key, query = k_pos.unsqueeze(-2), q_pos.unsqueeze(-1)  # [.., 1, S], [.., T, 1]
+    visible = (key <= query) & (key >= 0)  # [T, S] or [B, T, S]: causal, no padding
     if window is not None:
-        visible &= k_pos[None, :] > q_pos[:, None] - window
+        visible &= key > query - window
+    visible = visible.view(-1, 1, 1, T, k_pos.shape[-1])  # [B or 1, 1, 1, T, S]
     scores = scores.masked_fill(~visible, float("-inf"))
     # The sink is one extra logit per head in the softmax denominator with no value vector: raw
     # (not scaled by 1/sqrt(Dh)), and part of the max, so a row whose keys are all masked is still defined.
@@ -126,14 +129,19 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.q_dim, config.hidden_size, bias=True)
         self.sinks = nn.Parameter(torch.zeros(config.num_attention_heads))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, cache=None
+    ) -> torch.Tensor:
         B, T, D = x.shape
         K, G, Dh = self.num_kv_heads, self.group, self.head_dim
         q = self.q_proj(x).view(B, T, K, G, Dh)  # query head h = kv_head * G + g
         k = self.k_proj(x).view(B, T, K, Dh)
         v = self.v_proj(x).view(B, T, K, Dh)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = attention_with_sinks(q, k, v, self.sinks, positions, positions, self.window)  # [B, T, K, G, Dh]
+        k_pos = positions
+        if cache is not None:  # earlier keys (after RoPE) and values, plus these: see gptoss/generate.py
+            k, v, k_pos = cache.update(k, v, positions)  # [B, S, K, Dh] x 2, [B, S]
+        out = attention_with_sinks(q, k, v, self.sinks, positions, k_pos, self.window)  # [B, T, K, G, Dh]
         return self.o_proj(out.reshape(B, T, K * G * Dh))  # [B, T, D]
 
 
@@ -243,8 +251,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoE(config, quantized)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, cache=None
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -267,14 +277,22 @@ class GptOss(nn.Module):
         self.model = Decoder(config, quantized)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None, last_only: bool = False
+    ) -> torch.Tensor:
+        """`positions` [T] or [B, T] default to 0..T-1; -1 marks a padding token (never attended to).
+        `cache` (a gptoss.generate.KVCache) holds earlier tokens' keys and values and is extended.
+        `last_only` returns the logits of the last position only, [B, 1, V] (what decoding needs)."""
         check_input_ids(input_ids, self.config)
         B, T = input_ids.shape
-        positions = torch.arange(T, device=input_ids.device)
-        cos, sin = self.model.rotary_emb(positions)  # [T, Dh/2] each
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device)
+        cos, sin = self.model.rotary_emb(positions)  # [(B,) T, Dh/2] each
         x = self.model.embed_tokens(input_ids)  # [B, T, D], no scaling
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, positions)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, positions, None if cache is None else cache.layers[i])
+        if last_only:
+            x = x[:, -1:]  # [B, 1, D]
         return self.lm_head(self.model.norm(x))  # [B, T, V]
 
 

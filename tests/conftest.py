@@ -1,7 +1,16 @@
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
 from gptoss.config import ModelConfig
+
+# The verified vocabulary beside the repository (../shared/vocab), when there; otherwise gptoss
+# rebuilds it from the quicktok-v1 package. Either way nothing is downloaded.
+_SHARED_VOCAB = Path(__file__).resolve().parents[2] / "shared" / "vocab"
+if (_SHARED_VOCAB / "o200k_base.tiktoken").exists():
+    os.environ.setdefault("TIKTOKEN_ENCODINGS_BASE", str(_SHARED_VOCAB))
 
 
 @pytest.fixture(autouse=True)

@@ -61,3 +61,58 @@ def test_interrupted_write_leaves_no_complete_looking_file(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         write_safetensors(tmp_path / "model.safetensors", spec, {"a": lambda: torch.zeros(4), "b": failing})
     assert not (tmp_path / "model.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from gptoss import get_preset
+    from gptoss.synthetic import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("tiny"), get_preset("tiny"), "hf-mxfp4", seed=0)
+
+
+def test_generate_prints_sections_and_speeds(tiny_checkpoint, capsys):
+    args = ["generate", "--model", str(tiny_checkpoint), "--prompt", "What is 2 + 2?", "--max-new-tokens", "6"]
+    assert main(args + ["--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "── output, unparsed" in out or "── final ──" in out  # random weights rarely speak Harmony
+    assert "── speed ──" in out and "prefill: " in out and "decode: 6 tokens" in out
+    assert main(args + ["--raw", "--temperature", "0"]) == 0
+    assert "── completion ──" in capsys.readouterr().out
+
+
+def test_reply_sections(capsys):
+    from gptoss import harmony
+    from gptoss.cli import _print_reply
+
+    tokens = [200005, 35644, 200008, *harmony.encode("Two and two."), 200007, 200006, 173781, 200005, 17196, 200008]
+    _print_reply(harmony.parse_reply(tokens + [*harmony.encode("4"), 200002]))
+    out = capsys.readouterr().out
+    assert out.index("── analysis ──\nTwo and two.") < out.index("── final ──\n4")
+
+
+def test_chat_history_follows_the_harmony_rules(tiny_checkpoint, monkeypatch, capsys):
+    import io
+
+    import gptoss.generate
+    from gptoss import harmony
+
+    prompts = []
+    answers = iter(["Four.", "Five."])
+
+    def scripted_generate(model, batch, **kwargs):  # the model "answers" with analysis + final + <|return|>
+        prompts.append(batch[0])
+        final = next(answers)
+        reply = [200005, 35644, 200008, *harmony.encode(f"SECRET-{final}"), 200007, 200006, 173781]
+        kwargs["stats"].update(prefill_tokens=len(batch[0]), prefill_s=0.1, decode_tokens=5, decode_s=0.1)
+        return [reply + [200005, 17196, 200008, *harmony.encode(final), 200002]]
+
+    monkeypatch.setattr(gptoss.generate, "generate", scripted_generate)
+    monkeypatch.setattr("sys.stdin", io.StringIO("2 + 2?\n\n2 + 3?\n/exit\n"))
+    assert main(["chat", "--model", str(tiny_checkpoint), "--developer", "reasoning language: French"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("user> ") == 4 and "── final ──\nFour." in out and "── final ──\nFive." in out
+    second = harmony.decode(prompts[1])
+    assert "<|start|>assistant<|channel|>final<|message|>Four.<|end|><|start|>user<|message|>2 + 3?<|end|>" in second
+    assert "SECRET" not in second and "<|return|>" not in second  # analysis dropped, <|return|> stored as <|end|>
+    assert "reasoning language: French" in second and second.endswith("<|start|>assistant")

@@ -1,0 +1,173 @@
+"""Autoregressive generation with a KV cache: prefill the prompts, then one token per step.
+
+Memory of the cache, per sequence: each layer keeps the keys (after RoPE) and values of
+2 x num_key_value_heads x head_dim numbers per token, 2 x 8 x 64 x 2 bytes = 2 KiB in bf16 for
+gpt-oss. Full-attention layers keep every token: 12 of gpt-oss-20b's 24 layers -> 24 KiB per token
+(36 KiB for 120b). Sliding-window layers keep only the last `sliding_window` tokens in a ring
+buffer: 12 x 128 x 2 KiB = 3 MiB per sequence, whatever the length.
+
+Ragged batches are left-padded; padding tokens get position -1, which attention never sees, so
+each prompt gets the same tokens as it would alone (exactly so with greedy decoding).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from gptoss.config import ModelConfig
+from gptoss.model import GptOss
+
+PAD = 0  # any id: padded positions are masked out
+
+
+class LayerCache:
+    """Keys, values and their positions for one layer; a ring buffer when the layer slides."""
+
+    def __init__(self, batch: int, slots: int, config: ModelConfig, ring: bool, dtype: torch.dtype, device):
+        K, Dh = config.num_key_value_heads, config.head_dim
+        self.k = torch.zeros(batch, slots, K, Dh, dtype=dtype, device=device)  # [B, slots, K, Dh]
+        self.v = torch.zeros_like(self.k)
+        self.pos = torch.full((batch, slots), -1, dtype=torch.long, device=device)  # -1: empty slot
+        self.ring, self.filled = ring, 0
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
+        """Add T new tokens ([B, T, K, Dh] x 2, positions [B, T]); return what attention should see."""
+        B, T = k.shape[:2]
+        pos = pos.expand(B, T)
+        if not self.ring:  # full attention: append
+            end = self.filled + T
+            self.k[:, self.filled : end], self.v[:, self.filled : end], self.pos[:, self.filled : end] = k, v, pos
+            self.filled = end
+            return self.k[:, :end], self.v[:, :end], self.pos[:, :end]
+        # sliding window: attend over the ring (the previous `slots` tokens) plus the new ones, then
+        # keep the newest `slots` of them; slot = column % slots
+        seen = (torch.cat((self.k, k), 1), torch.cat((self.v, v), 1), torch.cat((self.pos, pos), 1))
+        slots = self.k.shape[1]
+        keep = min(T, slots)
+        cols = torch.arange(self.filled + T - keep, self.filled + T, device=k.device) % slots
+        self.k[:, cols], self.v[:, cols], self.pos[:, cols] = k[:, -keep:], v[:, -keep:], pos[:, -keep:]
+        self.filled += T
+        return seen
+
+
+class KVCache:
+    def __init__(self, config: ModelConfig, batch: int, max_tokens: int, dtype: torch.dtype, device="cpu"):
+        self.layers = [
+            LayerCache(
+                batch,
+                min(config.sliding_window, max_tokens) if config.is_sliding(i) else max_tokens,
+                config,
+                ring=config.is_sliding(i),
+                dtype=dtype,
+                device=device,
+            )
+            for i in range(config.num_hidden_layers)
+        ]
+
+    def nbytes(self) -> int:
+        return sum(c.k.nbytes + c.v.nbytes for c in self.layers)
+
+
+def sample(
+    logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator: torch.Generator | None
+) -> int:
+    """One token id from logits [V]: greedy at temperature 0, else top-k / nucleus sampling."""
+    if temperature == 0.0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        drop = sorted_probs.cumsum(0) - sorted_probs > top_p  # keep the smallest set reaching top_p
+        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _check(model: GptOss, prompts, max_new_tokens, temperature, top_p, top_k) -> None:
+    config = model.config
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("prompts must be a non-empty list of token-id lists")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty: give at least one token")
+        if min(p) < 0 or max(p) >= config.vocab_size:
+            raise ValueError(f"prompt {i} holds token ids outside [0, {config.vocab_size}): found {min(p)}..{max(p)}")
+        if len(p) + max_new_tokens > config.max_position_embeddings:
+            raise ValueError(
+                f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
+                f"context of {config.max_position_embeddings} tokens: shorten it or generate fewer tokens"
+            )
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
+
+
+@torch.inference_mode()
+def generate(
+    model: GptOss,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    stop_tokens: Sequence[int] = (200002, 200012),
+    on_token: Callable[[int, int], None] | None = None,
+    stats: dict | None = None,
+) -> list[list[int]]:
+    """Continue each prompt; return only the new tokens of each (a stop token, when hit, is included).
+
+    `temperature=0.0` is greedy. Sequences stop on their own at a stop token (default `<|return|>`
+    and `<|call|>`, never `<|end|>`). `on_token(index, token)` is called as tokens are produced.
+    `seed` seeds sequence i with seed + i. `stats`, if given, receives prefill/decode timings.
+    """
+    _check(model, prompts, max_new_tokens, temperature, top_p, top_k)
+    device = model.lm_head.weight.device
+    B, longest = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, longest), PAD, dtype=torch.long, device=device)
+    positions = torch.full((B, longest), -1, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):  # left padding: every prompt ends in the last column
+        ids[b, longest - len(p) :] = torch.tensor(p, device=device)
+        positions[b, longest - len(p) :] = torch.arange(len(p), device=device)
+    cache = KVCache(model.config, B, longest + max_new_tokens, model.lm_head.weight.dtype, device)
+    generators = [None if seed is None else torch.Generator().manual_seed(seed + b) for b in range(B)]
+    stop = set(stop_tokens)
+
+    start = time.perf_counter()
+    logits = model(ids, positions, cache, last_only=True)[:, -1]  # [B, V]
+    prefill_s = time.perf_counter() - start
+    next_pos = positions[:, -1] + 1  # [B]
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    start = time.perf_counter()
+    for _ in range(max_new_tokens):
+        step_ids = torch.full((B, 1), PAD, dtype=torch.long, device=device)
+        step_pos = torch.full((B, 1), -1, dtype=torch.long, device=device)
+        for b in range(B):
+            if done[b]:
+                continue
+            token = sample(logits[b], temperature, top_p, top_k, generators[b])
+            out[b].append(token)
+            if on_token is not None:
+                on_token(b, token)
+            done[b] = token in stop or len(out[b]) == max_new_tokens
+            step_ids[b, 0], step_pos[b, 0] = token, next_pos[b]
+        if all(done):
+            break
+        logits = model(step_ids, step_pos, cache, last_only=True)[:, -1]  # finished sequences feed padding
+        next_pos += 1
+    decode_s = time.perf_counter() - start
+    if stats is not None:
+        new = sum(len(o) for o in out)
+        stats.update(
+            prefill_tokens=sum(len(p) for p in prompts), prefill_s=prefill_s, decode_tokens=new, decode_s=decode_s
+        )
+    return out

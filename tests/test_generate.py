@@ -1,0 +1,128 @@
+"""KV-cache generation: cached logits equal a full recompute, greedy equals an argmax loop, ragged
+batches equal single prompts, stop tokens, bad input."""
+
+import pytest
+import torch
+
+from gptoss import load_model
+from gptoss.generate import KVCache, generate
+from gptoss.synthetic import write_checkpoint
+from tests.conftest import small_config
+
+CONFIG = small_config(sliding_window=5)  # sequences below are more than three windows long
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gen")
+    write_checkpoint(folder, CONFIG, "hf-mxfp4", seed=11)
+    return load_model(folder, dtype=torch.float32)
+
+
+def _full_logits(model, seq):
+    with torch.no_grad():
+        return model(torch.tensor([seq]))[0]  # [T, V]
+
+
+def test_cached_logits_equal_full_recompute_every_step_ragged(model):
+    seqs = [torch.randint(0, 300, (23,)).tolist(), torch.randint(0, 300, (9,)).tolist()]
+    prompt_lens = [17, 3]  # prefill these, then feed the rest one token per step
+    B, width = 2, max(prompt_lens)
+    ids = torch.zeros(B, width, dtype=torch.long)
+    pos = torch.full((B, width), -1)
+    for b, (s, n) in enumerate(zip(seqs, prompt_lens)):  # left-padded, as generate does
+        ids[b, width - n :] = torch.tensor(s[:n])
+        pos[b, width - n :] = torch.arange(n)
+    cache = KVCache(CONFIG, B, width + 6, torch.float32)
+    full = [_full_logits(model, s) for s in seqs]
+    with torch.no_grad():
+        logits = model(ids, pos, cache)
+        for b, n in enumerate(prompt_lens):  # every prompt position, not only the last
+            assert torch.allclose(logits[b, width - n :], full[b][:n], atol=1e-5)
+        for step in range(6):
+            step_ids = torch.tensor([[seqs[b][prompt_lens[b] + step]] for b in range(B)])
+            step_pos = torch.tensor([[prompt_lens[b] + step] for b in range(B)])
+            out = model(step_ids, step_pos, cache)[:, 0]
+            for b in range(B):
+                err = (out[b] - full[b][prompt_lens[b] + step]).abs().max().item()
+                assert err < 1e-5, f"sequence {b}, step {step}: cached vs full logits differ by {err:.2e}"
+
+
+def test_greedy_generate_equals_argmax_loop(model):
+    prompt = torch.randint(0, 300, (7,)).tolist()
+    seq = list(prompt)
+    for _ in range(14):  # past two windows of generated tokens
+        seq.append(int(_full_logits(model, seq)[-1].argmax()))
+    got = generate(model, [prompt], max_new_tokens=14, temperature=0.0, stop_tokens=())
+    assert got == [seq[len(prompt) :]]
+
+
+def test_ragged_batch_gives_each_prompt_its_own_tokens(model):
+    prompts = [torch.randint(0, 300, (n,)).tolist() for n in (1, 12, 5)]
+    alone = [generate(model, [p], max_new_tokens=9, temperature=0.0, stop_tokens=())[0] for p in prompts]
+    together = generate(model, prompts, max_new_tokens=9, temperature=0.0, stop_tokens=())
+    assert together == alone
+
+
+def test_each_sequence_stops_on_its_own(model):
+    prompts = [[1, 2, 3], [40, 50]]
+    free = generate(model, prompts, max_new_tokens=8, temperature=0.0, stop_tokens=())
+    stop = free[0][2]
+    assert stop not in free[1] and stop not in free[0][:2], "pick another seed: the stop token is ambiguous"
+    seen = []
+    got = generate(
+        model,
+        prompts,
+        max_new_tokens=8,
+        temperature=0.0,
+        stop_tokens=(stop,),
+        on_token=lambda b, t: seen.append((b, t)),
+    )
+    assert got[0] == free[0][:3]  # stops at, and keeps, the stop token
+    assert got[1] == free[1]  # the other sequence runs to its budget
+    assert [t for b, t in seen if b == 0] == got[0] and [t for b, t in seen if b == 1] == got[1]
+
+
+def test_default_stops_are_return_and_call_not_end():
+    import inspect
+
+    from gptoss.harmony import get_encoding
+
+    default = inspect.signature(generate).parameters["stop_tokens"].default
+    assert set(default) == set(get_encoding().stop_tokens_for_assistant_actions()) == {200002, 200012}
+    assert 200007 not in default  # <|end|> separates analysis from the final answer
+
+
+def test_sampling_is_seeded_and_respects_top_k(model):
+    a = generate(model, [[5, 6]], max_new_tokens=6, seed=3, stop_tokens=())
+    b = generate(model, [[5, 6]], max_new_tokens=6, seed=3, stop_tokens=())
+    assert a == b
+    top1 = generate(model, [[5, 6]], max_new_tokens=6, seed=3, top_k=1, stop_tokens=())
+    assert top1 == generate(model, [[5, 6]], max_new_tokens=6, temperature=0.0, stop_tokens=())
+
+
+def test_cache_memory_matches_the_documented_figure():
+    from gptoss import get_preset
+
+    config = get_preset("gpt-oss-20b")
+    cache = KVCache(config, batch=1, max_tokens=1000, dtype=torch.bfloat16, device="meta")
+    # 12 full layers x 2 KiB per token, plus 12 sliding layers x 128 slots x 2 KiB
+    assert cache.nbytes() == 12 * 1000 * 2048 + 12 * 128 * 2048
+
+
+@pytest.mark.parametrize(
+    "prompts, kwargs, error",
+    [
+        ([[1] * 60], dict(max_new_tokens=10), "exceeds the context of 64"),
+        ([[1, 2], []], dict(max_new_tokens=4), "prompt 1 is empty"),
+        ([[1, 300]], dict(max_new_tokens=4), r"outside \[0, 300\)"),
+        ([], dict(max_new_tokens=4), "non-empty list"),
+        ([[1]], dict(max_new_tokens=4, top_p=0.0), "top_p"),
+    ],
+)
+def test_bad_input(tmp_path, prompts, kwargs, error):
+    from gptoss.model import GptOss
+
+    model = GptOss(small_config(max_position_embeddings=64), quantized=False)
+    with pytest.raises(ValueError, match=error):
+        generate(model, prompts, **kwargs)
