@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gptoss import mxfp4
@@ -231,8 +232,8 @@ class MoE(nn.Module):
             start += n
             tokens = pairs // self.top_k  # [n]
             w1, w2 = self.experts.weights(e)  # [2I, D], [D, I]
-            h = torch.einsum("nd,fd->nf", x_TD[tokens], w1) + b1[e]  # [n, 2I]
-            y = torch.einsum("ni,di->nd", swiglu(h, self.alpha, self.limit), w2) + b2[e]  # [n, D]
+            h = F.linear(x_TD[tokens], w1, b1[e])  # [n, D] -> [n, 2I]
+            y = F.linear(swiglu(h, self.alpha, self.limit), w2, b2[e])  # [n, I] -> [n, D]
             # the second bias is inside the routing-weighted sum
             out_TD.index_add_(0, tokens, y.float() * weights_Tk.flatten()[pairs, None])
         return out_TD.to(x.dtype).view(B, T, D)

@@ -37,7 +37,7 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = 
     exact = dtype if dtype in (torch.bfloat16, torch.float32) else torch.float32  # fp16's range is too small
     lut = torch.tensor(FP4_VALUES, dtype=exact, device=blocks.device)
     pairs = torch.stack((lut.repeat(16), lut.repeat_interleave(16)), dim=-1)  # [256, 2]
-    values = F.embedding(blocks.long(), pairs)  # [..., G, 16, 2]: a row gather
+    values = F.embedding(blocks.int(), pairs)  # [..., G, 16, 2]: a row gather
     scale = torch.exp2(scales.to(torch.float32) - SCALE_BIAS).to(exact)  # [..., G], a power of two: exact
     return (values.flatten(-2) * scale.unsqueeze(-1)).flatten(-2).to(dtype)  # [..., G*32]
 
