@@ -93,8 +93,8 @@ def test_reply_sections(capsys):
 
 def test_chat_history_follows_the_harmony_rules(tiny_checkpoint, monkeypatch, capsys):
     import io
+    import sys
 
-    import gptoss.generate
     from gptoss import harmony
 
     prompts = []
@@ -107,7 +107,8 @@ def test_chat_history_follows_the_harmony_rules(tiny_checkpoint, monkeypatch, ca
         kwargs["stats"].update(prefill_tokens=len(batch[0]), prefill_s=0.1, decode_tokens=5, decode_s=0.1)
         return [reply + [200005, 17196, 200008, *harmony.encode(final), 200002]]
 
-    monkeypatch.setattr(gptoss.generate, "generate", scripted_generate)
+    # the module, not the function of the same name that the package exports
+    monkeypatch.setattr(sys.modules["gptoss.generate"], "generate", scripted_generate)
     monkeypatch.setattr("sys.stdin", io.StringIO("2 + 2?\n\n2 + 3?\n/exit\n"))
     assert main(["chat", "--model", str(tiny_checkpoint), "--developer", "reasoning language: French"]) == 0
     out = capsys.readouterr().out
