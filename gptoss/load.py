@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -36,13 +37,29 @@ def resolve_source(source: str | Path) -> Path:
     return download(str(source))
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device, quantized: bool = True) -> str:
+    """ "auto" is Triton on CUDA (for MXFP4 experts), the torch reference elsewhere."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "auto":
-        return "torch"  # becomes "triton" on CUDA once the Triton MoE kernels are in gptoss.kernels
+        return "triton" if device.type == "cuda" and quantized and triton_available() else "torch"
     if backend == "triton":
-        raise NotImplementedError("the Triton MoE backend is not available yet; use backend='torch'")
+        if not triton_available():
+            raise ValueError("backend='triton' needs the triton package (pip install triton, Linux)")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                "backend='triton' needs a CUDA device; on the CPU set TRITON_INTERPRET=1 (slow, for tests)"
+            )
+        if not quantized:
+            raise ValueError("backend='triton' needs MXFP4 experts; this checkpoint is in the hf-bf16 layout")
     return backend
 
 
@@ -66,8 +83,8 @@ def load_model(
     if adapter is not None:
         raise NotImplementedError("loading LoRA adapters arrives with the trainer (gptoss.train)")
     device = torch.device(device)
-    backend = resolve_backend(backend, device)
     config, layout, index = open_checkpoint(resolve_source(source))
+    backend = resolve_backend(backend, device, quantized=layout != "hf-bf16")
 
     with torch.device("meta"):
         model = GptOss(config, quantized=layout != "hf-bf16")
@@ -79,5 +96,4 @@ def load_model(
         state[name] = tensor
     model.load_state_dict(state, strict=True, assign=True)
     model.model.rotary_emb = RotaryEmbedding(config)  # computed, not stored
-    model.backend = backend
-    return model.requires_grad_(False).eval().to(device)
+    return model.set_backend(backend).requires_grad_(False).eval().to(device)

@@ -206,6 +206,34 @@ class Experts(nn.Module):
         return w1, w2
 
 
+def experts_forward(
+    x_TD: torch.Tensor, weights_Tk: torch.Tensor, ids_Tk: torch.Tensor, experts: Experts, alpha: float, limit: float
+) -> torch.Tensor:
+    """out[t] = sum over slots s of weights[t, s] * expert_{ids[t, s]}(x[t]); the reference of the
+    Triton kernels (gptoss.kernels.moe.MoEFunction). x [T, D] -> [T, D]."""
+    T, D = x_TD.shape
+    k = ids_Tk.shape[1]
+    # Group the (token, slot) pairs by expert so each expert used is decoded once, and only those.
+    flat_ids = ids_Tk.flatten()  # [T*k]
+    order = torch.argsort(flat_ids, stable=True)  # pair indices sorted by expert
+    counts = torch.bincount(flat_ids, minlength=experts.gate_up_proj_bias.shape[0]).tolist()
+    out_TD = torch.zeros(T, D, dtype=torch.float32, device=x_TD.device)
+    b1, b2 = experts.gate_up_proj_bias, experts.down_proj_bias
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        pairs = order[start : start + n]  # [n]
+        start += n
+        tokens = pairs // k  # [n]
+        w1, w2 = experts.weights(e)  # [2I, D], [D, I]
+        h = F.linear(x_TD[tokens], w1, b1[e])  # [n, D] -> [n, 2I]
+        y = F.linear(swiglu(h, alpha, limit), w2, b2[e])  # [n, I] -> [n, D]
+        # the second bias is inside the routing-weighted sum
+        out_TD.index_add_(0, tokens, y.float() * weights_Tk.flatten()[pairs, None])
+    return out_TD.to(x_TD.dtype)
+
+
 class MoE(nn.Module):
     def __init__(self, config: ModelConfig, quantized: bool = True):
         super().__init__()
@@ -213,30 +241,17 @@ class MoE(nn.Module):
         self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
         self.router = nn.Linear(config.hidden_size, config.num_local_experts, bias=True)
         self.experts = Experts(config, quantized)
+        self.backend = "torch"  # "triton": the same math in gptoss.kernels.moe (sorted, fused, MXFP4 in registers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         x_TD = x.reshape(B * T, D)
+        if self.backend == "triton":
+            from gptoss.kernels.moe import moe
+
+            return moe(x_TD, self.router(x_TD), self.top_k, self.experts, self.alpha, self.limit).view(B, T, D)
         weights_Tk, ids_Tk = route(self.router(x_TD), self.top_k)
-        # Group the (token, slot) pairs by expert so each expert used is decoded once, and only those.
-        flat_ids = ids_Tk.flatten()  # [T*k]
-        order = torch.argsort(flat_ids, stable=True)  # pair indices sorted by expert
-        counts = torch.bincount(flat_ids, minlength=self.router.out_features).tolist()
-        out_TD = torch.zeros(B * T, D, dtype=torch.float32, device=x.device)
-        b1, b2 = self.experts.gate_up_proj_bias, self.experts.down_proj_bias
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            pairs = order[start : start + n]  # [n]
-            start += n
-            tokens = pairs // self.top_k  # [n]
-            w1, w2 = self.experts.weights(e)  # [2I, D], [D, I]
-            h = F.linear(x_TD[tokens], w1, b1[e])  # [n, D] -> [n, 2I]
-            y = F.linear(swiglu(h, self.alpha, self.limit), w2, b2[e])  # [n, I] -> [n, D]
-            # the second bias is inside the routing-weighted sum
-            out_TD.index_add_(0, tokens, y.float() * weights_Tk.flatten()[pairs, None])
-        return out_TD.to(x.dtype).view(B, T, D)
+        return experts_forward(x_TD, weights_Tk, ids_Tk, self.experts, self.alpha, self.limit).view(B, T, D)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,6 +292,15 @@ class GptOss(nn.Module):
         self.backend = "torch"
         self.model = Decoder(config, quantized)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def set_backend(self, backend: str) -> GptOss:
+        """ "torch" (the reference) or "triton" (MoE kernels; needs MXFP4 experts)."""
+        if backend == "triton" and not all(layer.mlp.experts.quantized for layer in self.model.layers):
+            raise ValueError("the Triton MoE kernels need MXFP4 experts; this model holds dense (bf16) experts")
+        self.backend = backend
+        for layer in self.model.layers:
+            layer.mlp.backend = backend
+        return self
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None, last_only: bool = False

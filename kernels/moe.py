@@ -24,7 +24,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-
 from gptoss.kernels.mxfp4 import INTERPRET, e2m1_to_float
 from gptoss.kernels.routing import Routing, route
 
@@ -39,7 +38,7 @@ def _configs() -> list[triton.Config]:
         m, n, k, warps, stages = (int(v) for v in pinned.split(","))
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=stages)]
     if INTERPRET:  # the CPU interpreter: one small config, no tuning
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=1, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=1, num_stages=1)]
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
         for m, n, k, w, s in [
@@ -196,7 +195,9 @@ def _launch(mode, a, blocks, scales, bias, out, aux, gate, routing: Routing, K, 
 
 def _check_experts(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> None:
     if blocks.dtype != torch.uint8 or blocks.dim() != 4 or blocks.shape[-1] != 16 or scales.shape != blocks.shape[:-1]:
-        raise ValueError(f"expected MXFP4 blocks [E, R, C/32, 16] and scales [E, R, C/32], got {tuple(blocks.shape)}, {tuple(scales.shape)}")
+        raise ValueError(
+            f"expected MXFP4 blocks [E, R, C/32, 16] and scales [E, R, C/32], got {tuple(blocks.shape)}, {tuple(scales.shape)}"
+        )
     if not (blocks.is_contiguous() and scales.is_contiguous()):
         raise ValueError("MXFP4 expert blocks and scales must be contiguous")
     if x.dtype not in (torch.bfloat16, torch.float32):
@@ -209,7 +210,9 @@ def moe_gate_up_fwd(x, routing, blocks, scales, bias, alpha, limit, save):
     P, D, I2 = routing.sorted_pairs.numel(), x.shape[1], blocks.shape[1]
     act = torch.empty(P, I2 // 2, dtype=x.dtype, device=x.device)
     h = torch.empty(P, I2, dtype=x.dtype, device=x.device) if save else None
-    _launch(GATE_UP, x, blocks, scales, bias, act, h, None, routing, K=D, N=I2 // 2, alpha=alpha, limit=limit, save=save)
+    _launch(
+        GATE_UP, x, blocks, scales, bias, act, h, None, routing, K=D, N=I2 // 2, alpha=alpha, limit=limit, save=save
+    )
     return act, h
 
 
@@ -268,7 +271,9 @@ class MoEFunction(torch.autograd.Function):
         return grad_x, grad_w, None, None, None, None, None, None, None, None, None
 
 
-def moe(x: torch.Tensor, logits: torch.Tensor, top_k: int, experts, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
+def moe(
+    x: torch.Tensor, logits: torch.Tensor, top_k: int, experts, alpha: float = 1.702, limit: float = 7.0
+) -> torch.Tensor:
     """The MoE block on x [T, D] given router logits [T, E]; `experts` is a gptoss.model.Experts (MXFP4).
 
     Routing ids come from the kernel; the routing weights are recomputed by torch from the picked

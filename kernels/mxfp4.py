@@ -70,7 +70,9 @@ def mxfp4_dequant_fwd(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.d
         return out
     BLOCK_R, BLOCK_C = 16, min(256, triton.next_power_of_2(C))
     grid = (triton.cdiv(rows, BLOCK_R), triton.cdiv(C, BLOCK_C))
-    _mxfp4_dequant_fwd_kernel[grid](blocks.contiguous(), scales.contiguous(), out, rows, C, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+    _mxfp4_dequant_fwd_kernel[grid](
+        blocks.contiguous(), scales.contiguous(), out, rows, C, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C
+    )
     return out
 
 

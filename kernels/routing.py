@@ -119,7 +119,14 @@ def sort_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, .
         BLOCK_P = min(1024, triton.next_power_of_2(P))
         _expert_counts_kernel[(num_experts,)](flat, counts, P, BLOCK_P=BLOCK_P)
         _expert_sort_kernel[(num_experts,)](
-            flat, counts, sorted_pairs, inverse, P, num_experts, BLOCK_P=BLOCK_P, BLOCK_E=triton.next_power_of_2(num_experts)
+            flat,
+            counts,
+            sorted_pairs,
+            inverse,
+            P,
+            num_experts,
+            BLOCK_P=BLOCK_P,
+            BLOCK_E=triton.next_power_of_2(num_experts),
         )
     offsets = torch.cumsum(counts, 0, dtype=torch.int32) - counts
     return counts, offsets, sorted_pairs, inverse

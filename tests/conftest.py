@@ -4,7 +4,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptoss.config import ModelConfig
+# Triton kernels run on the CPU through Triton's interpreter (set before gptoss.kernels is imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from gptoss.config import ModelConfig  # noqa: E402
 
 # The verified vocabulary beside the repository (../shared/vocab), when there; otherwise gptoss
 # rebuilds it from the quicktok-v1 package. Either way nothing is downloaded.

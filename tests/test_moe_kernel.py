@@ -1,0 +1,129 @@
+"""The Triton grouped MXFP4 expert matmuls (forward and backward) against the torch reference
+gptoss.model.experts_forward, under TRITON_INTERPRET=1 on the CPU; and the whole model with
+backend="triton" against backend="torch"."""
+
+import pytest
+import torch
+from gptoss.kernels.moe import MoEFunction
+from gptoss.kernels.routing import route as route_kernel
+
+from gptoss import load_model
+from gptoss.model import Experts, experts_forward
+from gptoss.synthetic import write_checkpoint
+from tests.conftest import small_config
+
+CASES = {
+    # D = 96 and I = 160 are not multiples of the 64-wide N/K tiles; 13 x 3 pairs leave ragged 16-row tiles
+    "prime-experts-ragged-tiles": dict(T=13, E=7, k=3, D=96, I=160),
+    # 3 tokens x 2 slots over 11 experts: most experts receive no token
+    "experts-without-tokens": dict(T=3, E=11, k=2, D=64, I=64),
+    "one-token": dict(T=1, E=5, k=2, D=96, I=96),
+    # top-1 with every token sent to expert 2: one expert spans three row tiles, the others are empty
+    "all-to-one-expert-top1": dict(T=40, E=5, k=1, D=64, I=64, force=2),
+    "topk-equals-E": dict(T=9, E=4, k=4, D=64, I=96),
+}
+
+# fp32: IEEE dots, so only the summation order differs from the reference (errors ~1e-6 measured);
+# 1e-4 is far above that and far below the O(1) error of any indexing or masking mistake.
+# bf16: activations, the saved pre-activation and the stored SwiGLU output are rounded to bf16
+# (relative step 2^-8 = 0.4%) where the fp32 reference is not; a few such roundings through two
+# matmuls add up to ~1% (0.8% of the largest value measured here), so we allow 2% of the tensor's
+# largest value.
+TOLERANCES = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=None)}
+
+
+def _experts(E, D, I, dtype):
+    experts = Experts(small_config(num_local_experts=E, hidden_size=D, intermediate_size=I), quantized=True)
+    with torch.no_grad():
+        for name, b in experts.named_buffers():
+            b.copy_(torch.randint(0, 256, b.shape) if name.endswith("blocks") else torch.randint(121, 125, b.shape))
+        experts.gate_up_proj_bias.copy_(0.1 * torch.randn(E, 2 * I))
+        experts.down_proj_bias.copy_(0.1 * torch.randn(E, D))
+    return experts.to(dtype).requires_grad_(False)
+
+
+def _close(actual, expected, dtype, what):
+    tol = TOLERANCES[dtype]
+    atol = tol["atol"] if tol["atol"] is not None else tol["rtol"] * expected.abs().max().item()
+    err = (actual.float() - expected.float()).abs()
+    assert (err <= atol + tol["rtol"] * expected.float().abs()).all(), (
+        f"{what}: max error {err.max():.3e}, mean {err.mean():.3e} (atol {atol:.1e})"
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(CASES))
+def test_moe_forward_and_backward(case, dtype):
+    c = CASES[case]
+    T, E, k, D, I = c["T"], c["E"], c["k"], c["D"], c["I"]
+    experts = _experts(E, D, I, dtype)
+    logits = torch.randn(T, E)
+    if "force" in c:
+        logits[:, c["force"]] += 100.0
+    routing = route_kernel(logits, k)
+    if "force" in c:
+        assert routing.counts.tolist() == [T if e == c["force"] else 0 for e in range(E)]
+    x = torch.randn(T, D).to(dtype)
+    weights = torch.softmax(torch.randn(T, k), -1)
+    grad_out = torch.randn(T, D).to(dtype)
+
+    # reference: fp32 math on the very same (dtype-rounded) values
+    x_ref, w_ref = x.float().clone().requires_grad_(), weights.clone().requires_grad_()
+    ref = experts_forward(x_ref, w_ref, routing.ids.long(), experts.float(), 1.702, 7.0)
+    ref.backward(grad_out.float())
+    experts.to(dtype)
+
+    x_k, w_k = x.clone().requires_grad_(), weights.clone().requires_grad_()
+    out = MoEFunction.apply(
+        x_k, w_k, routing, experts.gate_up_proj_blocks, experts.gate_up_proj_scales, experts.gate_up_proj_bias,
+        experts.down_proj_blocks, experts.down_proj_scales, experts.down_proj_bias, 1.702, 7.0,
+    )  # fmt: skip
+    out.backward(grad_out)
+    assert out.dtype == dtype and x_k.grad.dtype == dtype
+    _close(out, ref, dtype, "output")
+    _close(x_k.grad, x_ref.grad, dtype, "grad of the input")
+    _close(w_k.grad, w_ref.grad, dtype, "grad of the routing weights")
+
+
+def test_no_saved_activations_without_grad():
+    experts = _experts(3, 64, 64, torch.float32)
+    routing = route_kernel(torch.randn(5, 3), 2)
+    with torch.no_grad():
+        out = MoEFunction.apply(
+            torch.randn(5, 64), routing.weights, routing, experts.gate_up_proj_blocks, experts.gate_up_proj_scales,
+            experts.gate_up_proj_bias, experts.down_proj_blocks, experts.down_proj_scales, experts.down_proj_bias, 1.702, 7.0,
+        )  # fmt: skip
+    assert out.grad_fn is None and out.shape == (5, 64)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("triton-model")
+    return write_checkpoint(folder, small_config(), "hf-mxfp4", seed=4)
+
+
+def test_whole_model_triton_equals_torch(checkpoint):
+    ids = torch.randint(0, 300, (2, 11))
+    torch_logits = load_model(checkpoint, dtype=torch.float32, backend="torch")(ids)
+    model = load_model(checkpoint, dtype=torch.float32, backend="triton")
+    assert model.backend == "triton" and model.model.layers[0].mlp.backend == "triton"
+    err = (model(ids) - torch_logits).abs().max().item()
+    assert err < 1e-4, f"triton vs torch logits differ by {err:.2e}"
+
+
+def test_whole_model_gradients_flow_through_the_kernels(checkpoint):
+    # what the LoRA trainer needs: gradients to the attention weights through the MoE, experts frozen
+    ids = torch.randint(0, 300, (1, 9))
+    grads = {}
+    for backend in ("torch", "triton"):
+        model = load_model(checkpoint, dtype=torch.float32, backend=backend)
+        q = model.model.layers[0].self_attn.q_proj.weight.requires_grad_()
+        model(ids).logsumexp(-1).sum().backward()
+        grads[backend] = q.grad
+    assert (grads["triton"] - grads["torch"]).abs().max().item() < 1e-4 * grads["torch"].abs().max().item()
+
+
+def test_triton_backend_needs_mxfp4(tmp_path):
+    folder = write_checkpoint(tmp_path, small_config(), "hf-bf16", seed=1)
+    with pytest.raises(ValueError, match="needs MXFP4 experts"):
+        load_model(folder, backend="triton")
