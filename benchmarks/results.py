@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(os.environ.get("GPTOSS_RESULTS_DIR", Path(__file__).resolve().parent / "results"))
 
 
 def machine() -> dict:
@@ -67,4 +67,67 @@ def record(bench: str, rows: list[dict], **context) -> Path:
                 )
                 + "\n"
             )
+    return path
+
+
+# Peak figures of an H100 SXM5 (performance anchors, section 1.3): the roofline the GPU rows report against.
+H100_BF16_FLOPS = 989.5e12
+H100_HBM_BYTES_PER_S = 3.35e12
+
+
+def time_ms(fn, warmup: int = 2, reps: int = 10) -> dict:
+    """Median and 20/80% quantiles of fn() in milliseconds. On CUDA: triton.testing.do_bench, which
+    synchronises and clears the L2 cache between runs; on the CPU: wall clock over `reps` runs."""
+    if torch.cuda.is_available():
+        import triton.testing
+
+        p50, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+        return {"ms": p50, "ms_p20": p20, "ms_p80": p80}
+    import statistics
+    import time
+
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    q = statistics.quantiles(samples, n=10) if len(samples) > 1 else samples * 9
+    return {"ms": statistics.median(samples), "ms_p20": q[1], "ms_p80": q[7]}
+
+
+def roofline(flops: float, nbytes: float, ms: float) -> dict:
+    """Achieved TFLOP/s and GB/s, and the fraction of the H100 roofline time (max of the compute and
+    memory bounds) that the measured time reaches; only meaningful for GPU rows."""
+    seconds = ms / 1e3
+    bound = max(flops / H100_BF16_FLOPS, nbytes / H100_HBM_BYTES_PER_S)
+    return {"tflops": flops / seconds / 1e12, "gbs": nbytes / seconds / 1e9, "roofline_pct": 100 * bound / seconds}
+
+
+def plot(rows: list[dict], x: str, y: str, series: str, path: Path, title: str, logx: bool = True) -> Path | None:
+    """One line per value of `series`; returns the PNG path, or None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in sorted({r[series] for r in rows}):
+        pts = sorted((r[x], r[y]) for r in rows if r[series] == name and r.get(y) is not None)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=name)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
     return path

@@ -1,0 +1,140 @@
+"""One MoE layer (routing + both expert matmuls + SwiGLU + combine), tokens swept 1 .. 16384.
+
+    python benchmarks/bench_moe.py                 # on an H100: gpt-oss-20b and -120b expert shapes
+    python benchmarks/bench_moe.py --quick         # fewer token counts
+    GPTOSS_MOE_CONFIG=64,64,64,4,3 python benchmarks/bench_moe.py   # pin one kernel config
+
+Providers, all in the same process on the same weights and routing:
+  triton             gptoss.kernels.moe: sorted pairs, MXFP4 decoded in registers, fused SwiGLU (GPU only)
+  torch-mxfp4        the reference: per used expert, dequantize to bf16 then two matmuls
+  torch-bf16-loop    the same loop over experts with weights already dense in bf16 (2 B per weight)
+  torch-grouped-mm   torch._grouped_mm on dense bf16 weights, pairs sorted by expert (where it exists)
+Routing is top-4 of router logits computed from random activations and a random router, so experts
+get roughly equal, randomly varying loads, as in a trained model without heavy skew.
+TFLOP/s counts 2 x pairs x (D x 2I + I x D); GB/s counts the MXFP4 bytes of the experts actually used
+plus the activations read and written (the minimum any implementation must move), so every provider
+is measured against the same work; % roofline is against an H100 SXM (989.5 TFLOP/s, 3.35 TB/s).
+Without a GPU: small shapes, torch providers only, and the GPU figures are reported as not taken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from results import RESULTS_DIR, machine, plot, record, roofline, table, time_ms
+
+from gptoss import mxfp4
+from gptoss.config import ModelConfig, get_preset
+from gptoss.model import Experts, experts_forward, route, swiglu
+
+
+def random_experts(config: ModelConfig, device: str) -> Experts:
+    experts = Experts(config, quantized=True).to(device)
+    with torch.no_grad():
+        for name, b in experts.named_buffers():
+            b.copy_(torch.randint(0, 256, b.shape) if name.endswith("blocks") else torch.randint(119, 123, b.shape))
+        experts.gate_up_proj_bias.normal_(0, 0.1)
+        experts.down_proj_bias.normal_(0, 0.1)
+    return experts.to(torch.bfloat16).requires_grad_(False)
+
+
+def dense_copy(experts: Experts, config: ModelConfig) -> Experts:
+    dense = Experts(config, quantized=False).to(experts.gate_up_proj_bias.device, torch.bfloat16)
+    with torch.no_grad():
+        dense.gate_up_proj.copy_(mxfp4.dequantize(experts.gate_up_proj_blocks, experts.gate_up_proj_scales))
+        dense.down_proj.copy_(mxfp4.dequantize(experts.down_proj_blocks, experts.down_proj_scales))
+        dense.gate_up_proj_bias.copy_(experts.gate_up_proj_bias)
+        dense.down_proj_bias.copy_(experts.down_proj_bias)
+    return dense.requires_grad_(False)
+
+
+def grouped_mm_moe(x, weights, ids, w1_EDF, b1, w2_EIF, b2):
+    """Dense bf16 experts through torch._grouped_mm: sort pairs by expert, two grouped GEMMs, combine."""
+    T, k = ids.shape
+    flat = ids.flatten()
+    order = torch.argsort(flat, stable=True)
+    offs = torch.cumsum(torch.bincount(flat, minlength=w1_EDF.shape[0]), 0).to(torch.int32)
+    xs = x[order // k]  # [P, D] rows grouped by expert
+    experts = flat[order]
+    h = torch._grouped_mm(xs, w1_EDF, offs=offs) + b1[experts]  # [P, 2I]
+    y = torch._grouped_mm(swiglu(h), w2_EIF, offs=offs) + b2[experts]  # [P, D]
+    y = y.float() * weights.flatten()[order, None]
+    return torch.zeros(T, x.shape[1], device=x.device).index_add_(0, order // k, y).to(x.dtype)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer token counts")
+    parser.add_argument("--presets", default=None, help="comma-separated expert shapes (default: 20b,120b on GPU)")
+    args = parser.parse_args()
+
+    gpu = torch.cuda.is_available()
+    device = "cuda" if gpu else "cpu"
+    if gpu:
+        names = (args.presets or "gpt-oss-20b,gpt-oss-120b").split(",")
+        configs = {n: get_preset(n) for n in names}
+        tokens = [1, 4, 16, 64, 256, 1024, 4096, 16384] if not args.quick else [1, 64, 4096]
+    else:  # a 2-core CPU: gpt-oss's routing (E=32, top-4) at a small width
+        configs = {"small (D=I=256, E=32)": ModelConfig(hidden_size=256, intermediate_size=256, num_local_experts=32)}
+        tokens = [1, 4, 16, 64, 256] if not args.quick else [1, 16, 64]
+
+    rows = []
+    for name, config in configs.items():
+        D, I, E, k = config.hidden_size, config.intermediate_size, config.num_local_experts, config.num_experts_per_tok
+        experts = random_experts(config, device)
+        dense = dense_copy(experts, config)
+        w1_EDF = dense.gate_up_proj.transpose(1, 2).contiguous()  # [E, D, 2I] for grouped_mm
+        w2_EIF = dense.down_proj.transpose(1, 2).contiguous()  # [E, I, D]
+        router = torch.randn(E, D, device=device, dtype=torch.bfloat16) / D**0.5
+        expert_bytes = 3 * I * D * (0.5 + 1 / 32)  # packed codes + scales of one expert's two matrices
+        for T in tokens:
+            x = torch.randn(T, D, device=device, dtype=torch.bfloat16)
+            logits = x @ router.T
+            weights, ids = route(logits, k)
+            used = int((torch.bincount(ids.flatten(), minlength=E) > 0).sum())
+            flops = 2 * T * k * 3 * I * D
+            nbytes = used * expert_bytes + 2 * T * D * 2
+            providers = {
+                "torch-mxfp4": lambda: experts_forward(x, *route(logits, k), experts, 1.702, 7.0),
+                "torch-bf16-loop": lambda: experts_forward(x, *route(logits, k), dense, 1.702, 7.0),
+            }
+            if hasattr(torch, "_grouped_mm"):
+                providers["torch-grouped-mm"] = lambda: grouped_mm_moe(
+                    x, *route(logits, k), w1_EDF, dense.gate_up_proj_bias, w2_EIF, dense.down_proj_bias
+                )
+            if gpu:
+                from gptoss.kernels.moe import moe
+
+                providers["triton"] = lambda: moe(x, logits, k, experts)
+            reference = experts_forward(x.float(), weights, ids, experts.float(), 1.702, 7.0)
+            experts.to(torch.bfloat16)
+            for provider, fn in providers.items():
+                with torch.no_grad():
+                    err = (fn().float() - reference).abs().max().item() / reference.abs().max().item()
+                    t = time_ms(fn, reps=5 if not gpu and T >= 256 else 10)
+                row = {"shape": name, "tokens": T, "experts_used": used, "provider": provider, "device": device, **t}
+                perf = roofline(flops, nbytes, t["ms"])
+                row |= {"tflops": perf["tflops"], "gbs": perf["gbs"], "rel_err_vs_fp32": err}
+                if gpu:
+                    row["roofline_pct"] = perf["roofline_pct"]
+                rows.append(row)
+            print(f"{name}: {T} tokens done", flush=True)
+    cols = ["shape", "tokens", "experts_used", "provider", "ms", "tflops", "gbs", "roofline_pct", "rel_err_vs_fp32"]
+    print(table(rows, cols))
+    if not gpu:
+        print(
+            "no CUDA device: torch providers on the CPU at a small width; the Triton kernel's GPU figures were not taken"
+        )
+    print(f"machine: {machine()}")
+    record("moe", rows)
+    png = plot(
+        rows, "tokens", "tflops", "provider", RESULTS_DIR / "moe.png", f"MoE layer, {device}, {', '.join(configs)}"
+    )
+    print(f"results appended to {RESULTS_DIR / 'moe.jsonl'}" + (f"; plot {png}" if png else ""))
+    print(json.dumps({"bench": "moe", "results": rows}))
+
+
+if __name__ == "__main__":
+    main()
