@@ -75,13 +75,11 @@ def load_model(
     the root of a downloaded HF repo, or a hub id such as `openai/gpt-oss-20b`.
 
     Experts stay MXFP4 (uint8, memory-mapped) and are decoded per use; other weights are cast to
-    `dtype` (no copy when it is the file's bf16); RMSNorm gains are kept in fp32. Returns the model
-    in eval mode with gradients off.
+    `dtype` (no copy when it is the file's bf16); RMSNorm gains are kept in fp32. `adapter` is a
+    PEFT-format LoRA folder (see gptoss.train.lora). Returns the model in eval mode, gradients off.
     """
     if dtype not in (torch.bfloat16, torch.float32, torch.float16):
         raise ValueError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype}")
-    if adapter is not None:
-        raise NotImplementedError("loading LoRA adapters arrives with the trainer (gptoss.train)")
     device = torch.device(device)
     config, layout, index = open_checkpoint(resolve_source(source))
     backend = resolve_backend(backend, device, quantized=layout != "hf-bf16")
@@ -96,4 +94,9 @@ def load_model(
         state[name] = tensor
     model.load_state_dict(state, strict=True, assign=True)
     model.model.rotary_emb = RotaryEmbedding(config)  # computed, not stored
-    return model.set_backend(backend).requires_grad_(False).eval().to(device)
+    model = model.set_backend(backend).requires_grad_(False).eval().to(device)
+    if adapter is not None:
+        from gptoss.train.lora import load_adapter
+
+        load_adapter(model, adapter)
+    return model

@@ -196,6 +196,26 @@ class Experts(nn.Module):
         self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, 2 * I))
         self.down_proj_bias = nn.Parameter(torch.zeros(E, D))
 
+    @property
+    def has_lora(self) -> bool:
+        return (
+            getattr(self, "gate_up_proj_lora_A", None) is not None
+            or getattr(self, "down_proj_lora_A", None) is not None
+        )
+
+    def lora(self, which: str, e: int, x: torch.Tensor) -> torch.Tensor | float:
+        """The low-rank update s * (x A_e^T) B_e^T of expert e's `which` ("gate_up_proj" or "down_proj"),
+        0 without an adapter. gptoss.train.lora attaches A [E*r, in] and B [out, E*r] in PEFT's layout:
+        A_e = rows e*r .. e*r+r-1 of A, B_e = columns e, E+e, 2E+e, ... of B. Never builds the full delta."""
+        A = getattr(self, which + "_lora_A", None)
+        if A is None:
+            return 0.0
+        B = getattr(self, which + "_lora_B")
+        E = self.gate_up_proj_bias.shape[0]
+        r = A.shape[0] // E
+        a_e, b_e = A[e * r : (e + 1) * r], B.view(B.shape[0], r, E)[:, :, e]  # [r, in], [out, r]
+        return (self.lora_scaling * F.linear(F.linear(x.to(A.dtype), a_e), b_e)).to(x.dtype)
+
     def weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert e's (gate_up [2I, D], down [D, I]) in the compute dtype; MXFP4 is decoded here, per use."""
         dtype = self.gate_up_proj_bias.dtype
@@ -227,8 +247,10 @@ def experts_forward(
         start += n
         tokens = pairs // k  # [n]
         w1, w2 = experts.weights(e)  # [2I, D], [D, I]
-        h = F.linear(x_TD[tokens], w1, b1[e])  # [n, D] -> [n, 2I]
-        y = F.linear(swiglu(h, alpha, limit), w2, b2[e])  # [n, I] -> [n, D]
+        x_e = x_TD[tokens]  # [n, D]
+        h = F.linear(x_e, w1, b1[e]) + experts.lora("gate_up_proj", e, x_e)  # [n, D] -> [n, 2I]
+        act = swiglu(h, alpha, limit)  # [n, I]
+        y = F.linear(act, w2, b2[e]) + experts.lora("down_proj", e, act)  # [n, I] -> [n, D]
         # the second bias is inside the routing-weighted sum
         out_TD.index_add_(0, tokens, y.float() * weights_Tk.flatten()[pairs, None])
     return out_TD.to(x_TD.dtype)
@@ -246,7 +268,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         x_TD = x.reshape(B * T, D)
-        if self.backend == "triton":
+        if self.backend == "triton" and not self.experts.has_lora:  # expert adapters run on the torch path
             from gptoss.kernels.moe import moe
 
             return moe(x_TD, self.router(x_TD), self.top_k, self.experts, self.alpha, self.limit).view(B, T, D)

@@ -1,0 +1,129 @@
+"""LoRA: the trainable set, zero-init equivalence, PEFT round trips both ways against
+peft.PeftModel on transformers' GptOssForCausalLM, and merging."""
+
+import json
+
+import pytest
+import torch
+from gptoss.train.lora import apply_lora, default_expert_layers, merge_lora, save_adapter
+
+from gptoss import load_model
+from gptoss.synthetic import write_checkpoint
+from tests.conftest import small_config
+from tests.hf_oracle import build_hf_model, canonical_tensors
+
+peft = pytest.importorskip("peft")
+CONFIG = small_config()  # intermediate (64) != hidden (96): a transposed expert factor cannot pass unnoticed
+
+
+@pytest.fixture(scope="module")
+def oracle(tmp_path_factory):
+    hf = build_hf_model(CONFIG, seed=7)
+    folder = write_checkpoint(tmp_path_factory.mktemp("lora-base"), CONFIG, "hf-mxfp4", tensors=canonical_tensors(hf))
+    return hf, folder
+
+
+def _randomize(params, scale=0.05):
+    with torch.no_grad():
+        for p in params:
+            p.copy_(scale * torch.randn_like(p))  # B non-zero, so the adapter changes the output
+
+
+def test_default_expert_layers_rule():
+    assert default_expert_layers(24) == [7, 15, 23]  # the recipe's layers for gpt-oss-20b
+    assert default_expert_layers(36) == [11, 23, 35]
+    assert default_expert_layers(3) == [0, 1, 2]
+
+
+def test_trainable_set_is_exactly_the_adapters_and_zero_init_is_the_base(oracle):
+    _, folder = oracle
+    model = load_model(folder, dtype=torch.float32)
+    ids = torch.randint(0, 300, (2, 10))
+    base = model(ids)
+    params = apply_lora(model, r=4, alpha=8, expert_layers=[1])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = {f"model.layers.{i}.self_attn.{m}.lora_{ab}.weight" for i in range(3) for m in "qkvo" for ab in "AB"}
+    expected = {
+        e.replace(".q.", ".q_proj.").replace(".k.", ".k_proj.").replace(".v.", ".v_proj.").replace(".o.", ".o_proj.")
+        for e in expected
+    }
+    expected |= {f"model.layers.1.mlp.experts.{w}_lora_{ab}" for w in ("gate_up_proj", "down_proj") for ab in "AB"}
+    assert trainable == expected and len(params) == len(expected)
+    # PEFT's count rule: attention r*(in+out) per projection; experts E*r*(in+out) per matrix
+    D, Q, KV, I, E, r = 96, 96, 32, 64, 7, 4
+    attention = r * ((D + Q) + 2 * (D + KV) + (Q + D)) * 3
+    experts = E * r * (D + 2 * I) + E * r * (I + D)
+    assert sum(p.numel() for p in params) == attention + experts
+    assert torch.equal(model(ids), base)  # B = 0: exactly the base model
+
+
+def test_our_adapter_loads_in_peft(oracle, tmp_path):
+    hf, folder = oracle
+    model = load_model(folder, dtype=torch.float32)
+    _randomize(apply_lora(model, r=4, alpha=8, expert_layers=[0, 2]))
+    save_adapter(model, tmp_path / "adapter", base_model="tiny")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == [
+        f"{i}.mlp.experts.{w}" for i in (0, 2) for w in ("gate_up_proj", "down_proj")
+    ]
+    ids = torch.randint(0, 300, (2, 12))
+    peft_model = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter"))
+    with torch.no_grad():
+        theirs = peft_model(ids).logits
+        ours = model(ids)
+        base = peft_model.get_base_model()
+    assert (ours - theirs).abs().max().item() < 1e-5
+    peft_model.unload()  # leave the shared oracle unwrapped
+    del base
+
+
+def test_peft_adapter_loads_in_ours(oracle, tmp_path):
+    hf, folder = oracle
+    lora_config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        target_parameters=["1.mlp.experts.gate_up_proj", "1.mlp.experts.down_proj"],
+    )  # fmt: skip
+    peft_model = peft.get_peft_model(hf, lora_config)
+    _randomize([p for n, p in peft_model.named_parameters() if "lora_" in n])
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    ids = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        theirs = peft_model(ids).logits
+    peft_model.unload()
+    model = load_model(folder, dtype=torch.float32, adapter=tmp_path / "peft")
+    with torch.no_grad():
+        assert (model(ids) - theirs).abs().max().item() < 1e-5
+    merged = merge_lora(model)  # merged into dense fp32 weights: same function
+    with torch.no_grad():
+        assert (merged(ids) - theirs).abs().max().item() < 1e-5
+
+
+def test_merge_into_bf16_base(oracle, tmp_path):
+    _, folder = oracle
+    model = load_model(folder, dtype=torch.float32)
+    _randomize(apply_lora(model, r=4, alpha=8, expert_layers=[2]))
+    save_adapter(model, tmp_path / "a")
+    ids = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        expected = model(ids)
+    bf16 = merge_lora(load_model(folder, dtype=torch.bfloat16, adapter=tmp_path / "a"))
+    experts = bf16.model.layers[2].mlp.experts
+    assert not experts.quantized and experts.gate_up_proj.dtype == torch.bfloat16 and not experts.has_lora
+    assert bf16.model.layers[0].mlp.experts.quantized  # layers without expert adapters stay MXFP4
+    with torch.no_grad():
+        err = (bf16(ids).float() - expected).abs().mean().item()
+    assert err < 0.05 * expected.abs().mean().item()  # bf16 rounding of the merged weights only
+
+
+def test_bad_adapters(oracle, tmp_path):
+    _, folder = oracle
+    with pytest.raises(FileNotFoundError, match="adapter_config.json is missing"):
+        load_model(folder, adapter=tmp_path)
+    model = load_model(folder, dtype=torch.float32)
+    apply_lora(model, r=4, alpha=8, expert_layers=[0])
+    save_adapter(model, tmp_path / "r4")
+    config = json.loads((tmp_path / "r4" / "adapter_config.json").read_text())
+    config["r"] = 8
+    (tmp_path / "r4" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"q_proj.lora_A has shape \[4, 96\], the model expects \[8, 96\] \(r=8\)"):
+        load_model(folder, adapter=tmp_path / "r4")

@@ -1,0 +1,193 @@
+"""Cross-lingual reasoning data: rows of the HuggingFaceH4/Multilingual-Thinking schema rendered
+in Harmony with a loss mask over the assistant turn.
+
+A row has `reasoning_language`, `developer` (the system prompt), `user`, `analysis`, `final`, and
+usually `messages` ([system "reasoning language: X\\n\\n<prompt>", user, assistant with `thinking`]).
+Rendering: system message, developer message (the language instruction and the row's prompt),
+user message, then the assistant's analysis and final answer ending in <|return|>. Supervised:
+everything after the prompt's closing `<|start|>assistant`, i.e. `<|channel|>analysis<|message|>...
+<|end|><|start|>assistant<|channel|>final<|message|>...<|return|>` (inference supplies the first
+`<|start|>assistant` itself).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from gptoss import harmony
+
+BUNDLED = Path(__file__).resolve().parent / "data"
+BUNDLED_TRAIN = BUNDLED / "multilingual_reasoning_train.jsonl"
+BUNDLED_HELDOUT = BUNDLED / "multilingual_reasoning_heldout.jsonl"
+
+
+class MalformedRow(ValueError):
+    """A dataset row that does not follow the schema; the message names the row."""
+
+
+def _text(row: dict, key: str, index: int) -> str:
+    value = row.get(key)
+    if not isinstance(value, str) or not value.strip():
+        found = "nothing" if value is None else f"{type(value).__name__} {str(value)[:40]!r}"
+        raise MalformedRow(f"row {index}: expected a non-empty string '{key}', found {found}")
+    return value
+
+
+def row_fields(row: dict, index: int = 0) -> tuple[str, str, str, str, str]:
+    """(developer instructions, user, analysis, final, reasoning language) of a row in either form."""
+    if not isinstance(row, dict):
+        raise MalformedRow(f"row {index}: expected a JSON object, found {type(row).__name__}")
+    messages = row.get("messages")
+    if messages:
+        try:
+            by_role = {m["role"]: m for m in messages}
+            developer = by_role["system"]["content"] if "system" in by_role else None
+            user, assistant = by_role["user"]["content"], by_role["assistant"]
+            final, analysis = assistant["content"], assistant.get("thinking") or row.get("analysis")
+        except (KeyError, TypeError) as e:
+            raise MalformedRow(f"row {index}: 'messages' lacks {e} (expected system/user/assistant entries)") from None
+        row = {
+            "user": user,
+            "final": final,
+            "analysis": analysis,
+            **{k: row[k] for k in ("reasoning_language",) if k in row},
+        }
+        if developer is None:
+            developer = f"reasoning language: {_text(row, 'reasoning_language', index)}"
+    else:
+        language = _text(row, "reasoning_language", index)
+        system = row.get("developer") or ""
+        developer = f"reasoning language: {language}" + (f"\n\n{system}" if system else "")
+    language = row.get("reasoning_language") or developer.split("\n")[0].removeprefix("reasoning language:").strip()
+    return developer, _text(row, "user", index), _text(row, "analysis", index), _text(row, "final", index), language
+
+
+def render_example(row: dict, max_length: int = 2048, index: int = 0) -> tuple[list[int], list[int]]:
+    """Harmony tokens of a row and its loss mask (1 on the assistant turn), truncated to max_length."""
+    developer, user, analysis, final, _ = row_fields(row, index)
+    turns = [{"role": "user", "content": user}]
+    prompt = harmony.render_prompt(harmony.build_conversation(turns, developer=developer))
+    turns.append({"role": "assistant", "thinking": analysis, "content": final})
+    tokens = harmony.render_training(harmony.build_conversation(turns, developer=developer))
+    if tokens[: len(prompt)] != prompt:  # the training rendering must extend the prompt exactly
+        raise RuntimeError(f"row {index}: Harmony training tokens do not start with the prompt tokens")
+    mask = [0] * len(prompt) + [1] * (len(tokens) - len(prompt))
+    return tokens[:max_length], mask[:max_length]
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    loss_mask: list[int]
+    reasoning_language: str
+    index: int
+
+
+@dataclass
+class Dataset:
+    examples: list[Example]
+    rows: list[dict]
+    truncated: int = 0
+    skipped_long: int = 0
+    skipped_malformed: list[str] = field(default_factory=list)
+
+    @property
+    def supervised_tokens(self) -> int:
+        return sum(sum(e.loss_mask) for e in self.examples)
+
+    def summary(self) -> str:
+        parts = [f"{len(self.examples)} examples", f"{self.supervised_tokens:,} supervised tokens"]
+        if self.truncated:
+            parts.append(f"{self.truncated} truncated")
+        if self.skipped_long:
+            parts.append(f"{self.skipped_long} skipped as too long")
+        if self.skipped_malformed:
+            parts.append(f"{len(self.skipped_malformed)} malformed rows skipped")
+        return ", ".join(parts)
+
+
+def read_rows(source: str | Path) -> list[dict]:
+    """Rows from a JSONL file, a Parquet file, a folder of those, or a hub dataset id."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        if "/" in str(source) and not str(source).startswith((".", "/")):
+            path = _download(str(source))
+        else:
+            raise FileNotFoundError(
+                f"dataset {source} not found: give a .jsonl or .parquet file, a folder, or a hub id"
+            )
+    if path.is_dir():
+        files = sorted(path.rglob("*.parquet")) + sorted(path.rglob("*.jsonl"))
+        if not files:
+            raise FileNotFoundError(f"{path} holds no .jsonl or .parquet files")
+        return [row for file in files for row in read_rows(file)]
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ImportError("reading Parquet needs pyarrow: pip install pyarrow") from None
+        return pq.read_table(path).to_pylist()
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    rows.append(MalformedRow(f"row {number}: not valid JSON ({e.msg} at column {e.colno})"))
+    return rows
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, repo_type="dataset", allow_patterns=["*.parquet", "*.jsonl"]))
+    except Exception as e:
+        raise FileNotFoundError(
+            f"could not download dataset {repo_id} ({type(e).__name__}: {e}); pass a local file"
+        ) from None
+
+
+def load_dataset(
+    source: str | Path = BUNDLED_TRAIN, max_length: int = 2048, *, skip_long: bool = False, skip_malformed: bool = False
+) -> Dataset:
+    """Render every row. Over-long rows are truncated (or skipped with `skip_long`); a malformed row
+    raises MalformedRow naming it (or is skipped and counted with `skip_malformed`)."""
+    rows = read_rows(source)
+    data = Dataset([], [])
+    for index, row in enumerate(rows):
+        try:
+            if isinstance(row, MalformedRow):
+                raise row
+            full, _ = render_example(row, max_length=10**9, index=index)
+            language = row_fields(row, index)[4]
+        except MalformedRow as e:
+            if not skip_malformed:
+                raise
+            data.skipped_malformed.append(str(e))
+            continue
+        if len(full) > max_length:
+            if skip_long:
+                data.skipped_long += 1
+                continue
+            data.truncated += 1
+        ids, mask = render_example(row, max_length, index)
+        data.examples.append(Example(ids, mask, language, index))
+        data.rows.append(row)
+    return data
+
+
+def collate(examples: list[Example], pad_id: int = harmony.ENDOFTEXT) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad a batch: input_ids [B, T] and loss_mask [B, T] (0 on padding)."""
+    T = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(examples), T, dtype=torch.long)
+    for b, e in enumerate(examples):
+        ids[b, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        mask[b, : len(e.loss_mask)] = torch.tensor(e.loss_mask)
+    return ids, mask

@@ -1,0 +1,253 @@
+"""LoRA for gpt-oss: attention projections and the experts of chosen layers, saved and loaded in
+Hugging Face PEFT's exact format.
+
+Attention: q/k/v/o_proj become LoRALinear (same weight and bias, plus lora_A [r, in] and lora_B
+[out, r]): y = x W^T + b + s * (x A^T) B^T with s = alpha / r.
+Experts: per-expert factors kept as PEFT stores them for its 3-D ParamWrapper, lora_A [E*r, in]
+and lora_B [out, E*r] (A_e = rows e*r.., B_e = columns e, E+e, ...); gptoss.model.Experts.lora
+applies them as (x A_e^T) B_e^T, never building the [E, out, in] delta.
+Files: adapter_config.json (target_modules = full q/k/v/o paths, target_parameters =
+"N.mlp.experts.gate_up_proj" / "N.mlp.experts.down_proj") and adapter_model.safetensors (fp32),
+keys "base_model.model.<module path>.lora_A.weight"; for experts PEFT nests the two wrappers, so
+gate_up lives under "mlp.experts.base_layer.lora_*" and down under "mlp.experts.lora_*" when both are
+targeted (only one: directly under "mlp.experts.lora_*").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from gptoss import mxfp4
+from gptoss.model import GptOss
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+PREFIX = "base_model.model."
+
+
+def default_expert_layers(num_layers: int) -> list[int]:
+    """The recipe's layers 7, 15, 23 of 24: the last layer of each third of the depth."""
+    return sorted({round((i + 1) * num_layers / 3) - 1 for i in range(3)})
+
+
+class LoRALinear(nn.Linear):
+    """nn.Linear plus a trainable low-rank update; the frozen weight and bias are shared, not copied."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=base.weight.device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=base.weight.device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's default init
+        nn.init.zeros_(self.lora_B.weight)  # so the adapted model starts equal to the base
+        self.scaling = alpha / r
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        delta = self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))) * self.scaling
+        return F.linear(x, self.weight, self.bias) + delta.to(x.dtype)
+
+
+def _attach_expert_lora(experts, which: str, r: int, alpha: float) -> None:
+    E = experts.gate_up_proj_bias.shape[0]
+    out, inp = (experts.gate_up_proj_bias.shape[1], experts.down_proj_bias.shape[1])
+    if which == "down_proj":
+        out, inp = experts.down_proj_bias.shape[1], experts.gate_up_proj_bias.shape[1] // 2
+    device = experts.gate_up_proj_bias.device
+    A = nn.Parameter(torch.empty(E * r, inp, device=device))
+    nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+    setattr(experts, which + "_lora_A", A)
+    setattr(experts, which + "_lora_B", nn.Parameter(torch.zeros(out, E * r, device=device)))
+    experts.lora_scaling = alpha / r
+
+
+def apply_lora(
+    model: GptOss,
+    r: int = 8,
+    alpha: float = 16,
+    expert_layers: list[int] | None = None,
+    targets=ATTENTION,
+    seed: int = 0,
+) -> list[nn.Parameter]:
+    """Add adapters, freeze everything else; return exactly the trainable parameters."""
+    if expert_layers is None:
+        expert_layers = default_expert_layers(model.config.num_hidden_layers)
+    bad = [i for i in expert_layers if not 0 <= i < model.config.num_hidden_layers]
+    if bad:
+        raise ValueError(f"expert layers {bad} do not exist: the model has {model.config.num_hidden_layers} layers")
+    torch.manual_seed(seed)
+    model.requires_grad_(False)
+    for i, layer in enumerate(model.model.layers):
+        for name in targets:
+            setattr(layer.self_attn, name, LoRALinear(getattr(layer.self_attn, name), r, alpha))
+        if i in expert_layers:
+            for which in EXPERT_PARAMS:
+                _attach_expert_lora(layer.mlp.experts, which, r, alpha)
+    model.lora_config = {"r": r, "lora_alpha": alpha, "expert_layers": sorted(expert_layers), "targets": list(targets)}
+    params = lora_parameters(model)
+    for p in params.values():
+        p.requires_grad_(True)
+    return list(params.values())
+
+
+def lora_parameters(model: GptOss) -> dict[str, nn.Parameter]:
+    """Adapter parameters in PEFT's key names (without the base_model.model. prefix and .weight)."""
+    out = {}
+    for i, layer in enumerate(model.model.layers):
+        for name in ATTENTION:
+            module = getattr(layer.self_attn, name)
+            if isinstance(module, LoRALinear):
+                out[f"model.layers.{i}.self_attn.{name}.lora_A"] = module.lora_A.weight
+                out[f"model.layers.{i}.self_attn.{name}.lora_B"] = module.lora_B.weight
+        experts = layer.mlp.experts
+        present = [w for w in EXPERT_PARAMS if getattr(experts, w + "_lora_A", None) is not None]
+        for which in present:
+            nest = "base_layer." if which == "gate_up_proj" and len(present) == 2 else ""
+            for ab in ("A", "B"):
+                out[f"model.layers.{i}.mlp.experts.{nest}lora_{ab}"] = getattr(experts, f"{which}_lora_{ab}")
+    return out
+
+
+def save_adapter(model: GptOss, folder: str | Path, base_model: str | None = None) -> Path:
+    """Write adapter_config.json and adapter_model.safetensors (fp32) exactly as PEFT does."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = model.lora_config
+    params = lora_parameters(model)
+    modules = sorted({k.rsplit(".", 1)[0] for k in params if ".self_attn." in k})
+    parameters = [f"{i}.mlp.experts.{w}" for i in cfg["expert_layers"] for w in EXPERT_PARAMS]
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": cfg["r"],
+        "lora_alpha": cfg["lora_alpha"],
+        "lora_dropout": 0.0,
+        "target_modules": modules,
+        "target_parameters": parameters,
+        "base_model_name_or_path": base_model,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    tensors = {PREFIX + k + ".weight": p.detach().float().contiguous().cpu() for k, p in params.items()}
+    tmp = folder / "adapter_model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.replace(folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return folder
+
+
+def load_adapter(model: GptOss, folder: str | Path) -> GptOss:
+    """Attach a PEFT-format LoRA adapter (ours, or one made by peft on transformers' GptOssForCausalLM)."""
+    folder = Path(folder)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (folder / name).exists():
+            raise FileNotFoundError(f"{folder} is not a PEFT adapter: {name} is missing")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{folder}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
+    if config.get("rank_pattern") or config.get("alpha_pattern") or config.get("use_dora"):
+        raise ValueError(f"{folder}: rank_pattern, alpha_pattern and DoRA adapters are not supported")
+    r, alpha = config["r"], config["lora_alpha"]
+    scaling_alpha = alpha * math.sqrt(r) if config.get("use_rslora") else alpha  # rsLoRA: s = alpha / sqrt(r)
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    targets, expert_layers = set(), set()
+    for key in tensors:
+        m = re.fullmatch(
+            r"base_model\.model\.model\.layers\.(\d+)\.(self_attn\.(\w+)|mlp\.experts(\.base_layer)?)\.lora_[AB]\.weight",
+            key,
+        )
+        if m is None:
+            raise ValueError(
+                f"{folder}: unexpected adapter tensor {key}; expected q/k/v/o_proj or mlp.experts LoRA weights"
+            )
+        if m[3]:
+            targets.add(m[3])
+        else:
+            expert_layers.add(int(m[1]))
+    params = config.get("target_parameters") or []
+    which_of = {
+        i: [w for w in EXPERT_PARAMS if f"{i}.mlp.experts.{w}" in params] or list(EXPERT_PARAMS) for i in expert_layers
+    }
+    model.requires_grad_(False)
+    for i, layer in enumerate(model.model.layers):
+        for name in sorted(targets):
+            if f"{PREFIX}model.layers.{i}.self_attn.{name}.lora_A.weight" in tensors:
+                setattr(layer.self_attn, name, LoRALinear(getattr(layer.self_attn, name), r, scaling_alpha))
+        for which in which_of.get(i, []):
+            _attach_expert_lora(layer.mlp.experts, which, r, scaling_alpha)
+    model.lora_config = {
+        "r": r,
+        "lora_alpha": alpha,
+        "expert_layers": sorted(expert_layers),
+        "targets": sorted(targets),
+    }
+    ours = lora_parameters(model)
+    missing = sorted(set(ours) - {k.removeprefix(PREFIX).removesuffix(".weight") for k in tensors})
+    if missing:
+        raise ValueError(f"{folder}: adapter lacks {missing[0]} (and {len(missing) - 1} more)")
+    with torch.no_grad():
+        for key, p in ours.items():
+            t = tensors[PREFIX + key + ".weight"]
+            if t.shape != p.shape:
+                raise ValueError(
+                    f"{folder}: {key} has shape {list(t.shape)}, the model expects {list(p.shape)} (r={r})"
+                )
+            p.copy_(t)
+    return model
+
+
+def merge_lora(model: GptOss) -> GptOss:
+    """Fold the adapters into the weights: attention in place; adapted experts become dense (bf16 or
+    the model dtype), since a LoRA delta is not representable in MXFP4 without re-quantizing."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for name in ATTENTION:
+                m = getattr(layer.self_attn, name)
+                if isinstance(m, LoRALinear):
+                    plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+                    weight = m.weight.float() + m.scaling * (m.lora_B.weight @ m.lora_A.weight)
+                    plain.weight = nn.Parameter(weight.to(m.weight.dtype), requires_grad=False)
+                    plain.bias = m.bias
+                    setattr(layer.self_attn, name, plain)
+            experts = layer.mlp.experts
+            if not experts.has_lora:
+                continue
+            dtype = experts.gate_up_proj_bias.dtype
+            E = experts.gate_up_proj_bias.shape[0]
+            for which in EXPERT_PARAMS:
+                if experts.quantized:
+                    dense = mxfp4.dequantize(
+                        getattr(experts, which + "_blocks"), getattr(experts, which + "_scales"), dtype
+                    )
+                else:
+                    dense = getattr(experts, which).detach().clone()
+                A = getattr(experts, which + "_lora_A", None)
+                if A is not None:
+                    B = getattr(experts, which + "_lora_B")
+                    r = A.shape[0] // E
+                    delta = torch.einsum("ore,eri->eoi", B.view(B.shape[0], r, E), A.view(E, r, -1))  # [E, out, in]
+                    dense = (dense.float() + experts.lora_scaling * delta).to(dtype)
+                    delattr(experts, which + "_lora_A")
+                    delattr(experts, which + "_lora_B")
+                if experts.quantized:
+                    delattr(experts, which + "_blocks")
+                    delattr(experts, which + "_scales")
+                setattr(experts, which, nn.Parameter(dense, requires_grad=False))
+            experts.quantized = False
+            layer.mlp.backend = "torch"
+    return model

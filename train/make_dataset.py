@@ -1,0 +1,143 @@
+"""Writes the bundled cross-lingual reasoning set (train/data/*.jsonl) from templates.
+
+Same schema as HuggingFaceH4/Multilingual-Thinking: the user asks in language A, the assistant
+reasons (analysis channel) in the row's `reasoning_language` B and answers (final channel) in A.
+Four task families (arithmetic, unit conversion, weekdays, ordering logic) in seven languages.
+The held-out split has new numbers and names, and reasoning languages never trained on
+(Portuguese, Dutch). Deterministic: `python -m gptoss.train.make_dataset` rewrites the same files.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+TRAIN_REASONING = ["English", "French", "German", "Spanish", "Italian"]
+HELDOUT_ONLY = ["Portuguese", "Dutch"]
+USER_LANGUAGES = ["English", "French", "German", "Spanish", "Italian"]
+SYSTEM_PROMPTS = [
+    "You are a helpful assistant.",
+    "You are a patient tutor who explains each step.",
+    "You are a concise assistant. Keep answers short.",
+    "You are a friendly math helper.",
+]
+
+ADD = {  # question (in A), reasoning (in B), final (in A)
+    "English": ("What is {a} plus {b}?", "We add {a} and {b}. First the tens, then the units: the sum is {c}. So the answer is {c}.", "{a} plus {b} is {c}."),
+    "French": ("Combien font {a} plus {b} ?", "Nous additionnons {a} et {b}. D'abord les dizaines, puis les unités : la somme est {c}. Donc la réponse est {c}.", "{a} plus {b} font {c}."),
+    "German": ("Was ist {a} plus {b}?", "Wir addieren {a} und {b}. Zuerst die Zehner, dann die Einer: die Summe ist {c}. Also ist die Antwort {c}.", "{a} plus {b} ist {c}."),
+    "Spanish": ("¿Cuánto es {a} más {b}?", "Sumamos {a} y {b}. Primero las decenas, luego las unidades: la suma es {c}. Entonces la respuesta es {c}.", "{a} más {b} es {c}."),
+    "Italian": ("Quanto fa {a} più {b}?", "Sommiamo {a} e {b}. Prima le decine, poi le unità: la somma è {c}. Quindi la risposta è {c}.", "{a} più {b} fa {c}."),
+    "Portuguese": ("Quanto é {a} mais {b}?", "Somamos {a} e {b}. Primeiro as dezenas, depois as unidades: a soma é {c}. Então a resposta é {c}.", "{a} mais {b} é {c}."),
+    "Dutch": ("Wat is {a} plus {b}?", "We tellen {a} en {b} op. Eerst de tientallen, dan de eenheden: de som is {c}. Dus het antwoord is {c}.", "{a} plus {b} is {c}."),
+}  # fmt: skip
+UNITS = {
+    "English": ("How many centimetres are in {m} metres?", "One metre is 100 centimetres, so we multiply {m} by 100. That gives {c} centimetres.", "{m} metres are {c} centimetres."),
+    "French": ("Combien de centimètres y a-t-il dans {m} mètres ?", "Un mètre est égal à 100 centimètres, donc nous multiplions {m} par 100. Cela donne {c} centimètres.", "{m} mètres font {c} centimètres."),
+    "German": ("Wie viele Zentimeter sind {m} Meter?", "Ein Meter sind 100 Zentimeter, also multiplizieren wir {m} mit 100. Das ergibt {c} Zentimeter.", "{m} Meter sind {c} Zentimeter."),
+    "Spanish": ("¿Cuántos centímetros hay en {m} metros?", "Un metro son 100 centímetros, entonces multiplicamos {m} por 100. Eso da {c} centímetros.", "{m} metros son {c} centímetros."),
+    "Italian": ("Quanti centimetri ci sono in {m} metri?", "Un metro è 100 centimetri, quindi moltiplichiamo {m} per 100. Questo dà {c} centimetri.", "{m} metri sono {c} centimetri."),
+    "Portuguese": ("Quantos centímetros há em {m} metros?", "Um metro são 100 centímetros, então multiplicamos {m} por 100. Isso dá {c} centímetros.", "{m} metros são {c} centímetros."),
+    "Dutch": ("Hoeveel centimeter is {m} meter?", "Een meter is 100 centimeter, dus we vermenigvuldigen {m} met 100. Dat geeft {c} centimeter.", "{m} meter is {c} centimeter."),
+}  # fmt: skip
+DAYS = {
+    "English": ("What day of the week is it {n} days after {d}?", "A week has 7 days. {n} days is {n} mod 7 = {r} days forward from {d}, which lands on {x}.", "It is {x}.",
+                "Monday Tuesday Wednesday Thursday Friday Saturday Sunday"),
+    "French": ("Quel jour de la semaine sera-t-il {n} jours après {d} ?", "Une semaine a 7 jours. {n} jours, c'est {n} mod 7 = {r} jours après {d}, ce qui tombe un {x}.", "C'est {x}.",
+               "lundi mardi mercredi jeudi vendredi samedi dimanche"),
+    "German": ("Welcher Wochentag ist {n} Tage nach {d}?", "Eine Woche hat 7 Tage. {n} Tage sind {n} mod 7 = {r} Tage nach {d}, das ist ein {x}.", "Es ist {x}.",
+               "Montag Dienstag Mittwoch Donnerstag Freitag Samstag Sonntag"),
+    "Spanish": ("¿Qué día de la semana es {n} días después del {d}?", "Una semana tiene 7 días. {n} días son {n} mod 7 = {r} días después del {d}, y eso cae en {x}.", "Es {x}.",
+                "lunes martes miércoles jueves viernes sábado domingo"),
+    "Italian": ("Che giorno della settimana è {n} giorni dopo {d}?", "Una settimana ha 7 giorni. {n} giorni sono {n} mod 7 = {r} giorni dopo {d}, e quindi è {x}.", "È {x}.",
+                "lunedì martedì mercoledì giovedì venerdì sabato domenica"),
+    "Portuguese": ("Que dia da semana é {n} dias depois de {d}?", "Uma semana tem 7 dias. {n} dias são {n} mod 7 = {r} dias depois de {d}, o que cai em {x}.", "É {x}.",
+                   "segunda terça quarta quinta sexta sábado domingo"),
+    "Dutch": ("Welke dag van de week is het {n} dagen na {d}?", "Een week heeft 7 dagen. {n} dagen is {n} mod 7 = {r} dagen na {d}, dus het is {x}.", "Het is {x}.",
+              "maandag dinsdag woensdag donderdag vrijdag zaterdag zondag"),
+}  # fmt: skip
+TALLEST = {
+    "English": ("{p} is taller than {q}, and {q} is taller than {s}. Who is the tallest?", "The order is {p} > {q} > {s}. Since {p} is taller than {q} and {q} is taller than {s}, the tallest is {p}.", "{p} is the tallest."),
+    "French": ("{p} est plus grand que {q}, et {q} est plus grand que {s}. Qui est le plus grand ?", "L'ordre est {p} > {q} > {s}. Comme {p} est plus grand que {q} et que {q} est plus grand que {s}, le plus grand est {p}.", "{p} est le plus grand."),
+    "German": ("{p} ist größer als {q}, und {q} ist größer als {s}. Wer ist am größten?", "Die Reihenfolge ist {p} > {q} > {s}. Da {p} größer als {q} ist und {q} größer als {s} ist, ist {p} am größten.", "{p} ist am größten."),
+    "Spanish": ("{p} es más alto que {q}, y {q} es más alto que {s}. ¿Quién es el más alto?", "El orden es {p} > {q} > {s}. Como {p} es más alto que {q} y {q} es más alto que {s}, el más alto es {p}.", "{p} es el más alto."),
+    "Italian": ("{p} è più alto di {q}, e {q} è più alto di {s}. Chi è il più alto?", "L'ordine è {p} > {q} > {s}. Poiché {p} è più alto di {q} e {q} è più alto di {s}, il più alto è {p}.", "{p} è il più alto."),
+    "Portuguese": ("{p} é mais alto que {q}, e {q} é mais alto que {s}. Quem é o mais alto?", "A ordem é {p} > {q} > {s}. Como {p} é mais alto que {q} e {q} é mais alto que {s}, o mais alto é {p}.", "{p} é o mais alto."),
+    "Dutch": ("{p} is langer dan {q}, en {q} is langer dan {s}. Wie is het langst?", "De volgorde is {p} > {q} > {s}. Omdat {p} langer is dan {q} en {q} langer is dan {s}, is {p} het langst.", "{p} is het langst."),
+}  # fmt: skip
+NAMES = ["Anna", "Ben", "Carla", "David", "Elena", "Felix", "Greta", "Hugo", "Ines", "Jonas", "Karin", "Luca"]
+
+
+def make_row(rng: random.Random, user_lang: str, reasoning_lang: str) -> dict:
+    task = rng.choice(["add", "units", "days", "tallest"])
+    if task == "add":
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        v = {"a": a, "b": b, "c": a + b}
+        q, _, f = ADD[user_lang]
+        r = ADD[reasoning_lang][1]
+        user, analysis, final = q.format(**v), r.format(**v), f.format(**v)
+    elif task == "units":
+        m = rng.choice([0.5, 1.5, 2, 2.5, 3, 4, 5.5, 7, 12, 0.25])
+        v = {"m": m, "c": round(m * 100)}
+        user, analysis, final = (
+            UNITS[user_lang][0].format(**v),
+            UNITS[reasoning_lang][1].format(**v),
+            UNITS[user_lang][2].format(**v),
+        )
+    elif task == "days":
+        start, n = rng.randrange(7), rng.randint(2, 30)
+        names_a, names_b = DAYS[user_lang][3].split(), DAYS[reasoning_lang][3].split()
+        end = (start + n) % 7
+        user = DAYS[user_lang][0].format(n=n, d=names_a[start])
+        analysis = DAYS[reasoning_lang][1].format(n=n, r=n % 7, d=names_b[start], x=names_b[end])
+        final = DAYS[user_lang][2].format(x=names_a[end])
+    else:
+        p, q, s = rng.sample(NAMES, 3)
+        v = {"p": p, "q": q, "s": s}
+        user, analysis, final = (
+            TALLEST[user_lang][0].format(**v),
+            TALLEST[reasoning_lang][1].format(**v),
+            TALLEST[user_lang][2].format(**v),
+        )
+    developer = rng.choice(SYSTEM_PROMPTS)
+    return {
+        "reasoning_language": reasoning_lang,
+        "developer": developer,
+        "user": user,
+        "analysis": analysis,
+        "final": final,
+        "messages": [
+            {"role": "system", "content": f"reasoning language: {reasoning_lang}\n\n{developer}", "thinking": None},
+            {"role": "user", "content": user, "thinking": None},
+            {"role": "assistant", "content": final, "thinking": analysis},
+        ],
+    }
+
+
+def generate(n_train: int = 600, n_heldout: int = 84, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    rng = random.Random(seed)
+    train = [make_row(rng, rng.choice(USER_LANGUAGES), rng.choice(TRAIN_REASONING)) for _ in range(n_train)]
+    seen = {(r["user"], r["reasoning_language"]) for r in train}
+    heldout = []
+    languages = TRAIN_REASONING + HELDOUT_ONLY * 3  # over half the held-out rows reason in unseen languages
+    while len(heldout) < n_heldout:
+        row = make_row(rng, rng.choice(USER_LANGUAGES), languages[len(heldout) % len(languages)])
+        if (row["user"], row["reasoning_language"]) not in seen:
+            heldout.append(row)
+    return train, heldout
+
+
+def main() -> None:
+    out = Path(__file__).resolve().parent / "data"
+    out.mkdir(exist_ok=True)
+    train, heldout = generate()
+    for name, rows in (("train", train), ("heldout", heldout)):
+        with open(out / f"multilingual_reasoning_{name}.jsonl", "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        print(f"wrote {len(rows)} rows to {out / f'multilingual_reasoning_{name}.jsonl'}")
+
+
+if __name__ == "__main__":
+    main()
