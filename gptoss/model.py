@@ -17,6 +17,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from gptoss import mxfp4
@@ -312,6 +313,7 @@ class GptOss(nn.Module):
         super().__init__()
         self.config = config
         self.backend = "torch"
+        self.gradient_checkpointing = False
         self.model = Decoder(config, quantized)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
@@ -324,12 +326,8 @@ class GptOss(nn.Module):
             layer.mlp.backend = backend
         return self
 
-    def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None, last_only: bool = False
-    ) -> torch.Tensor:
-        """`positions` [T] or [B, T] default to 0..T-1; -1 marks a padding token (never attended to).
-        `cache` (a gptoss.generate.KVCache) holds earlier tokens' keys and values and is extended.
-        `last_only` returns the logits of the last position only, [B, 1, V] (what decoding needs)."""
+    def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """The final-normed hidden states [B, T, D] (the trainer applies lm_head to supervised positions only)."""
         check_input_ids(input_ids, self.config)
         B, T = input_ids.shape
         if positions is None:
@@ -337,10 +335,23 @@ class GptOss(nn.Module):
         cos, sin = self.model.rotary_emb(positions)  # [(B,) T, Dh/2] each
         x = self.model.embed_tokens(input_ids)  # [B, T, D], no scaling
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, positions, None if cache is None else cache.layers[i])
+            layer_cache = None if cache is None else cache.layers[i]
+            if self.gradient_checkpointing and torch.is_grad_enabled():  # recompute each layer in backward
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, positions, layer_cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, positions, layer_cache)
+        return self.model.norm(x)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None, last_only: bool = False
+    ) -> torch.Tensor:
+        """`positions` [T] or [B, T] default to 0..T-1; -1 marks a padding token (never attended to).
+        `cache` (a gptoss.generate.KVCache) holds earlier tokens' keys and values and is extended.
+        `last_only` returns the logits of the last position only, [B, 1, V] (what decoding needs)."""
+        x = self.hidden(input_ids, positions, cache)
         if last_only:
             x = x[:, -1:]  # [B, 1, D]
-        return self.lm_head(self.model.norm(x))  # [B, T, V]
+        return self.lm_head(x)  # [B, T, V]
 
 
 def check_input_ids(input_ids: torch.Tensor, config: ModelConfig) -> None:

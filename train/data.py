@@ -25,7 +25,7 @@ BUNDLED_TRAIN = BUNDLED / "multilingual_reasoning_train.jsonl"
 BUNDLED_HELDOUT = BUNDLED / "multilingual_reasoning_heldout.jsonl"
 
 
-class MalformedRow(ValueError):
+class MalformedRowError(ValueError):
     """A dataset row that does not follow the schema; the message names the row."""
 
 
@@ -33,14 +33,14 @@ def _text(row: dict, key: str, index: int) -> str:
     value = row.get(key)
     if not isinstance(value, str) or not value.strip():
         found = "nothing" if value is None else f"{type(value).__name__} {str(value)[:40]!r}"
-        raise MalformedRow(f"row {index}: expected a non-empty string '{key}', found {found}")
+        raise MalformedRowError(f"row {index}: expected a non-empty string '{key}', found {found}")
     return value
 
 
 def row_fields(row: dict, index: int = 0) -> tuple[str, str, str, str, str]:
     """(developer instructions, user, analysis, final, reasoning language) of a row in either form."""
     if not isinstance(row, dict):
-        raise MalformedRow(f"row {index}: expected a JSON object, found {type(row).__name__}")
+        raise MalformedRowError(f"row {index}: expected a JSON object, found {type(row).__name__}")
     messages = row.get("messages")
     if messages:
         try:
@@ -49,7 +49,7 @@ def row_fields(row: dict, index: int = 0) -> tuple[str, str, str, str, str]:
             user, assistant = by_role["user"]["content"], by_role["assistant"]
             final, analysis = assistant["content"], assistant.get("thinking") or row.get("analysis")
         except (KeyError, TypeError) as e:
-            raise MalformedRow(f"row {index}: 'messages' lacks {e} (expected system/user/assistant entries)") from None
+            raise MalformedRowError(f"row {index}: 'messages' lacks {e} (expected system/user/assistant entries)") from None
         row = {
             "user": user,
             "final": final,
@@ -138,7 +138,7 @@ def read_rows(source: str | Path) -> list[dict]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    rows.append(MalformedRow(f"row {number}: not valid JSON ({e.msg} at column {e.colno})"))
+                    rows.append(MalformedRowError(f"row {number}: not valid JSON ({e.msg} at column {e.colno})"))
     return rows
 
 
@@ -157,16 +157,16 @@ def load_dataset(
     source: str | Path = BUNDLED_TRAIN, max_length: int = 2048, *, skip_long: bool = False, skip_malformed: bool = False
 ) -> Dataset:
     """Render every row. Over-long rows are truncated (or skipped with `skip_long`); a malformed row
-    raises MalformedRow naming it (or is skipped and counted with `skip_malformed`)."""
+    raises MalformedRowError naming it (or is skipped and counted with `skip_malformed`)."""
     rows = read_rows(source)
     data = Dataset([], [])
     for index, row in enumerate(rows):
         try:
-            if isinstance(row, MalformedRow):
+            if isinstance(row, MalformedRowError):
                 raise row
             full, _ = render_example(row, max_length=10**9, index=index)
             language = row_fields(row, index)[4]
-        except MalformedRow as e:
+        except MalformedRowError as e:
             if not skip_malformed:
                 raise
             data.skipped_malformed.append(str(e))
