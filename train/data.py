@@ -49,7 +49,9 @@ def row_fields(row: dict, index: int = 0) -> tuple[str, str, str, str, str]:
             user, assistant = by_role["user"]["content"], by_role["assistant"]
             final, analysis = assistant["content"], assistant.get("thinking") or row.get("analysis")
         except (KeyError, TypeError) as e:
-            raise MalformedRowError(f"row {index}: 'messages' lacks {e} (expected system/user/assistant entries)") from None
+            raise MalformedRowError(
+                f"row {index}: 'messages' lacks {e} (expected system/user/assistant entries)"
+            ) from None
         row = {
             "user": user,
             "final": final,

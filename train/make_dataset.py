@@ -128,15 +128,27 @@ def generate(n_train: int = 600, n_heldout: int = 84, seed: int = 0) -> tuple[li
     return train, heldout
 
 
+def base_rows(n: int = 600, seed: int = 1) -> list[dict]:
+    """Rows whose reasoning is always English: what the demo pre-trains a random tiny base on, so that
+    it knows the format but not how to follow `reasoning language: X` (the LoRA step's job)."""
+    rng = random.Random(seed)
+    return [make_row(rng, rng.choice(USER_LANGUAGES), "English") for _ in range(n)]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
 def main() -> None:
     out = Path(__file__).resolve().parent / "data"
     out.mkdir(exist_ok=True)
     train, heldout = generate()
     for name, rows in (("train", train), ("heldout", heldout)):
-        with open(out / f"multilingual_reasoning_{name}.jsonl", "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        print(f"wrote {len(rows)} rows to {out / f'multilingual_reasoning_{name}.jsonl'}")
+        path = write_jsonl(out / f"multilingual_reasoning_{name}.jsonl", rows)
+        print(f"wrote {len(rows)} rows to {path}")
 
 
 if __name__ == "__main__":

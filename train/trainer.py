@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from gptoss.train.data import BUNDLED_HELDOUT, BUNDLED_TRAIN, Example, collate, load_dataset
+from gptoss.train.lora import apply_lora, save_adapter
 
 from gptoss.load import load_model
-from gptoss.train.data import BUNDLED_HELDOUT, BUNDLED_TRAIN, Example, collate, load_dataset
-from gptoss.train.lora import apply_lora, lora_parameters, save_adapter
 
 
 @dataclass
@@ -57,6 +57,8 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     seed: int = 0
     resume: bool = False
+    report_prompts: int = 8  # held-out prompts generated before and after training (0: no report)
+    report_tokens: int = 96
     log: list = field(default_factory=list)
 
 
@@ -123,13 +125,20 @@ class Trainer:
             self.params = apply_lora(self.model, cfg.lora_r, cfg.lora_alpha, cfg.lora_expert_layers, seed=cfg.seed)
         self.model.train()
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.data = load_dataset(cfg.dataset, cfg.max_length, skip_long=cfg.skip_long, skip_malformed=cfg.skip_malformed)
-        self.eval_data = load_dataset(cfg.eval_dataset, cfg.max_length, skip_long=True, skip_malformed=True) if cfg.eval_dataset else None
+        self.data = load_dataset(
+            cfg.dataset, cfg.max_length, skip_long=cfg.skip_long, skip_malformed=cfg.skip_malformed
+        )
+        self.eval_data = (
+            load_dataset(cfg.eval_dataset, cfg.max_length, skip_long=True, skip_malformed=True)
+            if cfg.eval_dataset
+            else None
+        )
         self.per_step = cfg.batch_size * cfg.grad_accum * self.world
         n = len(self.data.examples)
         self.total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * n / self.per_step))
         self.step = 0
         self.tracker = None
+        self.report: dict | None = None
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -152,7 +161,9 @@ class Trainer:
             raise FileNotFoundError(f"--resume: no checkpoint at {path}")
         state = torch.load(path, map_location=self.device, weights_only=False)
         if len(state["params"]) != len(self.params):
-            raise ValueError(f"{path} holds {len(state['params'])} tensors, this run trains {len(self.params)}: other settings?")
+            raise ValueError(
+                f"{path} holds {len(state['params'])} tensors, this run trains {len(self.params)}: other settings?"
+            )
         with torch.no_grad():
             for p, saved in zip(self.params, state["params"]):
                 p.copy_(saved)
@@ -188,7 +199,13 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm).item()
         self.optimizer.step()
         self.step += 1
-        return {"step": self.step, "loss": loss_sum.item() / total_tokens, "lr": lr, "grad_norm": grad_norm, "tokens": int(total_tokens)}
+        return {
+            "step": self.step,
+            "loss": loss_sum.item() / total_tokens,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": int(total_tokens),
+        }
 
     def run(self) -> list[dict]:
         cfg = self.cfg
@@ -206,6 +223,12 @@ class Trainer:
                 self.tracker = None
         from tqdm import tqdm
 
+        report_rows, before = [], None
+        if cfg.report_prompts and self.eval_data is not None and self.rank == 0 and not cfg.resume:
+            from gptoss.train.report import held_out_prompts, language_report
+
+            report_rows = held_out_prompts(self.eval_data.rows, cfg.report_prompts)
+            before = language_report(self.model, report_rows, cfg.report_tokens)  # B = 0: the base model
         bar = tqdm(total=self.total, initial=self.step, desc="train", disable=self.rank != 0, file=sys.stderr)
         log_file = self.out / "train_log.jsonl"
         records = []
@@ -229,7 +252,10 @@ class Trainer:
         except KeyboardInterrupt:
             self.save_checkpoint()  # the last completed step; --resume continues from it
             bar.close()
-            print(f"\ninterrupted: checkpoint of step {self.step} saved in {self.out}; continue with --resume", file=sys.stderr)
+            print(
+                f"\ninterrupted: checkpoint of step {self.step} saved in {self.out}; continue with --resume",
+                file=sys.stderr,
+            )
             raise
         bar.close()
         self.save_checkpoint()
@@ -237,6 +263,20 @@ class Trainer:
             if not cfg.full_finetune:
                 save_adapter(self.model, self.out, base_model=str(cfg.model))
             plot_losses(log_file, self.out / "loss.png")
+            if before is not None:
+                from gptoss.train.report import language_report, write_report
+
+                after = language_report(self.model, report_rows, cfg.report_tokens)
+                seen = {e.reasoning_language for e in self.data.examples}
+                unseen = {r["reasoning_language"] for r in before["generations"]} - seen
+                path = write_report(self.out, before, after, unseen)
+                self.report = {
+                    "before": before["fraction_in_requested_language"],
+                    "after": after["fraction_in_requested_language"],
+                    "path": str(path),
+                }
+                print(f"reasoning in the requested language: {self.report['before']:.0%} before, "
+                      f"{self.report['after']:.0%} after ({path})", file=sys.stderr)  # fmt: skip
             if self.tracker is not None:
                 self.tracker.finish()
         if self.world > 1:

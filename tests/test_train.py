@@ -1,0 +1,168 @@
+"""The trainer: loss masks, malformed rows, a falling loss, exact resume, and two processes under
+torchrun equal to one process with the same global batch."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from gptoss.train import data as train_data
+from gptoss.train.data import MalformedRowError, load_dataset, render_example
+from gptoss.train.trainer import TrainConfig, Trainer, lr_at
+
+from gptoss import harmony
+from gptoss.config import ModelConfig
+from gptoss.synthetic import write_checkpoint
+
+ROW = {
+    "reasoning_language": "German",
+    "developer": "You are a helpful assistant.",
+    "user": "What is 12 plus 30?",
+    "analysis": "Wir addieren 12 und 30. Die Summe ist 42.",
+    "final": "12 plus 30 is 42.",
+}
+# the full o200k_harmony vocabulary (the data uses the real tokenizer), everything else small
+TRAIN_CONFIG = ModelConfig(
+    num_hidden_layers=2, hidden_size=64, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
+)  # fmt: skip
+
+
+def test_loss_mask_covers_exactly_the_assistant_turn():
+    ids, mask = render_example(ROW, max_length=4096)
+    supervised = harmony.decode([t for t, m in zip(ids, mask) if m])
+    assert supervised == (
+        "<|channel|>analysis<|message|>Wir addieren 12 und 30. Die Summe ist 42.<|end|>"
+        "<|start|>assistant<|channel|>final<|message|>12 plus 30 is 42.<|return|>"
+    )
+    prompt = harmony.decode([t for t, m in zip(ids, mask) if not m])
+    assert prompt.endswith("<|start|>user<|message|>What is 12 plus 30?<|end|><|start|>assistant")
+    assert "reasoning language: German\n\nYou are a helpful assistant." in prompt
+    assert mask == sorted(mask)  # one contiguous supervised span at the end
+
+
+def test_messages_form_renders_like_the_flat_form():
+    messages = {
+        "reasoning_language": "German",
+        "messages": [
+            {
+                "role": "system",
+                "content": "reasoning language: German\n\nYou are a helpful assistant.",
+                "thinking": None,
+            },
+            {"role": "user", "content": ROW["user"], "thinking": None},
+            {"role": "assistant", "content": ROW["final"], "thinking": ROW["analysis"]},
+        ],
+    }
+    assert render_example(messages, 4096) == render_example(ROW, 4096)
+
+
+def test_truncation_skipping_and_counts(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    long = dict(ROW, analysis="Wir addieren. " * 200)
+    path.write_text("\n".join(json.dumps(r) for r in (ROW, long, ROW)) + "\n")
+    full = load_dataset(path, max_length=4096)
+    cut = load_dataset(path, max_length=120)
+    assert cut.truncated == 1 and len(cut.examples[1].input_ids) == 120
+    skipped = load_dataset(path, max_length=120, skip_long=True)
+    assert skipped.skipped_long == 1 and len(skipped.examples) == 2
+    assert full.supervised_tokens == sum(sum(e.loss_mask) for e in full.examples) > 0
+    assert "3 examples" in full.summary() and "supervised tokens" in full.summary()
+
+
+def test_malformed_rows_name_their_row_or_are_counted(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(ROW) + "\n" + "{broken\n" + json.dumps(dict(ROW, user=None)) + "\n")
+    with pytest.raises(MalformedRowError, match="row 1: not valid JSON"):
+        load_dataset(path)
+    path.write_text(json.dumps(ROW) + "\n" + json.dumps(dict(ROW, user=None)) + "\n")
+    with pytest.raises(MalformedRowError, match="row 1: expected a non-empty string 'user', found nothing"):
+        load_dataset(path)
+    data = load_dataset(path, skip_malformed=True)
+    assert len(data.examples) == 1 and len(data.skipped_malformed) == 1
+
+
+def test_bundled_dataset_has_unseen_held_out_languages():
+    train = load_dataset(train_data.BUNDLED_TRAIN)
+    held = load_dataset(train_data.BUNDLED_HELDOUT)
+    seen = {e.reasoning_language for e in train.examples}
+    assert {"Portuguese", "Dutch"} <= {e.reasoning_language for e in held.examples} - seen
+    assert len(train.examples) >= 500 and not train.truncated
+
+
+def test_schedule_warmup_then_cosine_to_the_floor():
+    cfg = TrainConfig(model="", output="", lr=1e-3, warmup_ratio=0.1)
+    lrs = [lr_at(s, 100, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] == pytest.approx(1e-4, rel=0.01)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("train-base"), TRAIN_CONFIG, "hf-mxfp4", seed=2)
+
+
+def _cfg(base, out, **kw):
+    settings = dict(model=str(base), output=str(out), max_steps=4, batch_size=2, grad_accum=2, lr=1e-2,
+                    eval_every=2, save_every=2, report_prompts=0, lora_expert_layers=[1])  # fmt: skip
+    return TrainConfig(**(settings | kw))
+
+
+def test_loss_falls_and_files_are_written(base, tmp_path):
+    from gptoss.cli import main
+
+    args = ["train", "--model", str(base), "--output", str(tmp_path / "run"), "--max-steps", "8", "--batch-size", "2",
+            "--grad-accum", "2", "--lr", "1e-2", "--eval-every", "4", "--report-prompts", "2", "--lora-expert-layers", "1"]  # fmt: skip
+    assert main(args) == 0
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 9))
+    assert sum(r["loss"] for r in log[-2:]) < sum(r["loss"] for r in log[:2]) - 0.5  # clearly learning
+    assert "eval_loss" in log[3] and "eval_loss" in log[7]
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "checkpoint.pt",
+        "loss.png",
+        "report.md",
+        "report.json",
+    ):
+        assert (tmp_path / "run" / name).exists(), name
+
+
+def test_resume_continues_exactly(base, tmp_path, monkeypatch):
+    straight = Trainer(_cfg(base, tmp_path / "straight")).run()
+    original = Trainer.train_step
+
+    def interrupted(self):  # Ctrl-C while step 3 runs
+        if self.step == 2:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(_cfg(base, tmp_path / "resumed")).run()
+    monkeypatch.setattr(Trainer, "train_step", original)
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["step"] == 2
+    resumed = Trainer(_cfg(base, tmp_path / "resumed", resume=True)).run()
+    assert [r["step"] for r in resumed] == [3, 4]
+    for a, b in zip(straight[2:], resumed):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=0)
+
+
+def test_torchrun_two_processes_equal_one(base, tmp_path):
+    common = ["-m", "gptoss", "train", "--model", str(base), "--max-steps", "2", "--lr", "1e-2", "--eval-dataset", "",
+              "--report-prompts", "0", "--lora-expert-layers", "1", "--save-every", "100"]  # fmt: skip
+    one = [sys.executable, *common, "--output", str(tmp_path / "one"), "--batch-size", "2", "--grad-accum", "2"]
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           *common, "--output", str(tmp_path / "two"), "--batch-size", "2", "--grad-accum", "1"]  # fmt: skip
+    for cmd in (one, two):
+        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    losses = {}
+    for name in ("one", "two"):
+        losses[name] = [
+            json.loads(line)["loss"] for line in (tmp_path / name / "train_log.jsonl").read_text().splitlines()
+        ]
+    assert len(losses["one"]) == len(losses["two"]) == 2
+    for a, b in zip(losses["one"], losses["two"]):
+        assert a == pytest.approx(b, rel=1e-5)  # same global batch; only the summation order differs
