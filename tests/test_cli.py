@@ -39,11 +39,14 @@ def test_info_preset_markdown(capsys):
 
 
 def test_demo_runs_a_forward_pass(tmp_path, capsys):
-    assert main(["demo", "--dir", str(tmp_path / "tiny"), "--tokens", "8"]) == 0
+    assert main(["demo", "--dir", str(tmp_path / "tiny"), "--tokens", "8", "--no-train"]) == 0
     out = capsys.readouterr().out
     assert "writing a random tiny checkpoint" in out and "logits [1, 8, 201088]" in out
-    assert main(["demo", "--dir", str(tmp_path / "tiny"), "--tokens", "8"]) == 0  # second run reuses it
-    assert "using the tiny checkpoint" in capsys.readouterr().out
+    assert main(["demo", "--dir", str(tmp_path / "tiny"), "--tokens", "8", "--quick"]) == 0  # reuses it, then trains
+    out = capsys.readouterr().out
+    assert "using the tiny checkpoint" in out and "[4/6] pre-training" in out and "[6/6] analysis written" in out
+    for name in ("adapter_config.json", "adapter_model.safetensors", "report.md", "loss.png"):
+        assert (tmp_path / "demo-run" / "lora" / name).exists(), name
 
 
 def test_errors_are_one_line(tmp_path, capsys):

@@ -87,3 +87,18 @@ def test_odd_widths_from_transformers_own_save(tmp_path):
         expected = hf(ids).logits
         logits = load_model(tmp_path, dtype=torch.float32)(ids)
     assert (logits - expected).abs().max().item() < 1e-4
+
+
+def test_transformers_reads_our_mxfp4_checkpoint(tmp_path):
+    # transformers' own MXFP4 loader (dequantizing on the CPU) reads a checkpoint our synthetic writer
+    # produced: the on-disk layout (names, shapes, dtypes, index, config) is the real one.
+    from transformers import GptOssForCausalLM, Mxfp4Config
+
+    config = small_config()
+    write_checkpoint(tmp_path, config, "hf-mxfp4", seed=9, max_shard_bytes=200_000)
+    theirs = GptOssForCausalLM.from_pretrained(tmp_path, quantization_config=Mxfp4Config(dequantize=True), dtype=torch.float32)
+    ids = torch.randint(0, config.vocab_size, (2, 19))
+    with torch.no_grad():
+        expected = theirs.eval()(ids).logits
+        ours = load_model(tmp_path, dtype=torch.float32)(ids)
+    assert (ours - expected).abs().max().item() < 1e-4

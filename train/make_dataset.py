@@ -129,10 +129,18 @@ def generate(n_train: int = 600, n_heldout: int = 84, seed: int = 0) -> tuple[li
 
 
 def base_rows(n: int = 600, seed: int = 1) -> list[dict]:
-    """Rows whose reasoning is always English: what the demo pre-trains a random tiny base on, so that
-    it knows the format but not how to follow `reasoning language: X` (the LoRA step's job)."""
+    """What the demo pre-trains a random tiny base on: the same tasks, reasoning in a random one of the
+    training languages, and a developer message *without* a language instruction. The base learns the
+    format and all five languages but has no way to choose one on request; following
+    `reasoning language: X` is then the LoRA step's job (as for gpt-oss, which can write French but
+    reasons in English unless told)."""
     rng = random.Random(seed)
-    return [make_row(rng, rng.choice(USER_LANGUAGES), "English") for _ in range(n)]
+    rows = []
+    for _ in range(n):
+        row = make_row(rng, rng.choice(USER_LANGUAGES), rng.choice(TRAIN_REASONING))
+        row["messages"][0]["content"] = row["developer"]
+        rows.append(row)
+    return rows
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -48,7 +48,7 @@ def language_report(model, rows: list[dict], max_new_tokens: int = 96) -> dict:
     return {"fraction_in_requested_language": fraction, "generations": entries}
 
 
-def write_report(folder: Path, before: dict, after: dict, unseen: set[str]) -> Path:
+def write_report(folder: Path, before: dict, after: dict, unseen: set[str], what: str = "adapter") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "report.json").write_text(
         json.dumps({"before": before, "after": after}, ensure_ascii=False, indent=2) + "\n"
@@ -56,11 +56,11 @@ def write_report(folder: Path, before: dict, after: dict, unseen: set[str]) -> P
     lines = [
         "# Reasoning-language report",
         "",
-        "Greedy generations on held-out prompts, without and with the adapter. A reply counts when its",
+        f"Greedy generations on held-out prompts, without and with the {what}. A reply counts when its",
         "analysis channel is identified (stop-word counts, gptoss/train/langid.py) as the language the",
         f"developer message requests. Reasoning languages never seen in training: {', '.join(sorted(unseen)) or 'none'}.",
         "",
-        "| | without adapter | with adapter |",
+        f"| | without {what} | with {what} |",
         "|---|---:|---:|",
         f"| analysis in the requested language | {before['fraction_in_requested_language']:.0%} | {after['fraction_in_requested_language']:.0%} |",
         "",
@@ -68,7 +68,7 @@ def write_report(folder: Path, before: dict, after: dict, unseen: set[str]) -> P
     for b, a in zip(before["generations"], after["generations"]):
         tag = " (unseen in training)" if b["reasoning_language"] in unseen else ""
         lines += [f"## reasoning language: {b['reasoning_language']}{tag}", "", f"user: {b['user']}", ""]
-        for name, e in (("without adapter", b), ("with adapter", a)):
+        for name, e in ((f"without {what}", b), (f"with {what}", a)):
             lines.append(
                 f"- {name} [{e['analysis_language']}]: analysis `{e['analysis'][:160]}` / final `{e['final'][:80]}`"
             )

@@ -260,7 +260,11 @@ class Trainer:
         bar.close()
         self.save_checkpoint()
         if self.rank == 0:
-            if not cfg.full_finetune:
+            if cfg.full_finetune:  # the whole model, in the HF MXFP4 layout (experts are not trained)
+                from gptoss.synthetic import write_checkpoint
+
+                write_checkpoint(self.out / "model", self.model.config, "hf-mxfp4", tensors=self.model.state_dict())
+            else:
                 save_adapter(self.model, self.out, base_model=str(cfg.model))
             plot_losses(log_file, self.out / "loss.png")
             if before is not None:
@@ -269,7 +273,7 @@ class Trainer:
                 after = language_report(self.model, report_rows, cfg.report_tokens)
                 seen = {e.reasoning_language for e in self.data.examples}
                 unseen = {r["reasoning_language"] for r in before["generations"]} - seen
-                path = write_report(self.out, before, after, unseen)
+                path = write_report(self.out, before, after, unseen, "training" if cfg.full_finetune else "adapter")
                 self.report = {
                     "before": before["fraction_in_requested_language"],
                     "after": after["fraction_in_requested_language"],
