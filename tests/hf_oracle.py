@@ -18,7 +18,7 @@ def build_hf_model(config: ModelConfig, seed: int = 0, mxfp4_grid: bool = True):
     hf_json.pop("architectures")
     hf_json.pop("model_type")
     for key in ("pad_token_id", "eos_token_id"):  # the special ids lie outside a small test vocabulary
-        hf_json.pop(key)
+        hf_json.pop(key, None)
     hf_json["rope_parameters"] = dict(hf_json.pop("rope_scaling"), rope_theta=hf_json.pop("rope_theta"))
     hf_config = GptOssConfig(**hf_json)
     hf_config._attn_implementation = "eager"
