@@ -8,6 +8,8 @@ import json
 import os
 import platform
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -131,3 +133,27 @@ def plot(rows: list[dict], x: str, y: str, series: str, path: Path, title: str, 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+class PeakRSS:
+    """Highest resident set size seen while the block runs (sampled from /proc/self/statm)."""
+
+    def __enter__(self):
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self):
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self._stop.is_set():
+            self.peak = max(self.peak, int(open("/proc/self/statm").read().split()[1]) * page)
+            time.sleep(0.01)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def gb(self) -> float:
+        return self.peak / 1e9

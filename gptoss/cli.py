@@ -145,7 +145,6 @@ def _demo_training(folder: Path, args: argparse.Namespace) -> int:
     return 0
 
 
-
 def _load(args: argparse.Namespace):
     import torch
 
@@ -318,7 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("demo", help="tiny model end to end: checkpoint, forward, generation, pre-training, LoRA, report")
+    p = sub.add_parser(
+        "demo", help="tiny model end to end: checkpoint, forward, generation, pre-training, LoRA, report"
+    )
     p.add_argument("--dir", help="checkpoint folder (default: $GPTOSS_CACHE/tiny-hf-mxfp4, ~/.cache/gptoss)")
     p.add_argument("--tokens", type=int, default=64, help="tokens in the forward pass (default: 64)")
     p.add_argument("--no-train", action="store_true", help="stop after generation (skip pre-training and LoRA)")

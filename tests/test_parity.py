@@ -96,7 +96,9 @@ def test_transformers_reads_our_mxfp4_checkpoint(tmp_path):
 
     config = small_config()
     write_checkpoint(tmp_path, config, "hf-mxfp4", seed=9, max_shard_bytes=200_000)
-    theirs = GptOssForCausalLM.from_pretrained(tmp_path, quantization_config=Mxfp4Config(dequantize=True), dtype=torch.float32)
+    theirs = GptOssForCausalLM.from_pretrained(
+        tmp_path, quantization_config=Mxfp4Config(dequantize=True), dtype=torch.float32
+    )
     ids = torch.randint(0, config.vocab_size, (2, 19))
     with torch.no_grad():
         expected = theirs.eval()(ids).logits
