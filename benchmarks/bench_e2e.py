@@ -74,7 +74,6 @@ def run_ours(folder, config, backend, prompt_len, new_tokens, device):
         s1, s8 = {}, {}
         generate(model, prompt[:1], max_new_tokens=new_tokens, temperature=0.0, stop_tokens=(), stats=s1)
         generate(model, prompt, max_new_tokens=new_tokens, temperature=0.0, stop_tokens=(), stats=s8)
-    del model
     return {
         "load_s": load_s,
         "prefill_tok_s": s1["prefill_tokens"] / s1["prefill_s"],
@@ -112,7 +111,6 @@ def run_transformers(folder, config, prompt_len, new_tokens, device):
         timed(prompt[:1], 2)  # warm-up
         t1, tn = timed(prompt[:1], 1), timed(prompt[:1], new_tokens + 1)  # prefill + first token; + decode
         b1, bn = timed(prompt, 1), timed(prompt, new_tokens + 1)
-    del model
     return {
         "load_s": load_s,
         "prefill_tok_s": prompt_len / t1,
