@@ -151,10 +151,11 @@ def generate(
     for _ in range(max_new_tokens):
         step_ids = torch.full((B, 1), PAD, dtype=torch.long, device=device)
         step_pos = torch.full((B, 1), -1, dtype=torch.long, device=device)
+        greedy = logits.argmax(dim=-1).tolist() if temperature == 0.0 else None  # one call for the batch
         for b in range(B):
             if done[b]:
                 continue
-            token = sample(logits[b], temperature, top_p, top_k, generators[b])
+            token = greedy[b] if greedy is not None else sample(logits[b], temperature, top_p, top_k, generators[b])
             out[b].append(token)
             if on_token is not None:
                 on_token(b, token)

@@ -103,19 +103,23 @@ def attention_with_sinks(
     window: int | None,  # None: full causal; w: the w most recent keys, the current one included
 ) -> torch.Tensor:  # [B, T, K, G, Dh]
     B, T, K, G, Dh = q.shape
-    scores = torch.einsum("btkgd,bskd->bkgts", q.float(), k.float()) / math.sqrt(Dh)  # [B, K, G, T, S]
+    S = k.shape[1]
+    # GQA: the G query heads of a KV head are stacked along the query axis, so one matmul per KV head
+    q_ = q.float().permute(0, 2, 3, 1, 4).reshape(B, K, G * T, Dh)  # [B, K, G*T, Dh]
+    scores = (q_ @ k.float().permute(0, 2, 3, 1)).view(B, K, G, T, S) / math.sqrt(Dh)  # [B, K, G, T, S]
     key, query = k_pos.unsqueeze(-2), q_pos.unsqueeze(-1)  # [.., 1, S], [.., T, 1]
     visible = (key <= query) & (key >= 0)  # [T, S] or [B, T, S]: causal, no padding
     if window is not None:
         visible &= key > query - window
-    visible = visible.view(-1, 1, 1, T, k_pos.shape[-1])  # [B or 1, 1, 1, T, S]
-    scores = scores.masked_fill(~visible, float("-inf"))
+    scores = scores.masked_fill(~visible.view(-1, 1, 1, T, S), float("-inf"))
     # The sink is one extra logit per head in the softmax denominator with no value vector: raw
     # (not scaled by 1/sqrt(Dh)), and part of the max, so a row whose keys are all masked is still defined.
-    sink = sinks.float().view(1, K, G, 1, 1).expand(B, K, G, T, 1)
-    probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]  # [B, K, G, T, S]
-    out = torch.einsum("bkgts,bskd->btkgd", probs, v.float())  # [B, T, K, G, Dh]
-    return out.to(q.dtype)
+    sink = sinks.float().view(1, K, G, 1, 1)
+    top = torch.maximum(scores.amax(dim=-1, keepdim=True), sink)  # [B, K, G, T, 1]
+    weights = torch.exp(scores - top)  # [B, K, G, T, S]
+    probs = weights / (weights.sum(dim=-1, keepdim=True) + torch.exp(sink - top))
+    out = probs.view(B, K, G * T, S) @ v.float().transpose(1, 2)  # [B, K, G*T, Dh]
+    return out.view(B, K, G, T, v.shape[-1]).permute(0, 3, 1, 2, 4).to(q.dtype)  # [B, T, K, G, Dh]
 
 
 class Attention(nn.Module):
@@ -238,7 +242,7 @@ def experts_forward(
     flat_ids = ids_Tk.flatten()  # [T*k]
     order = torch.argsort(flat_ids, stable=True)  # pair indices sorted by expert
     counts = torch.bincount(flat_ids, minlength=experts.gate_up_proj_bias.shape[0]).tolist()
-    out_TD = torch.zeros(T, D, dtype=torch.float32, device=x_TD.device)
+    out_pairs = torch.zeros(T * k, D, dtype=torch.float32, device=x_TD.device)  # one row per (token, slot)
     b1, b2 = experts.gate_up_proj_bias, experts.down_proj_bias
     start = 0
     for e, n in enumerate(counts):
@@ -252,9 +256,8 @@ def experts_forward(
         h = F.linear(x_e, w1, b1[e]) + experts.lora("gate_up_proj", e, x_e)  # [n, D] -> [n, 2I]
         act = swiglu(h, alpha, limit)  # [n, I]
         y = F.linear(act, w2, b2[e]) + experts.lora("down_proj", e, act)  # [n, I] -> [n, D]
-        # the second bias is inside the routing-weighted sum
-        out_TD.index_add_(0, tokens, y.float() * weights_Tk.flatten()[pairs, None])
-    return out_TD.to(x_TD.dtype)
+        out_pairs[pairs] = y.float() * weights_Tk.flatten()[pairs, None]  # the second bias is inside the weighted sum
+    return out_pairs.view(T, k, D).sum(dim=1).to(x_TD.dtype)  # [T, D]
 
 
 class MoE(nn.Module):
