@@ -123,7 +123,7 @@ def _demo_training(folder: Path, args: argparse.Namespace) -> int:
     print(f"[5/6] LoRA fine-tuning for {steps_lora} steps on the bundled set: 'reasoning language: X' in the")
     print("      developer message, analysis in X, answer in the user's language")
     trainer = Trainer(TrainConfig(
-        model=str(base / "model"), output=str(lora), max_steps=steps_lora, batch_size=8, grad_accum=1, lr=3e-3,
+        model=str(base / "model"), output=str(lora), max_steps=steps_lora, batch_size=8, grad_accum=1, lr=5e-3,
         lora_r=16, lora_alpha=32, eval_every=max(1, steps_lora // 2), save_every=10**9,
         report_prompts=2 if args.quick else 10, report_tokens=24 if args.quick else 96,
     ))  # fmt: skip
@@ -324,8 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=64, help="tokens in the forward pass (default: 64)")
     p.add_argument("--no-train", action="store_true", help="stop after generation (skip pre-training and LoRA)")
     p.add_argument("--work", default=None, help="folder for the demo's training runs (default: beside the checkpoint)")
-    p.add_argument("--base-steps", type=int, default=80, help="pre-training steps of the tiny base (default: 80)")
-    p.add_argument("--lora-steps", type=int, default=80, help="LoRA steps (default: 80)")
+    p.add_argument("--base-steps", type=int, default=200, help="pre-training steps of the tiny base (default: 200)")
+    p.add_argument("--lora-steps", type=int, default=150, help="LoRA steps (default: 150)")
     p.add_argument("--quick", action="store_true", help="a few steps of each stage: checks the pipeline, shows nothing")
     p.set_defaults(func=cmd_demo)
 
