@@ -166,3 +166,24 @@ def test_torchrun_two_processes_equal_one(base, tmp_path):
     assert len(losses["one"]) == len(losses["two"]) == 2
     for a, b in zip(losses["one"], losses["two"]):
         assert a == pytest.approx(b, rel=1e-5)  # same global batch; only the summation order differs
+
+
+def test_parquet_and_hub_dataset_ids(tmp_path, monkeypatch):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist([ROW, dict(ROW, user="What is 1 plus 1?")]), folder / "train.parquet")
+    assert len(load_dataset(folder / "train.parquet").examples) == 2
+    calls = []
+
+    def fake_snapshot_download(repo_id, repo_type, allow_patterns):
+        calls.append((repo_id, repo_type))
+        return str(folder)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
+    assert len(load_dataset("HuggingFaceH4/Multilingual-Thinking").examples) == 2
+    assert calls == [("HuggingFaceH4/Multilingual-Thinking", "dataset")]
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_dataset("missing/file.jsonl")

@@ -13,6 +13,7 @@ everything after the prompt's closing `<|start|>assistant`, i.e. `<|channel|>ana
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,7 +117,7 @@ def read_rows(source: str | Path) -> list[dict]:
     """Rows from a JSONL file, a Parquet file, a folder of those, or a hub dataset id."""
     path = Path(source).expanduser()
     if not path.exists():
-        if "/" in str(source) and not str(source).startswith((".", "/")):
+        if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(source)) and not path.suffix:  # owner/name
             path = _download(str(source))
         else:
             raise FileNotFoundError(
