@@ -116,6 +116,7 @@ def _demo_training(folder: Path, args: argparse.Namespace) -> int:
         Trainer(TrainConfig(
             model=str(folder), output=str(base), dataset=str(data), eval_dataset=None, full_finetune=True,
             max_steps=steps_base, batch_size=8, grad_accum=1, lr=3e-3, report_prompts=0, save_every=10**9,
+            gradient_checkpointing=False,  # a 4-layer model: keeping activations is cheap, recomputing is not
         )).run()  # fmt: skip
     else:
         print(f"[4/6] using the pre-trained tiny base in {base / 'model'}")
@@ -124,7 +125,7 @@ def _demo_training(folder: Path, args: argparse.Namespace) -> int:
     print("      developer message, analysis in X, answer in the user's language")
     trainer = Trainer(TrainConfig(
         model=str(base / "model"), output=str(lora), max_steps=steps_lora, batch_size=8, grad_accum=1, lr=5e-3,
-        lora_r=16, lora_alpha=32, eval_every=max(1, steps_lora // 2), save_every=10**9,
+        lora_r=16, lora_alpha=32, eval_every=max(1, steps_lora // 2), save_every=10**9, gradient_checkpointing=False,
         report_prompts=2 if args.quick else 10, report_tokens=24 if args.quick else 96,
     ))  # fmt: skip
     records = trainer.run()
