@@ -126,7 +126,7 @@ def _demo_training(folder: Path, args: argparse.Namespace) -> int:
     trainer = Trainer(TrainConfig(
         model=str(base / "model"), output=str(lora), max_steps=steps_lora, batch_size=8, grad_accum=1, lr=5e-3,
         lora_r=16, lora_alpha=32, eval_every=max(1, steps_lora // 2), save_every=10**9, gradient_checkpointing=False,
-        report_prompts=2 if args.quick else 10, report_tokens=24 if args.quick else 96,
+        report_prompts=2 if args.quick else 21, report_tokens=24 if args.quick else 96,
     ))  # fmt: skip
     records = trainer.run()
     print(f"      loss {records[0]['loss']:.3f} -> {records[-1]['loss']:.3f}; adapter, log, loss.png in {lora}")
