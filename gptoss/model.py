@@ -200,6 +200,7 @@ class Experts(nn.Module):
             self.down_proj = nn.Parameter(torch.zeros(E, D, I))
         self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, 2 * I))
         self.down_proj_bias = nn.Parameter(torch.zeros(E, D))
+        self._workspace: tuple[dict, dict] = ({}, {})  # decode buffers reused across calls (see weights)
 
     @property
     def has_lora(self) -> bool:
@@ -226,8 +227,11 @@ class Experts(nn.Module):
         dtype = self.gate_up_proj_bias.dtype
         if not self.quantized:
             return self.gate_up_proj[e].to(dtype), self.down_proj[e].to(dtype)
-        w1 = mxfp4.dequantize(self.gate_up_proj_blocks[e], self.gate_up_proj_scales[e], dtype)
-        w2 = mxfp4.dequantize(self.down_proj_blocks[e], self.down_proj_scales[e], dtype)
+        # Without autograd the decoded weights are used at once, so two reusable buffers suffice
+        # (autograd keeps each expert's weights for the backward pass: those get fresh memory).
+        reuse = not torch.is_grad_enabled()
+        w1 = mxfp4.dequantize(self.gate_up_proj_blocks[e], self.gate_up_proj_scales[e], dtype, self._workspace[0] if reuse else None)
+        w2 = mxfp4.dequantize(self.down_proj_blocks[e], self.down_proj_scales[e], dtype, self._workspace[1] if reuse else None)
         return w1, w2
 
 
@@ -354,7 +358,8 @@ class GptOss(nn.Module):
         x = self.hidden(input_ids, positions, cache)
         if last_only:
             x = x[:, -1:]  # [B, 1, D]
-        return self.lm_head(x)  # [B, T, V]
+        B, T, D = x.shape
+        return self.lm_head(x.reshape(B * T, D)).view(B, T, -1)  # [B, T, V]; 2-D, so no copy of the weight
 
 
 def check_input_ids(input_ids: torch.Tensor, config: ModelConfig) -> None:

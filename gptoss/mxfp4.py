@@ -10,7 +10,6 @@ A code is sign (bit 3) | exponent (bits 2-1, bias 1) | mantissa (bit 0); see FP4
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 BLOCK = 32
 SCALE_BIAS = 127
@@ -20,11 +19,16 @@ FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2
 _MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 
 
-def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def dequantize(
+    blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16, workspace: dict | None = None
+) -> torch.Tensor:
     """[..., rows, G, 16] uint8 codes + [..., rows, G] uint8 scales -> [..., rows, G*32] in `dtype`.
 
     Exact: every E2M1 value times a power of two is representable in bf16 and fp32 (both have an
     8-bit exponent), so the product is formed directly in `dtype`.
+    `workspace` (a dict the caller keeps) lets repeated calls reuse their buffers instead of
+    allocating fresh memory each time (on the CPU, page-faulting new buffers costs more than the
+    decoding); the result then lives in the workspace and is overwritten by the next call.
     """
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
         raise TypeError(f"MXFP4 blocks and scales must be uint8, got {blocks.dtype} and {scales.dtype}")
@@ -32,14 +36,27 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = 
         raise ValueError(
             f"MXFP4 shapes do not match: blocks {tuple(blocks.shape)} should be scales {tuple(scales.shape)} + (16,)"
         )
+
+    def buffer(name: str, shape: tuple[int, ...], dt: torch.dtype) -> torch.Tensor:
+        if workspace is None:
+            return torch.empty(shape, dtype=dt, device=blocks.device)
+        t = workspace.get(name)
+        if t is None or t.shape != shape or t.dtype != dt or t.device != blocks.device:
+            t = workspace[name] = torch.empty(shape, dtype=dt, device=blocks.device)
+        return t
+
     # A byte holds two codes, so decode whole bytes: row b of `pairs` is (value of the low nibble,
     # value of the high nibble) of byte b. One gather per byte instead of two per nibble.
     exact = dtype if dtype in (torch.bfloat16, torch.float32) else torch.float32  # fp16's range is too small
     lut = torch.tensor(FP4_VALUES, dtype=exact, device=blocks.device)
     pairs = torch.stack((lut.repeat(16), lut.repeat_interleave(16)), dim=-1)  # [256, 2]
-    values = F.embedding(blocks.int(), pairs)  # [..., G, 16, 2]: a row gather
+    codes = buffer("codes", tuple(blocks.shape), torch.int32).copy_(blocks)  # gather indices must be integers
+    values = buffer("values", (*blocks.shape, 2), exact)  # [..., G, 16, 2]
+    torch.index_select(pairs, 0, codes.view(-1), out=values.view(-1, 2))  # a row gather
     scale = torch.exp2(scales.to(torch.float32) - SCALE_BIAS).to(exact)  # [..., G], a power of two: exact
-    return (values.flatten(-2) * scale.unsqueeze(-1)).flatten(-2).to(dtype)  # [..., G*32]
+    out = buffer("out", (*scales.shape, BLOCK), exact)  # [..., G, 32]
+    torch.mul(values.view(*scales.shape, BLOCK), scale.unsqueeze(-1), out=out)
+    return out.flatten(-2).to(dtype)  # [..., G*32]
 
 
 def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
