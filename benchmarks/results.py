@@ -139,6 +139,14 @@ class PeakRSS:
     """Highest resident set size seen while the block runs (sampled from /proc/self/statm)."""
 
     def __enter__(self):
+        import ctypes
+        import gc
+
+        gc.collect()
+        try:  # hand memory freed by earlier phases back to the OS, so it does not count here
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
         self.peak, self._stop = 0, threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
