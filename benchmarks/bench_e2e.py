@@ -80,6 +80,7 @@ def run_ours(folder, config, backend, prompt_len, new_tokens, device):
         "decode_tok_s": s1["decode_tokens"] / s1["decode_s"],
         "decode_b8_tok_s": s8["decode_tokens"] / s8["decode_s"],
         "peak_rss_gb": mem.gb,
+        "peak_anon_gb": mem.anon_gb,
     }
 
 
@@ -117,6 +118,7 @@ def run_transformers(folder, config, prompt_len, new_tokens, device):
         "decode_tok_s": new_tokens / max(tn - t1, 1e-9),
         "decode_b8_tok_s": 8 * new_tokens / max(bn - b1, 1e-9),
         "peak_rss_gb": mem.gb,
+        "peak_anon_gb": mem.anon_gb,
     }
 
 
@@ -163,7 +165,7 @@ def main() -> None:
             note = "not importable here (pip install gpt-oss; its torch reference needs CUDA)"
         rows.append({"impl": "openai-reference", "config": name, "note": note})
 
-    cols = ["impl", "config", "load_s", "prefill_tok_s", "decode_tok_s", "decode_b8_tok_s", "peak_rss_gb", "note"]
+    cols = ["impl", "config", "load_s", "prefill_tok_s", "decode_tok_s", "decode_b8_tok_s", "peak_rss_gb", "peak_anon_gb", "note"]
     print(table(rows, cols))
     ours = {r["config"]: r for r in rows if r["impl"] == "gptoss-torch"}
     for r in rows:
