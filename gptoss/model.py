@@ -174,6 +174,11 @@ def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.softmax(top_logits.float(), dim=-1), top_ids
 
 
+# Buffers for decoding one expert's two matrices, reused by every layer (one expert is decoded at a
+# time; not thread-safe): re-allocating them per call costs more than decoding on the CPU.
+_WORKSPACE: tuple[dict, dict] = ({}, {})
+
+
 class Experts(nn.Module):
     """The E experts of one layer, weights kept as the checkpoint holds them, oriented [out, in].
 
@@ -200,7 +205,6 @@ class Experts(nn.Module):
             self.down_proj = nn.Parameter(torch.zeros(E, D, I))
         self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, 2 * I))
         self.down_proj_bias = nn.Parameter(torch.zeros(E, D))
-        self._workspace: tuple[dict, dict] = ({}, {})  # decode buffers reused across calls (see weights)
 
     @property
     def has_lora(self) -> bool:
@@ -227,11 +231,11 @@ class Experts(nn.Module):
         dtype = self.gate_up_proj_bias.dtype
         if not self.quantized:
             return self.gate_up_proj[e].to(dtype), self.down_proj[e].to(dtype)
-        # Without autograd the decoded weights are used at once, so two reusable buffers suffice
-        # (autograd keeps each expert's weights for the backward pass: those get fresh memory).
+        # Without autograd the decoded weights are used at once, so two buffers shared by all layers
+        # suffice (autograd keeps each expert's weights for the backward pass: those get fresh memory).
         reuse = not torch.is_grad_enabled()
-        w1 = mxfp4.dequantize(self.gate_up_proj_blocks[e], self.gate_up_proj_scales[e], dtype, self._workspace[0] if reuse else None)
-        w2 = mxfp4.dequantize(self.down_proj_blocks[e], self.down_proj_scales[e], dtype, self._workspace[1] if reuse else None)
+        w1 = mxfp4.dequantize(self.gate_up_proj_blocks[e], self.gate_up_proj_scales[e], dtype, _WORKSPACE[0] if reuse else None)
+        w2 = mxfp4.dequantize(self.down_proj_blocks[e], self.down_proj_scales[e], dtype, _WORKSPACE[1] if reuse else None)
         return w1, w2
 
 
