@@ -41,7 +41,8 @@ def dequantize(
         if workspace is None:
             return torch.empty(shape, dtype=dt, device=blocks.device)
         t = workspace.get(name)
-        if t is None or t.shape != shape or t.dtype != dt or t.device != blocks.device:
+        stale = t is None or t.shape != shape or t.dtype != dt or t.device != blocks.device
+        if stale or (t.is_inference() and not torch.is_inference_mode_enabled()):  # made under inference_mode
             t = workspace[name] = torch.empty(shape, dtype=dt, device=blocks.device)
         return t
 
