@@ -131,6 +131,10 @@ def test_bad_input(tmp_path, prompts, kwargs, error):
 def test_decode_buffers_made_in_inference_mode_do_not_break_later_no_grad_passes(model):
     # generate() runs under torch.inference_mode and fills the shared MXFP4 decode buffers; a later
     # torch.no_grad() forward (the trainer's eval) must not try to write into those inference tensors
+    from gptoss import model as model_module
+
+    for workspace in model_module._WORKSPACE:
+        workspace.clear()  # as in a fresh process: the buffers are first made under inference_mode
     generate(model, [[1, 2, 3]], max_new_tokens=2, temperature=0.0, stop_tokens=())
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[4, 5, 6]]))).all()
