@@ -165,7 +165,17 @@ def main() -> None:
             note = "not importable here (pip install gpt-oss; its torch reference needs CUDA)"
         rows.append({"impl": "openai-reference", "config": name, "note": note})
 
-    cols = ["impl", "config", "load_s", "prefill_tok_s", "decode_tok_s", "decode_b8_tok_s", "peak_rss_gb", "peak_anon_gb", "note"]
+    cols = [
+        "impl",
+        "config",
+        "load_s",
+        "prefill_tok_s",
+        "decode_tok_s",
+        "decode_b8_tok_s",
+        "peak_rss_gb",
+        "peak_anon_gb",
+        "note",
+    ]
     print(table(rows, cols))
     ours = {r["config"]: r for r in rows if r["impl"] == "gptoss-torch"}
     for r in rows:

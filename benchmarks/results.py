@@ -158,7 +158,9 @@ class PeakRSS:
         while not self._stop.is_set():
             fields = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith("Rss"))
             kib = {k: int(v.split()[0]) for k, v in fields.items()}
-            self.peak = max(self.peak, kib.get("RssAnon", 0) * 1024 + kib.get("RssFile", 0) * 1024 + kib.get("RssShmem", 0) * 1024)
+            self.peak = max(
+                self.peak, kib.get("RssAnon", 0) * 1024 + kib.get("RssFile", 0) * 1024 + kib.get("RssShmem", 0) * 1024
+            )
             self.peak_anon = max(self.peak_anon, kib.get("RssAnon", 0) * 1024)
             time.sleep(0.01)
 

@@ -234,8 +234,12 @@ class Experts(nn.Module):
         # Without autograd the decoded weights are used at once, so two buffers shared by all layers
         # suffice (autograd keeps each expert's weights for the backward pass: those get fresh memory).
         reuse = not torch.is_grad_enabled()
-        w1 = mxfp4.dequantize(self.gate_up_proj_blocks[e], self.gate_up_proj_scales[e], dtype, _WORKSPACE[0] if reuse else None)
-        w2 = mxfp4.dequantize(self.down_proj_blocks[e], self.down_proj_scales[e], dtype, _WORKSPACE[1] if reuse else None)
+        w1 = mxfp4.dequantize(
+            self.gate_up_proj_blocks[e], self.gate_up_proj_scales[e], dtype, _WORKSPACE[0] if reuse else None
+        )
+        w2 = mxfp4.dequantize(
+            self.down_proj_blocks[e], self.down_proj_scales[e], dtype, _WORKSPACE[1] if reuse else None
+        )
         return w1, w2
 
 
