@@ -16,7 +16,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -59,7 +59,6 @@ class TrainConfig:
     resume: bool = False
     report_prompts: int = 8  # held-out prompts generated before and after training (0: no report)
     report_tokens: int = 96
-    log: list = field(default_factory=list)
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -149,7 +148,7 @@ class Trainer:
             "step": self.step,
             "params": [p.detach().cpu() for p in self.params],
             "optimizer": self.optimizer.state_dict(),
-            "config": asdict(self.cfg) | {"log": []},
+            "config": asdict(self.cfg),
         }
         tmp = self.out / "checkpoint.pt.tmp"
         torch.save(state, tmp)
