@@ -69,8 +69,9 @@ def row_fields(row: dict, index: int = 0) -> tuple[str, str, str, str, str]:
     return developer, _text(row, "user", index), _text(row, "analysis", index), _text(row, "final", index), language
 
 
-def render_example(row: dict, max_length: int = 2048, index: int = 0) -> tuple[list[int], list[int]]:
-    """Harmony tokens of a row and its loss mask (1 on the assistant turn), truncated to max_length."""
+def render_example(row: dict, max_length: int | None = 2048, index: int = 0) -> tuple[list[int], list[int]]:
+    """Harmony tokens of a row and its loss mask (1 on the assistant turn), truncated to max_length
+    (None: not truncated)."""
     developer, user, analysis, final, _ = row_fields(row, index)
     turns = [{"role": "user", "content": user}]
     prompt = harmony.render_prompt(harmony.build_conversation(turns, developer=developer))
@@ -167,20 +168,19 @@ def load_dataset(
         try:
             if isinstance(row, MalformedRowError):
                 raise row
-            full, _ = render_example(row, max_length=10**9, index=index)
+            ids, mask = render_example(row, max_length=None, index=index)  # rendered once, cut below
             language = row_fields(row, index)[4]
         except MalformedRowError as e:
             if not skip_malformed:
                 raise
             data.skipped_malformed.append(str(e))
             continue
-        if len(full) > max_length:
+        if len(ids) > max_length:
             if skip_long:
                 data.skipped_long += 1
                 continue
             data.truncated += 1
-        ids, mask = render_example(row, max_length, index)
-        data.examples.append(Example(ids, mask, language, index))
+        data.examples.append(Example(ids[:max_length], mask[:max_length], language, index))
         data.rows.append(row)
     return data
 
