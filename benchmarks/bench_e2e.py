@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import time
-from pathlib import Path
 
 import torch
 from results import RESULTS_DIR, PeakRSS, machine, plot, record, table
@@ -28,7 +26,7 @@ from results import RESULTS_DIR, PeakRSS, machine, plot, record, table
 from gptoss import get_preset, load_model
 from gptoss.config import ModelConfig
 from gptoss.generate import generate
-from gptoss.synthetic import write_checkpoint
+from gptoss.synthetic import cached_checkpoint
 
 
 def read_bandwidth_gbs() -> float:
@@ -136,14 +134,10 @@ def main() -> None:
     shape = {"tiny": (64, 32), "mid": (64, 16), "gpt-oss-20b": (16, 3)}  # prompt tokens, new tokens
     if args.quick:
         shape = {n: (32, 8) for n in names}
-    cache = Path(os.environ.get("GPTOSS_CACHE", Path.home() / ".cache" / "gptoss"))
     rows = []
     for name in names:
         config = get_preset(name)
-        folder = cache / f"{name}-hf-mxfp4"
-        if not (folder / "config.json").exists():
-            print(f"writing a synthetic {name} checkpoint to {folder} ...", flush=True)
-            write_checkpoint(folder, config, "hf-mxfp4", progress=True)
+        folder = cached_checkpoint(name, "hf-mxfp4", progress=True)
         prompt_len, new_tokens = shape.get(name, (32, 8))
         impls = {"gptoss-torch": lambda: run_ours(folder, config, "torch", prompt_len, new_tokens, device)}
         if gpu:

@@ -22,6 +22,7 @@ import torch
 from results import machine, record, table
 
 from gptoss import get_preset, load_model
+from gptoss.config import cache_dir
 
 
 def peak_rss_gb() -> float:
@@ -45,11 +46,13 @@ def main() -> None:
     parser.add_argument(
         "--layout", default="original", choices=["original", "hf-mxfp4", "hf-bf16"], help="on-disk layout"
     )
-    parser.add_argument("--dir", default=None, help="checkpoint folder (default: ~/.cache/gptoss/<preset>-<layout>)")
+    parser.add_argument(
+        "--dir", default=None, help="checkpoint folder (default: $GPTOSS_CACHE or ~/.cache/gptoss, /<preset>-<layout>)"
+    )
     parser.add_argument("--tokens", type=int, default=16, help="tokens in the forward pass (default: 16)")
     args = parser.parse_args()
 
-    folder = Path(args.dir or Path.home() / ".cache" / "gptoss" / f"{args.preset}-{args.layout}").expanduser()
+    folder = Path(args.dir).expanduser() if args.dir else cache_dir() / f"{args.preset}-{args.layout}"
     row = {"preset": args.preset, "layout": args.layout, "tokens": args.tokens, "dtype": "bfloat16"}
     if not (folder / "config.json").exists():
         print(f"writing a synthetic {args.preset} checkpoint ({args.layout}) to {folder} ...", flush=True)

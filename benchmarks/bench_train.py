@@ -14,10 +14,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +23,7 @@ from gptoss.train.lora import apply_lora, default_expert_layers
 from results import PeakRSS, machine, record, table
 
 from gptoss import get_preset, load_model
-from gptoss.synthetic import write_checkpoint
+from gptoss.synthetic import cached_checkpoint
 
 
 def steps(step_fn, n=5) -> float:
@@ -87,13 +85,10 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128, help="tokens per sequence (default: 128)")
     args = parser.parse_args()
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    cache = Path(os.environ.get("GPTOSS_CACHE", Path.home() / ".cache" / "gptoss"))
     rows = []
     for name in ["tiny"] if args.quick else ["tiny", "mid"]:
         config = get_preset(name)
-        folder = cache / f"{name}-hf-mxfp4"
-        if not (folder / "config.json").exists():
-            write_checkpoint(folder, config, "hf-mxfp4")
+        folder = cached_checkpoint(name, "hf-mxfp4")
         ids = torch.randint(0, 199_000, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
         layers = default_expert_layers(config.num_hidden_layers)
         for impl, fn in (("gptoss", ours), ("transformers+peft", theirs)):

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
 from gptoss.checkpoint import LAYOUTS, CheckpointError
+from gptoss.config import cache_dir
 from gptoss.harmony import VocabularyError
-
-
-def _default_cache() -> Path:
-    return Path(os.environ.get("GPTOSS_CACHE", Path.home() / ".cache" / "gptoss"))
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -53,7 +49,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from gptoss.load import load_model
     from gptoss.synthetic import write_checkpoint
 
-    folder = Path(args.dir) if args.dir else _default_cache() / "tiny-hf-mxfp4"
+    folder = Path(args.dir) if args.dir else cache_dir() / "tiny-hf-mxfp4"
     config = get_preset("tiny")
     if not (folder / "config.json").exists():
         print(f"[1/6] writing a random tiny checkpoint (HF MXFP4 layout) to {folder}")

@@ -11,10 +11,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+def cache_dir() -> Path:
+    """Where gptoss keeps synthetic checkpoints, the vocabulary and demo runs: $GPTOSS_CACHE, else ~/.cache/gptoss."""
+    return Path(os.environ.get("GPTOSS_CACHE", Path.home() / ".cache" / "gptoss"))
 
 
 @dataclass

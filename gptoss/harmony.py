@@ -38,7 +38,9 @@ def _sha256(path: Path) -> str:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("GPTOSS_CACHE", Path.home() / ".cache" / "gptoss")) / "vocab"
+    from gptoss.config import cache_dir
+
+    return cache_dir() / "vocab"
 
 
 def vocab_from_quicktok() -> bytes | None:

@@ -14,7 +14,7 @@ from gptoss.model import GptOss, RotaryEmbedding
 BACKENDS = ("auto", "torch", "triton")
 # Files fetched for a hub id: the HF MXFP4 root only (not original/ or metal/, which duplicate it).
 HUB_PATTERNS = ["config.json", "generation_config.json", INDEX_FILE, "model*.safetensors"]
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
 
 
 def download(repo_id: str) -> Path:
@@ -32,7 +32,7 @@ def download(repo_id: str) -> Path:
 
 def resolve_source(source: str | Path) -> Path:
     path = Path(source).expanduser()
-    if path.exists() or not _HUB_ID.fullmatch(str(source)):
+    if path.exists() or not HUB_ID.fullmatch(str(source)):
         return path
     return download(str(source))
 

@@ -161,6 +161,16 @@ def _shard_names(layout: str, count: int) -> list[str]:
     return [f"model-{i:05d}-of-{count - 1:05d}.safetensors" for i in range(count)]
 
 
+def cached_checkpoint(preset: str, layout: str = "hf-mxfp4", progress: bool = False) -> Path:
+    """The synthetic checkpoint of a preset in cache_dir()/<preset>-<layout>, written (seed 0) if missing."""
+    from gptoss.config import cache_dir, get_preset
+
+    folder = cache_dir() / f"{preset}-{layout}"
+    if not (folder / "config.json").exists():
+        write_checkpoint(folder, get_preset(preset), layout, progress=progress)
+    return folder
+
+
 def write_checkpoint(
     folder: str | Path,
     config: ModelConfig,

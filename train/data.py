@@ -13,13 +13,13 @@ everything after the prompt's closing `<|start|>assistant`, i.e. `<|channel|>ana
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from gptoss import harmony
+from gptoss.load import HUB_ID
 
 BUNDLED = Path(__file__).resolve().parent / "data"
 BUNDLED_TRAIN = BUNDLED / "multilingual_reasoning_train.jsonl"
@@ -118,7 +118,7 @@ def read_rows(source: str | Path) -> list[dict]:
     """Rows from a JSONL file, a Parquet file, a folder of those, or a hub dataset id."""
     path = Path(source).expanduser()
     if not path.exists():
-        if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(source)) and not path.suffix:  # owner/name
+        if HUB_ID.fullmatch(str(source)) and not path.suffix:
             path = _download(str(source))
         else:
             raise FileNotFoundError(
