@@ -9,6 +9,8 @@ A code is sign (bit 3) | exponent (bits 2-1, bias 1) | mantissa (bit 0); see FP4
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 BLOCK = 32
@@ -17,6 +19,14 @@ SCALE_BIAS = 127
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 # midpoints between consecutive magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6: the rounding boundaries
 _MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+
+
+@functools.cache
+def _byte_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A byte holds two codes, so decode whole bytes: row b is (value of the low nibble, value of the
+    high nibble) of byte b. One gather per byte instead of two per nibble."""
+    lut = torch.tensor(FP4_VALUES, dtype=dtype, device=device)
+    return torch.stack((lut.repeat(16), lut.repeat_interleave(16)), dim=-1)  # [256, 2]
 
 
 def dequantize(
@@ -46,11 +56,8 @@ def dequantize(
             t = workspace[name] = torch.empty(shape, dtype=dt, device=blocks.device)
         return t
 
-    # A byte holds two codes, so decode whole bytes: row b of `pairs` is (value of the low nibble,
-    # value of the high nibble) of byte b. One gather per byte instead of two per nibble.
     exact = dtype if dtype in (torch.bfloat16, torch.float32) else torch.float32  # fp16's range is too small
-    lut = torch.tensor(FP4_VALUES, dtype=exact, device=blocks.device)
-    pairs = torch.stack((lut.repeat(16), lut.repeat_interleave(16)), dim=-1)  # [256, 2]
+    pairs = _byte_table(exact, blocks.device)  # [256, 2]
     codes = buffer("codes", tuple(blocks.shape), torch.int32).copy_(blocks)  # gather indices must be integers
     values = buffer("values", (*blocks.shape, 2), exact)  # [..., G, 16, 2]
     torch.index_select(pairs, 0, codes.view(-1), out=values.view(-1, 2))  # a row gather

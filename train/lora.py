@@ -57,10 +57,9 @@ class LoRALinear(nn.Linear):
 
 
 def _attach_expert_lora(experts, which: str, r: int, alpha: float) -> None:
-    E = experts.gate_up_proj_bias.shape[0]
-    out, inp = (experts.gate_up_proj_bias.shape[1], experts.down_proj_bias.shape[1])
-    if which == "down_proj":
-        out, inp = experts.down_proj_bias.shape[1], experts.gate_up_proj_bias.shape[1] // 2
+    E, I2 = experts.gate_up_proj_bias.shape  # [E, 2I]
+    D = experts.down_proj_bias.shape[1]
+    out, inp = (I2, D) if which == "gate_up_proj" else (D, I2 // 2)  # gate_up: D -> 2I; down: I -> D
     device = experts.gate_up_proj_bias.device
     A = nn.Parameter(torch.empty(E * r, inp, device=device))
     nn.init.kaiming_uniform_(A, a=math.sqrt(5))
