@@ -20,6 +20,7 @@ Without a GPU: small shapes, torch providers only, and the GPU figures are repor
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 
 import torch
@@ -108,8 +109,7 @@ def main() -> None:
                 from gptoss.kernels.moe import moe
 
                 providers["triton"] = lambda: moe(x, logits, k, experts)
-            reference = experts_forward(x.float(), weights, ids, experts.float(), 1.702, 7.0)
-            experts.to(torch.bfloat16)
+            reference = experts_forward(x.float(), weights, ids, copy.deepcopy(experts).float(), 1.702, 7.0)
             for provider, fn in providers.items():
                 with torch.no_grad():
                     err = (fn().float() - reference).abs().max().item() / reference.abs().max().item()
