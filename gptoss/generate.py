@@ -151,7 +151,8 @@ def generate(
     for _ in range(max_new_tokens):
         step_ids = torch.full((B, 1), PAD, dtype=torch.long, device=device)
         step_pos = torch.full((B, 1), -1, dtype=torch.long, device=device)
-        greedy = logits.argmax(dim=-1).tolist() if temperature == 0.0 else None  # one call for the batch
+        # one call for the batch, in fp32: argmax over a bf16 row is several times slower on the CPU
+        greedy = logits.float().argmax(dim=-1).tolist() if temperature == 0.0 else None
         for b in range(B):
             if done[b]:
                 continue
@@ -167,8 +168,12 @@ def generate(
         next_pos += 1
     decode_s = time.perf_counter() - start
     if stats is not None:
-        new = sum(len(o) for o in out)
+        # each sequence's first token comes from the prefill's logits; the decode steps made the rest
+        decode_tokens = sum(len(o) for o in out) - B
         stats.update(
-            prefill_tokens=sum(len(p) for p in prompts), prefill_s=prefill_s, decode_tokens=new, decode_s=decode_s
+            prefill_tokens=sum(len(p) for p in prompts),
+            prefill_s=prefill_s,
+            decode_tokens=decode_tokens,
+            decode_s=decode_s,
         )
     return out

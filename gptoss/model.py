@@ -226,49 +226,63 @@ class Experts(nn.Module):
         a_e, b_e = A[e * r : (e + 1) * r], B.view(B.shape[0], r, E)[:, :, e]  # [r, in], [out, r]
         return (self.lora_scaling * F.linear(F.linear(x.to(A.dtype), a_e), b_e)).to(x.dtype)
 
-    def weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expert e's (gate_up [2I, D], down [D, I]) in the compute dtype; MXFP4 is decoded here, per use."""
+    def dequantize_(self) -> None:
+        """Decode all E experts once and keep them dense in the compute dtype (3.8x the memory of
+        MXFP4 in bf16): a CPU with the memory to spare then runs plain matmuls instead of decoding
+        each routed expert on every use. The MXFP4 buffers are released."""
+        if not self.quantized:
+            return
+        dtype = self.gate_up_proj_bias.dtype
+        for which in ("gate_up_proj", "down_proj"):
+            blocks, scales = getattr(self, which + "_blocks"), getattr(self, which + "_scales")
+            dense = torch.empty((*scales.shape[:-1], scales.shape[-1] * mxfp4.BLOCK), dtype=dtype, device=blocks.device)
+            for e in range(dense.shape[0]):  # expert by expert: the peak is one expert's decode buffers
+                dense[e] = mxfp4.dequantize(blocks[e], scales[e], dtype, _WORKSPACE[0])
+            delattr(self, which + "_blocks")
+            delattr(self, which + "_scales")
+            setattr(self, which, nn.Parameter(dense, requires_grad=False))
+        self.quantized = False
+
+    def weight(self, which: str, e: int) -> torch.Tensor:
+        """Expert e's `which` matrix in the compute dtype: "gate_up_proj" [2I, D] or "down_proj" [D, I].
+        MXFP4 is decoded here, per use."""
         dtype = self.gate_up_proj_bias.dtype
         if not self.quantized:
-            return self.gate_up_proj[e].to(dtype), self.down_proj[e].to(dtype)
-        # Without autograd the decoded weights are used at once, so two buffers shared by all layers
-        # suffice (autograd keeps each expert's weights for the backward pass: those get fresh memory).
-        reuse = not torch.is_grad_enabled()
-        w1 = mxfp4.dequantize(
-            self.gate_up_proj_blocks[e], self.gate_up_proj_scales[e], dtype, _WORKSPACE[0] if reuse else None
+            return getattr(self, which)[e].to(dtype)  # a view when already in the compute dtype
+        # Without autograd the decoded weight is used at once, so one buffer per matrix kind shared by
+        # all layers suffices (autograd keeps each expert's weights for the backward pass: those get fresh memory).
+        workspace = _WORKSPACE[which == "down_proj"] if not torch.is_grad_enabled() else None
+        return mxfp4.dequantize(
+            getattr(self, which + "_blocks")[e], getattr(self, which + "_scales")[e], dtype, workspace
         )
-        w2 = mxfp4.dequantize(
-            self.down_proj_blocks[e], self.down_proj_scales[e], dtype, _WORKSPACE[1] if reuse else None
-        )
-        return w1, w2
+
+    def linear(self, which: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        """x [n, in] through expert e's `which` matrix and bias (and its LoRA update, when attached)."""
+        y = F.linear(x, self.weight(which, e), getattr(self, which + "_bias")[e])
+        return y + self.lora(which, e, x) if self.has_lora else y
 
 
 def experts_forward(
     x_TD: torch.Tensor, weights_Tk: torch.Tensor, ids_Tk: torch.Tensor, experts: Experts, alpha: float, limit: float
 ) -> torch.Tensor:
     """out[t] = sum over slots s of weights[t, s] * expert_{ids[t, s]}(x[t]); the reference of the
-    Triton kernels (gptoss.kernels.moe.MoEFunction). x [T, D] -> [T, D]."""
+    Triton kernels (gptoss.kernels.moe.MoEFunction), laid out as they are. x [T, D] -> [T, D]."""
     T, D = x_TD.shape
     k = ids_Tk.shape[1]
-    # Group the (token, slot) pairs by expert so each expert used is decoded once, and only those.
+    # Sort the T*k (token, slot) pairs by expert: each expert used then owns one run of rows, its
+    # matrices are decoded once and applied to all its tokens in one matmul; experts not routed to cost nothing.
     flat_ids = ids_Tk.flatten()  # [T*k]
     order = torch.argsort(flat_ids, stable=True)  # pair indices sorted by expert
     counts = torch.bincount(flat_ids, minlength=experts.gate_up_proj_bias.shape[0]).tolist()
-    out_pairs = torch.zeros(T * k, D, dtype=torch.float32, device=x_TD.device)  # one row per (token, slot)
-    b1, b2 = experts.gate_up_proj_bias, experts.down_proj_bias
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        pairs = order[start : start + n]  # [n]
-        start += n
-        tokens = pairs // k  # [n]
-        w1, w2 = experts.weights(e)  # [2I, D], [D, I]
-        x_e = x_TD[tokens]  # [n, D]
-        h = F.linear(x_e, w1, b1[e]) + experts.lora("gate_up_proj", e, x_e)  # [n, D] -> [n, 2I]
-        act = swiglu(h, alpha, limit)  # [n, I]
-        y = F.linear(act, w2, b2[e]) + experts.lora("down_proj", e, act)  # [n, I] -> [n, D]
-        out_pairs[pairs] = y.float() * weights_Tk.flatten()[pairs, None]  # the second bias is inside the weighted sum
+    ends = [sum(counts[: e + 1]) for e in range(len(counts))]
+    runs = [(e, end - n, end) for e, (n, end) in enumerate(zip(counts, ends)) if n > 0]  # (expert, first row, end)
+    x_sorted = x_TD[order // k]  # [T*k, D], row i is pair order[i]'s token
+    h = torch.cat([experts.linear("gate_up_proj", e, x_sorted[a:b]) for e, a, b in runs])  # [T*k, 2I]
+    act = swiglu(h, alpha, limit)  # [T*k, I], one call for every expert
+    y = torch.cat([experts.linear("down_proj", e, act[a:b]) for e, a, b in runs])  # [T*k, D]
+    # the routing weight multiplies the whole expert output, second bias included; summed in fp32
+    y = y.float() * weights_Tk.flatten()[order].unsqueeze(-1)
+    out_pairs = torch.empty_like(y).index_copy_(0, order, y)  # back to (token, slot) order: [T*k, D]
     return out_pairs.view(T, k, D).sum(dim=1).to(x_TD.dtype)  # [T, D]
 
 
@@ -340,6 +354,12 @@ class GptOss(nn.Module):
         for layer in self.model.layers:
             layer.mlp.backend = backend
         return self
+
+    def dequantize_experts(self) -> GptOss:
+        """Hold every expert dense in the model dtype from now on (see Experts.dequantize_); torch backend only."""
+        for layer in self.model.layers:
+            layer.mlp.experts.dequantize_()
+        return self.set_backend("torch")
 
     def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """The final-normed hidden states [B, T, D] (the trainer applies lm_head to supervised positions only)."""

@@ -82,6 +82,20 @@ def test_experts_stay_mxfp4_and_bf16_is_not_copied(checkpoints):
     assert not any(p.requires_grad for p in model.parameters())
 
 
+def test_dequantize_at_load_holds_dense_experts_and_changes_no_logit(checkpoints):
+    ids = torch.randint(0, 300, (2, 9))
+    mxfp4_model = load_model(checkpoints / "hf-mxfp4")
+    dense_model = load_model(checkpoints / "hf-mxfp4", dequantize=True)
+    experts = dense_model.model.layers[0].mlp.experts
+    assert not hasattr(experts, "gate_up_proj_blocks") and not experts.quantized
+    assert experts.gate_up_proj.dtype == torch.bfloat16 and not experts.gate_up_proj.requires_grad
+    assert experts.gate_up_proj.shape == (7, 2 * 64, 96)  # [E, 2I, D], as the MXFP4 blocks are oriented
+    # MXFP4 decodes exactly into bf16, and both paths run the same matmuls on the same weights
+    assert torch.equal(mxfp4_model(ids), dense_model(ids))
+    with pytest.raises(ValueError, match="needs MXFP4 experts"):
+        load_model(checkpoints / "hf-mxfp4", dequantize=True, backend="triton")
+
+
 def test_repo_root_with_original_folder(checkpoints, tmp_path):
     # A downloaded HF repo: HF MXFP4 weights at the root and OpenAI's under original/.
     root = tmp_path / "repo"

@@ -115,7 +115,7 @@ def _dense_moe_reference(moe, x):
     for t in range(x.shape[0]):
         weights, ids = route(moe.router(x[t : t + 1]), moe.top_k)
         for w, e in zip(weights[0], ids[0]):
-            w1, w2 = moe.experts.weights(int(e))
+            w1, w2 = moe.experts.weight("gate_up_proj", int(e)), moe.experts.weight("down_proj", int(e))
             h = w1 @ x[t] + moe.experts.gate_up_proj_bias[e]
             out[t] += w * (w2 @ swiglu(h) + moe.experts.down_proj_bias[e])
     return out
@@ -139,10 +139,11 @@ def test_moe_decodes_only_routed_experts(monkeypatch):
         moe.router.weight.zero_()
         moe.router.bias.copy_(torch.tensor([0, 0, 9, 0, 0, 8, 0.0]))
     decoded = []
-    original = moe.experts.weights
-    monkeypatch.setattr(moe.experts, "weights", lambda e: decoded.append(e) or original(e))
+    original = moe.experts.weight
+    monkeypatch.setattr(moe.experts, "weight", lambda which, e: decoded.append((which, e)) or original(which, e))
     moe(torch.randn(2, 5, config.hidden_size))
-    assert decoded == [2, 5]  # each used expert once, the others never
+    # each matrix of each used expert once, the others never
+    assert decoded == [("gate_up_proj", 2), ("gate_up_proj", 5), ("down_proj", 2), ("down_proj", 5)]
 
 
 @pytest.mark.parametrize(
