@@ -130,14 +130,14 @@ def generate(
     `seed` seeds sequence i with seed + i. `stats`, if given, receives prefill/decode timings.
     """
     _check(model, prompts, max_new_tokens, temperature, top_p, top_k)
-    device = model.lm_head.weight.device
+    device = model.device
     B, longest = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((B, longest), PAD, dtype=torch.long, device=device)
     positions = torch.full((B, longest), -1, dtype=torch.long, device=device)
     for b, p in enumerate(prompts):  # left padding: every prompt ends in the last column
         ids[b, longest - len(p) :] = torch.tensor(p, device=device)
         positions[b, longest - len(p) :] = torch.arange(len(p), device=device)
-    cache = KVCache(model.config, B, longest + max_new_tokens, model.lm_head.weight.dtype, device)
+    cache = KVCache(model.config, B, longest + max_new_tokens, model.dtype, device)
     generators = [None if seed is None else torch.Generator().manual_seed(seed + b) for b in range(B)]
     stop = set(stop_tokens)
 

@@ -73,6 +73,7 @@ def load_model(
     backend: str = "auto",
     adapter: str | Path | None = None,
     dequantize: bool = False,
+    prepack: bool = False,
 ) -> GptOss:
     """Load gpt-oss from `source`: a folder in the OpenAI `original/`, HF MXFP4 or HF bf16 layout,
     the root of a downloaded HF repo, or a hub id such as `openai/gpt-oss-20b`.
@@ -82,6 +83,7 @@ def load_model(
     PEFT-format LoRA folder (see gptoss.train.lora). `dequantize=True` decodes the experts once at
     load and keeps them dense in `dtype` instead (3.8x their MXFP4 memory in bf16; the faster choice
     on a CPU when the model fits, as in Hugging Face's Mxfp4Config(dequantize=True); torch backend).
+    `prepack=True` readies the weights for CPU inference (gptoss.cpu: same outputs, faster, no training).
     Returns the model in eval mode, gradients off.
     """
     if dtype not in (torch.bfloat16, torch.float32, torch.float16):
@@ -107,4 +109,8 @@ def load_model(
         from gptoss.train.lora import load_adapter
 
         load_adapter(model, adapter)
+    if prepack:
+        from gptoss.cpu import prepack as prepack_weights
+
+        prepack_weights(model)
     return model

@@ -346,6 +346,15 @@ class GptOss(nn.Module):
         self.model = Decoder(config, quantized)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (that of the embedding; RMSNorm gains stay fp32)."""
+        return self.model.embed_tokens.weight.dtype
+
     def set_backend(self, backend: str) -> GptOss:
         """ "torch" (the reference) or "triton" (MoE kernels; needs MXFP4 experts)."""
         if backend == "triton" and not all(layer.mlp.experts.quantized for layer in self.model.layers):

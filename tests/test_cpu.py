@@ -1,0 +1,74 @@
+"""The CPU fast path (gptoss.cpu): prepacked weights give the same outputs and refuse what they cannot do."""
+
+import pytest
+import torch
+from torch import nn
+
+from gptoss import generate, load_model
+from gptoss.cpu import PackedExperts, PackedLinear, available, prepack
+from gptoss.synthetic import write_checkpoint
+from tests.conftest import small_config
+
+pytestmark = pytest.mark.skipif(not available(), reason="this PyTorch build has no oneDNN")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("cpu"), small_config(), "hf-mxfp4", seed=3)
+
+
+@pytest.mark.parametrize("dequantize", [False, True])
+def test_prepacked_bf16_model_gives_bitwise_the_same_logits_and_tokens(checkpoint, dequantize):
+    plain = load_model(checkpoint, dequantize=dequantize)
+    packed = load_model(checkpoint, dequantize=dequantize, prepack=True)
+    assert isinstance(packed.lm_head, PackedLinear) and isinstance(
+        packed.model.layers[0].self_attn.q_proj, PackedLinear
+    )
+    assert isinstance(packed.model.layers[0].mlp.experts, PackedExperts) == dequantize  # MXFP4 experts stay
+    ids = torch.randint(0, 300, (3, 13))
+    assert torch.equal(plain(ids), packed(ids))  # prefill-sized products
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+    kwargs = dict(max_new_tokens=6, temperature=0.0, stop_tokens=())
+    assert generate(plain, prompts, **kwargs) == generate(packed, prompts, **kwargs)  # one-row decode products
+    one = torch.tensor([[42]])
+    assert torch.equal(plain(one), packed(one))
+
+
+def test_prepacked_fp32_model_matches(checkpoint):
+    plain = load_model(checkpoint, dtype=torch.float32, dequantize=True)
+    packed = load_model(checkpoint, dtype=torch.float32, dequantize=True, prepack=True)
+    ids = torch.randint(0, 300, (2, 9))
+    # fp32 F.linear goes through MKL, the packed weight through oneDNN: another summation order
+    torch.testing.assert_close(packed(ids), plain(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_prepacked_model_is_inference_only(checkpoint):
+    model = load_model(checkpoint, prepack=True)
+    x = torch.randn(2, 96, dtype=torch.bfloat16, requires_grad=True)
+    with pytest.raises(RuntimeError, match="inference only"):
+        model.lm_head(x)
+    with pytest.raises(RuntimeError, match="not a checkpoint"):
+        model.state_dict()
+    with pytest.raises(ValueError, match="need MXFP4 experts"):
+        load_model(checkpoint, dequantize=True, prepack=True).set_backend("triton")
+    with pytest.raises(ValueError, match="bf16 and fp32 models, this one is torch.float16"):
+        prepack(load_model(checkpoint, dtype=torch.float16))
+
+
+def test_lora_wrapped_modules_are_left_alone(checkpoint):
+    from gptoss.train.lora import apply_lora
+
+    model = load_model(checkpoint, dequantize=True)
+    apply_lora(model, r=4, alpha=8, expert_layers=[1])
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.05)  # non-zero B: the adapters change the output
+    model.requires_grad_(False)
+    ids = torch.randint(0, 300, (1, 7))
+    expected = model(ids)
+    prepack(model)
+    attn = model.model.layers[0].self_attn
+    assert not isinstance(attn.q_proj, PackedLinear) and type(attn.q_proj) is not nn.Linear  # the LoRA wrapper
+    assert isinstance(model.model.layers[0].mlp.experts, PackedExperts)  # no expert adapter on layer 0
+    assert not isinstance(model.model.layers[1].mlp.experts, PackedExperts)  # layer 1 has one
+    assert torch.equal(model(ids), expected)
