@@ -148,7 +148,12 @@ def _load(args: argparse.Namespace):
     from gptoss.load import load_model
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    return load_model(args.model, device=args.device, dtype=dtype)
+    cpu = torch.device(args.device).type == "cpu"
+    dequantize = {"auto": "auto" if cpu else False, "mxfp4": False, "dense": True}[args.experts]
+    # on the CPU, weights prepacked for oneDNN: the same tokens, faster (gptoss.cpu)
+    from gptoss.cpu import available
+
+    return load_model(args.model, device=args.device, dtype=dtype, dequantize=dequantize, prepack=cpu and available())
 
 
 def _speed(stats: dict) -> str:
@@ -287,6 +292,13 @@ def _add_model_args(p: argparse.ArgumentParser, sampling: bool = True) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="compute dtype (default: bf16)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument(
+        "--experts",
+        choices=["auto", "mxfp4", "dense"],
+        default="auto",
+        help="mxfp4: decode each expert per use (least memory); dense: decode all once at load (faster on a CPU, "
+        "3.8x the expert memory); auto (default): dense on a CPU when that takes at most half the free memory",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

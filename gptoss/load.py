@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from gptoss.checkpoint import INDEX_FILE, CheckpointError, canonical_from_disk, open_checkpoint
+from gptoss.config import ModelConfig
 from gptoss.model import GptOss, RotaryEmbedding
 
 BACKENDS = ("auto", "torch", "triton")
@@ -65,6 +66,24 @@ def resolve_backend(backend: str, device: torch.device, quantized: bool = True) 
     return backend
 
 
+def available_memory() -> int:
+    """Bytes of memory that can be allocated without swapping (Linux MemAvailable, else free pages)."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def dense_experts_bytes(config: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Memory that holding every expert matrix dense in `dtype` adds over keeping it MXFP4."""
+    n, E, D, I = config.num_hidden_layers, config.num_local_experts, config.hidden_size, config.intermediate_size
+    elements = n * E * 3 * I * D
+    return int(elements * (torch.finfo(dtype).bits / 8 - 4.25 / 8))
+
+
 def load_model(
     source: str | Path,
     *,
@@ -72,7 +91,7 @@ def load_model(
     dtype: torch.dtype = torch.bfloat16,
     backend: str = "auto",
     adapter: str | Path | None = None,
-    dequantize: bool = False,
+    dequantize: bool | str = False,
     prepack: bool = False,
 ) -> GptOss:
     """Load gpt-oss from `source`: a folder in the OpenAI `original/`, HF MXFP4 or HF bf16 layout,
@@ -82,7 +101,8 @@ def load_model(
     `dtype` (no copy when it is the file's bf16); RMSNorm gains are kept in fp32. `adapter` is a
     PEFT-format LoRA folder (see gptoss.train.lora). `dequantize=True` decodes the experts once at
     load and keeps them dense in `dtype` instead (3.8x their MXFP4 memory in bf16; the faster choice
-    on a CPU when the model fits, as in Hugging Face's Mxfp4Config(dequantize=True); torch backend).
+    on a CPU when the model fits, as in Hugging Face's Mxfp4Config(dequantize=True); torch backend);
+    "auto" does so when that takes at most half of the memory now available.
     `prepack=True` readies the weights for CPU inference (gptoss.cpu: same outputs, faster, no training).
     Returns the model in eval mode, gradients off.
     """
@@ -90,6 +110,10 @@ def load_model(
         raise ValueError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype}")
     device = torch.device(device)
     config, layout, index = open_checkpoint(resolve_source(source))
+    if dequantize == "auto":
+        dequantize = dense_experts_bytes(config, dtype) <= available_memory() / 2
+    elif dequantize not in (True, False):
+        raise ValueError(f"dequantize must be True, False or 'auto', got {dequantize!r}")
     backend = resolve_backend(backend, device, quantized=layout != "hf-bf16" and not dequantize)
 
     with torch.device("meta"):

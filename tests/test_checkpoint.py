@@ -96,6 +96,17 @@ def test_dequantize_at_load_holds_dense_experts_and_changes_no_logit(checkpoints
         load_model(checkpoints / "hf-mxfp4", dequantize=True, backend="triton")
 
 
+def test_dequantize_auto_follows_the_free_memory(checkpoints, monkeypatch):
+    folder = checkpoints / "hf-mxfp4"
+    monkeypatch.setattr(gptoss.load, "available_memory", lambda: 10**12)
+    assert not load_model(folder, dequantize="auto").model.layers[0].mlp.experts.quantized
+    need = gptoss.load.dense_experts_bytes(small_config())
+    monkeypatch.setattr(gptoss.load, "available_memory", lambda: need)  # would take all of it, not half
+    assert load_model(folder, dequantize="auto").model.layers[0].mlp.experts.quantized
+    with pytest.raises(ValueError, match="dequantize must be True, False or 'auto'"):
+        load_model(folder, dequantize="yes")
+
+
 def test_repo_root_with_original_folder(checkpoints, tmp_path):
     # A downloaded HF repo: HF MXFP4 weights at the root and OpenAI's under original/.
     root = tmp_path / "repo"
