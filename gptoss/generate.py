@@ -4,7 +4,8 @@ Memory of the cache, per sequence: each layer keeps the keys (after RoPE) and va
 2 x num_key_value_heads x head_dim numbers per token, 2 x 8 x 64 x 2 bytes = 2 KiB in bf16 for
 gpt-oss. Full-attention layers keep every token: 12 of gpt-oss-20b's 24 layers -> 24 KiB per token
 (36 KiB for 120b). Sliding-window layers keep only the last `sliding_window` tokens in a ring
-buffer: 12 x 128 x 2 KiB = 3 MiB per sequence, whatever the length.
+buffer: 12 x 128 x 2 KiB = 3 MiB per sequence, whatever the length. generate() keeps it in bf16 on
+a GPU and in fp32 (twice that) on the CPU, where converting the keys every step costs more.
 
 Ragged batches are left-padded; padding tokens get position -1, which attention never sees, so
 each prompt gets the same tokens as it would alone (exactly so with greedy decoding).
@@ -24,11 +25,14 @@ PAD = 0  # any id: padded positions are masked out
 
 
 class LayerCache:
-    """Keys, values and their positions for one layer; a ring buffer when the layer slides."""
+    """Keys, values and their positions for one layer; a ring buffer when the layer slides.
+
+    Stored head-major, [B, K, slots, Dh], so that attention's two matmuls read them in place
+    (update() returns [B, S, K, Dh] views of them, the layout attention_with_sinks takes)."""
 
     def __init__(self, batch: int, slots: int, config: ModelConfig, ring: bool, dtype: torch.dtype, device):
         K, Dh = config.num_key_value_heads, config.head_dim
-        self.k = torch.zeros(batch, slots, K, Dh, dtype=dtype, device=device)  # [B, slots, K, Dh]
+        self.k = torch.zeros(batch, K, slots, Dh, dtype=dtype, device=device)  # [B, K, slots, Dh]
         self.v = torch.zeros_like(self.k)
         self.pos = torch.full((batch, slots), -1, dtype=torch.long, device=device)  # -1: empty slot
         self.ring, self.filled = ring, 0
@@ -37,24 +41,42 @@ class LayerCache:
         """Add T new tokens ([B, T, K, Dh] x 2, positions [B, T]); return what attention should see."""
         B, T = k.shape[:2]
         pos = pos.expand(B, T)
+        slots = self.k.shape[2]
         if not self.ring:  # full attention: append
             end = self.filled + T
-            self.k[:, self.filled : end], self.v[:, self.filled : end], self.pos[:, self.filled : end] = k, v, pos
+            self._write(slice(self.filled, end), k, v, pos)
             self.filled = end
-            return self.k[:, :end], self.v[:, :end], self.pos[:, :end]
-        # sliding window: attend over the ring (the previous `slots` tokens) plus the new ones, then
-        # keep the newest `slots` of them; slot = column % slots
-        seen = (torch.cat((self.k, k), 1), torch.cat((self.v, v), 1), torch.cat((self.pos, pos), 1))
-        slots = self.k.shape[1]
+            return self.k[:, :, :end].transpose(1, 2), self.v[:, :, :end].transpose(1, 2), self.pos[:, :end]
+        if T == 1:  # one new token (decoding): it replaces the oldest, and the ring is exactly its window
+            self._write(self.filled % slots, k[:, 0], v[:, 0], pos[:, 0])
+            self.filled += 1
+            return self.k.transpose(1, 2), self.v.transpose(1, 2), self.pos
+        # several new tokens: the earlier of them still see keys they push out, so attend over the
+        # ring plus all of them, then keep the newest `slots`; slot = column % slots
+        seen_k = torch.cat((self.k.transpose(1, 2), k.to(self.k.dtype)), 1)  # [B, slots + T, K, Dh]
+        seen_v = torch.cat((self.v.transpose(1, 2), v.to(self.v.dtype)), 1)
+        seen_pos = torch.cat((self.pos, pos), 1)
         keep = min(T, slots)
         cols = torch.arange(self.filled + T - keep, self.filled + T, device=k.device) % slots
-        self.k[:, cols], self.v[:, cols], self.pos[:, cols] = k[:, -keep:], v[:, -keep:], pos[:, -keep:]
+        self._write(cols, k[:, -keep:], v[:, -keep:], pos[:, -keep:])
         self.filled += T
-        return seen
+        return seen_k, seen_v, seen_pos
+
+    def _write(self, where, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        """Store keys/values [B, (n,) K, Dh] and positions at slot(s) `where` (an int, a slice or indices)."""
+        self.k.transpose(1, 2)[:, where] = k.to(self.k.dtype)
+        self.v.transpose(1, 2)[:, where] = v.to(self.v.dtype)
+        self.pos[:, where] = pos
 
 
 class KVCache:
-    def __init__(self, config: ModelConfig, batch: int, max_tokens: int, dtype: torch.dtype, device="cpu"):
+    """`dtype` None: fp32 on the CPU (attention computes in fp32, so the cached keys are read without
+    a conversion each step; the values are bf16 numbers either way, so outputs do not change), the
+    model's dtype elsewhere (half the memory; GPUs convert at no cost)."""
+
+    def __init__(self, config: ModelConfig, batch: int, max_tokens: int, dtype: torch.dtype | None, device="cpu"):
+        if dtype is None:
+            dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
         self.layers = [
             LayerCache(
                 batch,
@@ -137,7 +159,8 @@ def generate(
     for b, p in enumerate(prompts):  # left padding: every prompt ends in the last column
         ids[b, longest - len(p) :] = torch.tensor(p, device=device)
         positions[b, longest - len(p) :] = torch.arange(len(p), device=device)
-    cache = KVCache(model.config, B, longest + max_new_tokens, model.dtype, device)
+    cache_dtype = torch.float32 if device.type == "cpu" else model.dtype  # see KVCache
+    cache = KVCache(model.config, B, longest + max_new_tokens, cache_dtype, device)
     generators = [None if seed is None else torch.Generator().manual_seed(seed + b) for b in range(B)]
     stop = set(stop_tokens)
 
