@@ -47,8 +47,8 @@ def read_bandwidth_gbs() -> float:
 
 
 # each figure is the best of this many runs (a shared machine: the best run is the least disturbed);
-# once for the gpt-oss-20b shape, whose runs take minutes
-REPEATS = {"gpt-oss-20b": 1}
+# 3 by default, 5 for the tiny shape (runs of milliseconds), once for gpt-oss-20b (runs of minutes)
+REPEATS = {"tiny": 5, "gpt-oss-20b": 1}
 
 
 def bytes_per_token(c: ModelConfig) -> float:

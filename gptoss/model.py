@@ -105,20 +105,18 @@ def attention_with_sinks(
     B, T, K, G, Dh = q.shape
     S = k.shape[1]
     # GQA: the G query heads of a KV head are stacked along the query axis, so one matmul per KV head
-    q_ = q.float().permute(0, 2, 3, 1, 4).reshape(B, K, G * T, Dh)  # [B, K, G*T, Dh]
-    scores = (q_ @ k.float().permute(0, 2, 3, 1)).view(B, K, G, T, S) / math.sqrt(Dh)  # [B, K, G, T, S]
+    q_ = q.float().permute(0, 2, 3, 1, 4).reshape(B, K, G * T, Dh) / math.sqrt(Dh)  # [B, K, G*T, Dh], scaled
+    scores = (q_ @ k.float().permute(0, 2, 3, 1)).view(B, K, G, T, S)  # [B, K, G, T, S]
     key, query = k_pos.unsqueeze(-2), q_pos.unsqueeze(-1)  # [.., 1, S], [.., T, 1]
-    visible = (key <= query) & (key >= 0)  # [T, S] or [B, T, S]: causal, no padding
-    if window is not None:
-        visible &= key > query - window
+    # a key is seen if it is not later than the query, within the window, and not padding (position -1)
+    oldest = -1 if window is None else (query - window).clamp(min=-1)  # keys at or before this are not seen
+    visible = (key > oldest) & (key <= query)  # [T, S] or [B, T, S]
     scores = scores.masked_fill(~visible.view(-1, 1, 1, T, S), float("-inf"))
-    # The sink is one extra logit per head in the softmax denominator with no value vector: raw
-    # (not scaled by 1/sqrt(Dh)), and part of the max, so a row whose keys are all masked is still defined.
-    sink = sinks.float().view(1, K, G, 1, 1)
-    top = torch.maximum(scores.amax(dim=-1, keepdim=True), sink)  # [B, K, G, T, 1]
-    weights = torch.exp(scores - top)  # [B, K, G, T, S]
-    probs = weights / (weights.sum(dim=-1, keepdim=True) + torch.exp(sink - top))
-    out = probs.view(B, K, G * T, S) @ v.float().transpose(1, 2)  # [B, K, G*T, Dh]
+    # The sink is one extra logit per head in the softmax, raw (not scaled by 1/sqrt(Dh)), with no
+    # value vector: it only adds to the denominator, and a row whose keys are all masked is still defined.
+    sink = sinks.float().view(1, K, G, 1, 1).expand(B, K, G, T, 1)
+    probs = torch.cat((scores, sink), dim=-1).softmax(dim=-1)[..., :S]  # [B, K, G, T, S]
+    out = probs.reshape(B, K, G * T, S) @ v.float().transpose(1, 2)  # [B, K, G*T, Dh]
     return out.view(B, K, G, T, v.shape[-1]).permute(0, 3, 1, 2, 4).to(q.dtype)  # [B, T, K, G, Dh]
 
 
@@ -376,8 +374,9 @@ class GptOss(nn.Module):
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device)
-        cos, sin = self.model.rotary_emb(positions)  # [(B,) T, Dh/2] each
         x = self.model.embed_tokens(input_ids)  # [B, T, D], no scaling
+        cos, sin = self.model.rotary_emb(positions)  # [(B,) T, Dh/2] each, fp32
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # as apply_rotary would, once for all layers
         for i, layer in enumerate(self.model.layers):
             layer_cache = None if cache is None else cache.layers[i]
             if self.gradient_checkpointing and torch.is_grad_enabled():  # recompute each layer in backward
