@@ -57,8 +57,16 @@ class PackedLinear(_InferenceOnly):
         return packed_linear(x, self.packed, self.bias)
 
 
+# Expert matrices up to this many elements are "small": a call per expert then costs more than the
+# product itself, so several experts run as one batched matmul over their tokens, padded to the
+# busiest expert's count (on this machine 2 calls of ~25 us instead of 8 of ~17 us for the tiny preset).
+SMALL_EXPERT = 1 << 16
+BATCH_FROM = 4  # experts in use, at least
+
+
 class PackedExperts(_InferenceOnly):
-    """Dense experts, each matrix prepacked: the interface experts_forward uses (linear, the biases)."""
+    """Dense experts with the interface experts_forward uses (linear, grouped_linear, the biases):
+    every matrix prepacked; small ones also kept dense for batched matmuls."""
 
     quantized = False
     has_lora = False
@@ -67,12 +75,28 @@ class PackedExperts(_InferenceOnly):
         super().__init__()
         self.gate_up_proj_bias = experts.gate_up_proj_bias.detach()
         self.down_proj_bias = experts.down_proj_bias.detach()
-        self.packed = {
-            which: [pack_weight(w) for w in getattr(experts, which)] for which in ("gate_up_proj", "down_proj")
-        }
+        matrices = ("gate_up_proj", "down_proj")
+        self.packed = {which: [pack_weight(w) for w in getattr(experts, which)] for which in matrices}
+        self.small = experts.gate_up_proj[0].numel() <= SMALL_EXPERT
+        if self.small:  # also kept dense, for the batched matmul (small by definition)
+            self.dense = {which: getattr(experts, which).detach() for which in matrices}
 
     def linear(self, which: str, e: int, x: torch.Tensor) -> torch.Tensor:
         return packed_linear(x, self.packed[which][e], getattr(self, which + "_bias")[e])
+
+    def grouped_linear(self, which: str, x: torch.Tensor, runs: list[tuple[int, int, int]]) -> torch.Tensor:
+        if not self.small or len(runs) < BATCH_FROM:
+            return torch.cat([self.linear(which, e, x[a:b]) for e, a, b in runs])
+        # run j's rows go to rows j*width .. j*width + n_j - 1 of a zero-padded [runs, width, in] batch
+        width = max(b - a for _, a, b in runs)
+        slots = torch.tensor([j * width + i for j, (_, a, b) in enumerate(runs) for i in range(b - a)])
+        padded = x.new_zeros(len(runs) * width, x.shape[1]).index_copy_(0, slots, x).view(len(runs), width, -1)
+        ids = [e for e, _, _ in runs]
+        weight, bias = self.dense[which], getattr(self, which + "_bias")
+        if ids != list(range(weight.shape[0])):  # only the experts in use
+            weight, bias = weight[ids], bias[ids]
+        out = torch.baddbmm(bias.unsqueeze(1), padded, weight.transpose(1, 2))  # [runs, width, out]
+        return out.view(len(runs) * width, -1)[slots]
 
 
 def prepack(model: GptOss) -> GptOss:

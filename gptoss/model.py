@@ -259,6 +259,10 @@ class Experts(nn.Module):
         y = F.linear(x, self.weight(which, e), getattr(self, which + "_bias")[e])
         return y + self.lora(which, e, x) if self.has_lora else y
 
+    def grouped_linear(self, which: str, x: torch.Tensor, runs: list[tuple[int, int, int]]) -> torch.Tensor:
+        """Rows a:b of x [P, in] through expert e, for each run (e, a, b) in order -> [P, out]."""
+        return torch.cat([self.linear(which, e, x[a:b]) for e, a, b in runs])
+
 
 def experts_forward(
     x_TD: torch.Tensor, weights_Tk: torch.Tensor, ids_Tk: torch.Tensor, experts: Experts, alpha: float, limit: float
@@ -275,9 +279,9 @@ def experts_forward(
     ends = [sum(counts[: e + 1]) for e in range(len(counts))]
     runs = [(e, end - n, end) for e, (n, end) in enumerate(zip(counts, ends)) if n > 0]  # (expert, first row, end)
     x_sorted = x_TD[order // k]  # [T*k, D], row i is pair order[i]'s token
-    h = torch.cat([experts.linear("gate_up_proj", e, x_sorted[a:b]) for e, a, b in runs])  # [T*k, 2I]
+    h = experts.grouped_linear("gate_up_proj", x_sorted, runs)  # [T*k, 2I]
     act = swiglu(h, alpha, limit)  # [T*k, I], one call for every expert
-    y = torch.cat([experts.linear("down_proj", e, act[a:b]) for e, a, b in runs])  # [T*k, D]
+    y = experts.grouped_linear("down_proj", act, runs)  # [T*k, D]
     # the routing weight multiplies the whole expert output, second bias included; summed in fp32
     y = y.float() * weights_Tk.flatten()[order].unsqueeze(-1)
     out_pairs = torch.empty_like(y).index_copy_(0, order, y)  # back to (token, slot) order: [T*k, D]
