@@ -2,10 +2,16 @@
 
     python benchmarks/bench_train.py --quick      # tiny config
     python benchmarks/bench_train.py              # tiny and mid
+    python benchmarks/bench_train.py --all-positions   # loss on every position of random tokens
 
 Both train LoRA r=8 / alpha 16 on q/k/v/o and on the experts of the default layers (the last of each
-third of the depth), with AdamW, on the same random token batch (loss on every position), without
-activation checkpointing, fp32 on the CPU (bf16 on a GPU). Reported: median step time over 5 steps
+third of the depth), with AdamW, without activation checkpointing, fp32 on the CPU (bf16 on a GPU).
+The batch is the first `--batch` rows of the bundled training set rendered in Harmony, the loss on
+the assistant's tokens only (reasoning and answer, about a third of each row), as each
+implementation is used for it: our trainer's step (gptoss.train.trainer.sum_loss, which applies the
+unembedding to the supervised positions only) and transformers' `model(input_ids, labels=...)`
+with -100 on the other positions. `--all-positions` measures random tokens with the loss on every
+position instead, where that difference does not apply. Reported: median step time over 5 steps
 after a warm-up, and peak resident memory during the runs.
 """
 
@@ -16,14 +22,19 @@ import gc
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from gptoss.train.data import collate, load_dataset
 from gptoss.train.lora import apply_lora, default_expert_layers
+from gptoss.train.trainer import sum_loss
 from results import PeakRSS, machine, record, table
 
 from gptoss import get_preset, load_model
 from gptoss.synthetic import cached_checkpoint
+
+DATA = Path(__file__).resolve().parents[1] / "train" / "data" / "multilingual_reasoning_train.jsonl"
 
 
 def steps(step_fn, n=5) -> float:
@@ -36,7 +47,7 @@ def steps(step_fn, n=5) -> float:
     return statistics.median(times)
 
 
-def ours(folder, ids, layers, dtype):
+def ours(folder, batch, layers, dtype):
     with PeakRSS() as mem:
         model = load_model(folder, dtype=dtype)
         params = apply_lora(model, 8, 16, layers)
@@ -45,18 +56,27 @@ def ours(folder, ids, layers, dtype):
 
         def step():
             opt.zero_grad()
-            logits = model(ids[:, :-1])
-            F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten()).backward()
+            if isinstance(batch, list):  # Harmony examples: the trainer's loss
+                loss, n = sum_loss(model, batch, "cpu")
+                (loss / n).backward()
+            else:  # random tokens, every position
+                logits = model(batch[:, :-1])
+                F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten()).backward()
             opt.step()
 
         step_s = steps(step)
     return {"step_s": step_s, "peak_rss_gb": mem.gb, "trainable": sum(p.numel() for p in params)}
 
 
-def theirs(folder, ids, layers, dtype):
+def theirs(folder, batch, layers, dtype):
     import peft
     from transformers import GptOssForCausalLM, Mxfp4Config
 
+    if isinstance(batch, list):
+        ids, mask = collate(batch)
+        labels = ids.masked_fill(mask == 0, -100)  # transformers shifts the labels itself
+    else:
+        ids, labels = batch, batch
     with PeakRSS() as mem:
         model = GptOssForCausalLM.from_pretrained(folder, quantization_config=Mxfp4Config(dequantize=True), dtype=dtype)
         targets = [f"{i}.mlp.experts.{w}" for i in layers for w in ("gate_up_proj", "down_proj")]
@@ -69,8 +89,7 @@ def theirs(folder, ids, layers, dtype):
 
         def step():
             opt.zero_grad()
-            logits = model(ids[:, :-1]).logits
-            F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten()).backward()
+            model(input_ids=ids, labels=labels).loss.backward()
             opt.step()
 
         step_s = steps(step)
@@ -82,30 +101,41 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny config only")
     parser.add_argument("--batch", type=int, default=4, help="sequences per step (default: 4)")
-    parser.add_argument("--seq", type=int, default=128, help="tokens per sequence (default: 128)")
+    parser.add_argument("--all-positions", action="store_true", help="random tokens, loss on every position")
+    parser.add_argument("--seq", type=int, default=128, help="tokens per sequence with --all-positions (default: 128)")
     args = parser.parse_args()
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if args.all_positions:
+        gen = torch.Generator().manual_seed(0)
+        batch = torch.randint(0, 199_000, (args.batch, args.seq + 1), generator=gen)
+        tokens, supervised, workload = batch.numel(), args.batch * args.seq, "random tokens, loss on all"
+    else:
+        batch = load_dataset(DATA, max_length=1024).examples[: args.batch]
+        ids, mask = collate(batch)
+        tokens, supervised, workload = ids.numel(), int(mask[:, 1:].sum()), "Harmony rows, loss on the assistant"
     rows = []
     for name in ["tiny"] if args.quick else ["tiny", "mid"]:
         config = get_preset(name)
         folder = cached_checkpoint(name, "hf-mxfp4")
-        ids = torch.randint(0, 199_000, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
         layers = default_expert_layers(config.num_hidden_layers)
         for impl, fn in (("gptoss", ours), ("transformers+peft", theirs)):
             print(f"{name}: {impl} ...", flush=True)
+            result = fn(folder, batch, layers, dtype)
             rows.append(
                 {
                     "impl": impl,
                     "config": name,
+                    "workload": workload,
                     "batch": args.batch,
-                    "seq": args.seq,
+                    "tokens": tokens,
+                    "supervised": supervised,
                     "dtype": str(dtype),
-                    **fn(folder, ids, layers, dtype),
-                }
+                    **result,
+                }  # fmt: skip
             )
             gc.collect()
-    print(table(rows, ["impl", "config", "batch", "seq", "trainable", "step_s", "peak_rss_gb"]))
-    for name in {r["config"] for r in rows}:
+    print(table(rows, ["impl", "config", "workload", "tokens", "supervised", "trainable", "step_s", "peak_rss_gb"]))
+    for name in dict.fromkeys(r["config"] for r in rows):
         a, b = (
             next(r for r in rows if r["config"] == name and r["impl"] == i) for i in ("gptoss", "transformers+peft")
         )

@@ -84,7 +84,8 @@ def batch_order(n: int, step: int, per_step: int, seed: int) -> list[int]:
     return out
 
 
-def _sum_loss(model, examples: list[Example], device) -> tuple[torch.Tensor, int]:
+def sum_loss(model, examples: list[Example], device) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over the supervised tokens of a batch, and their count."""
     ids, mask = collate(examples)
     ids, mask = ids.to(device), mask.to(device)
     hidden = model.hidden(ids)[:, :-1]  # position t predicts token t + 1
@@ -98,7 +99,7 @@ def _sum_loss(model, examples: list[Example], device) -> tuple[torch.Tensor, int
 def evaluate(model, data, cfg: TrainConfig, device) -> float:
     total, count = 0.0, 0
     for i in range(0, min(len(data.examples), cfg.eval_batches * cfg.batch_size), cfg.batch_size):
-        loss, n = _sum_loss(model, data.examples[i : i + cfg.batch_size], device)
+        loss, n = sum_loss(model, data.examples[i : i + cfg.batch_size], device)
         total, count = total + loss.item(), count + n
     return total / max(count, 1)
 
@@ -186,7 +187,7 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64)
         for i in range(0, len(examples), cfg.batch_size):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-                loss, _ = _sum_loss(self.model, examples[i : i + cfg.batch_size], self.device)
+                loss, _ = sum_loss(self.model, examples[i : i + cfg.batch_size], self.device)
             (loss / total_tokens).backward()
             loss_sum += loss.detach().double().cpu()
         if self.world > 1:
