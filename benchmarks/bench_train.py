@@ -49,7 +49,9 @@ def steps(step_fn, n=5) -> float:
 
 def ours(folder, batch, layers, dtype):
     with PeakRSS() as mem:
-        model = load_model(folder, dtype=dtype)
+        model = load_model(
+            folder, dtype=dtype, dequantize="auto" if dtype == torch.float32 else False
+        )  # as the trainer
         params = apply_lora(model, 8, 16, layers)
         model.train()
         opt = torch.optim.AdamW(params, lr=1e-4)

@@ -160,7 +160,7 @@ def swiglu(h: torch.Tensor, alpha: float = 1.702, limit: float = 7.0) -> torch.T
     Gate and linear columns are interleaved (even = gate, odd = linear), not two halves. The gate
     is clamped from above only, the linear part on both sides, and the linear part gets a +1.
     """
-    gate, linear = h[..., 0::2], h[..., 1::2]
+    gate, linear = h.unflatten(-1, (-1, 2)).unbind(-1)  # columns 0, 2, 4, ... and 1, 3, 5, ...
     gate = gate.clamp(max=limit)
     linear = linear.clamp(min=-limit, max=limit)
     return gate * torch.sigmoid(alpha * gate) * (linear + 1)
@@ -261,7 +261,9 @@ class Experts(nn.Module):
 
     def grouped_linear(self, which: str, x: torch.Tensor, runs: list[tuple[int, int, int]]) -> torch.Tensor:
         """Rows a:b of x [P, in] through expert e, for each run (e, a, b) in order -> [P, out]."""
-        return torch.cat([self.linear(which, e, x[a:b]) for e, a, b in runs])
+        # split, not one slice per run: in backward, each slice would fill a zero [P, in] gradient
+        parts = x.split([b - a for _, a, b in runs])
+        return torch.cat([self.linear(which, e, part) for (e, _, _), part in zip(runs, parts)])
 
 
 def experts_forward(
@@ -278,7 +280,7 @@ def experts_forward(
     counts = torch.bincount(flat_ids, minlength=experts.gate_up_proj_bias.shape[0]).tolist()
     ends = [sum(counts[: e + 1]) for e in range(len(counts))]
     runs = [(e, end - n, end) for e, (n, end) in enumerate(zip(counts, ends)) if n > 0]  # (expert, first row, end)
-    x_sorted = x_TD[order // k]  # [T*k, D], row i is pair order[i]'s token
+    x_sorted = x_TD.index_select(0, order // k)  # [T*k, D], row i is pair order[i]'s token
     h = experts.grouped_linear("gate_up_proj", x_sorted, runs)  # [T*k, 2I]
     act = swiglu(h, alpha, limit)  # [T*k, I], one call for every expert
     y = experts.grouped_linear("down_proj", act, runs)  # [T*k, D]
