@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from gptoss.train import data as train_data
 from gptoss.train.data import MalformedRowError, load_dataset, render_example
 from gptoss.train.trainer import TrainConfig, Trainer, lr_at
@@ -187,3 +188,26 @@ def test_parquet_and_hub_dataset_ids(tmp_path, monkeypatch):
     assert calls == [("HuggingFaceH4/Multilingual-Thinking", "dataset")]
     with pytest.raises(FileNotFoundError, match="not found"):
         load_dataset("missing/file.jsonl")
+
+
+@pytest.mark.parametrize("weight_grad", [False, True])  # LoRA (frozen unembedding) and full fine-tuning
+def test_linear_cross_entropy_equals_the_unfused_loss_and_gradients(weight_grad):
+    from gptoss.train.loss import linear_cross_entropy
+
+    N, D, V = 37, 24, 1000
+    h = torch.randn(N, D, requires_grad=True)
+    weight = (torch.randn(V, D) / D**0.5).requires_grad_(weight_grad)
+    target = torch.randint(0, V, (N,))
+    ours = linear_cross_entropy(h, weight, target)
+    (ours * 0.5).backward()  # a non-unit upstream gradient
+    grads = (h.grad.clone(), weight.grad.clone() if weight_grad else None)
+    h.grad = None
+    weight.grad = None
+    reference = F.cross_entropy(F.linear(h, weight).float(), target, reduction="sum")
+    (reference * 0.5).backward()
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grads[0], h.grad, rtol=1e-5, atol=1e-6)
+    if weight_grad:
+        torch.testing.assert_close(grads[1], weight.grad, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"need h \[N, D\] and target \[N\]"):
+        linear_cross_entropy(h, weight, target[:-1])

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from gptoss.train.data import BUNDLED_HELDOUT, BUNDLED_TRAIN, Example, collate, load_dataset
 from gptoss.train.lora import apply_lora, save_adapter
+from gptoss.train.loss import linear_cross_entropy
 
 from gptoss.load import load_model
 
@@ -91,8 +91,9 @@ def sum_loss(model, examples: list[Example], device) -> tuple[torch.Tensor, int]
     hidden = model.hidden(ids)[:, :-1]  # position t predicts token t + 1
     target = ids[:, 1:]
     supervised = mask[:, 1:].bool()
-    logits = model.lm_head(hidden[supervised])  # [n_supervised, V]: the unembedding only where needed
-    return F.cross_entropy(logits.float(), target[supervised], reduction="sum"), int(supervised.sum())
+    # the unembedding only where the loss is taken, fused with the cross-entropy (see train/loss.py)
+    loss = linear_cross_entropy(hidden[supervised], model.lm_head.weight, target[supervised])
+    return loss, int(supervised.sum())
 
 
 @torch.no_grad()
