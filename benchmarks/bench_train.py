@@ -9,7 +9,8 @@ third of the depth), with AdamW, without activation checkpointing, fp32 on the C
 The batch is the first `--batch` rows of the bundled training set rendered in Harmony, the loss on
 the assistant's tokens only (reasoning and answer, about a third of each row), as each
 implementation is used for it: our trainer's step (gptoss.train.trainer.sum_loss, which applies the
-unembedding to the supervised positions only) and transformers' `model(input_ids, labels=...)`
+unembedding to the supervised positions only, fused with the cross-entropy: train/loss.py) and
+transformers' `model(input_ids, labels=...)`
 with -100 on the other positions. `--all-positions` measures random tokens with the loss on every
 position instead, where that difference does not apply. Reported: median step time over 5 steps
 after a warm-up, and peak resident memory during the runs.
@@ -25,9 +26,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from gptoss.train.data import collate, load_dataset
 from gptoss.train.lora import apply_lora, default_expert_layers
+from gptoss.train.loss import linear_cross_entropy
 from gptoss.train.trainer import sum_loss
 from results import PeakRSS, machine, record, table
 
@@ -61,9 +62,11 @@ def ours(folder, batch, layers, dtype):
             if isinstance(batch, list):  # Harmony examples: the trainer's loss
                 loss, n = sum_loss(model, batch, "cpu")
                 (loss / n).backward()
-            else:  # random tokens, every position
-                logits = model(batch[:, :-1])
-                F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten()).backward()
+            else:  # random tokens, every position supervised: the same loss over all of them
+                hidden = model.hidden(batch[:, :-1]).flatten(0, 1)
+                (
+                    linear_cross_entropy(hidden, model.lm_head.weight, batch[:, 1:].flatten()) / hidden.shape[0]
+                ).backward()
             opt.step()
 
         step_s = steps(step)
