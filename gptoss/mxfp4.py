@@ -22,11 +22,21 @@ _MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 
 
 @functools.cache
-def _byte_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A byte holds two codes, so decode whole bytes: row b is (value of the low nibble, value of the
-    high nibble) of byte b. One gather per byte instead of two per nibble."""
+def _pair_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Decode two bytes (four codes) per lookup: row u is the four values of the byte pair whose
+    16-bit word, as this machine reads it, is u. One gather per four elements instead of one per
+    element, from a 512 KiB (bf16) table."""
     lut = torch.tensor(FP4_VALUES, dtype=dtype, device=device)
-    return torch.stack((lut.repeat(16), lut.repeat_interleave(16)), dim=-1)  # [256, 2]
+    byte = torch.stack((lut.repeat(16), lut.repeat_interleave(16)), dim=-1)  # [256, 2]: low nibble first
+    first, second = (
+        torch.arange(256, device=device).repeat_interleave(256),
+        torch.arange(256, device=device).repeat(256),
+    )
+    pairs = torch.stack((first, second), dim=-1).to(torch.uint8)  # [65536, 2]: every byte pair, in memory order
+    word = pairs.view(torch.uint16).view(-1).to(torch.int64)  # [65536]: each pair read as one 16-bit word
+    table = torch.empty(65536, 4, dtype=dtype, device=device)
+    table[word] = torch.cat((byte[first], byte[second]), dim=-1)
+    return table  # [65536, 4]
 
 
 def dequantize(
@@ -57,10 +67,11 @@ def dequantize(
         return t
 
     exact = dtype if dtype in (torch.bfloat16, torch.float32) else torch.float32  # fp16's range is too small
-    pairs = _byte_table(exact, blocks.device)  # [256, 2]
-    codes = buffer("codes", tuple(blocks.shape), torch.int32).copy_(blocks)  # gather indices must be integers
-    values = buffer("values", (*blocks.shape, 2), exact)  # [..., G, 16, 2]
-    torch.index_select(pairs, 0, codes.view(-1), out=values.view(-1, 2))  # a row gather
+    table = _pair_table(exact, blocks.device)  # [65536, 4]
+    words = blocks.contiguous().view(torch.uint16)  # [..., G, 8]: two bytes, four codes each
+    codes = buffer("codes", tuple(words.shape), torch.int32).copy_(words)  # gather indices must be int32/64
+    values = buffer("values", (*words.shape, 4), exact)  # [..., G, 8, 4]
+    torch.index_select(table, 0, codes.view(-1), out=values.view(-1, 4))  # a row gather
     scale = torch.exp2(scales.to(torch.float32) - SCALE_BIAS).to(exact)  # [..., G], a power of two: exact
     out = buffer("out", (*scales.shape, BLOCK), exact)  # [..., G, 32]
     torch.mul(values.view(*scales.shape, BLOCK), scale.unsqueeze(-1), out=out)

@@ -27,6 +27,19 @@ def test_all_256_byte_codes(dtype, scale_byte):
     assert torch.equal(out.double(), expected)  # exact: no rounding anywhere
 
 
+def test_every_byte_pair_in_every_position():
+    # the decoder reads two bytes at a time: all 65,536 pairs, each at every even offset of a block
+    first, second = torch.arange(256).repeat_interleave(256), torch.arange(256).repeat(256)
+    pairs = torch.stack((first, second), dim=-1).to(torch.uint8)  # [65536, 2]
+    blocks = torch.cat([pairs.roll(shift, 0) for shift in range(8)], dim=-1).view(65536, 1, 16)
+    scales = torch.randint(100, 150, (65536, 1), dtype=torch.uint8)
+    nibble = torch.tensor([e2m1_decode(c) for c in range(16)], dtype=torch.float64)
+    b = blocks.long()
+    expected = torch.stack((nibble[b & 0xF], nibble[b >> 4]), dim=-1).view(65536, 32)  # low nibble first
+    expected *= 2.0 ** (scales.double() - 127)
+    assert torch.equal(mxfp4.dequantize(blocks, scales, torch.float32).double(), expected)
+
+
 def test_worked_example_from_the_spec():
     blocks = torch.zeros(1, 16, dtype=torch.uint8)
     blocks[0, 0] = 0x2A
