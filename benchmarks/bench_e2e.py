@@ -5,8 +5,8 @@ GPU), Hugging Face transformers' GptOssForCausalLM, and OpenAI's reference when 
     python benchmarks/bench_e2e.py                # tiny, mid and the full gpt-oss-20b shape
 
 Implementations: `gptoss-torch`, the reference path as loaded by default (MXFP4 experts decoded on
-every use); `gptoss-cpu`, the CPU fast path (`load_model(dequantize="auto", prepack=True)`: experts
-decoded once at load when they fit in half the free memory, weights prepacked for oneDNN; the
+every use); `gptoss-cpu`, the CPU fast path (`load_model(dequantize="auto", prepack="auto")`: experts
+decoded once at load when they fit in half the free memory, and then weights prepacked for oneDNN; the
 generate/chat commands' default on a CPU); `gptoss-triton` on a GPU; transformers.
 
 Per implementation and config: load time, prefill tokens/s (one prompt), greedy decode tokens/s at
@@ -30,6 +30,7 @@ from results import RESULTS_DIR, PeakRSS, machine, plot, record, table
 
 from gptoss import get_preset, load_model
 from gptoss.config import ModelConfig
+from gptoss.cpu import PackedLinear
 from gptoss.generate import generate
 from gptoss.load import available_memory
 from gptoss.synthetic import cached_checkpoint
@@ -66,12 +67,13 @@ def dense_bf16_bytes(c: ModelConfig) -> float:
 
 
 def run_ours(folder, config, backend, prompt_len, new_tokens, device, repeats, fast_cpu=False):
-    """fast_cpu: the CPU fast path (experts dense when they fit in half the free memory, weights prepacked)."""
+    """fast_cpu: the CPU fast path (experts dense when they fit in half the free memory, then weights prepacked)."""
     with PeakRSS() as mem:
         start = time.perf_counter()
-        options = dict(dequantize="auto", prepack=True) if fast_cpu else {}
+        options = dict(dequantize="auto", prepack="auto") if fast_cpu else {}
         model = load_model(folder, device=device, backend=backend, **options)
         experts = "dense bf16" if not model.model.layers[0].mlp.experts.quantized else "MXFP4, decoded per use"
+        packed = isinstance(model.lm_head, PackedLinear)
         load_s = time.perf_counter() - start
         gen = torch.Generator().manual_seed(0)
         prompt = torch.randint(0, 199_000, (8, prompt_len), generator=gen).tolist()
@@ -90,7 +92,7 @@ def run_ours(folder, config, backend, prompt_len, new_tokens, device, repeats, f
         "decode_b8_tok_s": max(s["decode_tokens"] / s["decode_s"] for s in s8),
         "peak_rss_gb": mem.gb,
         "peak_anon_gb": mem.anon_gb,
-        "note": f"experts {experts}" + (", weights prepacked" if fast_cpu else ""),
+        "note": f"experts {experts}" + (", weights prepacked" if packed else ""),
     }
 
 

@@ -150,10 +150,8 @@ def _load(args: argparse.Namespace):
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     cpu = torch.device(args.device).type == "cpu"
     dequantize = {"auto": "auto" if cpu else False, "mxfp4": False, "dense": True}[args.experts]
-    # on the CPU, weights prepacked for oneDNN: the same tokens, faster (gptoss.cpu)
-    from gptoss.cpu import available
-
-    return load_model(args.model, device=args.device, dtype=dtype, dequantize=dequantize, prepack=cpu and available())
+    # on the CPU, weights prepacked for oneDNN when the experts are dense: the same tokens, faster (gptoss.cpu)
+    return load_model(args.model, device=args.device, dtype=dtype, dequantize=dequantize, prepack="auto")
 
 
 def _speed(stats: dict) -> str:

@@ -4,8 +4,9 @@
 into its blocked layout on every call. For the few-row products of decoding (one row per sequence,
 a handful per expert) that reorder costs as much as the product itself. `prepack(model)` does it
 once: every plain nn.Linear becomes a PackedLinear, and dense experts become PackedExperts, both
-calling oneDNN with the blocked weight. The outputs are bitwise those of F.linear (tested); on
-this machine decode steps got 1.4x-2x faster per matmul (benchmarks/bench_e2e.py has the totals).
+calling oneDNN with the blocked weight. In bf16 the model's outputs stay bitwise those of the
+reference path (tested; in fp32, F.linear uses MKL instead, so they agree to rounding). On a 2-core
+CPU the few-row matmuls of decoding got 1.4x-2x faster (benchmarks/bench_e2e.py has the totals).
 
 A prepacked model is for inference on the CPU only: the packed weights are opaque oneDNN tensors
 (no autograd, no state_dict, no .to(device)). Modules wrapped by a LoRA adapter and MXFP4 experts
@@ -101,7 +102,7 @@ class PackedExperts(_InferenceOnly):
 
 def prepack(model: GptOss) -> GptOss:
     """Prepack `model`'s weights for CPU inference, in place (module by module, so the peak memory
-    is the model plus one matrix); returns it. Outputs stay bitwise the same."""
+    is the model plus one layer's experts); returns it."""
     if not available():
         raise RuntimeError("this PyTorch build has no oneDNN (mkldnn) support: run without prepacking")
     if model.device.type != "cpu":

@@ -72,3 +72,10 @@ def test_lora_wrapped_modules_are_left_alone(checkpoint):
     assert isinstance(model.model.layers[0].mlp.experts, PackedExperts)  # no expert adapter on layer 0
     assert not isinstance(model.model.layers[1].mlp.experts, PackedExperts)  # layer 1 has one
     assert torch.equal(model(ids), expected)
+
+
+def test_prepack_auto_packs_only_models_with_dense_experts(checkpoint):
+    assert isinstance(load_model(checkpoint, dequantize=True, prepack="auto").lm_head, PackedLinear)
+    assert type(load_model(checkpoint, prepack="auto").lm_head) is nn.Linear  # MXFP4 experts: memory is short
+    with pytest.raises(ValueError, match="prepack must be True, False or 'auto'"):
+        load_model(checkpoint, prepack="yes")
