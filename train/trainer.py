@@ -117,9 +117,10 @@ class Trainer:
             dist.init_process_group("nccl" if cuda else "gloo")
         dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
         self.autocast = cuda and cfg.dtype in ("auto", "bf16")
-        # on the CPU the experts are decoded once at load when that fits (decoding per use costs more
-        # than the matmuls); on a GPU they stay MXFP4
-        dequantize = "auto" if self.device.type == "cpu" else False
+        # LoRA on the CPU: the experts are decoded once at load when that fits (decoding per use costs
+        # more than the matmuls). On a GPU, and for full fine-tuning (which leaves the MXFP4 expert
+        # weights as they are and saves them so), they stay MXFP4.
+        dequantize = "auto" if self.device.type == "cpu" and not cfg.full_finetune else False
         self.model = load_model(cfg.model, device=self.device, dtype=dtype, dequantize=dequantize)
         self.model.gradient_checkpointing = cfg.gradient_checkpointing
         if cfg.full_finetune:
