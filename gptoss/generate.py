@@ -70,13 +70,7 @@ class LayerCache:
 
 
 class KVCache:
-    """`dtype` None: fp32 on the CPU (attention computes in fp32, so the cached keys are read without
-    a conversion each step; the values are bf16 numbers either way, so outputs do not change), the
-    model's dtype elsewhere (half the memory; GPUs convert at no cost)."""
-
-    def __init__(self, config: ModelConfig, batch: int, max_tokens: int, dtype: torch.dtype | None, device="cpu"):
-        if dtype is None:
-            dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    def __init__(self, config: ModelConfig, batch: int, max_tokens: int, dtype: torch.dtype, device="cpu"):
         self.layers = [
             LayerCache(
                 batch,
@@ -159,7 +153,9 @@ def generate(
     for b, p in enumerate(prompts):  # left padding: every prompt ends in the last column
         ids[b, longest - len(p) :] = torch.tensor(p, device=device)
         positions[b, longest - len(p) :] = torch.arange(len(p), device=device)
-    cache_dtype = torch.float32 if device.type == "cpu" else model.dtype  # see KVCache
+    # fp32 on the CPU: attention computes in fp32, so the keys are then read without a conversion each
+    # step (they hold bf16 numbers either way: the outputs do not change); the model's dtype on a GPU
+    cache_dtype = torch.float32 if device.type == "cpu" else model.dtype
     cache = KVCache(model.config, B, longest + max_new_tokens, cache_dtype, device)
     generators = [None if seed is None else torch.Generator().manual_seed(seed + b) for b in range(B)]
     stop = set(stop_tokens)

@@ -13,6 +13,7 @@ rotary tables, the attention softmax (sinks included) and the router softmax in 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -278,7 +279,7 @@ def experts_forward(
     flat_ids = ids_Tk.flatten()  # [T*k]
     order = torch.argsort(flat_ids, stable=True)  # pair indices sorted by expert
     counts = torch.bincount(flat_ids, minlength=experts.gate_up_proj_bias.shape[0]).tolist()
-    ends = [sum(counts[: e + 1]) for e in range(len(counts))]
+    ends = list(itertools.accumulate(counts))  # run e ends where the counts up to e sum to
     runs = [(e, end - n, end) for e, (n, end) in enumerate(zip(counts, ends)) if n > 0]  # (expert, first row, end)
     x_sorted = x_TD.index_select(0, order // k)  # [T*k, D], row i is pair order[i]'s token
     h = experts.grouped_linear("gate_up_proj", x_sorted, runs)  # [T*k, 2I]
