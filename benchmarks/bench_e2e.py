@@ -172,7 +172,7 @@ def main() -> None:
             impls["gptoss-cpu"] = lambda: run_ours(
                 folder, config, "torch", prompt_len, new_tokens, device, repeats, True
             )
-        if gpu:
+        else:
             impls["gptoss-triton"] = lambda: run_ours(folder, config, "triton", prompt_len, new_tokens, device, repeats)
         impls["transformers"] = lambda: run_transformers(folder, config, prompt_len, new_tokens, device, repeats)
         for impl, fn in impls.items():

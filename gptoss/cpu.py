@@ -86,8 +86,8 @@ class PackedExperts(_InferenceOnly):
         return packed_linear(x, self.packed[which][e], getattr(self, which + "_bias")[e])
 
     def grouped_linear(self, which: str, x: torch.Tensor, runs: list[tuple[int, int, int]]) -> torch.Tensor:
-        if not self.small or len(runs) < BATCH_FROM:
-            return torch.cat([self.linear(which, e, x[a:b]) for e, a, b in runs])
+        if not self.small or len(runs) < BATCH_FROM:  # the reference's loop, through this class's linear
+            return Experts.grouped_linear(self, which, x, runs)
         # run j's rows go to rows j*width .. j*width + n_j - 1 of a zero-padded [runs, width, in] batch
         width = max(b - a for _, a, b in runs)
         slots = torch.tensor([j * width + i for j, (_, a, b) in enumerate(runs) for i in range(b - a)])
