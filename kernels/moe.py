@@ -1,20 +1,31 @@
 """Grouped expert matmuls with MXFP4 weights decoded in registers, forward and backward.
 
-Rows are the (token, slot) pairs sorted by expert (kernels/routing.py). One kernel, four modes:
+Rows are the (token, slot) pairs sorted by expert (kernels/routing.py). One kernel computes
+out[m, n] = sum_k a[m, k] * W_e[k, n] for the rows m of one expert e, in four modes that differ in
+which operand is gathered, which way the weight is read, and the epilogue:
 
-  GATE_UP      act[m, n] = swiglu(x[tok(m)] . W1[e, 2n] + b1[e, 2n],  x[tok(m)] . W1[e, 2n+1] + b1[e, 2n+1])
-               (gate/linear rows of W1 are interleaved; saves the pre-activation h[m, 2I] for backward)
-  DOWN         out[pair(m)] = w[pair(m)] * (act[m] . W2[e, n] + b2[e, n])        (saves y, unweighted)
-  DOWN_BWD     gh[m, 2n | 2n+1] = swiglu'(h[m]) * sum_d w[pair(m)] g[tok(m), d] W2[e, d, n]
-  UP_BWD       gx[pair(m), n] = sum_j gh[m, j] W1[e, j, n]
-The per-token sum over the k slots (the combine) is a torch reduction over [T, k, D].
-Expert weights stay MXFP4 in memory: each K-step loads packed bytes and scales and decodes them to
-fp32 in registers, never writing a bf16 copy. Weights are frozen: no weight gradients.
+  mode      a [rows, K]          weight read as            N, K          epilogue
+  GATE_UP   x[token(m)]          W1 [2I, D], rows = n      2I, D         h = acc + b1 (saved); act = swiglu(h) [P, I]
+  DOWN      act[m] (sorted)      W2 [D, I], rows = n       D, I          y = acc + b2 (saved); out[pair] = w * y
+  DOWN_BWD  grad_out[token(m)]   W2 [D, I], rows = k       I, D          gh = swiglu'(h) * w * acc  [P, 2I]
+  UP_BWD    gh[m] (sorted)       W1 [2I, D], rows = k      D, 2I         gx[pair] = acc
 
-Grid: (cdiv(P, BLOCK_M) + E, cdiv(N, BLOCK_N)). Every expert needs cdiv(count_e, BLOCK_M) row tiles,
-at most cdiv(P, BLOCK_M) + E in all; program_id(0) finds its expert and tile from the counts on the
-device (no host synchronisation), and surplus programs exit at once.
-Reference: gptoss.model.MoE (the torch path), which the tests compare against.
+W1's rows interleave gate (2j) and linear (2j+1), so in GATE_UP one dot yields both halves of a tile
+and the epilogue splits the column pairs; DOWN_BWD writes its two gradients back interleaved.
+The combine over the k slots of a token is a torch sum over [T, k, D]. Weights are frozen.
+
+Weights stay MXFP4: each K step loads [rows, blocks, 16] packed bytes (16-byte vectors along the
+packed dimension) and one scale per 32 values, decodes them in registers (kernels/mxfp4.py:
+mxfp4_tile) and feeds a bf16 dot with fp32 accumulation. Forward modes read the weight along its
+rows' packed dimension (K) and transpose the decoded tile; backward modes read it along N.
+
+Grid: (row tiles, cdiv(N, BLOCK_N)). Expert e needs cdiv(count_e, BLOCK_M) row tiles; in all at most
+cdiv(P, BLOCK_M) + min(E, P) - 1 (ceil(a) + ceil(b) <= ceil(a + b) + 1, over the non-empty experts),
+so at decode (P = 4, BLOCK_M = 16) all 4 row tiles do work. Each program finds its expert from the
+counts on the device (a search in chunks of 128 experts, no host synchronisation).
+Autotune key: N, K, the mode, the dtype path and ROWS, the mean rows per used expert in buckets
+(16: decode, 64, 256: prefill); each bucket tries only its own tile shapes (_prune).
+Reference: gptoss.model.experts_forward (the torch path), which the tests compare against.
 """
 
 from __future__ import annotations
@@ -24,171 +35,229 @@ import os
 import torch
 import triton
 import triton.language as tl
-from gptoss.kernels.mxfp4 import INTERPRET, e2m1_to_float
+from gptoss.kernels.mxfp4 import INTERPRET, mxfp4_tile
 from gptoss.kernels.routing import Routing, route
 
-GATE_UP, DOWN, DOWN_BWD, UP_BWD = 0, 1, 2, 3
+GATE_UP, DOWN, DOWN_BWD, UP_BWD = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
+SEARCH = tl.constexpr(128)  # experts examined per step of the tile -> expert search
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per mode and rows-per-expert bucket, chosen with the
+# compile gate (tests/compile_gate.py) for SASS instructions per decoded weight element, registers and
+# programs at decode. Decode: 16-row tiles on mma.sync, 1-4 warps, N narrow enough that 4 experts give
+# 180-360 programs for 132 SMs. Prefill: 64- and 128-row tiles on wgmma. 2880 = 45 x 64.
+_FORWARD = {
+    16: [(16, 64, 128, 2, 3), (16, 128, 64, 4, 3)],
+    64: [(32, 64, 128, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 8, 3)],
+    256: [(64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3)],
+}
+_BACKWARD = {  # 128 x 128 tiles spill here: the epilogue holds h and both gradients beside the accumulator
+    16: [(16, 64, 128, 2, 3), (16, 128, 128, 4, 3)],
+    64: [(32, 64, 128, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 8, 3)],
+    256: [(64, 128, 64, 8, 3), (128, 64, 64, 8, 3)],
+}
+CONFIGS = {
+    GATE_UP.value: _FORWARD,
+    DOWN.value: {**_FORWARD, 16: [(16, 32, 128, 1, 3), (16, 64, 128, 2, 3)]},  # N = D: 2880 columns, not 5760
+    DOWN_BWD.value: _BACKWARD,
+    UP_BWD.value: _BACKWARD,
+}
+FP32_CONFIGS = {16: [(16, 32, 64, 4, 2)], 64: [(32, 32, 64, 4, 2)], 256: [(64, 64, 32, 4, 2)]}  # parity runs
+INTERPRET_CONFIG = (16, 32, 64, 1, 1)
 
 
-def _configs() -> list[triton.Config]:
-    """Tile shapes for H100 and the 2880-wide dimensions (2880 = 45 x 64: BLOCK_K/BLOCK_N 64 leave no
-    ragged tail). GPTOSS_MOE_CONFIG="BLOCK_M,BLOCK_N,BLOCK_K,num_warps,num_stages" pins one config."""
+def rows_bucket(pairs: int, experts: int) -> int:
+    """Mean (token, slot) rows per used expert, rounded up to a bucket of CONFIGS."""
+    rows = pairs / max(1, min(experts, pairs))
+    return 16 if rows <= 16 else 64 if rows <= 64 else 256
+
+
+def _config(m, n, k, warps, stages) -> triton.Config:
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
+
+
+def pinned_config() -> triton.Config | None:
+    """GPTOSS_MOE_CONFIG="BLOCK_M,BLOCK_N,BLOCK_K,num_warps,num_stages" pins one config, read at launch."""
     pinned = os.environ.get("GPTOSS_MOE_CONFIG")
-    if pinned:
+    if not pinned:
+        return None
+    try:
         m, n, k, warps, stages = (int(v) for v in pinned.split(","))
-        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=stages)]
-    if INTERPRET:  # the CPU interpreter: one small config, no tuning
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=1, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-        for m, n, k, w, s in [
-            (16, 64, 128, 4, 4),  # decode: few rows per expert, bandwidth-bound
-            (16, 128, 64, 4, 4),
-            (32, 64, 128, 4, 4),
-            (64, 64, 64, 4, 3),
-            (64, 128, 64, 8, 3),
-            (128, 64, 64, 8, 3),  # prefill: many rows per expert, compute-bound
-            (128, 128, 64, 8, 3),
-        ]
-    ]
+    except ValueError:
+        raise ValueError(f"GPTOSS_MOE_CONFIG must be five integers M,N,K,warps,stages, got {pinned!r}") from None
+    if not all(v > 0 and v & (v - 1) == 0 for v in (m, n, k, warps)) or stages < 1:
+        raise ValueError(f"GPTOSS_MOE_CONFIG {pinned!r}: tiles and warps must be powers of two, stages >= 1")
+    if m < 16 or n < 32 or k < 32:
+        raise ValueError(f"GPTOSS_MOE_CONFIG {pinned!r}: needs BLOCK_M >= 16 (the MMA's rows), BLOCK_N >= 32 and BLOCK_K >= 32 (one MX block)")
+    return _config(m, n, k, warps, stages)
 
 
-@triton.jit
-def _weight_tile(w_ptr, s_ptr, r, c, mask, C):
-    """W[r, c] of one expert's [R, C] MXFP4 weight (blocks along C), decoded to fp32."""
-    byte = tl.load(w_ptr + r * (C // 2) + c // 2, mask=mask, other=0).to(tl.int32)
-    code = (byte >> ((c % 2) * 4).to(tl.int32)) & 15
-    scale = tl.load(s_ptr + r * (C // 32) + c // 32, mask=mask, other=127).to(tl.float32)
-    return e2m1_to_float(code) * tl.exp2(scale - 127.0)
+def _prune(configs, named_args, **kwargs):
+    """The configs a launch may try: the pinned one, else its rows bucket's (fp32 and the interpreter
+    have their own)."""
+    pinned = pinned_config()
+    if pinned is not None:
+        return [pinned]
+    if INTERPRET:
+        return [_config(*INTERPRET_CONFIG)]
+    table = FP32_CONFIGS if kwargs["UPCAST"] else CONFIGS[kwargs["MODE"]]
+    return [_config(*c) for c in table[named_args["ROWS"]]]
+
+
+def all_configs() -> list[triton.Config]:
+    tables = [*CONFIGS.values(), FP32_CONFIGS]
+    return [_config(*c) for c in sorted({c for table in tables for cs in table.values() for c in cs})]
 
 
 @triton.jit
 def _dot(a, b, acc, UPCAST: tl.constexpr):
     if UPCAST:  # fp32 data, or the interpreter (which multiplies bf16 dot operands as raw integers)
-        return tl.dot(a.to(tl.float32), b, acc, input_precision="ieee")
-    return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a.to(tl.bfloat16), b, acc)
 
 
-@triton.autotune(configs=_configs(), key=["N", "K", "MODE"])
+@triton.jit
+def _swiglu(g, lin, alpha, limit):
+    """The clamped SwiGLU of gpt-oss: the gate is clamped from above only, the linear half both ways."""
+    g = tl.minimum(g, limit)
+    lin = tl.minimum(tl.maximum(lin, -limit), limit)
+    return g * tl.sigmoid(alpha * g) * (lin + 1.0)
+
+
+@triton.jit
+def _swiglu_bwd(g, lin, grad, alpha, limit):
+    """d loss / d (gate, linear) pre-activations, given d loss / d swiglu(g, lin) = grad."""
+    gc = tl.minimum(g, limit)
+    lc = tl.minimum(tl.maximum(lin, -limit), limit)
+    sig = tl.sigmoid(alpha * gc)
+    d_gate = tl.where(g <= limit, grad * (lc + 1.0) * (sig + alpha * gc * sig * (1.0 - sig)), 0.0)
+    d_lin = tl.where((lin >= -limit) & (lin <= limit), grad * gc * sig, 0.0)
+    return d_gate, d_lin
+
+
+@triton.autotune(
+    configs=all_configs(), key=["N", "K", "ROWS", "MODE", "UPCAST"], prune_configs_by={"early_config_prune": _prune}
+)
 @triton.jit
 def _moe_matmul_kernel(
-    a_ptr,  # GATE_UP: x [T, D]; DOWN: act [P, I]; DOWN_BWD: grad_out [T, D]; UP_BWD: gh [P, 2I]
-    w_ptr,  # [E, R, C/2] uint8: an expert's weight [R, C] = [out, in] in MXFP4 (W1: [2I, D], W2: [D, I])
+    a_ptr,  # GATE_UP: x [T, D]; DOWN: act [P, I]; DOWN_BWD: grad_out [T, D]; UP_BWD: gh [P, 2I]  (bf16 or fp32)
+    w_ptr,  # [E, R, C/32, 16] uint8: each expert's weight [R, C] = [out, in] in MXFP4 (W1: [2I, D], W2: [D, I])
     s_ptr,  # [E, R, C/32] uint8 scales
     bias_ptr,  # GATE_UP: b1 [E, 2I]; DOWN: b2 [E, D]
-    out_ptr,  # GATE_UP: act [P, I]; DOWN: out [P, D] (pair order); DOWN_BWD: gh [P, 2I]; UP_BWD: gx [P, D] (pair order)
-    aux_ptr,  # GATE_UP: saves h [P, 2I]; DOWN: saves y [P, D] (pair order); DOWN_BWD: reads h
+    out_ptr,  # GATE_UP: act [P, I]; DOWN: out [P, D] fp32 (pair order); DOWN_BWD: gh [P, 2I]; UP_BWD: gx [P, D] fp32 (pair order)
+    aux_ptr,  # GATE_UP: saves h [P, 2I]; DOWN: saves y [P, D] fp32 (pair order); DOWN_BWD: reads h
     gate_ptr,  # [P] fp32 routing weight of each pair
-    counts_ptr,  # [E] int32
-    offsets_ptr,  # [E] int32
-    sorted_pairs_ptr,  # [P] int32
+    counts_ptr,  # [E] int32 rows per expert
+    offsets_ptr,  # [E] int32 first sorted row of each expert
+    sorted_pairs_ptr,  # [P] int32 pair (token * TOPK + slot) at each sorted row
     K,
     N,
-    R,
-    C,
     E,
     TOPK,
+    ROWS,  # rows-per-expert bucket: only the autotune key reads it
     alpha,
     limit,
     MODE: tl.constexpr,
     SAVE: tl.constexpr,
     UPCAST: tl.constexpr,
-    BLOCK_E: tl.constexpr,
+    INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    # --- which expert and which of its row tiles this program handles -------------------------
-    e_range = tl.arange(0, BLOCK_E)
-    counts = tl.load(counts_ptr + e_range, mask=e_range < E, other=0)
-    tiles = (counts + BLOCK_M - 1) // BLOCK_M
-    tiles_end = tl.cumsum(tiles, axis=0)
-    pid = tl.program_id(0)
-    expert = tl.sum((tiles_end <= pid).to(tl.int32), axis=0)
-    if expert >= E:
+    # --- which expert and which of its row tiles: experts before ours hold `first` tiles ----------------
+    pid_m = tl.program_id(0)
+    expert = 0
+    first = 0
+    done = 0  # tiles of the experts already examined
+    for e0 in range(0, E, SEARCH):
+        e = e0 + tl.arange(0, SEARCH)
+        tiles = tl.cdiv(tl.load(counts_ptr + e, mask=e < E, other=0), BLOCK_M)  # [SEARCH]
+        before = done + tl.cumsum(tiles, axis=0) <= pid_m  # experts whose tiles all come before ours
+        expert += tl.sum(before.to(tl.int32), axis=0)
+        first += tl.sum(tl.where(before, tiles, 0), axis=0)
+        done += tl.sum(tiles, axis=0)
+    if expert >= E:  # past the last tile: the grid is an upper bound
         return
-    first_tile = tl.sum(tl.where(e_range == expert, tiles_end - tiles, 0), axis=0)
-    count = tl.sum(tl.where(e_range == expert, counts, 0), axis=0)
-    local = (pid - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+    count = tl.load(counts_ptr + expert)
+    local = (pid_m - first) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = local < count
-    m = (tl.load(offsets_ptr + expert) + local).to(tl.int64)  # sorted rows [BLOCK_M]
-    pair = tl.load(sorted_pairs_ptr + m, mask=m_mask, other=0).to(tl.int64)
-    a_row = pair // TOPK if (MODE == GATE_UP or MODE == DOWN_BWD) else m
-    n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = tl.load(offsets_ptr + expert) + local  # [BLOCK_M] sorted rows
+    pair = tl.load(sorted_pairs_ptr + m, mask=m_mask, other=0)
+    a_row = (pair // TOPK if (MODE == GATE_UP or MODE == DOWN_BWD) else m).to(tl.int64)
+    m = m.to(tl.int64)
+    pair = pair.to(tl.int64)
+    n0 = tl.program_id(1) * BLOCK_N
+    n = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     n_mask = n < N
-    w_e = w_ptr + expert.to(tl.int64) * R * (C // 2)
-    s_e = s_ptr + expert.to(tl.int64) * R * (C // 32)
-    if MODE == DOWN or MODE == DOWN_BWD:
-        gate = tl.load(gate_ptr + pair, mask=m_mask, other=0.0)
+    w_e = w_ptr + expert.to(tl.int64) * N * K // 2  # this expert's packed bytes
+    s_e = s_ptr + expert.to(tl.int64) * N * K // 32  # and scales
 
-    # --- main loop over the contraction dimension -------------------------------------------------
+    # --- main loop: acc[m, n] += a[m, k] . W[k, n], the weight decoded from MXFP4 in registers ---------
+    # A decoded tile comes as its even and odd positions along the packed dimension (mxfp4_tile). Forward,
+    # that is k: the even and odd columns of `a` meet them in two dots, no interleaving needed. Backward,
+    # it is n: the two halves are interleaved back into one [BLOCK_K, BLOCK_N] tile.
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    acc_lin = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # GATE_UP: the linear half
     for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        k_mask = k < K
-        a = tl.load(a_ptr + a_row[:, None] * K + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        if MODE == DOWN_BWD:
-            a = a.to(tl.float32) * gate[:, None]
-        b_mask = k_mask[:, None] & n_mask[None, :]
-        if MODE == GATE_UP:  # contract over W1's columns; gate rows 2n, linear rows 2n+1
-            acc = _dot(a, _weight_tile(w_e, s_e, 2 * n[None, :], k[:, None], b_mask, C), acc, UPCAST)
-            acc_lin = _dot(a, _weight_tile(w_e, s_e, 2 * n[None, :] + 1, k[:, None], b_mask, C), acc_lin, UPCAST)
-        elif MODE == DOWN:  # contract over W2's columns
-            acc = _dot(a, _weight_tile(w_e, s_e, n[None, :], k[:, None], b_mask, C), acc, UPCAST)
-        else:  # backward: contract over the weight's rows
-            acc = _dot(a, _weight_tile(w_e, s_e, k[:, None], n[None, :], b_mask, C), acc, UPCAST)
+        k = k0 + tl.arange(0, BLOCK_K)
+        a_mask = m_mask[:, None] & (k[None, :] < K)
+        a = tl.load(a_ptr + a_row[:, None] * K + k[None, :], mask=a_mask, other=0.0)  # [BLOCK_M, BLOCK_K]
+        if MODE == GATE_UP or MODE == DOWN:  # weight rows are n; its packed blocks run along k
+            g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+            w_even, w_odd = mxfp4_tile(w_e, s_e, n, g, n_mask[:, None] & (g[None, :] < K // 32), K // 32, INTERPRET)
+            a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))  # columns 2i and 2i + 1
+            acc = _dot(a_even, tl.trans(w_even), acc, UPCAST)  # [BLOCK_M, BLOCK_K/2] x [BLOCK_K/2, BLOCK_N]
+            acc = _dot(a_odd, tl.trans(w_odd), acc, UPCAST)
+        else:  # weight rows are k; its packed blocks run along n
+            g = n0 // 32 + tl.arange(0, BLOCK_N // 32)
+            w_even, w_odd = mxfp4_tile(w_e, s_e, k, g, (k[:, None] < K) & (g[None, :] < N // 32), N // 32, INTERPRET)
+            w = tl.reshape(tl.join(w_even, w_odd), (BLOCK_K, BLOCK_N))  # columns n0, n0 + 1, ...
+            acc = _dot(a, w, acc, UPCAST)
 
     # --- epilogues ------------------------------------------------------------------------------------
     mn_mask = m_mask[:, None] & n_mask[None, :]
-    if MODE == GATE_UP:
-        g = acc + tl.load(bias_ptr + expert * 2 * N + 2 * n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        lin = acc_lin + tl.load(bias_ptr + expert * 2 * N + 2 * n + 1, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if MODE == GATE_UP:  # columns 2j, 2j+1 of h are the gate and linear halves of act column j
+        h = acc + tl.load(bias_ptr + expert * N + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         if SAVE:
-            h_ptrs = aux_ptr + m[:, None] * (2 * N) + 2 * n[None, :]
-            tl.store(h_ptrs, g.to(aux_ptr.dtype.element_ty), mask=mn_mask)
-            tl.store(h_ptrs + 1, lin.to(aux_ptr.dtype.element_ty), mask=mn_mask)
-        g = tl.minimum(g, limit)  # the gate is clamped from above only
-        lin = tl.minimum(tl.maximum(lin, -limit), limit)
-        act = g * tl.sigmoid(alpha * g) * (lin + 1.0)
-        tl.store(out_ptr + m[:, None] * N + n[None, :], act.to(out_ptr.dtype.element_ty), mask=mn_mask)
+            tl.store(aux_ptr + m[:, None] * N + n[None, :], h.to(aux_ptr.dtype.element_ty), mask=mn_mask)
+        g, lin = tl.split(tl.reshape(h, (BLOCK_M, BLOCK_N // 2, 2)))
+        j = n0 // 2 + tl.arange(0, BLOCK_N // 2)
+        act = _swiglu(g, lin, alpha, limit)
+        tl.store(out_ptr + m[:, None] * (N // 2) + j[None, :], act.to(out_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & (j[None, :] < N // 2))  # fmt: skip
     elif MODE == DOWN:
+        gate = tl.load(gate_ptr + pair, mask=m_mask, other=0.0)
         y = acc + tl.load(bias_ptr + expert * N + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         if SAVE:
             tl.store(aux_ptr + pair[:, None] * N + n[None, :], y, mask=mn_mask)
         tl.store(out_ptr + pair[:, None] * N + n[None, :], y * gate[:, None], mask=mn_mask)
-    elif MODE == DOWN_BWD:  # acc = d loss / d act; chain through the clamped SwiGLU
-        h_ptrs = aux_ptr + m[:, None] * (2 * N) + 2 * n[None, :]
-        g = tl.load(h_ptrs, mask=mn_mask, other=0.0).to(tl.float32)
-        lin = tl.load(h_ptrs + 1, mask=mn_mask, other=0.0).to(tl.float32)
-        gc = tl.minimum(g, limit)
-        lc = tl.minimum(tl.maximum(lin, -limit), limit)
-        sig = tl.sigmoid(alpha * gc)
-        d_gate = acc * (lc + 1.0) * (sig + alpha * gc * sig * (1.0 - sig))
-        d_gate = tl.where(g <= limit, d_gate, 0.0)
-        d_lin = tl.where((lin >= -limit) & (lin <= limit), acc * gc * sig, 0.0)
-        gh_ptrs = out_ptr + m[:, None] * (2 * N) + 2 * n[None, :]
-        tl.store(gh_ptrs, d_gate.to(out_ptr.dtype.element_ty), mask=mn_mask)
-        tl.store(gh_ptrs + 1, d_lin.to(out_ptr.dtype.element_ty), mask=mn_mask)
+    elif MODE == DOWN_BWD:  # acc = sum_d grad_out[d] W2[d, n]; times the routing weight = d loss / d act
+        gate = tl.load(gate_ptr + pair, mask=m_mask, other=0.0)
+        j = 2 * n0 + tl.arange(0, 2 * BLOCK_N)  # the interleaved columns of h and gh
+        hj_mask = m_mask[:, None] & (j[None, :] < 2 * N)
+        h = tl.load(aux_ptr + m[:, None] * (2 * N) + j[None, :], mask=hj_mask, other=0.0).to(tl.float32)
+        g, lin = tl.split(tl.reshape(h, (BLOCK_M, BLOCK_N, 2)))
+        d_gate, d_lin = _swiglu_bwd(g, lin, acc * gate[:, None], alpha, limit)
+        gh = tl.reshape(tl.join(d_gate, d_lin), (BLOCK_M, 2 * BLOCK_N))
+        tl.store(out_ptr + m[:, None] * (2 * N) + j[None, :], gh.to(out_ptr.dtype.element_ty), mask=hj_mask)
     else:
         tl.store(out_ptr + pair[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mn_mask)
 
 
 def _launch(mode, a, blocks, scales, bias, out, aux, gate, routing: Routing, K, N, alpha=1.702, limit=7.0, save=False):
-    E, R, G, _ = blocks.shape
+    E = blocks.shape[0]
     P = routing.sorted_pairs.numel()
     if P == 0:
         return out
 
     def grid(meta):
-        return (triton.cdiv(P, meta["BLOCK_M"]) + E, triton.cdiv(N, meta["BLOCK_N"]))
+        return (triton.cdiv(P, meta["BLOCK_M"]) + min(E, P) - 1, triton.cdiv(N, meta["BLOCK_N"]))
 
     dummy = out  # for pointer arguments a mode does not use
     _moe_matmul_kernel[grid](
         a.contiguous(), blocks, scales, dummy if bias is None else bias, out, dummy if aux is None else aux,
         dummy if gate is None else gate, routing.counts, routing.offsets, routing.sorted_pairs,
-        K, N, R, G * 32, E, routing.top_k, alpha, limit,
-        MODE=mode, SAVE=save, UPCAST=INTERPRET or a.dtype == torch.float32, BLOCK_E=triton.next_power_of_2(E),
+        K, N, E, routing.top_k, rows_bucket(P, E), alpha, limit,
+        MODE=mode.value, SAVE=save, UPCAST=INTERPRET or a.dtype == torch.float32, INTERPRET=INTERPRET,
     )  # fmt: skip
     return out
 
@@ -210,9 +279,7 @@ def moe_gate_up_fwd(x, routing, blocks, scales, bias, alpha, limit, save):
     P, D, I2 = routing.sorted_pairs.numel(), x.shape[1], blocks.shape[1]
     act = torch.empty(P, I2 // 2, dtype=x.dtype, device=x.device)
     h = torch.empty(P, I2, dtype=x.dtype, device=x.device) if save else None
-    _launch(
-        GATE_UP, x, blocks, scales, bias, act, h, None, routing, K=D, N=I2 // 2, alpha=alpha, limit=limit, save=save
-    )
+    _launch(GATE_UP, x, blocks, scales, bias, act, h, None, routing, K=D, N=I2, alpha=alpha, limit=limit, save=save)
     return act, h
 
 

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from gptoss.kernels import moe as moe_kernel
 from gptoss.kernels.moe import MoEFunction
 from gptoss.kernels.routing import route as route_kernel
 
@@ -128,3 +129,51 @@ def test_triton_backend_needs_mxfp4(tmp_path):
     folder = write_checkpoint(tmp_path, small_config(), "hf-bf16", seed=1)
     with pytest.raises(ValueError, match="needs MXFP4 experts"):
         load_model(folder, backend="triton")
+
+
+@pytest.mark.parametrize("config", sorted({tuple(c.kwargs.values()) + (c.num_warps, c.num_stages) for c in moe_kernel.all_configs()}))
+def test_every_autotune_config(config, monkeypatch):
+    # each tile shape a GPU launch may pick, pinned through GPTOSS_MOE_CONFIG, on the ragged case
+    # (D = 96, I = 160 and 13 x 3 rows are multiples of none of the tiles)
+    monkeypatch.setenv("GPTOSS_MOE_CONFIG", ",".join(map(str, config)))
+    moe_kernel._moe_matmul_kernel.cache.clear()
+    try:
+        test_moe_forward_and_backward("prime-experts-ragged-tiles", torch.float32)
+    finally:
+        moe_kernel._moe_matmul_kernel.cache.clear()
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("abc", "five integers"),
+        ("16,64,64,4", "five integers"),
+        ("16,48,64,4,3", "powers of two"),  # 48 is not a power of two
+        ("0,64,64,4,3", "powers of two"),
+        ("16,64,16,4,3", "BLOCK_K >= 32"),  # a K step shorter than one MX block
+        ("16,64,64,4,0", "stages >= 1"),
+        ("-16,64,64,4,3", "powers of two"),
+        ("nan,64,64,4,3", "five integers"),
+    ],
+)
+def test_bad_pinned_config_is_explained(value, message, monkeypatch):
+    monkeypatch.setenv("GPTOSS_MOE_CONFIG", value)
+    with pytest.raises(ValueError, match=message):
+        moe_kernel.pinned_config()
+
+
+def test_grid_bound_covers_every_tile():
+    # the launch grid holds cdiv(P, BLOCK_M) + min(E, P) - 1 row tiles; an expert with c rows needs
+    # cdiv(c, BLOCK_M). Random and adversarial count vectors (many experts with one row each).
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2000):
+        E = int(torch.randint(1, 130, (), generator=g))
+        block = [16, 32, 64, 128][int(torch.randint(0, 4, (), generator=g))]
+        counts = torch.randint(0, 3 if _ % 2 else 300, (E,), generator=g)
+        P = int(counts.sum())
+        if P == 0:
+            continue
+        needed = int(((counts + block - 1) // block).sum())
+        bound = -(-P // block) + min(E, P) - 1
+        assert needed <= bound, (counts.tolist(), block)
+    assert moe_kernel.rows_bucket(4, 32) == 16 and moe_kernel.rows_bucket(4096 * 4, 32) == 256

@@ -1,5 +1,7 @@
 """The Triton MXFP4 dequantization kernel against gptoss.mxfp4.dequantize (exact: no tolerance)."""
 
+import math
+
 import pytest
 import torch
 from gptoss.kernels.mxfp4 import mxfp4_dequant
@@ -38,3 +40,78 @@ def test_bad_inputs():
         mxfp4_dequant(torch.zeros(1, 1, 16), torch.zeros(1, 1, dtype=torch.uint8))
     with pytest.raises(ValueError, match="should be scales"):
         mxfp4_dequant(torch.zeros(1, 2, 16, dtype=torch.uint8), torch.zeros(1, 3, dtype=torch.uint8))
+
+
+def _run_e2m1_program(program, word: int) -> dict[str, int]:
+    """Each PTX instruction of the decode, modelled bit for bit on 32-bit registers."""
+    regs = {"$4": word}
+    for op, dst, src, imm in program:
+        x = regs[src]
+        if op == "prmt":  # prmt.b32 d, a, 0, selector: byte i of d is byte (selector nibble i) of the pair {0, a}
+            pool = x.to_bytes(4, "little") + bytes(4)
+            regs[dst] = int.from_bytes(bytes(pool[(imm >> (4 * i)) & 7] for i in range(4)), "little")
+        elif op == "and":
+            regs[dst] = x & imm
+        elif op == "mul":  # mul.lo.u32
+            regs[dst] = (x * imm) & 0xFFFFFFFF
+        elif op == "bf16x2":  # mul.rn.bf16x2 by a constant: the products are exact here (powers of two)
+            halves = torch.tensor([x & 0xFFFF, x >> 16], dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+            factor = torch.tensor([imm & 0xFFFF, imm >> 16], dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+            product = (halves.double() * factor.double()).to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
+            regs[dst] = int(product[0]) | int(product[1]) << 16
+        else:
+            raise AssertionError(op)
+    return regs
+
+
+def _bf16_pair(word: int) -> list[float]:
+    return torch.tensor([word & 0xFFFF, word >> 16], dtype=torch.int32).to(torch.int16).view(torch.bfloat16).tolist()
+
+
+def _wrong_values(program) -> int:
+    """How many decoded values of 256 x 86 byte pairs differ from FP4_VALUES (sign of -0 included)."""
+    values, wrong = mxfp4.FP4_VALUES, 0
+    for b0 in range(256):
+        for b1 in range(0, 256, 3):  # every byte value reaches every position of the word
+            word = (b0, b1, (7 * b0 + 3) % 256, (13 * b1 + 5) % 256)  # four different bytes
+            regs = _run_e2m1_program(program, int.from_bytes(bytes(word), "little"))
+            low = _bf16_pair(regs["$0"]) + _bf16_pair(regs["$1"])
+            high = _bf16_pair(regs["$2"]) + _bf16_pair(regs["$3"])
+            for i, b in enumerate(word):
+                for got, code in ((low[i], b & 15), (high[i], b >> 4)):
+                    want = values[code]
+                    wrong += got != want or math.copysign(1, got) != math.copysign(1, want)
+    return wrong
+
+
+def test_e2m1_ptx_program_decodes_every_byte_pair():
+    # The GPU decodes E2M1 with the integer program E2M1_PTX (kernels/mxfp4.py), which the interpreter
+    # cannot run. Its steps, modelled exactly, must give every value (and the sign of -0) of every byte pair.
+    from gptoss.kernels.mxfp4 import E2M1_PTX
+
+    assert _wrong_values(E2M1_PTX) == 0
+
+
+@pytest.mark.parametrize(
+    "mutation",
+    [
+        ("mul", 4 + 256, 4 + 128),  # the high nibble's sign lands on the wrong bit
+        ("and", 0x81C081C0, 0x81C0C1C0),  # a stray bit kept in the second value
+        ("prmt", 0x4342, 0x4341),  # the wrong byte gathered
+    ],
+)
+def test_e2m1_ptx_model_catches_a_mutation(mutation):
+    from gptoss.kernels.mxfp4 import E2M1_PTX
+
+    op, old, new = mutation
+    mutated = tuple((o, d, s, new if (o, imm) == (op, old) else imm) for o, d, s, imm in E2M1_PTX)
+    assert mutated != E2M1_PTX and _wrong_values(mutated) > 0
+
+
+@pytest.mark.parametrize("scale", [0, 1, 127, 254, 255])
+def test_e8m0_extremes_match_the_reference(scale):
+    # s = 0 is 2^-127 (a bf16 subnormal), 255 is inf in the reference's fp32 exp2; fp32 output so the
+    # interpreter's bf16 handling of subnormals does not enter
+    blocks = torch.full((1, 1, 16), 0x21, dtype=torch.uint8)  # codes 1 (0.5) and 2 (1.0)
+    scales = torch.full((1, 1), scale, dtype=torch.uint8)
+    assert torch.equal(mxfp4_dequant(blocks, scales, torch.float32), mxfp4.dequantize(blocks, scales, torch.float32))

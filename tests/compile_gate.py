@@ -1,0 +1,372 @@
+"""Compile gate: every Triton kernel of gptoss.kernels, compiled for the H100 (sm_90a) and Blackwell
+(sm_100a) on a machine without a GPU, the way a real launch would compile it.
+
+    python tests/compile_gate.py [--targets 90,100] [--jobs 2] [--json results.json]
+
+How: the kernels' own launchers run at the gpt-oss-20b and -120b shapes (decode: 1 token; prefill:
+4096), in bf16 and fp32, forward and backward, on `meta` tensors (shapes and dtypes, no memory);
+every `kernel[grid](...)` they make is captured instead of launched. An autotuned kernel expands to
+the configs its own pruning lets that launch try. Triton's binder turns the arguments into the
+signature, constexprs and specialisation attributes a launch on a GPU would use, and
+`triton.compile` builds the cubin for each target. Every module-level @triton.jit function is found
+by introspection: one that is neither launched nor called by a launched kernel fails the gate.
+
+Read from each cubin: registers, spill bytes (stack frame, local loads/stores in the SASS), shared
+memory, the MMA kind (tcgen05 = UTCHMMA on sm_100a, wgmma = HGMMA, mma.sync = HMMA, else FMA), and for kernels that decode MXFP4
+the SASS instructions per decoded weight element in the main loop: the instructions of the
+largest loop (the K loop) x 32 threads x warps / the weight elements one iteration decodes. That is
+the per-thread cost; H100 issues 128 thread-instructions per SM per cycle and its HBM delivers ~30
+FP4 elements per SM per cycle, so ~4 per element is what keeps up with memory.
+
+Fails on: a compile error, a spill in a bf16 variant, shared memory over the target's per-block
+limit (227 KiB), a kernel that escapes the workloads. Results are cached by compile hash
+(~/.cache/gptoss/compile_gate.json, or $GPTOSS_CACHE) with Triton's own cache underneath.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import importlib
+import json
+import multiprocessing
+import os
+import pkgutil
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # the gate compiles; it must never see the interpreter
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.autotuner import Autotuner, Heuristics  # noqa: E402
+from triton.runtime.jit import JITFunction, KernelInterface, create_function_from_signature  # noqa: E402
+
+SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 and sm_100 (227 KiB)
+SHAPES = {  # hidden D, intermediate I, experts E, top-k
+    "gpt-oss-20b": (2880, 2880, 32, 4),
+    "gpt-oss-120b": (2880, 2880, 128, 4),
+}
+WORKLOADS = {"decode": 1, "prefill": 4096}  # tokens
+
+
+# --- introspection -------------------------------------------------------------------------------------
+
+
+def _jit_of(obj) -> JITFunction | None:
+    while isinstance(obj, (Autotuner, Heuristics)):
+        obj = obj.fn
+    return obj if isinstance(obj, JITFunction) else None
+
+
+def discover() -> dict[str, object]:
+    """Every module-level @triton.jit object of gptoss.kernels (autotuned ones included), by name."""
+    import gptoss.kernels as package
+
+    found = {}
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"gptoss.kernels.{info.name}")
+        for name, obj in vars(module).items():
+            fn = _jit_of(obj)
+            if fn is not None and fn.__module__ == module.__name__:
+                found[f"{info.name}.{name}"] = obj
+    return found
+
+
+def helpers_of(found: dict[str, object]) -> set[str]:
+    """The jit functions some other jit function calls (they compile as part of their caller)."""
+    sources = {name: _jit_of(obj).src for name, obj in found.items()}
+    called = set()
+    for name in found:
+        short = name.split(".", 1)[1]
+        if any(re.search(rf"\b{short}\s*\(", src) for other, src in sources.items() if other != name):
+            called.add(name)
+    return called
+
+
+# --- capture ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Launch:
+    kernel: object  # the object launched (JITFunction or Autotuner)
+    grid: object
+    args: tuple
+    kwargs: dict
+    label: dict  # shape, workload, dtype, what
+
+
+@dataclass
+class Variant:
+    name: str
+    label: dict
+    config: dict  # constexprs chosen by the autotuner, with num_warps / num_stages
+    grid: tuple
+    target: int
+    src: ASTSource = field(repr=False)
+    options: dict = field(repr=False)
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(f"{self.src.hash()}-{sorted(self.options.items())}-{self.target}".encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def capture(launches: list[Launch], label: dict):
+    """Record kernel[grid](*args, **kwargs) instead of launching it."""
+    previous = KernelInterface.__getitem__
+
+    def getitem(kernel, grid):
+        return lambda *args, **kwargs: launches.append(Launch(kernel, grid, args, dict(kwargs), dict(label)))
+
+    KernelInterface.__getitem__ = getitem
+    try:
+        yield label
+    finally:
+        KernelInterface.__getitem__ = previous
+
+
+def run_workloads() -> list[Launch]:
+    """The launchers at the gpt-oss shapes on meta tensors: routing, the four MoE matmuls, dequantization."""
+    from gptoss.kernels import moe, mxfp4, routing
+
+    launches: list[Launch] = []
+    meta = dict(device="meta")
+    for shape, (D, I, E, k) in SHAPES.items():
+        for workload, T in WORKLOADS.items():
+            for dtype in (torch.bfloat16, torch.float32):
+                with capture(launches, dict(shape=shape, workload=workload, tokens=T, dtype=str(dtype)[6:])) as label:
+                    label["what"] = "route"
+                    r = routing.route(torch.empty(T, E, dtype=dtype, **meta), k)
+                    w1 = torch.empty(E, 2 * I, D // 32, 16, dtype=torch.uint8, **meta)
+                    s1 = torch.empty(E, 2 * I, D // 32, dtype=torch.uint8, **meta)
+                    w2 = torch.empty(E, D, I // 32, 16, dtype=torch.uint8, **meta)
+                    s2 = torch.empty(E, D, I // 32, dtype=torch.uint8, **meta)
+                    b1, b2 = torch.empty(E, 2 * I, dtype=dtype, **meta), torch.empty(E, D, dtype=dtype, **meta)
+                    x = torch.empty(T, D, dtype=dtype, **meta)
+                    gate = torch.empty(T * k, dtype=torch.float32, **meta)
+                    label["what"] = "forward"
+                    act, h = moe.moe_gate_up_fwd(x, r, w1, s1, b1, 1.702, 7.0, save=True)
+                    moe.moe_down_fwd(act, r, gate, w2, s2, b2, save=True)
+                    label["what"] = "backward"
+                    gh = moe.moe_down_bwd(x, r, gate, w2, s2, h, 1.702, 7.0)
+                    moe.moe_gate_up_bwd(gh, r, w1, s1, D)
+                    label["what"] = "dequantize"
+                    mxfp4.mxfp4_dequant_fwd(w1[:1], s1[:1], dtype)
+    return launches
+
+
+def expand(launch: Launch, target: int) -> list[Variant]:
+    """The compilations a real launch would make: one per config its autotuner may try."""
+    fn = _jit_of(launch.kernel)
+    named = dict(zip(fn.arg_names, launch.args))
+    configs = [None]
+    if isinstance(launch.kernel, Autotuner):
+        tuner = launch.kernel
+        tuner.nargs = named
+        configs = tuner.prune_configs({**launch.kwargs})
+    backend = make_backend(GPUTarget("cuda", target, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    variants = []
+    for config in configs:
+        kwargs = {**launch.kwargs, **(config.all_kwargs() if config else {})}
+        bound, specialization, options = binder(*launch.args, **kwargs)
+        options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+        grid = launch.grid({**named, **kwargs}) if callable(launch.grid) else launch.grid
+        chosen = {k: v for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages")}
+        chosen.setdefault("num_warps", options.num_warps)
+        chosen.setdefault("num_stages", options.num_stages)
+        src = ASTSource(fn, signature, constexprs, attrs)
+        variants.append(Variant(fn.__name__, launch.label, chosen, tuple(grid), target, src, options.__dict__))
+    return variants
+
+
+# --- reading the cubin ------------------------------------------------------------------------------------
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def _tool(name: str) -> str:
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def sass_stats(cubin: bytes, num_warps: int, elements_per_iteration: int | None) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
+    regs, stack, _, local = (int(v) for v in found.groups())
+    code = [(int(a, 16), op, rest) for a, _, op, rest in _SASS_LINE.findall(sass)]
+    ops = [op for _, op, _ in code]
+    spill_ops = sum(op.startswith(("STL", "LDL")) for op in ops)
+    mma = "FMA"
+    for prefix, kind in (("UTCHMMA", "tcgen05"), ("HGMMA", "wgmma"), ("HMMA", "mma.sync")):
+        if any(op.startswith(prefix) for op in ops):
+            mma = kind
+            break
+    # loops: backward branches; the main loop is the largest one
+    loops = []
+    for address, op, rest in code:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if target and int(target.group(1), 16) < address:
+            start = int(target.group(1), 16)
+            loops.append(sum(start <= a <= address for a, _, _ in code))
+    per_element = None
+    if elements_per_iteration:
+        body = max(loops) if loops else len(code)  # no loop: the whole kernel is one iteration
+        per_element = body * 32 * num_warps / elements_per_iteration
+    return dict(
+        registers=regs, spill_bytes=stack + local, spill_ops=spill_ops, mma=mma,
+        instructions=len(code), main_loop=max(loops) if loops else None, per_element=per_element,
+    )  # fmt: skip
+
+
+def weight_elements(name: str, config: dict) -> int | None:
+    """MXFP4 weight elements one iteration of a kernel's main loop decodes (None: it decodes none)."""
+    if name == "_moe_matmul_kernel":
+        return config["BLOCK_N"] * config["BLOCK_K"]
+    if name == "_mxfp4_dequant_fwd_kernel":
+        return config["BLOCK_R"] * config["BLOCK_G"] * 32
+    return None
+
+
+def compile_one(variant: Variant) -> dict:
+    start = time.perf_counter()
+    row = dict(kernel=variant.name, target=f"sm_{variant.target}a", **variant.label, config=variant.config, grid=variant.grid)
+    try:
+        compiled = triton.compile(variant.src, target=GPUTarget("cuda", variant.target, 32), options=variant.options)
+    except Exception as error:  # noqa: BLE001 - every compile error is a finding of the gate
+        first = str(error).strip().splitlines()
+        return dict(row, error=f"{type(error).__name__}: {first[0] if first else ''}"[:300])
+    stats = sass_stats(compiled.asm["cubin"], variant.config["num_warps"], weight_elements(variant.name, variant.config))
+    return dict(row, shared=compiled.metadata.shared, seconds=round(time.perf_counter() - start, 2), **stats)
+
+
+_VARIANTS: list[Variant] = []
+
+
+def _compile_index(i: int) -> dict:
+    return compile_one(_VARIANTS[i])
+
+
+def _cache_file() -> Path:
+    root = Path(os.environ.get("GPTOSS_CACHE", Path.home() / ".cache" / "gptoss"))
+    return root / "compile_gate.json"
+
+
+def run_gate(targets=(90, 100), jobs: int = 2) -> tuple[list[dict], list[str]]:
+    """Compile every variant; returns (rows, problems)."""
+    global _VARIANTS
+    found = discover()
+    launches = run_workloads()
+    launched = {_jit_of(launch.kernel).__name__ for launch in launches}
+    helpers = helpers_of(found)
+    problems = [
+        f"{name}: a Triton kernel that no workload of the compile gate launches; add its launcher to run_workloads()"
+        for name in sorted(found)
+        if name not in helpers and _jit_of(found[name]).__name__ not in launched
+    ]
+    unique: dict[str, Variant] = {}
+    labels: dict[str, list[dict]] = {}
+    for target in targets:
+        for launch in launches:
+            for variant in expand(launch, target):
+                unique.setdefault(variant.key, variant)
+                labels.setdefault(variant.key, []).append(dict(variant.label, grid=variant.grid))
+    cache_path = _cache_file()
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    todo = [key for key in unique if key not in cache]
+    _VARIANTS = [unique[key] for key in todo]
+    if todo:
+        with multiprocessing.get_context("fork").Pool(max(1, jobs)) as pool:
+            for key, row in zip(todo, pool.imap(_compile_index, range(len(todo)))):
+                cache[key] = row
+                print(f"  compiled {len(cache)}: {row['kernel']} {row['target']} {row['config']} {row.get('error', '')}",
+                      file=sys.stderr, flush=True)  # fmt: skip
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cache))
+        tmp.replace(cache_path)
+    rows = []
+    for key in unique:
+        row = dict(cache[key])
+        row["launches"] = labels[key]  # every (shape, workload, dtype) that compiles to this variant
+        rows.append(row)
+        where = f"{row['kernel']} {row['target']} {row['config']}"
+        if "error" in row:
+            problems.append(f"{where}: does not compile: {row['error']}")
+            continue
+        dtypes = {launch["dtype"] for launch in row["launches"]}
+        if row["spill_bytes"] or row["spill_ops"]:
+            if "bfloat16" in dtypes:
+                problems.append(f"{where}: spills {row['spill_bytes']} bytes ({row['spill_ops']} local loads/stores) in bf16")
+        if row["shared"] > SHARED_LIMIT:
+            problems.append(f"{where}: {row['shared']} bytes of shared memory > {SHARED_LIMIT}")
+    return rows, problems
+
+
+_SHORT = {"bfloat16": "bf16", "float32": "fp32"}
+
+
+def _mode(row) -> str:
+    names = {0: "GATE_UP", 1: "DOWN", 2: "DOWN_BWD", 3: "UP_BWD"}
+    return names.get(row["config"].get("MODE"), "")
+
+
+def table(rows: list[dict]) -> str:
+    head = f"{'kernel':<28}{'mode':<9}{'target':<9}{'dtype':<9}{'config (M,N,K,w,s)':<22}{'regs':>5}{'spill':>6}{'smem':>8}{'mma':>9}{'grid dec':>10}{'grid pre':>10}{'instr/el':>9}"
+    lines = [head, "-" * len(head)]
+    for row in sorted(rows, key=lambda r: (r["kernel"], _mode(r), r["target"], r["launches"][0]["dtype"], str(r["config"]))):
+        c = row["config"]
+        shape = ",".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "BLOCK_G", "BLOCK_P", "BLOCK_E") if k in c)
+        shape += f",{c['num_warps']},{c['num_stages']}"
+        grids = {}
+        for launch in row["launches"]:
+            programs = 1
+            for g in launch["grid"]:
+                programs *= g
+            grids.setdefault(launch["workload"], set()).add(programs)
+        grid = {w: "/".join(str(g) for g in sorted(v)) for w, v in grids.items()}
+        dtype = "/".join(sorted({_SHORT[launch["dtype"]] for launch in row["launches"]}))
+        if "error" in row:
+            lines.append(f"{row['kernel']:<28}{_mode(row):<9}{row['target']:<9}{dtype:<9}{shape:<22} ERROR {row['error'][:60]}")
+            continue
+        per = f"{row['per_element']:.2f}" if row["per_element"] is not None else "-"
+        lines.append(
+            f"{row['kernel']:<28}{_mode(row):<9}{row['target']:<9}{dtype:<9}{shape:<22}{row['registers']:>5}"
+            f"{row['spill_bytes']:>6}{row['shared']:>8}{row['mma']:>9}{grid.get('decode', '-'):>10}{grid.get('prefill', '-'):>10}{per:>9}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--targets", default="90,100", help="compute capabilities to compile for (default 90,100)")
+    parser.add_argument("--jobs", type=int, default=2, help="compiler processes (default 2)")
+    parser.add_argument("--json", type=Path, help="also write every row to this JSON file")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    rows, problems = run_gate(tuple(int(t) for t in args.targets.split(",")), args.jobs)
+    print(table(rows))
+    print(f"\n{len(rows)} variants, {sum('error' not in r for r in rows)} compiled, "
+          f"{sum(bool(r.get('spill_bytes')) for r in rows)} spilling, {time.perf_counter() - start:.0f} s")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1, default=str))
+    for problem in problems:
+        print("FAIL", problem)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
