@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo test lint bench-load
+.PHONY: demo test lint bench-load bench-gpu gate
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -22,3 +22,11 @@ lint: $(STAMP)
 
 bench-load: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench_load.py
+
+# On a CUDA machine with its own torch and Triton (no network): GPU tests and kernel benchmarks, one results file.
+bench-gpu:
+	benchmarks/run_gpu.sh
+
+# The kernels compiled for sm_90a and sm_100a on any machine, with the per-variant table.
+gate: $(STAMP)
+	$(VENV)/bin/python tests/compile_gate.py

@@ -14,6 +14,9 @@ get roughly equal, randomly varying loads, as in a trained model without heavy s
 TFLOP/s counts 2 x pairs x (D x 2I + I x D); GB/s counts the MXFP4 bytes of the experts actually used
 plus the activations read and written (the minimum any implementation must move), so every provider
 is measured against the same work; % roofline is against an H100 SXM (989.5 TFLOP/s, 3.35 TB/s).
+copy_pct is GB/s against the copy bandwidth measured at the start of the same run (the decode goal:
+75% or more for triton); vs_grouped_mm is torch-grouped-mm's time over this provider's at the same
+token count (the prefill goal: 0.5 or more for triton, MXFP4 against dense bf16).
 Without a GPU: small shapes, torch providers only, and the GPU figures are reported as not taken.
 """
 
@@ -24,7 +27,7 @@ import copy
 import json
 
 import torch
-from results import RESULTS_DIR, machine, plot, record, roofline, table, time_ms
+from results import RESULTS_DIR, copy_bandwidth_gbs, machine, plot, record, roofline, table, time_ms
 
 from gptoss import mxfp4
 from gptoss.config import ModelConfig, get_preset
@@ -81,6 +84,8 @@ def main() -> None:
         configs = {"small (D=I=256, E=32)": ModelConfig(hidden_size=256, intermediate_size=256, num_local_experts=32)}
         tokens = [1, 4, 16, 64, 256] if not args.quick else [1, 16, 64]
 
+    copy_gbs = copy_bandwidth_gbs(device)
+    print(f"copy bandwidth on {device}: {copy_gbs:.0f} GB/s (read + write)", flush=True)
     rows = []
     for name, config in configs.items():
         D, I, E, k = config.hidden_size, config.intermediate_size, config.num_local_experts, config.num_experts_per_tok
@@ -116,19 +121,24 @@ def main() -> None:
                     t = time_ms(fn, reps=5 if not gpu and T >= 256 else 10)
                 row = {"shape": name, "tokens": T, "experts_used": used, "provider": provider, "device": device, **t}
                 perf = roofline(flops, nbytes, t["ms"])
-                row |= {"tflops": perf["tflops"], "gbs": perf["gbs"], "rel_err_vs_fp32": err}
+                row |= {"tflops": perf["tflops"], "gbs": perf["gbs"], "copy_pct": 100 * perf["gbs"] / copy_gbs}
+                row["rel_err_vs_fp32"] = err
                 if gpu:
                     row["roofline_pct"] = perf["roofline_pct"]
                 rows.append(row)
+            same = [r for r in rows if r["shape"] == name and r["tokens"] == T]
+            grouped = next((r["ms"] for r in same if r["provider"] == "torch-grouped-mm"), None)
+            for r in same:
+                r["vs_grouped_mm"] = grouped / r["ms"] if grouped else None
             print(f"{name}: {T} tokens done", flush=True)
-    cols = ["shape", "tokens", "experts_used", "provider", "ms", "tflops", "gbs", "roofline_pct", "rel_err_vs_fp32"]
+    cols = ["shape", "tokens", "experts_used", "provider", "ms", "tflops", "gbs", "copy_pct", "vs_grouped_mm", "roofline_pct", "rel_err_vs_fp32"]
     print(table(rows, cols))
     if not gpu:
         print(
             "no CUDA device: torch providers on the CPU at a small width; the Triton kernel's GPU figures were not taken"
         )
     print(f"machine: {machine()}")
-    record("moe", rows)
+    record("moe", rows, copy_bandwidth_gbs=copy_gbs)
     png = plot(
         rows, "tokens", "tflops", "provider", RESULTS_DIR / "moe.png", f"MoE layer, {device}, {', '.join(configs)}"
     )

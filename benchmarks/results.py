@@ -99,6 +99,17 @@ def time_ms(fn, warmup: int = 2, reps: int = 10) -> dict:
     return {"ms": statistics.median(samples), "ms_p20": q[1], "ms_p80": q[7]}
 
 
+def copy_bandwidth_gbs(device: str, nbytes: int = 1 << 30) -> float:
+    """Device-memory bandwidth measured now: bytes read plus written by a plain copy of `nbytes`
+    (1 GiB on a GPU, far larger than its L2), per second. The figure the MoE decode rows are judged by."""
+    if device == "cpu":
+        nbytes = min(nbytes, 1 << 28)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t = time_ms(lambda: dst.copy_(src))
+    return 2 * nbytes / (t["ms"] / 1e3) / 1e9
+
+
 def roofline(flops: float, nbytes: float, ms: float) -> dict:
     """Achieved TFLOP/s and GB/s, and the fraction of the H100 roofline time (max of the compute and
     memory bounds) that the measured time reaches; only meaningful for GPU rows."""
