@@ -93,6 +93,13 @@ def helpers_of(found: dict[str, object]) -> set[str]:
     return called
 
 
+def escaped(found: dict[str, object], launches) -> list[str]:
+    """The kernels of `found` that no launch compiles, directly or as a helper of a launched kernel."""
+    launched = {_jit_of(launch.kernel).__name__ for launch in launches}
+    helpers = helpers_of(found)
+    return sorted(name for name in found if name not in helpers and _jit_of(found[name]).__name__ not in launched)
+
+
 # --- capture ---------------------------------------------------------------------------------------------
 
 
@@ -270,12 +277,9 @@ def run_gate(targets=(90, 100), jobs: int = 2) -> tuple[list[dict], list[str]]:
     global _VARIANTS
     found = discover()
     launches = run_workloads()
-    launched = {_jit_of(launch.kernel).__name__ for launch in launches}
-    helpers = helpers_of(found)
     problems = [
         f"{name}: a Triton kernel that no workload of the compile gate launches; add its launcher to run_workloads()"
-        for name in sorted(found)
-        if name not in helpers and _jit_of(found[name]).__name__ not in launched
+        for name in escaped(found, launches)
     ]
     unique: dict[str, Variant] = {}
     labels: dict[str, list[dict]] = {}
@@ -350,14 +354,35 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _targets(text: str) -> tuple[int, ...]:
+    """"90,100" -> (90, 100); only the targets whose table the gate knows (227 KiB shared memory)."""
+    try:
+        targets = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected compute capabilities such as 90,100, got {text!r}") from None
+    if not targets or any(t not in (90, 100) for t in targets):
+        raise argparse.ArgumentTypeError(f"the gate compiles for 90 (sm_90a) and 100 (sm_100a), got {text!r}")
+    return targets
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of processes, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"needs at least 1 process, got {value}")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--targets", default="90,100", help="compute capabilities to compile for (default 90,100)")
-    parser.add_argument("--jobs", type=int, default=2, help="compiler processes (default 2)")
+    parser.add_argument("--targets", type=_targets, default=(90, 100), help="compute capabilities to compile for, from 90 and 100 (default 90,100)")
+    parser.add_argument("--jobs", type=_positive, default=2, help="compiler processes, at least 1 (default 2)")
     parser.add_argument("--json", type=Path, help="also write every row to this JSON file")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    rows, problems = run_gate(tuple(int(t) for t in args.targets.split(",")), args.jobs)
+    rows, problems = run_gate(args.targets, args.jobs)
     print(table(rows))
     print(f"\n{len(rows)} variants, {sum('error' not in r for r in rows)} compiled, "
           f"{sum(bool(r.get('spill_bytes')) for r in rows)} spilling, {time.perf_counter() - start:.0f} s")  # fmt: skip

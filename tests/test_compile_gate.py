@@ -72,11 +72,49 @@ def test_a_kernel_outside_the_workloads_fails_the_gate(tmp_path):
         "    tl.store(x_ptr + tl.arange(0, BLOCK), tl.zeros([BLOCK], tl.float32))\n"
         "_orphan_kernel.__module__ = routing.__name__\n"
         "routing._orphan_kernel = _orphan_kernel\n"
-        "found = compile_gate.discover()\n"
-        "launched = {compile_gate._jit_of(l.kernel).__name__ for l in compile_gate.run_workloads()}\n"
-        "helpers = compile_gate.helpers_of(found)\n"
-        "print(sorted(n for n in found if n not in helpers and compile_gate._jit_of(found[n]).__name__ not in launched))\n"
+        "print(compile_gate.escaped(compile_gate.discover(), compile_gate.run_workloads()))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, env=env)
     assert done.stdout.strip() == "['routing._orphan_kernel']", done.stdout + done.stderr[-2000:]
+
+
+HOSTILE_ARGS = [
+    (["--targets", "abc"], "compute capabilities such as 90,100"),
+    (["--targets", ""], "compute capabilities such as 90,100"),
+    (["--targets", "0"], "compiles for 90"),
+    (["--targets", "-90"], "compiles for 90"),
+    (["--targets", "80"], "compiles for 90"),  # no shared-memory limit is known to the gate there
+    (["--targets", "nan"], "compute capabilities such as 90,100"),
+    (["--jobs", "0"], "at least 1 process"),
+    (["--jobs", "-2"], "at least 1 process"),
+    (["--jobs", "two"], "whole number of processes"),
+    (["--jobs", "1e9"], "whole number of processes"),
+    (["--jobs"], "expected one argument"),
+]
+
+
+def test_hostile_arguments_are_refused_in_one_line():
+    # one subprocess for all rows: each row's exit code and stderr, from argparse's own exit
+    script = (
+        "import contextlib, io, json, sys\n"
+        f"sys.path.insert(0, {str(GATE.parent)!r})\n"
+        "import compile_gate\n"
+        "out = []\n"
+        f"for argv in {[a for a, _ in HOSTILE_ARGS]!r}:\n"
+        "    err = io.StringIO()\n"
+        "    with contextlib.redirect_stderr(err):\n"
+        "        try:\n"
+        "            compile_gate.main(argv)\n"
+        "            code = 0\n"
+        "        except SystemExit as e:\n"
+        "            code = e.code\n"
+        "    out.append([code, err.getvalue()])\n"
+        "print(json.dumps(out))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    for (argv, message), (code, err) in zip(HOSTILE_ARGS, results):
+        assert code == 2, (argv, code, err)
+        assert message in err and "Traceback" not in err, (argv, err)
