@@ -133,6 +133,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.kv_dim, bias=True)
         self.o_proj = nn.Linear(config.q_dim, config.hidden_size, bias=True)
         self.sinks = nn.Parameter(torch.zeros(config.num_attention_heads))
+        self.backend = "torch"  # "triton": the same math in gptoss.kernels.attention (tiled, scores never stored)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, cache=None
@@ -146,7 +147,10 @@ class Attention(nn.Module):
         k_pos = positions
         if cache is not None:  # earlier keys (after RoPE) and values, plus these: see gptoss/generate.py
             k, v, k_pos = cache.update(k, v, positions)  # [B, S, K, Dh] x 2, [B, S]
-        out = attention_with_sinks(q, k, v, self.sinks, positions, k_pos, self.window)  # [B, T, K, G, Dh]
+        attend = attention_with_sinks
+        if self.backend == "triton":
+            from gptoss.kernels.attention import attention_with_sinks as attend
+        out = attend(q, k, v, self.sinks, positions, k_pos, self.window)  # [B, T, K, G, Dh]
         return self.o_proj(out.reshape(B, T, K * G * Dh))  # [B, T, D]
 
 
@@ -361,12 +365,12 @@ class GptOss(nn.Module):
         return self.model.embed_tokens.weight.dtype
 
     def set_backend(self, backend: str) -> GptOss:
-        """ "torch" (the reference) or "triton" (MoE kernels; needs MXFP4 experts)."""
+        """ "torch" (the reference) or "triton" (attention and MoE kernels; the MoE kernels need MXFP4 experts)."""
         if backend == "triton" and not all(layer.mlp.experts.quantized for layer in self.model.layers):
             raise ValueError("the Triton MoE kernels need MXFP4 experts; this model holds dense (bf16) experts")
         self.backend = backend
         for layer in self.model.layers:
-            layer.mlp.backend = backend
+            layer.self_attn.backend = layer.mlp.backend = backend
         return self
 
     def dequantize_experts(self) -> GptOss:

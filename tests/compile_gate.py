@@ -57,6 +57,7 @@ SHAPES = {  # hidden D, intermediate I, experts E, top-k
     "gpt-oss-120b": (2880, 2880, 128, 4),
 }
 WORKLOADS = {"decode": 1, "prefill": 4096}  # tokens
+ATTENTION = (8, 8, 64)  # KV heads, query heads per KV head, head dim: gpt-oss-20b and -120b alike
 
 
 # --- introspection -------------------------------------------------------------------------------------
@@ -143,8 +144,9 @@ def capture(launches: list[Launch], label: dict):
 
 
 def run_workloads() -> list[Launch]:
-    """The launchers at the gpt-oss shapes on meta tensors: routing, the four MoE matmuls, dequantization."""
-    from gptoss.kernels import moe, mxfp4, routing
+    """The launchers at the gpt-oss shapes on meta tensors: routing, the four MoE matmuls, dequantization,
+    attention (forward, both backward kernels, the split-K decode and its merge)."""
+    from gptoss.kernels import attention, moe, mxfp4, routing
 
     launches: list[Launch] = []
     meta = dict(device="meta")
@@ -169,6 +171,25 @@ def run_workloads() -> list[Launch]:
                     moe.moe_gate_up_bwd(gh, r, w1, s1, D)
                     label["what"] = "dequantize"
                     mxfp4.mxfp4_dequant_fwd(w1[:1], s1[:1], dtype)
+    K, G, Dh = ATTENTION
+    for workload, T in WORKLOADS.items():  # decode: one token against a 4096-token cache; prefill: training rows
+        S = 4096
+        for dtype in (torch.bfloat16, torch.float32):
+            with capture(launches, dict(shape="gpt-oss (attention)", workload=workload, tokens=T, dtype=str(dtype)[6:])) as label:
+                q = torch.empty(1, T, K, G, Dh, dtype=dtype, **meta)
+                kv = torch.empty(1, S, K, Dh, dtype=dtype, **meta)
+                sinks = torch.empty(K * G, dtype=torch.float32, **meta)
+                q_pos = torch.empty(1, T, dtype=torch.int32, **meta)
+                k_pos = torch.empty(1, S, dtype=torch.int32, **meta)
+                for window in (128, attention.NO_WINDOW):
+                    if T * G <= attention.DECODE_ROWS:
+                        label["what"] = "decode"
+                        attention.attention_decode(q, kv, kv, sinks, q_pos, k_pos, window)
+                        continue
+                    label["what"] = "forward"
+                    out, lse = attention.attention_fwd(q, kv, kv, sinks, q_pos, k_pos, window)
+                    label["what"] = "backward"
+                    attention.attention_bwd(out, q, kv, kv, sinks, out, lse, q_pos, k_pos, window)
     return launches
 
 

@@ -33,6 +33,7 @@ def test_every_kernel_compiles_without_spills(gate):
     assert rows and all("error" not in row for row in rows)
     kernels = {row["kernel"] for row in rows}
     assert {"_moe_matmul_kernel", "_mxfp4_dequant_fwd_kernel", "_topk_softmax_fwd_kernel"} <= kernels
+    assert {"_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel", "_attn_decode_kernel", "_attn_decode_merge_kernel"} <= kernels
     assert {row["target"] for row in rows} == {"sm_90a", "sm_100a"}
 
 
@@ -118,3 +119,16 @@ def test_hostile_arguments_are_refused_in_one_line():
     for (argv, message), (code, err) in zip(HOSTILE_ARGS, results):
         assert code == 2, (argv, code, err)
         assert message in err and "Traceback" not in err, (argv, err)
+
+
+def test_attention_uses_tensor_cores_without_spills(gate):
+    # the training kernels tile 64-128 rows onto wgmma; the decode kernel's 16-row tile onto mma.sync
+    _, rows = gate
+    attention = [r for r in rows if r["kernel"].startswith("_attn_") and r["target"] == "sm_90a"]
+    bf16 = [r for r in attention if {launch["dtype"] for launch in r["launches"]} == {"bfloat16"}]
+    assert {r["kernel"] for r in bf16} >= {"_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel", "_attn_decode_kernel"}
+    for r in attention:
+        assert r["spill_bytes"] == 0 and r["spill_ops"] == 0, (r["kernel"], r["config"])
+    for r in bf16:
+        expected = {"_attn_decode_kernel": "mma.sync", "_attn_decode_merge_kernel": "FMA"}.get(r["kernel"], "wgmma")
+        assert r["mma"] == expected, (r["kernel"], r["mma"])

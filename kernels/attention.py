@@ -1,0 +1,458 @@
+"""Attention with learned sinks, grouped-query heads and an optional sliding window: a
+FlashAttention-style forward and backward, and a split-K decode.
+
+Computes what gptoss.model.attention_with_sinks computes (the reference the tests compare against):
+for query head h = kv_head * G + g at position p and the keys at positions j,
+
+    s_j  = q . k_j / sqrt(Dh)              for keys with  p - window < j <= p  and  j >= 0
+    out  = sum_j softmax(s_1 .. s_n, z_h)_j v_j      z_h: the head's sink, a logit without a value
+
+Rows. The G query heads of one KV head share its keys, so a program takes the rows (t, g) of one
+(batch, KV head) stacked as row r = t * G + g: one key tile loaded serves BLOCK_M rows of every head
+of the group (at decode, the 8 heads of a gpt-oss KV head are the 8 rows of one tile).
+
+Softmax. In base 2 (scores scaled by log2(e) / sqrt(Dh)) with fp32 running max m and sum l. The sink
+starts the running softmax: m = z, l = exp2(z - m) = 1. So a row whose keys are all masked (a
+padding query, position -1) ends with l = 1 and out = 0, never 0 / 0. The forward saves the base-2
+log-sum-exp L = m + log2(l) per row ([B, K, T * G] fp32) for the backward.
+
+Backward (FlashAttention-2): P = exp2(s - L) is recomputed from L; with dP = dO V^T and
+Delta = rowsum(dO * O), dS = P * (dP - Delta), dQ = dS K / sqrt(Dh), dK = dS^T Q / sqrt(Dh),
+dV = P^T dO. The sink's softmax weight is exp2(z - L); its gradient is -sum over rows of that
+weight times Delta (a torch reduction over [B, K, T, G]). Two kernels, no atomics: one program per
+query tile accumulates dQ over key tiles, one per key tile accumulates dK, dV over the query tiles
+of all G heads (which is where GQA's sum over the group happens).
+
+Which tiles meet. Positions are data (left padding, cache rings, continuation), so the pairs of
+tiles that may contain a visible (query, key) are found on the device before the launch: per query
+tile the largest position and the smallest window start, per key tile the smallest and largest
+valid position; a pair is visited when those ranges overlap (a superset of the visible pairs; the
+exact mask is applied inside). Each query tile loops over its [first, last] key tiles, each key tile
+over its [first, last] query tiles. Without host synchronisation, so a CUDA graph can capture it.
+
+Decode (few rows, T * G <= 64, no gradient): the keys are split into chunks, one program per (chunk,
+batch, KV head), so one sequence fills the GPU; each writes its unnormalised partial output with
+its m and l, and a second kernel merges the chunks and the sink. Key tiles with no visible key (the
+unused slots of a pre-allocated cache, position -1) are skipped.
+
+Grids: forward and dQ (cdiv(T * G, BLOCK_M), B * K); dK/dV (cdiv(S, BLOCK_N), B * K); decode
+(chunks, B * K), merge (B * K,). Tiles are fixed per kernel and dtype (chosen with the compile gate,
+tests/compile_gate.py), not autotuned: the tile-pair table is built for the tiles of the launch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from gptoss.kernels.mxfp4 import INTERPRET
+
+LOG2E = 1.4426950408889634
+NO_WINDOW = 1 << 30  # a window no position reaches: full causal attention
+DECODE_ROWS = 64  # at most this many rows (T * G) per (batch, KV head) take the split-K decode kernel
+NEG = -1.0e30  # the running max of a decode chunk before it sees a key (finite: exp2(NEG - m) = 0, no NaN)
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and dtype path; "interpret" keeps tests fast.
+CONFIGS = {
+    "fwd": {"bf16": (128, 64, 8, 3), "fp32": (32, 32, 4, 2), "interpret": (32, 16, 1, 1)},
+    "bwd": {"bf16": (64, 64, 4, 2), "fp32": (16, 32, 4, 1), "interpret": (32, 16, 1, 1)},
+    "decode": {"bf16": (16, 64, 4, 3), "fp32": (16, 32, 4, 2), "interpret": (16, 16, 1, 1)},
+}
+
+
+def _path(dtype: torch.dtype) -> str:
+    return "interpret" if INTERPRET else "fp32" if dtype == torch.float32 else "bf16"
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    if UPCAST:  # the interpreter multiplies bf16 dot operands as raw integers: give it fp32
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    if IEEE:  # fp32 data: full fp32 products (the parity runs), not TF32
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _visible(qp, oldest, kp):
+    """[rows, keys]: key position kp is seen by the query at qp (oldest: the last position too old)."""
+    return (kp[None, :] > oldest[:, None]) & (kp[None, :] <= qp[:, None])
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, sinks_ptr, qpos_ptr, kpos_ptr, out_ptr, lse_ptr, ranges_ptr,
+    T, S, G, KH, window, scale2,
+    sq_b, sq_t, sq_h, sq_g, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_t, so_h, so_g, sqp_b, skp_b,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // KH, bh % KH
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < T * G
+    t, g = rows // G, rows % G
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + b * sq_b + h * sq_h + (t * sq_t + g * sq_g)[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
+    qp = tl.load(qpos_ptr + b * sqp_b + t, mask=row_ok, other=-1)
+    oldest = tl.maximum(qp - window, -1)
+    m_i = tl.load(sinks_ptr + h * G + g, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634  # the sink
+    l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    n_qtiles = tl.cdiv(T * G, BLOCK_M)
+    first = tl.load(ranges_ptr + (b * n_qtiles + pid_m) * 2)
+    last = tl.load(ranges_ptr + (b * n_qtiles + pid_m) * 2 + 1)
+    k_base, v_base = k_ptr + b * sk_b + h * sk_h, v_ptr + b * sv_b + h * sv_h
+    for start in range(first * BLOCK_N, last * BLOCK_N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < S
+        kp = tl.load(kpos_ptr + b * skp_b + cols, mask=col_ok, other=-1)
+        kt = tl.load(k_base + cols[None, :] * sk_s + d[:, None], mask=col_ok[None, :], other=0.0)  # [Dh, BLOCK_N]
+        s = _dot(q, kt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, IEEE) * scale2
+        s = tl.where(_visible(qp, oldest, kp), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * sv_s + d[None, :], mask=col_ok[:, None], other=0.0)  # [BLOCK_N, Dh]
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, IEEE)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    o_off = b * so_b + h * so_h + (t * so_t + g * so_g)[:, None] + d[None, :]
+    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(lse_ptr + bh * T * G + rows, m_i + tl.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, qpos_ptr, kpos_ptr, dq_ptr, ranges_ptr,
+    T, S, G, KH, window, scale2, scale,
+    sq_b, sq_t, sq_h, sq_g, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sqp_b, skp_b,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """dQ for one query tile; dO and dQ share q's layout (contiguous [B, T, K, G, Dh])."""
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // KH, bh % KH
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < T * G
+    t, g = rows // G, rows % G
+    d = tl.arange(0, HEAD_DIM)
+    q_off = b * sq_b + h * sq_h + (t * sq_t + g * sq_g)[:, None] + d[None, :]
+    q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)
+    do = tl.load(do_ptr + q_off, mask=row_ok[:, None], other=0.0)
+    lse = tl.load(lse_ptr + bh * T * G + rows, mask=row_ok, other=0.0)
+    delta = tl.load(delta_ptr + bh * T * G + rows, mask=row_ok, other=0.0)
+    qp = tl.load(qpos_ptr + b * sqp_b + t, mask=row_ok, other=-1)
+    oldest = tl.maximum(qp - window, -1)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    n_qtiles = tl.cdiv(T * G, BLOCK_M)
+    first = tl.load(ranges_ptr + (b * n_qtiles + pid_m) * 2)
+    last = tl.load(ranges_ptr + (b * n_qtiles + pid_m) * 2 + 1)
+    k_base, v_base = k_ptr + b * sk_b + h * sk_h, v_ptr + b * sv_b + h * sv_h
+    for start in range(first * BLOCK_N, last * BLOCK_N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < S
+        kp = tl.load(kpos_ptr + b * skp_b + cols, mask=col_ok, other=-1)
+        k = tl.load(k_base + cols[:, None] * sk_s + d[None, :], mask=col_ok[:, None], other=0.0)  # [BLOCK_N, Dh]
+        vt = tl.load(v_base + cols[None, :] * sv_s + d[:, None], mask=col_ok[None, :], other=0.0)  # [Dh, BLOCK_N]
+        s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, IEEE) * scale2
+        p = tl.exp2(tl.where(_visible(qp, oldest, kp), s, float("-inf")) - lse[:, None])
+        dp = _dot(do, vt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, IEEE)
+        ds = p * (dp - delta[:, None])
+        dq = _dot(ds.to(k.dtype), k, dq, UPCAST, IEEE)
+    tl.store(dq_ptr + q_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, qpos_ptr, kpos_ptr, dk_ptr, dv_ptr, ranges_ptr,
+    T, S, G, KH, window, scale2, scale,
+    sq_b, sq_t, sq_h, sq_g, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sd_b, sd_s, sd_h, sqp_b, skp_b,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """dK, dV for one key tile, summed over the query tiles of all G heads of its KV head."""
+    pid_n, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // KH, bh % KH
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < S
+    d = tl.arange(0, HEAD_DIM)
+    k = tl.load(k_ptr + b * sk_b + h * sk_h + cols[:, None] * sk_s + d[None, :], mask=col_ok[:, None], other=0.0)
+    v = tl.load(v_ptr + b * sv_b + h * sv_h + cols[:, None] * sv_s + d[None, :], mask=col_ok[:, None], other=0.0)
+    kp = tl.load(kpos_ptr + b * skp_b + cols, mask=col_ok, other=-1)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    n_ktiles = tl.cdiv(S, BLOCK_N)
+    first = tl.load(ranges_ptr + (b * n_ktiles + pid_n) * 2)
+    last = tl.load(ranges_ptr + (b * n_ktiles + pid_n) * 2 + 1)
+    for start in range(first * BLOCK_M, last * BLOCK_M, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < T * G
+        t, g = rows // G, rows % G
+        q_off = b * sq_b + h * sq_h + (t * sq_t + g * sq_g)[:, None] + d[None, :]
+        q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, Dh]
+        do = tl.load(do_ptr + q_off, mask=row_ok[:, None], other=0.0)
+        lse = tl.load(lse_ptr + bh * T * G + rows, mask=row_ok, other=0.0)
+        delta = tl.load(delta_ptr + bh * T * G + rows, mask=row_ok, other=0.0)
+        qp = tl.load(qpos_ptr + b * sqp_b + t, mask=row_ok, other=-1)
+        oldest = tl.maximum(qp - window, -1)
+        st = _dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST, IEEE) * scale2  # [BLOCK_N, BLOCK_M]
+        seen = (kp[:, None] > oldest[None, :]) & (kp[:, None] <= qp[None, :])
+        pt = tl.exp2(tl.where(seen, st, float("-inf")) - lse[None, :])
+        dv = _dot(pt.to(do.dtype), do, dv, UPCAST, IEEE)
+        dpt = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST, IEEE)
+        dst = pt * (dpt - delta[None, :])
+        dk = _dot(dst.to(q.dtype), q, dk, UPCAST, IEEE)
+    d_off = b * sd_b + h * sd_h + cols[:, None] * sd_s + d[None, :]
+    tl.store(dk_ptr + d_off, (dk * scale).to(dk_ptr.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(dv_ptr + d_off, dv.to(dv_ptr.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit
+def _attn_decode_kernel(
+    q_ptr, k_ptr, v_ptr, qpos_ptr, kpos_ptr, part_ptr, stat_ptr,
+    T, S, G, KH, window, scale2, chunk,
+    sq_b, sq_t, sq_h, sq_g, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sqp_b, skp_b,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """Keys [split * chunk, (split + 1) * chunk) for all T * G <= BLOCK_M rows of one (batch, KV head):
+    the unnormalised output [BLOCK_M, Dh] and the running max and sum (base 2), without the sink."""
+    split, bh = tl.program_id(0), tl.program_id(1)
+    splits = tl.num_programs(0)
+    b, h = bh // KH, bh % KH
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < T * G
+    t, g = rows // G, rows % G
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + b * sq_b + h * sq_h + (t * sq_t + g * sq_g)[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
+    qp = tl.load(qpos_ptr + b * sqp_b + t, mask=row_ok, other=-1)
+    oldest = tl.maximum(qp - window, -1)
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    k_base, v_base = k_ptr + b * sk_b + h * sk_h, v_ptr + b * sv_b + h * sv_h
+    end = tl.minimum(split * chunk + chunk, S)
+    for start in range(split * chunk, end, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < end
+        kp = tl.load(kpos_ptr + b * skp_b + cols, mask=col_ok, other=-1)
+        seen = _visible(qp, oldest, kp)
+        if tl.max(tl.max(seen.to(tl.int32), 1), 0) > 0:  # skip tiles nobody sees (empty cache slots)
+            kt = tl.load(k_base + cols[None, :] * sk_s + d[:, None], mask=col_ok[None, :], other=0.0)
+            s = _dot(q, kt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, IEEE) * scale2
+            s = tl.where(seen, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + cols[:, None] * sv_s + d[None, :], mask=col_ok[:, None], other=0.0)
+            acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, IEEE)
+            m_i = m_new
+    base = bh * splits + split
+    tl.store(part_ptr + (base * BLOCK_M + rows)[:, None] * HEAD_DIM + d[None, :], acc)
+    tl.store(stat_ptr + (base * 2) * BLOCK_M + rows, m_i)
+    tl.store(stat_ptr + (base * 2 + 1) * BLOCK_M + rows, l_i)
+
+
+@triton.jit
+def _attn_decode_merge_kernel(
+    part_ptr, stat_ptr, sinks_ptr, out_ptr, T, G, KH, splits, so_b, so_t, so_h, so_g,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """Merge the chunks of one (batch, KV head) and the sink: out = sum_c 2^(m_c - M) acc_c / L."""
+    bh = tl.program_id(0)
+    b, h = bh // KH, bh % KH
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < T * G
+    t, g = rows // G, rows % G
+    d = tl.arange(0, HEAD_DIM)
+    m_i = tl.load(sinks_ptr + h * G + g, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+    l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for split in range(0, splits):
+        base = bh * splits + split
+        m_c = tl.load(stat_ptr + (base * 2) * BLOCK_M + rows)
+        l_c = tl.load(stat_ptr + (base * 2 + 1) * BLOCK_M + rows)
+        acc_c = tl.load(part_ptr + (base * BLOCK_M + rows)[:, None] * HEAD_DIM + d[None, :])
+        m_new = tl.maximum(m_i, m_c)
+        a, c = tl.exp2(m_i - m_new), tl.exp2(m_c - m_new)
+        l_i = l_i * a + l_c * c
+        acc = acc * a[:, None] + acc_c * c[:, None]
+        m_i = m_new
+    o_off = b * so_b + h * so_h + (t * so_t + g * so_g)[:, None] + d[None, :]
+    tl.store(out_ptr + o_off, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+# --- launchers ---------------------------------------------------------------------------------------------
+
+
+def tile_ranges(q_pos, k_pos, window: int, G: int, block_m: int, block_n: int):
+    """For each (batch, query tile) the [first, last) key tiles it may see, and for each (batch, key
+    tile) the [first, last) query tiles that may see it: int32 [B, tiles, 2] each (see the header)."""
+    B, T = q_pos.shape
+    S = k_pos.shape[1]
+    big = 1 << 40
+    n_q, n_k = triton.cdiv(T * G, block_m), triton.cdiv(S, block_n)
+    qp = q_pos.long().repeat_interleave(G, dim=1)  # [B, T * G], row r = t * G + g
+    qp = torch.nn.functional.pad(qp, (0, n_q * block_m - T * G), value=-1).view(B, n_q, block_m)
+    q_last = qp.amax(-1)  # [B, n_q] latest position a row of the tile sits at
+    q_oldest = torch.where(qp >= 0, (qp - window).clamp(min=-1), big).amin(-1)  # keys must be newer than this
+    kp = torch.nn.functional.pad(k_pos.long(), (0, n_k * block_n - S), value=-1).view(B, n_k, block_n)
+    k_min = torch.where(kp >= 0, kp, big).amin(-1)  # [B, n_k]
+    k_max = torch.where(kp >= 0, kp, -big).amax(-1)
+    meet = (k_min[:, None, :] <= q_last[:, :, None]) & (k_max[:, None, :] > q_oldest[:, :, None])  # [B, n_q, n_k]
+    return _first_last(meet), _first_last(meet.transpose(1, 2))
+
+
+def _first_last(meet: torch.Tensor) -> torch.Tensor:
+    """[B, n, m] bool -> int32 [B, n, 2]: the first true column and one past the last (0, 0 if none)."""
+    m = meet.shape[-1]
+    idx = torch.arange(m, device=meet.device)
+    last = torch.where(meet, idx + 1, 0).amax(-1)
+    first = torch.minimum(torch.where(meet, idx, m).amin(-1), last)
+    return torch.stack((first, last), -1).to(torch.int32).contiguous()
+
+
+def _positions(pos: torch.Tensor, B: int, n: int, what: str) -> torch.Tensor:
+    if pos.dim() == 1:
+        pos = pos.unsqueeze(0)
+    if pos.dim() != 2 or pos.shape[-1] != n or pos.shape[0] not in (1, B):
+        raise ValueError(f"{what} must be [{n}] or [{B}, {n}] positions, got {tuple(pos.shape)}")
+    return pos.to(torch.int32).expand(B, n).contiguous()
+
+
+def _check(q, k, v, sinks, window):
+    if q.dim() != 5 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(
+            f"expected q [B, T, K, G, Dh], k and v [B, S, K, Dh], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    B, T, K, G, Dh = q.shape
+    if k.shape[0] != B or k.shape[2] != K or k.shape[3] != Dh:
+        raise ValueError(f"k {tuple(k.shape)} does not match q {tuple(q.shape)}: expected [{B}, S, {K}, {Dh}]")
+    if sinks.shape != (K * G,):
+        raise ValueError(f"expected one sink per query head, [{K * G}], got {tuple(sinks.shape)}")
+    if Dh not in (16, 32, 64, 128):
+        raise ValueError(f"the Triton attention takes head dims 16, 32, 64 or 128, got {Dh}: use the torch backend")
+    if q.dtype not in (torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share one dtype, bfloat16 or float32; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be None (full causal) or at least 1, got {window}")
+
+
+def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _flags(dtype: torch.dtype) -> dict:
+    return dict(UPCAST=INTERPRET, IEEE=dtype == torch.float32)
+
+
+def attention_fwd(q, k, v, sinks, q_pos, k_pos, window):
+    """-> out [B, T, K, G, Dh] (q's dtype) and the base-2 log-sum-exp [B, K, T * G] fp32."""
+    B, T, K, G, Dh = q.shape
+    S = k.shape[1]
+    bm, bn, warps, stages = CONFIGS["fwd"][_path(q.dtype)]
+    ranges, _ = tile_ranges(q_pos, k_pos, window, G, bm, bn)
+    out = torch.empty(B, T, K, G, Dh, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, K, T * G, dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(T * G, bm), B * K)
+    _attn_fwd_kernel[grid](
+        q, k, v, sinks, q_pos, k_pos, out, lse, ranges, T, S, G, K, window, LOG2E / math.sqrt(Dh),
+        *q.stride()[:4], *k.stride()[:3], *v.stride()[:3], *out.stride()[:4], q_pos.stride(0), k_pos.stride(0),
+        HEAD_DIM=Dh, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **_flags(q.dtype),
+    )  # fmt: skip
+    return out, lse
+
+
+def attention_bwd(do, q, k, v, sinks, out, lse, q_pos, k_pos, window):
+    """-> dq, dk, dv (the inputs' dtypes and shapes) and dsinks fp32 [K * G]."""
+    B, T, K, G, Dh = q.shape
+    S = k.shape[1]
+    bm, bn, warps, stages = CONFIGS["bwd"][_path(q.dtype)]
+    q_ranges, k_ranges = tile_ranges(q_pos, k_pos, window, G, bm, bn)
+    do = do.contiguous()
+    delta = (do.float() * out.float()).sum(-1)  # [B, T, K, G] = rowsum(dO * O)
+    delta_rows = delta.permute(0, 2, 1, 3).reshape(B, K, T * G).contiguous()
+    # the sink's share of each row's softmax is 2^(z - L); its logit's gradient sums -share * Delta
+    z2 = sinks.float().view(1, K, 1, G) * LOG2E
+    share = torch.exp2(z2 - lse.view(B, K, T, G))
+    dsinks = -(share * delta_rows.view(B, K, T, G)).sum((0, 2)).reshape(K * G)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty(B, S, K, Dh, dtype=k.dtype, device=k.device)
+    dv = torch.empty_like(dk)
+    scale = 1.0 / math.sqrt(Dh)
+    common = dict(HEAD_DIM=Dh, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **_flags(q.dtype))
+    qc = q.contiguous()  # dO and dQ are read and written with q's strides
+    _attn_bwd_dq_kernel[(triton.cdiv(T * G, bm), B * K)](
+        qc, k, v, do, lse, delta_rows, q_pos, k_pos, dq, q_ranges, T, S, G, K, window, LOG2E * scale, scale,
+        *qc.stride()[:4], *k.stride()[:3], *v.stride()[:3], q_pos.stride(0), k_pos.stride(0), **common,
+    )  # fmt: skip
+    _attn_bwd_dkdv_kernel[(triton.cdiv(S, bn), B * K)](
+        qc, k, v, do, lse, delta_rows, q_pos, k_pos, dk, dv, k_ranges, T, S, G, K, window, LOG2E * scale, scale,
+        *qc.stride()[:4], *k.stride()[:3], *v.stride()[:3], *dk.stride()[:3], q_pos.stride(0), k_pos.stride(0),
+        **common,
+    )  # fmt: skip
+    return dq, dk, dv, dsinks
+
+
+def attention_decode(q, k, v, sinks, q_pos, k_pos, window, splits: int | None = None):
+    """The split-K forward for T * G <= DECODE_ROWS rows per (batch, KV head); no log-sum-exp, no gradient."""
+    B, T, K, G, Dh = q.shape
+    S = k.shape[1]
+    bm, bn, warps, stages = CONFIGS["decode"][_path(q.dtype)]
+    bm = max(bm, triton.next_power_of_2(T * G))
+    if splits is None:  # about two programs per SM
+        kind = q.device.type  # meta: the compile gate, which sizes the grid for an H100's 132 SMs
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if kind == "cuda" else 132 if kind == "meta" else 4
+        splits = max(1, min(triton.cdiv(S, bn), triton.cdiv(2 * sms, B * K)))
+    chunk = triton.cdiv(triton.cdiv(S, splits), bn) * bn  # keys per chunk, whole tiles
+    splits = triton.cdiv(S, chunk)
+    part = torch.empty(B * K, splits, bm, Dh, dtype=torch.float32, device=q.device)
+    stat = torch.empty(B * K, splits, 2, bm, dtype=torch.float32, device=q.device)
+    out = torch.empty(B, T, K, G, Dh, dtype=q.dtype, device=q.device)
+    _attn_decode_kernel[(splits, B * K)](
+        q, k, v, q_pos, k_pos, part, stat, T, S, G, K, window, LOG2E / math.sqrt(Dh), chunk,
+        *q.stride()[:4], *k.stride()[:3], *v.stride()[:3], q_pos.stride(0), k_pos.stride(0),
+        HEAD_DIM=Dh, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **_flags(q.dtype),
+    )  # fmt: skip
+    _attn_decode_merge_kernel[(B * K,)](
+        part, stat, sinks, out, T, G, K, splits, *out.stride()[:4], HEAD_DIM=Dh, BLOCK_M=bm, num_warps=4
+    )
+    return out
+
+
+class AttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, q_pos, k_pos, window):
+        out, lse = attention_fwd(q, k, v, sinks, q_pos, k_pos, window)
+        ctx.save_for_backward(q, k, v, sinks, out, lse, q_pos, k_pos)
+        ctx.window = window
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, sinks, out, lse, q_pos, k_pos = ctx.saved_tensors
+        dq, dk, dv, dsinks = attention_bwd(do, q, k, v, sinks, out, lse, q_pos, k_pos, ctx.window)
+        return dq, dk, dv, dsinks.to(sinks.dtype), None, None, None
+
+
+def attention_with_sinks(
+    q: torch.Tensor,  # [B, T, K, G, Dh] rotated queries
+    k: torch.Tensor,  # [B, S, K, Dh] rotated keys
+    v: torch.Tensor,  # [B, S, K, Dh]
+    sinks: torch.Tensor,  # [K*G] one logit per query head
+    q_pos: torch.Tensor,  # [T] or [B, T]; negative = padding
+    k_pos: torch.Tensor,  # [S] or [B, S]; negative = padding, never seen
+    window: int | None,  # None: full causal; w: the w most recent keys, the current one included
+) -> torch.Tensor:  # [B, T, K, G, Dh]
+    """gptoss.model.attention_with_sinks on Triton kernels; differentiable in q, k, v and sinks."""
+    _check(q, k, v, sinks, window)
+    B, T, K, G, Dh = q.shape
+    q_pos, k_pos = _positions(q_pos, B, T, "q_pos"), _positions(k_pos, B, k.shape[1], "k_pos")
+    q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
+    window = NO_WINDOW if window is None else int(window)
+    sinks = sinks.contiguous()
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, sinks))
+    if T * G <= DECODE_ROWS and not needs_grad:
+        return attention_decode(q, k, v, sinks, q_pos, k_pos, window)
+    return AttentionFunction.apply(q, k, v, sinks, q_pos, k_pos, window)
