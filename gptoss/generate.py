@@ -9,10 +9,20 @@ a GPU and in fp32 (twice that) on the CPU, where converting the keys every step 
 
 Ragged batches are left-padded; padding tokens get position -1, which attention never sees, so
 each prompt gets the same tokens as it would alone (exactly so with greedy decoding).
+
+Static cache and CUDA graphs. A decode step launches some thirty kernels per layer; from Python,
+launch overhead alone would cost milliseconds per token. With `KVCache(..., static=True)` every
+tensor of a one-token step keeps its shape and address: full layers are pre-allocated to the
+requested length and attend over all their slots (empty ones hold position -1), the sliding ring is
+written at column % window, and the column to write lives on the device. So the whole model's step
+(embedding to logits, cache writes included) is captured once as a CUDA graph and replayed
+(decode="graph", the default on CUDA with the Triton backend); the only host work per token is
+copying the new ids in and picking the next tokens.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 
@@ -30,18 +40,27 @@ class LayerCache:
     Stored head-major, [B, K, slots, Dh], so that attention's two matmuls read them in place
     (update() returns [B, S, K, Dh] views of them, the layout attention_with_sinks takes)."""
 
-    def __init__(self, batch: int, slots: int, config: ModelConfig, ring: bool, dtype: torch.dtype, device):
+    def __init__(
+        self, batch: int, slots: int, config: ModelConfig, ring: bool, dtype: torch.dtype, device, column=None
+    ):
         K, Dh = config.num_key_value_heads, config.head_dim
         self.k = torch.zeros(batch, K, slots, Dh, dtype=dtype, device=device)  # [B, K, slots, Dh]
         self.v = torch.zeros_like(self.k)
         self.pos = torch.full((batch, slots), -1, dtype=torch.long, device=device)  # -1: empty slot
         self.ring, self.filled = ring, 0
+        self.column = column  # static caches: the column one-token steps write, a 0-d tensor shared by all layers
 
     def update(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
         """Add T new tokens ([B, T, K, Dh] x 2, positions [B, T]); return what attention should see."""
         B, T = k.shape[:2]
         pos = pos.expand(B, T)
         slots = self.k.shape[2]
+        if self.column is not None and T == 1:  # static: write at the device-side column, attend over every slot
+            slot = (self.column % slots).view(1)
+            self.k.index_copy_(2, slot, k.transpose(1, 2).to(self.k.dtype))
+            self.v.index_copy_(2, slot, v.transpose(1, 2).to(self.v.dtype))
+            self.pos.index_copy_(1, slot, pos)
+            return self.k.transpose(1, 2), self.v.transpose(1, 2), self.pos
         if not self.ring:  # full attention: append
             end = self.filled + T
             self._write(slice(self.filled, end), k, v, pos)
@@ -70,7 +89,13 @@ class LayerCache:
 
 
 class KVCache:
-    def __init__(self, config: ModelConfig, batch: int, max_tokens: int, dtype: torch.dtype, device="cpu"):
+    """Every layer's cache. `static=True`: one-token steps keep every shape fixed (see the header);
+    a prompt is written the usual way first, then `column` is set to its length (generate does)."""
+
+    def __init__(
+        self, config: ModelConfig, batch: int, max_tokens: int, dtype: torch.dtype, device="cpu", static: bool = False
+    ):
+        self.column = torch.zeros((), dtype=torch.long, device=device) if static else None
         self.layers = [
             LayerCache(
                 batch,
@@ -79,12 +104,72 @@ class KVCache:
                 ring=config.is_sliding(i),
                 dtype=dtype,
                 device=device,
+                column=self.column,
             )
             for i in range(config.num_hidden_layers)
         ]
 
     def nbytes(self) -> int:
         return sum(c.k.nbytes + c.v.nbytes for c in self.layers)
+
+
+def decode_step(model: GptOss, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """One token per sequence through a static cache: ids, positions [B, 1] -> logits [B, V]. No host
+    synchronisation and no shape that depends on the step, so a CUDA graph can capture it."""
+    logits = model(ids, pos, cache, last_only=True, check=False)[:, -1]
+    cache.column += 1
+    return logits
+
+
+class GraphedStep:
+    """decode_step captured once as a CUDA graph and replayed: inputs are copied into fixed buffers,
+    the logits come back in a fixed buffer (valid until the next call)."""
+
+    def __init__(self, model: GptOss, cache: KVCache, batch: int):
+        self.model, self.cache = model, cache
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
+        self.pos = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        self.ids.copy_(ids)
+        self.pos.copy_(pos)
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits
+        # the first step runs for real on a side stream (kernel autotuning and lazy set-up happen here),
+        # then the same step is recorded; recording runs nothing, so the cache advances once
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            logits = decode_step(self.model, self.ids, self.pos, self.cache)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = decode_step(self.model, self.ids, self.pos, self.cache)
+        return logits
+
+
+def _step(model: GptOss, cache: KVCache, mode: str, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    if mode == "static":
+        return decode_step(model, ids, pos, cache)
+    return model(ids, pos, cache, last_only=True)[:, -1]
+
+
+DECODE_MODES = ("auto", "dynamic", "static", "graph")
+
+
+def _decode_mode(model: GptOss, decode: str) -> str:
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+    if decode == "auto":  # the torch MoE reads routing counts on the host: only the Triton path can be captured
+        return "graph" if model.device.type == "cuda" and model.backend == "triton" else "dynamic"
+    if decode == "graph" and (model.device.type != "cuda" or model.backend != "triton"):
+        raise ValueError(
+            f"decode='graph' needs a CUDA device and the triton backend, got {model.device.type} and {model.backend!r}"
+        )
+    return decode
 
 
 def sample(
@@ -138,14 +223,18 @@ def generate(
     stop_tokens: Sequence[int] = (200002, 200012),
     on_token: Callable[[int, int], None] | None = None,
     stats: dict | None = None,
+    decode: str = "auto",
 ) -> list[list[int]]:
     """Continue each prompt; return only the new tokens of each (a stop token, when hit, is included).
 
     `temperature=0.0` is greedy. Sequences stop on their own at a stop token (default `<|return|>`
     and `<|call|>`, never `<|end|>`). `on_token(index, token)` is called as tokens are produced.
     `seed` seeds sequence i with seed + i. `stats`, if given, receives prefill/decode timings.
+    `decode`: "dynamic" (a cache that grows), "static" (fixed shapes, see KVCache), "graph" (static,
+    each step replayed as a CUDA graph); "auto" picks "graph" on CUDA with the triton backend.
     """
     _check(model, prompts, max_new_tokens, temperature, top_p, top_k)
+    mode = _decode_mode(model, decode)
     device = model.device
     B, longest = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((B, longest), PAD, dtype=torch.long, device=device)
@@ -156,12 +245,15 @@ def generate(
     # fp32 on the CPU: attention computes in fp32, so the keys are then read without a conversion each
     # step (they hold bf16 numbers either way: the outputs do not change); the model's dtype on a GPU
     cache_dtype = torch.float32 if device.type == "cpu" else model.dtype
-    cache = KVCache(model.config, B, longest + max_new_tokens, cache_dtype, device)
+    cache = KVCache(model.config, B, longest + max_new_tokens, cache_dtype, device, static=mode != "dynamic")
     generators = [None if seed is None else torch.Generator().manual_seed(seed + b) for b in range(B)]
     stop = set(stop_tokens)
 
     start = time.perf_counter()
     logits = model(ids, positions, cache, last_only=True)[:, -1]  # [B, V]
+    if mode != "dynamic":
+        cache.column.fill_(longest)  # the prompt filled columns 0 .. longest-1
+    step = GraphedStep(model, cache, B) if mode == "graph" else functools.partial(_step, model, cache, mode)
     prefill_s = time.perf_counter() - start
     next_pos = positions[:, -1] + 1  # [B]
     out: list[list[int]] = [[] for _ in range(B)]
@@ -183,7 +275,7 @@ def generate(
             step_ids[b, 0], step_pos[b, 0] = token, next_pos[b]
         if all(done):
             break
-        logits = model(step_ids, step_pos, cache, last_only=True)[:, -1]  # finished sequences feed padding
+        logits = step(step_ids, step_pos)  # finished sequences feed padding
         next_pos += 1
     decode_s = time.perf_counter() - start
     if stats is not None:

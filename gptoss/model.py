@@ -379,9 +379,13 @@ class GptOss(nn.Module):
             layer.mlp.experts.dequantize_()
         return self.set_backend("torch")
 
-    def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        """The final-normed hidden states [B, T, D] (the trainer applies lm_head to supervised positions only)."""
-        check_input_ids(input_ids, self.config)
+    def hidden(
+        self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None, check: bool = True
+    ) -> torch.Tensor:
+        """The final-normed hidden states [B, T, D] (the trainer applies lm_head to supervised positions only).
+        `check=False` skips the input checks, which read the ids on the host: a CUDA graph step must not."""
+        if check:
+            check_input_ids(input_ids, self.config)
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device)
@@ -397,12 +401,17 @@ class GptOss(nn.Module):
         return self.model.norm(x)
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None, last_only: bool = False
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache=None,
+        last_only: bool = False,
+        check: bool = True,
     ) -> torch.Tensor:
         """`positions` [T] or [B, T] default to 0..T-1; -1 marks a padding token (never attended to).
         `cache` (a gptoss.generate.KVCache) holds earlier tokens' keys and values and is extended.
         `last_only` returns the logits of the last position only, [B, 1, V] (what decoding needs)."""
-        x = self.hidden(input_ids, positions, cache)
+        x = self.hidden(input_ids, positions, cache, check)
         if last_only:
             x = x[:, -1:]  # [B, 1, D]
         B, T, D = x.shape

@@ -138,3 +138,59 @@ def test_decode_buffers_made_in_inference_mode_do_not_break_later_no_grad_passes
     generate(model, [[1, 2, 3]], max_new_tokens=2, temperature=0.0, stop_tokens=())
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[4, 5, 6]]))).all()
+
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12], [3, 4], list(range(1, 14))]  # ragged; 12 new tokens wrap the 5-slot ring
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_static_cache_gives_the_same_greedy_tokens(model, dtype):
+    m = model.to(dtype)
+    try:
+        dynamic = generate(m, PROMPTS, max_new_tokens=12, temperature=0.0, stop_tokens=(), decode="dynamic")
+        static = generate(m, PROMPTS, max_new_tokens=12, temperature=0.0, stop_tokens=(), decode="static")
+    finally:
+        model.float()
+    assert static == dynamic and all(len(o) == 12 for o in static)
+
+
+def test_static_step_keeps_every_shape_and_writes_at_the_device_column(model):
+    cache = KVCache(CONFIG, 2, 10, torch.float32, static=True)
+    ids = torch.tensor([[1, 2, 3], [0, 4, 5]])
+    pos = torch.tensor([[0, 1, 2], [-1, 0, 1]])
+    import sys
+
+    step = sys.modules["gptoss.generate"].decode_step
+    with torch.no_grad():
+        model(ids, pos, cache)
+        cache.column.fill_(3)
+        shapes = None
+        for t in range(7):
+            logits = step(model, torch.tensor([[6], [7]]), torch.tensor([[3 + t], [2 + t]]), cache)
+            now = [(c.k.shape, c.k.data_ptr(), c.pos.shape) for c in cache.layers]
+            assert shapes is None or now == shapes  # nothing reallocated, nothing resized
+            shapes = now
+    assert logits.shape == (2, CONFIG.vocab_size) and int(cache.column) == 10
+    full = cache.layers[CONFIG.layer_types.index("full_attention")]
+    assert full.pos[0].tolist() == list(range(10)) and full.pos[1].tolist() == [-1, *range(9)]
+    ring = cache.layers[CONFIG.layer_types.index("sliding_attention")]
+    assert sorted(ring.pos[0].tolist()) == [5, 6, 7, 8, 9]  # the window's 5 newest, at position % 5
+
+
+def test_compiled_static_step_gives_the_same_greedy_tokens(model, monkeypatch):
+    # torch.compile of the static step: the stand-in on the CPU for the CUDA graph (tests/test_gpu.py
+    # captures the real one). The torch MoE reads its expert runs on the host, so here it breaks the graph.
+    import sys
+
+    module = sys.modules["gptoss.generate"]
+    expected = generate(model, PROMPTS, max_new_tokens=6, temperature=0.0, stop_tokens=(), decode="dynamic")
+    torch._dynamo.reset()
+    monkeypatch.setattr(module, "decode_step", torch.compile(module.decode_step, backend="eager"))
+    assert generate(model, PROMPTS, max_new_tokens=6, temperature=0.0, stop_tokens=(), decode="static") == expected
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("decode,error", [("fast", "decode must be one of"), ("graph", "needs a CUDA device"), ("", "decode must be one of"), (None, "decode must be one of")])
+def test_bad_decode_mode_is_explained(model, decode, error):
+    with pytest.raises(ValueError, match=error):
+        generate(model, [[1, 2]], max_new_tokens=2, decode=decode)
