@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One command on a CUDA machine (no network needed; its own torch and Triton already installed):
 #   benchmarks/run_gpu.sh [OUT]        (or: make bench-gpu)
-# installs this checkout without reaching any index, runs the GPU tests, the MXFP4 and MoE kernel
-# benchmarks and the end-to-end benchmark with the Triton backend, and writes one results file,
-# OUT/gpu-results.jsonl (every JSON line of every step, plus the tests' outcome), beside each step's log.
+# installs this checkout without reaching any index, runs the GPU tests, the MXFP4, MoE and attention
+# kernel benchmarks and the end-to-end benchmark with the Triton backend (decode steps replayed as a CUDA
+# graph), and writes one results file, OUT/gpu-results.jsonl (every JSON line of every step, plus the tests' outcome), beside each step's log.
 # Each step has its own time limit so that the whole run ends within 10 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,10 +41,11 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME
     echo "{\"step\": \"$name\", \"exit_code\": $rc}" >>"$OUT/steps.jsonl"
     [ $rc -eq 0 ] || status=1
 }
-step test_gpu 150 $PY -m pytest -q -rs tests/test_gpu.py
-step bench_mxfp4 60 $PY benchmarks/bench_mxfp4.py
-step bench_moe 200 $PY benchmarks/bench_moe.py
-step bench_e2e 170 $PY benchmarks/bench_e2e.py --configs tiny,gpt-oss-20b
+step test_gpu 140 $PY -m pytest -q -rs tests/test_gpu.py
+step bench_mxfp4 50 $PY benchmarks/bench_mxfp4.py
+step bench_moe 160 $PY benchmarks/bench_moe.py
+step bench_attention 90 $PY benchmarks/bench_attention.py
+step bench_e2e 150 $PY benchmarks/bench_e2e.py --configs tiny,gpt-oss-20b
 
 cat "$OUT"/steps.jsonl "$OUT"/*.jsonl 2>/dev/null | grep -v '^$' | sort -u >"$OUT/gpu-results.tmp"
 mv "$OUT/gpu-results.tmp" "$OUT/gpu-results.jsonl"

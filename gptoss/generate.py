@@ -258,6 +258,7 @@ def generate(
     next_pos = positions[:, -1] + 1  # [B]
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
+    setup = None
     start = time.perf_counter()
     for _ in range(max_new_tokens):
         step_ids = torch.full((B, 1), PAD, dtype=torch.long, device=device)
@@ -277,14 +278,20 @@ def generate(
             break
         logits = step(step_ids, step_pos)  # finished sequences feed padding
         next_pos += 1
+        if mode == "graph" and setup is None:  # the first step warms up and records the graph: timed apart
+            torch.cuda.synchronize()
+            setup = (time.perf_counter() - start, B - sum(done))  # seconds, tokens that step makes
+            start = time.perf_counter()
     decode_s = time.perf_counter() - start
     if stats is not None:
         # each sequence's first token comes from the prefill's logits; the decode steps made the rest
-        decode_tokens = sum(len(o) for o in out) - B
+        # (in graph mode, the replayed ones: the recording step is reported as graph_setup_s)
+        decode_tokens = sum(len(o) for o in out) - B - (setup[1] if setup else 0)
         stats.update(
             prefill_tokens=sum(len(p) for p in prompts),
             prefill_s=prefill_s,
             decode_tokens=decode_tokens,
             decode_s=decode_s,
+            graph_setup_s=setup[0] if setup else 0.0,
         )
     return out

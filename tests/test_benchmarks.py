@@ -11,7 +11,7 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-@pytest.mark.parametrize("script", ["bench_mxfp4.py", "bench_moe.py"])
+@pytest.mark.parametrize("script", ["bench_mxfp4.py", "bench_moe.py", "bench_attention.py"])
 def test_benchmark_runs_and_reports(script, tmp_path):
     env = dict(os.environ, GPTOSS_RESULTS_DIR=str(tmp_path))
     out = subprocess.run(
