@@ -14,6 +14,15 @@ def test_architecture_doc_parameter_table_matches_the_config_code():
     assert table[1] == format_param_table(get_preset("gpt-oss-20b"), markdown=True)
 
 
+def test_architecture_doc_memory_table_matches_the_memory_model():
+    from gptoss.train.memory import memory_table
+
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    table = re.search(r"<!-- memory-table -->\n(.*?)\n<!-- /memory-table -->", doc, re.S)
+    assert table, "docs/architecture.md lost its memory table markers"
+    assert table[1] == memory_table(2048)
+
+
 def test_readme_starts_with_the_two_commands():
     readme = (ROOT / "README.md").read_text()
     block = re.search(r"```(?:bash|sh)?\n(.*?)```", readme, re.S)[1]
