@@ -82,6 +82,19 @@ def _visible(qp, oldest, kp):
 
 
 @triton.jit
+def _attend(q, kt, v, seen, m_i, l_i, acc, scale2, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """One key tile of the online softmax: scores of q [rows, Dh] against kt [Dh, keys] (base 2),
+    masked by `seen`; returns the running max, sum and unnormalised output [rows, Dh] after it."""
+    s = _dot(q, kt, tl.zeros((q.shape[0], kt.shape[1]), tl.float32), UPCAST, IEEE) * scale2
+    s = tl.where(seen, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, IEEE)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+
+@triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, sinks_ptr, qpos_ptr, kpos_ptr, out_ptr, lse_ptr, ranges_ptr,
     T, S, G, KH, window, scale2,
@@ -109,15 +122,8 @@ def _attn_fwd_kernel(
         col_ok = cols < S
         kp = tl.load(kpos_ptr + b * skp_b + cols, mask=col_ok, other=-1)
         kt = tl.load(k_base + cols[None, :] * sk_s + d[:, None], mask=col_ok[None, :], other=0.0)  # [Dh, BLOCK_N]
-        s = _dot(q, kt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, IEEE) * scale2
-        s = tl.where(_visible(qp, oldest, kp), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + cols[:, None] * sv_s + d[None, :], mask=col_ok[:, None], other=0.0)  # [BLOCK_N, Dh]
-        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, IEEE)
-        m_i = m_new
+        m_i, l_i, acc = _attend(q, kt, v, _visible(qp, oldest, kp), m_i, l_i, acc, scale2, UPCAST, IEEE)
     out = acc / l_i[:, None]
     o_off = b * so_b + h * so_h + (t * so_t + g * so_g)[:, None] + d[None, :]
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -239,15 +245,8 @@ def _attn_decode_kernel(
         seen = _visible(qp, oldest, kp)
         if tl.max(tl.max(seen.to(tl.int32), 1), 0) > 0:  # skip tiles nobody sees (empty cache slots)
             kt = tl.load(k_base + cols[None, :] * sk_s + d[:, None], mask=col_ok[None, :], other=0.0)
-            s = _dot(q, kt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, IEEE) * scale2
-            s = tl.where(seen, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + cols[:, None] * sv_s + d[None, :], mask=col_ok[:, None], other=0.0)
-            acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, IEEE)
-            m_i = m_new
+            m_i, l_i, acc = _attend(q, kt, v, seen, m_i, l_i, acc, scale2, UPCAST, IEEE)
     base = bh * splits + split
     tl.store(part_ptr + (base * BLOCK_M + rows)[:, None] * HEAD_DIM + d[None, :], acc)
     tl.store(stat_ptr + (base * 2) * BLOCK_M + rows, m_i)
