@@ -170,13 +170,34 @@ def canonical_from_disk(
 # ---------------------------------------------------------------------------------------------
 
 
-def detect_layout(folder: Path, names: set[str]) -> str:
-    if "block.0.attn.qkv.weight" in names or "embedding.weight" in names:
+def _layout_marker(name: str) -> str | None:
+    """The layout a tensor name belongs to only (the HF names of attention and norms are shared)."""
+    if name.startswith("block.") or name in _GLOBAL_TO_ORIGINAL.values():
         return "original"
-    if any(n.endswith("mlp.experts.gate_up_proj_blocks") for n in names):
+    if name.endswith(("_blocks", "_scales")):
         return "hf-mxfp4"
-    if any(n.endswith("mlp.experts.gate_up_proj") for n in names):
+    if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
         return "hf-bf16"
+    return None
+
+
+def detect_layout(folder: Path, names: set[str], files: dict[str, Path] | None = None) -> str:
+    """The one layout the tensor names belong to; a folder mixing two layouts is refused."""
+    found: dict[str, str] = {}
+    for name in sorted(names):
+        layout = _layout_marker(name)
+        if layout is not None:
+            found.setdefault(layout, name)
+    if len(found) > 1:
+        where = "; ".join(
+            f"{layout}: {name}" + (f" in {files[name].name}" if files else "") for layout, name in found.items()
+        )
+        raise CheckpointError(
+            f"{folder} holds tensors of {len(found)} layouts ({where}): keep one checkpoint per folder and "
+            "move the other files out"
+        )
+    if found:
+        return next(iter(found))
     sample = ", ".join(sorted(names)[:3]) or "no tensors"
     raise CheckpointError(
         f"{folder} does not hold a gpt-oss checkpoint: none of its tensor names ({sample}, ...) belong to "
@@ -208,21 +229,48 @@ class TensorIndex:
         self.folder = folder
         self._handles: dict[Path, object] = {}
         index = folder / INDEX_FILE
+        present = sorted(folder.glob("*.safetensors"))
         if index.exists():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index} is not a valid safetensors index ({e!r}); re-download it") from None
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                    raise TypeError("weight_map is not an object of tensor name -> file name")
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index} is not a valid safetensors index ({e}); re-download it") from None
             self.files = {name: folder / file for name, file in weight_map.items()}
-            for file in sorted(set(self.files.values())):
-                if not file.exists():
+            shards = sorted(set(self.files.values()))
+            for file in shards:
+                if not file.is_file():
                     raise CheckpointError(
                         f"shard {file.name} listed in {index.name} is missing from {folder}; re-download it"
                     )
+            if stray := [f.name for f in present if f not in shards]:
+                raise CheckpointError(
+                    f"{folder} holds {stray[0]}, which {index.name} does not list: one checkpoint per folder; "
+                    "move that file out (or re-download the index)"
+                )
+            for file in shards:  # the index and the shards' own headers must agree, tensor by tensor
+                held, listed = set(self._open(file).keys()), {n for n, f in self.files.items() if f == file}
+                if absent := sorted(listed - held):
+                    raise CheckpointError(
+                        f"{index.name} places tensor {absent[0]} in {file.name}, which does not hold it: the index "
+                        "and the shards disagree; re-download the index"
+                    )
+                if extra := sorted(held - listed):
+                    raise CheckpointError(
+                        f"{file.name} holds tensor {extra[0]}, which {index.name} "
+                        f"{'places in ' + self.files[extra[0]].name if extra[0] in self.files else 'does not list'}"
+                        ": the index and the shards disagree; re-download the index"
+                    )
         else:
             self.files = {}
-            for file in sorted(folder.glob("*.safetensors")):
+            for file in present:
                 for name in self._open(file).keys():
+                    if name in self.files:
+                        raise CheckpointError(
+                            f"tensor {name} is in both {self.files[name].name} and {file.name} in {folder}: two "
+                            "checkpoints in one folder? keep one and move the other file out"
+                        )
                     self.files[name] = file
 
     def _open(self, file: Path):
@@ -244,6 +292,12 @@ class TensorIndex:
 
     def validate(self, spec: dict[str, tuple[tuple[int, ...], str]], layout: str) -> None:
         """Check presence, shape and dtype of every expected tensor; raise on the first problem."""
+        if unknown := sorted(set(self.files) - set(spec)):
+            raise CheckpointError(
+                f"tensor {unknown[0]} in {self.files[unknown[0]].name}"
+                f"{f' (and {len(unknown) - 1} more)' if len(unknown) > 1 else ''} is not part of a {layout} gpt-oss "
+                f"checkpoint with this config.json: remove the foreign tensor, or use the config that came with it"
+            )
         missing = [n for n in spec if n not in self.files]
         if missing:
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
@@ -278,7 +332,31 @@ def open_checkpoint(source: str | Path) -> tuple[ModelConfig, str, TensorIndex]:
     """Find, identify and validate a local checkpoint: (config, layout, index)."""
     folder = resolve_folder(source)
     index = TensorIndex(folder)
-    layout = detect_layout(folder, set(index.files))
+    layout = detect_layout(folder, set(index.files), index.files)
     config = read_config(folder)
+    check_counts(config, layout, index)
     index.validate(disk_spec(config, layout), layout)
     return config, layout, index
+
+
+def check_counts(config: ModelConfig, layout: str, index: TensorIndex) -> None:
+    """config.json's layer and expert counts against the tensors, before any per-tensor check."""
+    layers = {int(m[1]) for n in index.files if (m := re.match(r"(?:model\.layers|block)\.(\d+)\.", n))}
+    if layers != set(range(config.num_hidden_layers)):
+        held = "no layers" if not layers else f"layers {sorted(layers)}"
+        if layers and layers == set(range(max(layers) + 1)):
+            held = f"{len(layers)} layers (0..{max(layers)})"
+        raise CheckpointError(
+            f"config.json says num_hidden_layers={config.num_hidden_layers}, the tensors in {index.folder} hold "
+            f"{held}: the config and the weights disagree; use the config.json that "
+            "came with these weights"
+        )
+    router = "block.0.mlp.gate.weight" if layout == "original" else "model.layers.0.mlp.router.weight"
+    if router in index.files:
+        experts = index.meta(router)[0][0]
+        if experts != config.num_local_experts:
+            raise CheckpointError(
+                f"config.json says num_local_experts={config.num_local_experts}, the router {router} in "
+                f"{index.files[router].name} scores {experts} experts: the config and the weights disagree; use the "
+                "config.json that came with these weights"
+            )

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-from gptoss.checkpoint import LAYOUTS, CheckpointError
+from gptoss.checkpoint import LAYOUTS
 from gptoss.config import cache_dir
-from gptoss.harmony import VocabularyError
+from gptoss.errors import UsageError
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -113,6 +114,7 @@ def _demo_training(folder: Path, args: argparse.Namespace) -> int:
             model=str(folder), output=str(base), dataset=str(data), eval_dataset=None, full_finetune=True,
             max_steps=steps_base, batch_size=8, grad_accum=1, lr=3e-3, report_prompts=0, save_every=10**9,
             gradient_checkpointing=False,  # a 4-layer model: keeping activations is cheap, recomputing is not
+            overwrite=True,  # the demo's own folder: an unfinished earlier attempt is replaced
         )).run()  # fmt: skip
     else:
         print(f"[4/6] using the pre-trained tiny base in {base / 'model'}")
@@ -122,7 +124,7 @@ def _demo_training(folder: Path, args: argparse.Namespace) -> int:
     trainer = Trainer(TrainConfig(
         model=str(base / "model"), output=str(lora), max_steps=steps_lora, batch_size=8, grad_accum=1, lr=5e-3,
         lora_r=16, lora_alpha=32, eval_every=max(1, steps_lora // 2), save_every=10**9, gradient_checkpointing=False,
-        report_prompts=2 if args.quick else 21, report_tokens=24 if args.quick else 96,
+        report_prompts=2 if args.quick else 21, report_tokens=24 if args.quick else 96, overwrite=True,
     ))  # fmt: skip
     records = trainer.run()
     print(f"      loss {records[0]['loss']:.3f} -> {records[-1]['loss']:.3f}; adapter, log, loss.png in {lora}")
@@ -151,7 +153,10 @@ def _load(args: argparse.Namespace):
     cpu = torch.device(args.device).type == "cpu"
     dequantize = {"auto": "auto" if cpu else False, "mxfp4": False, "dense": True}[args.experts]
     # on the CPU, weights prepacked for oneDNN when the experts are dense: the same tokens, faster (gptoss.cpu)
-    return load_model(args.model, device=args.device, dtype=dtype, dequantize=dequantize, prepack="auto")
+    adapter = getattr(args, "adapter", None)
+    return load_model(
+        args.model, device=args.device, dtype=dtype, dequantize=dequantize, prepack="auto", adapter=adapter
+    )
 
 
 def _speed(stats: dict) -> str:
@@ -183,10 +188,23 @@ def _print_reply(reply) -> None:
         print("(stopped at the token limit)")
 
 
+def _check_sampling(args: argparse.Namespace) -> None:
+    """The sampling flags, before the model loads: a typo costs nothing."""
+    from gptoss.generate import check_sampling
+
+    try:
+        check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
+    except UsageError as e:
+        raise UsageError(f"--{str(e).replace('_', '-')}") from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from gptoss import harmony
     from gptoss.generate import generate
 
+    _check_sampling(args)
+    if not args.prompt.strip():
+        raise UsageError("--prompt is empty: give the text to complete or the message to answer")
     if args.raw:
         prompt = harmony.encode(args.prompt)
         stops = (harmony.ENDOFTEXT,)
@@ -222,17 +240,41 @@ def chat_prompt(history: list[dict], developer: str | None, reasoning_effort: st
     return harmony.render_prompt(conversation)
 
 
+def read_line(stream) -> str | None:
+    """One line from `stream` (bytes decoded as UTF-8 when it has a byte buffer); None at end of input.
+    Raises UnicodeDecodeError for a line that is not UTF-8, after consuming it."""
+    buffer = getattr(stream, "buffer", None)
+    if buffer is None:
+        line = stream.readline()
+        return line or None
+    raw = buffer.readline()
+    return raw.decode("utf-8") if raw else None
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
+    """A read-reply loop. Ctrl-C while a reply is produced stops that reply (the message is dropped from
+    the history); Ctrl-C at the prompt, /exit or end of input ends the session. A line that is not
+    UTF-8 is refused with a message and the session goes on."""
     from gptoss import harmony
     from gptoss.generate import generate
 
+    _check_sampling(args)
     model = _load(args)
     history: list[dict] = []
-    print("gptoss chat: type a message; /reset clears the history, /exit or Ctrl-D quits.", flush=True)
+    print("gptoss chat: type a message; /reset clears the history; /exit, Ctrl-D or Ctrl-C at the prompt quits; "
+          "Ctrl-C during a reply stops it.", flush=True)  # fmt: skip
     while True:
         print("user> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line or line.strip() == "/exit":
+        try:
+            line = read_line(sys.stdin)
+        except KeyboardInterrupt:
+            print()
+            return 0
+        except UnicodeDecodeError as e:
+            print(f"gptoss chat: that line is not valid UTF-8 ({e.reason} at byte {e.start}); type it again",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            continue
+        if line is None or line.strip() == "/exit":
             print()
             return 0
         text = line.strip()
@@ -241,25 +283,35 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if text == "/reset":
             history.clear()
             continue
-        history.append({"role": "user", "content": text})
-        prompt = chat_prompt(history, args.developer, args.reasoning_effort)
+        turn = {"role": "user", "content": text}
+        prompt = chat_prompt(history + [turn], args.developer, args.reasoning_effort)
         stats: dict = {}
-        tokens = generate(
-            model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-            seed=args.seed, stop_tokens=harmony.ASSISTANT_STOP_TOKENS, stats=stats,
-        )[0]  # fmt: skip
+        try:
+            tokens = generate(
+                model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, seed=args.seed, stop_tokens=harmony.ASSISTANT_STOP_TOKENS, stats=stats,
+            )[0]  # fmt: skip
+        except KeyboardInterrupt:
+            print("\n(reply stopped; that message is not kept in the history)", flush=True)
+            continue
         reply = harmony.parse_reply(tokens)
         _print_reply(reply)
         print(f"({_speed(stats)})", flush=True)
-        history.append({"role": "assistant", "content": reply.final if reply.error is None else reply.raw})
+        history += [turn, {"role": "assistant", "content": reply.final if reply.error is None else reply.raw}]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from gptoss.train.trainer import TrainConfig, train
 
-    layers = (
-        None if args.lora_expert_layers is None else [int(v) for v in args.lora_expert_layers.split(",") if v.strip()]
-    )
+    layers = None
+    if args.lora_expert_layers is not None:
+        try:
+            layers = [int(v) for v in args.lora_expert_layers.split(",") if v.strip()]
+        except ValueError:
+            raise UsageError(
+                f"--lora-expert-layers must be comma-separated layer numbers like 7,15,23, found "
+                f"{args.lora_expert_layers!r}"
+            ) from None
     cfg = TrainConfig(
         model=args.model, output=args.output, dataset=args.dataset, eval_dataset=args.eval_dataset or None,
         max_steps=args.max_steps, epochs=args.epochs, lr=args.lr, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
@@ -267,6 +319,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume=args.resume, save_every=args.save_every, eval_every=args.eval_every, seed=args.seed, dtype=args.dtype,
         skip_long=args.skip_long, skip_malformed=args.skip_malformed, report_prompts=args.report_prompts,
         gradient_checkpointing=not args.no_gradient_checkpointing, full_finetune=args.full_finetune,
+        overwrite=args.overwrite,
     )  # fmt: skip
     try:
         records = train(cfg)
@@ -290,6 +343,7 @@ def _add_model_args(p: argparse.ArgumentParser, sampling: bool = True) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="compute dtype (default: bf16)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter folder (the --output of gptoss train)")
     p.add_argument(
         "--experts",
         choices=["auto", "mxfp4", "dense"],
@@ -299,10 +353,17 @@ def _add_model_args(p: argparse.ArgumentParser, sampling: bool = True) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a malformed command line reported in one line (exit 2) instead of usage + error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gptoss.config import PRESETS
 
-    parser = argparse.ArgumentParser(prog="gptoss", description="gpt-oss reference implementation: tools")
+    parser = _Parser(prog="gptoss", description="gpt-oss reference implementation: tools")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("synth", help="write a random checkpoint in a real gpt-oss on-disk layout")
@@ -372,7 +433,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--skip-long", action="store_true", help="skip over-long rows instead of truncating them")
     p.add_argument("--skip-malformed", action="store_true", help="skip (and count) malformed rows instead of stopping")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt exactly")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in OUTPUT from its checkpoint, with the same settings"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the run already in OUTPUT (without it, such a folder is refused)"
+    )
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (default: 50)")
     p.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps (default: 50)")
     p.add_argument("--seed", type=int, default=0, help="seed for adapter init and data order")
@@ -397,16 +463,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. A failure is one line on stderr naming what is at fault: exit 2 for a wrong
+    argument (usage), 1 for anything else; GPTOSS_DEBUG=1 shows the traceback instead."""
     args = build_parser().parse_args(argv)
+    if os.environ.get("GPTOSS_DEBUG") == "1":
+        return args.func(args)
     try:
         return args.func(args)
-    except (CheckpointError, VocabularyError, FileNotFoundError, ValueError, KeyError, NotImplementedError) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"gptoss {args.command}: error: {message}", file=sys.stderr)
+    except UsageError as e:
+        print(f"gptoss {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"gptoss {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        print(f"gptoss {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    """The message of `e` on one line; errors of our own speak for themselves, others are named by type."""
+    message = e.args[0] if isinstance(e, KeyError) and e.args else e
+    text = " ".join(str(message).split()) or "(no message)"
+    ours = type(e).__module__.startswith("gptoss") or isinstance(e, (FileNotFoundError, FileExistsError))
+    hint = "" if ours else " (GPTOSS_DEBUG=1 shows the traceback)"
+    return text if ours else f"{type(e).__name__}: {text}{hint}"
 
 
 if __name__ == "__main__":

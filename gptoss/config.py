@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gptoss.errors import UsageError, check_float, check_int
+
 SLIDING, FULL = "sliding_attention", "full_attention"
 
 
@@ -49,6 +51,15 @@ class ModelConfig:
     pad_token_id: int = 199999
 
     def __post_init__(self) -> None:
+        try:  # types and ranges first, field by field: the structural checks below rely on them
+            for name, minimum in _INT_FIELDS.items():
+                check_int(name, getattr(self, name), minimum, 100_000 if name == "num_hidden_layers" else None)
+            for name, (minimum, above) in _FLOAT_FIELDS.items():
+                setattr(self, name, check_float(name, getattr(self, name), minimum, above=above))
+            if not isinstance(self.layer_types, list) or not all(isinstance(t, str) for t in self.layer_types):
+                raise UsageError(f"layer_types must be a list of strings, found {self.layer_types!r:.60}")
+        except UsageError as e:
+            raise UsageError(f"invalid ModelConfig: {e}") from None
         if not self.layer_types:
             self.layer_types = [SLIDING if i % 2 == 0 else FULL for i in range(self.num_hidden_layers)]
         problems = []
@@ -65,10 +76,8 @@ class ModelConfig:
             problems.append(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if not 1 <= self.num_experts_per_tok <= self.num_local_experts:
             problems.append(f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, {self.num_local_experts}]")
-        if self.sliding_window < 1:
-            problems.append(f"sliding_window={self.sliding_window} must be at least 1")
         if problems:
-            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+            raise UsageError("invalid ModelConfig: " + "; ".join(problems))
 
     # -- derived sizes ---------------------------------------------------------------------------
     @property
@@ -104,6 +113,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config") -> ModelConfig:
+        if not isinstance(raw, dict):
+            raise ValueError(f"{source} holds a JSON {type(raw).__name__}, not an object: it is not a gpt-oss config")
         raw = dict(raw)
         if raw.get("model_type", "gpt_oss") != "gpt_oss":
             raise ValueError(f"{source} describes a {raw['model_type']!r} model, not gpt-oss (model_type 'gpt_oss')")
@@ -113,6 +124,8 @@ class ModelConfig:
                 raw.setdefault(new, raw.pop(old))
         # HF: rope_scaling (transformers 4.x) or rope_parameters (5.x, which also holds rope_theta).
         rope = raw.pop("rope_parameters", None) or raw.pop("rope_scaling", None) or {}
+        if rope and not isinstance(rope, dict):
+            raise ValueError(f"{source}: rope_scaling must be an object, found {type(rope).__name__} {rope!r:.60}")
         if rope:
             rope_type = rope.get("rope_type", rope.get("type", "yarn"))
             if rope_type not in ("yarn", "default"):
@@ -129,11 +142,13 @@ class ModelConfig:
                 raw["rope_ntk_beta"] = rope.get("beta_fast", cls.rope_ntk_beta)
                 if "original_max_position_embeddings" in rope:
                     raw["initial_context_length"] = rope["original_max_position_embeddings"]
-        if "max_position_embeddings" not in raw and "initial_context_length" in raw:
-            raw["max_position_embeddings"] = int(raw["initial_context_length"] * raw.get("rope_scaling_factor", 32.0))
+        ctx, factor = raw.get("initial_context_length"), raw.get("rope_scaling_factor", 32.0)
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (ctx, factor))
+        if "max_position_embeddings" not in raw and numbers and math.isfinite(ctx * factor):
+            raw["max_position_embeddings"] = int(ctx * factor)
         for key in ("eos_token_id", "pad_token_id"):  # HF may give a list of ids
             if isinstance(raw.get(key), list):
-                raw[key] = raw[key][0]
+                raw[key] = raw[key][0] if raw[key] else None
             if raw.get(key) is None:
                 raw.pop(key, None)
         known = {f.name for f in dataclasses.fields(cls)}
@@ -254,6 +269,20 @@ class ModelConfig:
         low, high = dim_for(self.rope_ntk_beta), dim_for(self.rope_ntk_alpha)
         return max(low, 0.0), min(high, self.head_dim - 1.0)
 
+
+# the smallest value of each integer field; 0 where zero is a real choice (token ids)
+_INT_FIELDS = {
+    "num_hidden_layers": 1, "hidden_size": 1, "intermediate_size": 1, "num_attention_heads": 1,
+    "num_key_value_heads": 1, "head_dim": 2, "num_local_experts": 1, "num_experts_per_tok": 1, "vocab_size": 1,
+    "sliding_window": 1, "initial_context_length": 1, "max_position_embeddings": 1, "eos_token_id": 0,
+    "pad_token_id": 0,
+}  # fmt: skip
+# (lower bound, exclusive): every float must also be finite
+_FLOAT_FIELDS = {
+    "rope_theta": (1.0, True), "rope_scaling_factor": (1.0, False), "rope_ntk_alpha": (0.0, True),
+    "rope_ntk_beta": (0.0, True), "rms_norm_eps": (0.0, True), "swiglu_limit": (0.0, True),
+    "swiglu_alpha": (0.0, True),
+}  # fmt: skip
 
 PRESETS: dict[str, ModelConfig] = {
     "gpt-oss-20b": ModelConfig(num_hidden_layers=24, num_local_experts=32),

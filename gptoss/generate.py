@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from gptoss.config import ModelConfig
+from gptoss.errors import check_float, check_int
 from gptoss.model import GptOss
 
 PAD = 0  # any id: padded positions are masked out
@@ -190,7 +191,8 @@ def sample(
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def _check(model: GptOss, prompts, max_new_tokens, temperature, top_p, top_k) -> None:
+def _check(model: GptOss, prompts, max_new_tokens, temperature, top_p, top_k, seed) -> None:
+    check_sampling(max_new_tokens, temperature, top_p, top_k, seed)
     config = model.config
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError("prompts must be a non-empty list of token-id lists")
@@ -204,10 +206,16 @@ def _check(model: GptOss, prompts, max_new_tokens, temperature, top_p, top_k) ->
                 f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
                 f"context of {config.max_position_embeddings} tokens: shorten it or generate fewer tokens"
             )
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None = None) -> None:
+    """The sampling settings, each named when out of range (UsageError)."""
+    check_int("max_new_tokens", max_new_tokens, 1)
+    check_float("temperature", temperature, 0.0)
+    check_float("top_p", top_p, 0.0, 1.0, above=True)
+    check_int("top_k", top_k, 0)
+    if seed is not None:
+        check_int("seed", seed, 0, 2**63 - 1)
 
 
 @torch.inference_mode()
@@ -233,7 +241,7 @@ def generate(
     `decode`: "dynamic" (a cache that grows), "static" (fixed shapes, see KVCache), "graph" (static,
     each step replayed as a CUDA graph); "auto" picks "graph" on CUDA with the triton backend.
     """
-    _check(model, prompts, max_new_tokens, temperature, top_p, top_k)
+    _check(model, prompts, max_new_tokens, temperature, top_p, top_k, seed)
     mode = _decode_mode(model, decode)
     device = model.device
     B, longest = len(prompts), max(len(p) for p in prompts)
@@ -251,6 +259,11 @@ def generate(
 
     start = time.perf_counter()
     logits = model(ids, positions, cache, last_only=True)[:, -1]  # [B, V]
+    if not bool(torch.isfinite(logits).all()):  # one check: bad weights or config would give NaN tokens
+        raise FloatingPointError(
+            "the model's logits hold NaN or infinite values: check the checkpoint and adapter (both hold finite "
+            "values when loaded by gptoss) and, in float16, use bf16 or fp32"
+        )
     if mode != "dynamic":
         cache.column.fill_(longest)  # the prompt filled columns 0 .. longest-1
     step = GraphedStep(model, cache, B) if mode == "graph" else functools.partial(_step, model, cache, mode)

@@ -84,6 +84,22 @@ def dense_experts_bytes(config: ModelConfig, dtype: torch.dtype = torch.bfloat16
     return int(elements * (torch.finfo(dtype).bits / 8 - 4.25 / 8))
 
 
+def check_finite(name: str, tensor: torch.Tensor, folder: Path) -> None:
+    """Refuse NaN or infinite weights (a corrupt file: they would only surface as NaN logits), and
+    MXFP4 scales of 0xFF, the E8M0 code for NaN."""
+    if tensor.is_floating_point():
+        bad = not bool(torch.isfinite(tensor).all())
+    elif name.endswith("_scales"):
+        bad = bool((tensor == 255).any())
+    else:
+        return
+    if bad:
+        raise CheckpointError(
+            f"tensor {name} in {folder} holds NaN or infinite values: the file is corrupt; re-download or "
+            "regenerate the checkpoint"
+        )
+
+
 def load_model(
     source: str | Path,
     *,
@@ -122,6 +138,7 @@ def load_model(
         model = GptOss(config, quantized=layout != "hf-bf16")
     state = {}
     for name, tensor in canonical_from_disk(config, layout, index.get):
+        check_finite(name, tensor, index.folder)
         if tensor.is_floating_point():
             keep_fp32 = name.endswith("layernorm.weight") or name == "model.norm.weight"
             tensor = tensor.to(torch.float32 if keep_fp32 else dtype)

@@ -51,7 +51,7 @@ def test_demo_runs_a_forward_pass(tmp_path, capsys):
 
 def test_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")  # truncated header
-    assert main(["info", "--model", str(tmp_path)]) == 2
+    assert main(["info", "--model", str(tmp_path)]) == 1  # a bad file, not a bad argument
     err = capsys.readouterr().err.strip()
     assert err.startswith("gptoss info: error: cannot read") and "\n" not in err and "Traceback" not in err
 

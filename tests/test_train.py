@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from gptoss.train import data as train_data
 from gptoss.train.data import MalformedRowError, load_dataset, render_example
-from gptoss.train.trainer import TrainConfig, Trainer, lr_at
+from gptoss.train.trainer import TrainConfig, Trainer, lr_at, read_checkpoint_header
 
 from gptoss import harmony
 from gptoss.config import ModelConfig
@@ -123,7 +123,7 @@ def test_loss_falls_and_files_are_written(base, tmp_path):
     for name in (
         "adapter_config.json",
         "adapter_model.safetensors",
-        "checkpoint.pt",
+        "checkpoint.safetensors",
         "loss.png",
         "report.md",
         "report.json",
@@ -144,7 +144,7 @@ def test_resume_continues_exactly(base, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         Trainer(_cfg(base, tmp_path / "resumed")).run()
     monkeypatch.setattr(Trainer, "train_step", original)
-    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert read_checkpoint_header(tmp_path / "resumed" / "checkpoint.safetensors")["step"] == 2
     resumed = Trainer(_cfg(base, tmp_path / "resumed", resume=True)).run()
     assert [r["step"] for r in resumed] == [3, 4]
     for a, b in zip(straight[2:], resumed):

@@ -30,6 +30,10 @@ class MalformedRowError(ValueError):
     """A dataset row that does not follow the schema; the message names the row."""
 
 
+class DatasetError(ValueError):
+    """A dataset that cannot be trained on as a whole (no rows, no supervised token); the message says why."""
+
+
 def _text(row: dict, key: str, index: int) -> str:
     value = row.get(key)
     if not isinstance(value, str) or not value.strip():
@@ -134,10 +138,18 @@ def read_rows(source: str | Path) -> list[dict]:
             import pyarrow.parquet as pq
         except ImportError:
             raise ImportError("reading Parquet needs pyarrow: pip install pyarrow") from None
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow's errors do not name the file
+            raise DatasetError(f"cannot read {path} as Parquet ({type(e).__name__}: {e})") from None
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                rows.append(MalformedRowError(f"row {number}: not valid UTF-8 (byte {raw[e.start]:#04x} at {e.start})"))
+                continue
             if line.strip():
                 try:
                     rows.append(json.loads(line))
@@ -163,7 +175,10 @@ def load_dataset(
     """Render every row. Over-long rows are truncated (or skipped with `skip_long`); a malformed row
     raises MalformedRowError naming it (or is skipped and counted with `skip_malformed`)."""
     rows = read_rows(source)
+    if not rows:
+        raise DatasetError(f"dataset {source} holds no rows (an empty or blank file); give rows of the documented schema")
     data = Dataset([], [])
+    shortest_prompt = None
     for index, row in enumerate(rows):
         try:
             if isinstance(row, MalformedRowError):
@@ -172,16 +187,24 @@ def load_dataset(
             language = row_fields(row, index)[4]
         except MalformedRowError as e:
             if not skip_malformed:
-                raise
+                raise MalformedRowError(f"dataset {source}, {e}; fix the row or pass --skip-malformed") from None
             data.skipped_malformed.append(str(e))
             continue
         if len(ids) > max_length:
-            if skip_long:
+            prompt = mask.index(1)
+            shortest_prompt = prompt if shortest_prompt is None else min(shortest_prompt, prompt)
+            if skip_long or not any(mask[1:max_length]):  # nothing left to learn from: skipped either way
                 data.skipped_long += 1
                 continue
             data.truncated += 1
         data.examples.append(Example(ids[:max_length], mask[:max_length], language, index))
         data.rows.append(row)
+    if not data.examples:
+        why = f"{len(data.skipped_malformed)} malformed" if data.skipped_malformed else ""
+        if data.skipped_long:
+            why += (", " if why else "") + f"{data.skipped_long} with no assistant token within max_length={max_length}"
+            why += f" (the shortest prompt has {shortest_prompt} tokens: raise --max-length)"
+        raise DatasetError(f"dataset {source}: no row can be trained on ({why} of {len(rows)} rows)")
     return data
 
 

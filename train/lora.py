@@ -15,22 +15,30 @@ targeted (only one: directly under "mlp.experts.lora_*").
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import re
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from gptoss import mxfp4
+from gptoss.errors import UsageError, check_float, check_int
 from gptoss.model import GptOss
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 PREFIX = "base_model.model."
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be attached; the message names the file and what is wrong."""
 
 
 def default_expert_layers(num_layers: int) -> list[int]:
@@ -79,9 +87,12 @@ def apply_lora(
     """Add adapters, freeze everything else; return exactly the trainable parameters."""
     if expert_layers is None:
         expert_layers = default_expert_layers(model.config.num_hidden_layers)
+    check_int("lora_r", r, 1)
+    check_float("lora_alpha", alpha, 0.0, above=True)
     bad = [i for i in expert_layers if not 0 <= i < model.config.num_hidden_layers]
     if bad:
-        raise ValueError(f"expert layers {bad} do not exist: the model has {model.config.num_hidden_layers} layers")
+        layers = model.config.num_hidden_layers
+        raise UsageError(f"lora_expert_layers {bad} do not exist: the model has {layers} layers (0..{layers - 1})")
     torch.manual_seed(seed)
     model.requires_grad_(False)
     for i, layer in enumerate(model.model.layers):
@@ -143,41 +154,97 @@ def save_adapter(model: GptOss, folder: str | Path, base_model: str | None = Non
         "alpha_pattern": {},
     }
     tensors = {PREFIX + k + ".weight": p.detach().float().contiguous().cpu() for k, p in params.items()}
-    tmp = folder / "adapter_model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(folder / "adapter_model.safetensors")
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    # each file is written beside its final name and renamed into place: an interrupted or failed
+    # save leaves the previous adapter whole and no partial file behind
+    with replacing(folder / "adapter_model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    with replacing(folder / "adapter_config.json") as tmp:
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
     return folder
 
 
-def load_adapter(model: GptOss, folder: str | Path) -> GptOss:
-    """Attach a PEFT-format LoRA adapter (ours, or one made by peft on transformers' GptOssForCausalLM)."""
-    folder = Path(folder)
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        if not (folder / name).exists():
-            raise FileNotFoundError(f"{folder} is not a PEFT adapter: {name} is missing")
-    config = json.loads((folder / "adapter_config.json").read_text())
+@contextlib.contextmanager
+def replacing(path: Path):
+    """Yield a temporary path beside `path`; on success rename it onto `path` (atomic), on any failure
+    remove it and raise OSError naming `path` (the previous file, if any, is left as it was)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, (OSError, SafetensorError)):
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise OSError(f"could not write {path}: {why}") from None
+        raise
+
+
+def read_adapter_config(folder: Path) -> dict:
+    """adapter_config.json, checked: a LoRA adapter with an integer rank and a finite alpha."""
+    path = folder / "adapter_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{path} is not valid JSON ({e}); re-save the adapter") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path} holds a JSON {type(config).__name__}, expected an object")
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"{folder}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
+        raise AdapterError(f"{path}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
     if config.get("rank_pattern") or config.get("alpha_pattern") or config.get("use_dora"):
-        raise ValueError(f"{folder}: rank_pattern, alpha_pattern and DoRA adapters are not supported")
+        raise AdapterError(f"{path}: rank_pattern, alpha_pattern and DoRA adapters are not supported")
+    for key in ("r", "lora_alpha"):
+        if key not in config:
+            raise AdapterError(f"{path} lacks '{key}': it is not a complete PEFT LoRA config")
+    try:
+        check_int("r", config["r"], 1)
+        check_float("lora_alpha", config["lora_alpha"], 0.0, above=True)
+    except UsageError as e:
+        raise AdapterError(f"{path}: {e}") from None
+    return config
+
+
+def load_adapter(model: GptOss, folder: str | Path) -> GptOss:
+    """Attach a PEFT-format LoRA adapter (ours, or one made by peft on transformers' GptOssForCausalLM),
+    checked against the model: every tensor must name a layer and a module the model has, with the
+    shape the rank gives, and hold finite values."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"adapter folder {folder} does not exist; pass the --output folder of a training run")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder} is not a PEFT adapter: {name} is missing")
+    config = read_adapter_config(folder)
     r, alpha = config["r"], config["lora_alpha"]
     scaling_alpha = alpha * math.sqrt(r) if config.get("use_rslora") else alpha  # rsLoRA: s = alpha / sqrt(r)
-    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    file = folder / "adapter_model.safetensors"
+    try:
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise AdapterError(f"cannot read {file}: {e} -- the file is truncated or corrupt; re-save the adapter") from None
+    layers = model.config.num_hidden_layers
     targets, expert_layers = set(), set()
-    for key in tensors:
+    for key in sorted(tensors):
         m = re.fullmatch(
             r"base_model\.model\.model\.layers\.(\d+)\.(self_attn\.(\w+)|mlp\.experts(\.base_layer)?)\.lora_[AB]\.weight",
             key,
         )
-        if m is None:
-            raise ValueError(
-                f"{folder}: unexpected adapter tensor {key}; expected q/k/v/o_proj or mlp.experts LoRA weights"
+        if m is None or (m[3] and m[3] not in ATTENTION):
+            raise AdapterError(
+                f"{file}: unexpected tensor {key}; expected LoRA weights of q/k/v/o_proj or mlp.experts"
             )
+        if int(m[1]) >= layers:
+            raise AdapterError(
+                f"{file}: tensor {key} is for layer {m[1]}, the model has {layers} layers (0..{layers - 1}): "
+                "the adapter was trained on another model"
+            )
+        if not tensors[key].is_floating_point() or not bool(torch.isfinite(tensors[key]).all()):
+            raise AdapterError(f"{file}: tensor {key} holds NaN, infinite or non-float values; the adapter is corrupt")
         if m[3]:
             targets.add(m[3])
         else:
             expert_layers.add(int(m[1]))
+    if not tensors:
+        raise AdapterError(f"{file} holds no tensors; re-save the adapter")
     params = config.get("target_parameters") or []
     which_of = {
         i: [w for w in EXPERT_PARAMS if f"{i}.mlp.experts.{w}" in params] or list(EXPERT_PARAMS) for i in expert_layers
@@ -198,13 +265,14 @@ def load_adapter(model: GptOss, folder: str | Path) -> GptOss:
     ours = lora_parameters(model)
     missing = sorted(set(ours) - {k.removeprefix(PREFIX).removesuffix(".weight") for k in tensors})
     if missing:
-        raise ValueError(f"{folder}: adapter lacks {missing[0]} (and {len(missing) - 1} more)")
+        raise AdapterError(f"{file} lacks {PREFIX + missing[0]}.weight (and {len(missing) - 1} more); re-save it")
     with torch.no_grad():
         for key, p in ours.items():
             t = tensors[PREFIX + key + ".weight"]
             if t.shape != p.shape:
-                raise ValueError(
-                    f"{folder}: {key} has shape {list(t.shape)}, the model expects {list(p.shape)} (r={r})"
+                raise AdapterError(
+                    f"{file}: {PREFIX + key}.weight has shape {list(t.shape)}, this model with r={r} (adapter_config."
+                    f"json) expects {list(p.shape)}: the adapter and its config, or the adapter and the model, disagree"
                 )
             p.copy_(t)
     return model

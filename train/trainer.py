@@ -10,10 +10,13 @@ same loss and update as one process with the same global batch.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -22,10 +25,27 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from gptoss.train.data import BUNDLED_HELDOUT, BUNDLED_TRAIN, Example, collate, load_dataset
-from gptoss.train.lora import apply_lora, save_adapter
+from gptoss.train.lora import apply_lora, default_expert_layers, lora_parameters, replacing, save_adapter
 from gptoss.train.loss import linear_cross_entropy
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
+from gptoss.errors import UsageError, check_float, check_int
 from gptoss.load import load_model
+
+CHECKPOINT = "checkpoint.safetensors"  # trainable tensors + optimizer state; step and settings as JSON metadata
+LEGACY_CHECKPOINT = "checkpoint.pt"  # a pickle (older gptoss): refused, never loaded
+# what a run writes into its --output folder: present means the folder holds a run
+RUN_FILES = (CHECKPOINT, LEGACY_CHECKPOINT, "adapter_model.safetensors", "adapter_config.json", "train_log.jsonl",
+             "loss.png", "report.md", "report.json", "model")  # fmt: skip
+# settings a resume must share with the saved run (the others, such as eval_every, may change)
+RESUME_SETTINGS = ("max_steps", "epochs", "lr", "warmup_ratio", "min_lr_ratio", "weight_decay", "max_grad_norm",
+                   "lora_r", "lora_alpha", "lora_expert_layers", "full_finetune", "batch_size", "grad_accum",
+                   "max_length", "skip_long", "skip_malformed", "dtype", "seed")  # fmt: skip
+
+
+class TrainError(RuntimeError):
+    """Training cannot start or go on; the message says why, what was kept and what to do."""
 
 
 @dataclass
@@ -57,8 +77,48 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False  # replace the run already in `output` (without it, such a folder is refused)
     report_prompts: int = 8  # held-out prompts generated before and after training (0: no report)
     report_tokens: int = 96
+
+    def __post_init__(self) -> None:
+        """Types and ranges of every field, named with its command-line flag (UsageError)."""
+
+        def flag(name: str) -> str:
+            return f"{name} (--{name.replace('_', '-')})"
+
+        for name in ("model", "output", "dataset"):
+            if not isinstance(getattr(self, name), (str, os.PathLike)):
+                raise UsageError(f"{flag(name)} must be a path, found {type(getattr(self, name)).__name__}")
+        if self.eval_dataset is not None and not isinstance(self.eval_dataset, (str, os.PathLike)):
+            raise UsageError(f"{flag('eval_dataset')} must be a path or None")
+        if check_int(flag("max_steps"), self.max_steps, -1) == 0:
+            raise UsageError(f"{flag('max_steps')} must be at least 1 (or -1: use --epochs), found 0")
+        check_float(flag("epochs"), self.epochs, 0.0, above=True)
+        check_float(flag("lr"), self.lr, 0.0, above=True)
+        check_float(flag("warmup_ratio"), self.warmup_ratio, 0.0, 1.0)
+        check_float(flag("min_lr_ratio"), self.min_lr_ratio, 0.0, 1.0)
+        check_float(flag("weight_decay"), self.weight_decay, 0.0)
+        check_float(flag("max_grad_norm"), self.max_grad_norm, 0.0, above=True)
+        check_int(flag("lora_r"), self.lora_r, 1, 65536)
+        check_float(flag("lora_alpha"), self.lora_alpha, 0.0, above=True)
+        if self.lora_expert_layers is not None:
+            if not isinstance(self.lora_expert_layers, (list, tuple)):
+                raise UsageError(f"{flag('lora_expert_layers')} must be a list of layer numbers")
+            for layer in self.lora_expert_layers:
+                check_int(flag("lora_expert_layers") + " entries", layer, 0)
+        for name in ("batch_size", "grad_accum", "save_every", "eval_every", "eval_batches", "report_tokens"):
+            check_int(flag(name), getattr(self, name), 1)
+        check_int(flag("max_length"), self.max_length, 2)  # a token and the next one to predict
+        check_int(flag("report_prompts"), self.report_prompts, 0)
+        check_int(flag("seed"), self.seed, 0, 2**63 - 1)
+        if self.dtype not in ("auto", "bf16", "fp32"):
+            raise UsageError(f"{flag('dtype')} must be auto, bf16 or fp32, found {self.dtype!r}")
+        for name in ("full_finetune", "skip_long", "skip_malformed", "gradient_checkpointing", "resume", "overwrite"):
+            if not isinstance(getattr(self, name), bool):
+                raise UsageError(f"{flag(name)} must be True or False, found {getattr(self, name)!r}")
+        if self.resume and self.overwrite:
+            raise UsageError("--resume and --overwrite contradict each other: continue the run, or replace it")
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -111,25 +171,13 @@ class Trainer:
         self.out = Path(cfg.output)
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
+        saved = self._check_output()  # before anything slow: a refused run costs nothing
         cuda = torch.cuda.is_available()
         self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if cuda else "gloo")
         dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
         self.autocast = cuda and cfg.dtype in ("auto", "bf16")
-        # LoRA on the CPU: the experts are decoded once at load when that fits (decoding per use costs
-        # more than the matmuls). On a GPU, and for full fine-tuning (which leaves the MXFP4 expert
-        # weights as they are and saves them so), they stay MXFP4.
-        dequantize = "auto" if self.device.type == "cpu" and not cfg.full_finetune else False
-        self.model = load_model(cfg.model, device=self.device, dtype=dtype, dequantize=dequantize)
-        self.model.gradient_checkpointing = cfg.gradient_checkpointing
-        if cfg.full_finetune:
-            self.model.requires_grad_(True)
-            self.params = [p for p in self.model.parameters() if p.is_floating_point()]
-        else:
-            self.params = apply_lora(self.model, cfg.lora_r, cfg.lora_alpha, cfg.lora_expert_layers, seed=cfg.seed)
-        self.model.train()
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.data = load_dataset(
             cfg.dataset, cfg.max_length, skip_long=cfg.skip_long, skip_malformed=cfg.skip_malformed
         )
@@ -138,42 +186,137 @@ class Trainer:
             if cfg.eval_dataset
             else None
         )
+        # LoRA on the CPU: the experts are decoded once at load when that fits (decoding per use costs
+        # more than the matmuls). On a GPU, and for full fine-tuning (which leaves the MXFP4 expert
+        # weights as they are and saves them so), they stay MXFP4.
+        dequantize = "auto" if self.device.type == "cpu" and not cfg.full_finetune else False
+        self.model = load_model(cfg.model, device=self.device, dtype=dtype, dequantize=dequantize)
+        self.model.gradient_checkpointing = cfg.gradient_checkpointing
+        if cfg.full_finetune:
+            self.model.requires_grad_(True)
+            self.named = {n: p for n, p in self.model.named_parameters() if p.is_floating_point()}
+        else:
+            apply_lora(self.model, cfg.lora_r, cfg.lora_alpha, cfg.lora_expert_layers, seed=cfg.seed)
+            self.named = lora_parameters(self.model)
+        self.params = list(self.named.values())
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.per_step = cfg.batch_size * cfg.grad_accum * self.world
         n = len(self.data.examples)
         self.total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * n / self.per_step))
         self.step = 0
+        self.saved_step: int | None = None  # the step of the checkpoint on disk
         self.tracker = None
         self.report: dict | None = None
+        self.settings = self._settings()
+        if saved is not None:
+            self._check_settings(saved)
+
+    # -- the output folder and the run's settings --------------------------------------------------
+    def _check_output(self) -> dict | None:
+        """Refuse an output that would lose work; on --resume, return the saved checkpoint's header."""
+        out, cfg = self.out, self.cfg
+        if out.exists() and not out.is_dir():
+            raise TrainError(f"--output {out} is a file, not a folder: give a new folder (or a run's, to --resume)")
+        present = [name for name in RUN_FILES if (out / name).exists()]
+        if cfg.resume:
+            if not (out / CHECKPOINT).is_file():
+                if (out / LEGACY_CHECKPOINT).exists():
+                    raise TrainError(
+                        f"{out / LEGACY_CHECKPOINT} is a pickle written by an older gptoss; it is not loaded (a pickle "
+                        "can run code): start the run again with --overwrite"
+                    )
+                raise TrainError(f"--resume: no {CHECKPOINT} in {out} to continue from; drop --resume to start a run")
+            return read_checkpoint_header(out / CHECKPOINT)
+        if present and not cfg.overwrite:
+            raise TrainError(
+                f"--output {out} already holds a training run ({', '.join(present)}): pass --resume to continue it "
+                "or --overwrite to replace it, or choose another folder"
+            )
+        return None
+
+    def _settings(self) -> dict:
+        """What a resume must match: the hyper-parameters, the processes, the data and the model."""
+        cfg = self.cfg
+        settings = {name: getattr(cfg, name) for name in RESUME_SETTINGS}
+        if settings["lora_expert_layers"] is None:
+            settings["lora_expert_layers"] = default_expert_layers(self.model.config.num_hidden_layers)
+        digest = hashlib.sha256()
+        for e in self.data.examples:
+            digest.update(json.dumps([e.input_ids, e.loss_mask]).encode())
+        settings |= {
+            "processes": self.world,
+            "dataset": f"{len(self.data.examples)} examples, sha256 {digest.hexdigest()[:16]}",
+            "model": dataclasses.asdict(self.model.config),
+        }
+        return json.loads(json.dumps(settings))  # as it reads back from the file (tuples become lists)
+
+    def _check_settings(self, saved: dict) -> None:
+        before = saved.get("settings", {})
+        differ = [k for k in self.settings if before.get(k) != self.settings[k]]
+        if differ:
+            def show(v):
+                return "a different config" if isinstance(v, dict) else json.dumps(v)
+
+            parts = [f"{k} (saved {show(before.get(k))}, now {show(self.settings[k])})" for k in differ]
+            raise TrainError(
+                f"--resume: {'; '.join(parts)} differ from the run saved in {self.out / CHECKPOINT}: resume with "
+                "the saved settings, or start a new run in another --output"
+            )
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
-        if self.rank != 0:
+        """Trainable tensors and the optimizer state in safetensors, the step and settings as JSON in its
+        header: nothing in it is executable. Written beside and renamed into place, so a failed or
+        interrupted save leaves the previous checkpoint as it was."""
+        if self.rank != 0 or self.saved_step == self.step:
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        state = {
-            "step": self.step,
-            "params": [p.detach().cpu() for p in self.params],
-            "optimizer": self.optimizer.state_dict(),
-            "config": asdict(self.cfg),
-        }
-        tmp = self.out / "checkpoint.pt.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.out / "checkpoint.pt")  # atomic: a crash leaves the previous checkpoint
+        optimizer = self.optimizer.state_dict()
+        index = {i: name for i, name in enumerate(self.named)}
+        tensors = {f"param/{name}": p.detach().cpu().contiguous() for name, p in self.named.items()}
+        for i, state in optimizer["state"].items():
+            for key, value in state.items():
+                tensors[f"optimizer/{index[i]}/{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer["param_groups"]]
+        header = {"format": 1, "step": self.step, "settings": self.settings, "param_groups": groups}
+        try:
+            with replacing(self.out / CHECKPOINT) as tmp:
+                save_file(tensors, str(tmp), metadata={"gptoss": json.dumps(header)})
+        except OSError as e:
+            kept = f"the checkpoint of step {self.saved_step} is intact" if self.saved_step else "no checkpoint kept"
+            raise TrainError(f"{e}; {kept}; free space or fix permissions, then continue with --resume") from None
+        self.saved_step = self.step
 
     def load_checkpoint(self) -> None:
-        path = self.out / "checkpoint.pt"
-        if not path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        if len(state["params"]) != len(self.params):
-            raise ValueError(
-                f"{path} holds {len(state['params'])} tensors, this run trains {len(self.params)}: other settings?"
-            )
+        path = self.out / CHECKPOINT
+        header = read_checkpoint_header(path)
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                names = set(f.keys())
+                tensors = {name: f.get_tensor(name) for name in names}
+        except (SafetensorError, OSError) as e:
+            raise TrainError(f"cannot read {path}: {e} -- it is truncated or corrupt; start again with --overwrite") from None
+        expected = {f"param/{n}" for n in self.named}
+        if missing := sorted(expected - names):
+            raise TrainError(f"{path} lacks {missing[0]}: it is not a checkpoint of this run's settings")
+        state: dict = {}
         with torch.no_grad():
-            for p, saved in zip(self.params, state["params"]):
+            for i, (name, p) in enumerate(self.named.items()):
+                saved = tensors[f"param/{name}"]
+                if saved.shape != p.shape or not bool(torch.isfinite(saved).all()):
+                    raise TrainError(f"{path}: param/{name} has shape {list(saved.shape)} (expected {list(p.shape)}) "
+                                     "or non-finite values; the checkpoint is corrupt")  # fmt: skip
                 p.copy_(saved)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step = state["step"]
+                prefix = f"optimizer/{name}/"
+                state[i] = {k.removeprefix(prefix): t.to(self.device) if t.dim() else t
+                            for k, t in tensors.items() if k.startswith(prefix)}  # fmt: skip
+        groups = [dict(g, params=list(range(len(self.params)))) for g in header["param_groups"]]
+        try:
+            self.optimizer.load_state_dict({"state": {i: v for i, v in state.items() if v}, "param_groups": groups})
+        except (ValueError, KeyError, TypeError) as e:
+            raise TrainError(f"{path}: the optimizer state does not fit this run ({e})") from None
+        self.step = self.saved_step = header["step"]
 
     # -- one optimizer step -----------------------------------------------------------------------
     def train_step(self) -> dict:
@@ -202,22 +345,53 @@ class Trainer:
                 dist.all_reduce(p.grad)
             dist.all_reduce(loss_sum)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm).item()
+        loss_value = loss_sum.item() / total_tokens
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):  # no step: the weights stay good
+            what = f"loss {loss_value}" if not math.isfinite(loss_value) else f"gradient norm {grad_norm}"
+            kept = (f"the checkpoint of step {self.saved_step} in {self.out} is kept" if self.saved_step
+                    else "no checkpoint had been saved")  # fmt: skip
+            raise TrainError(
+                f"{what} at step {self.step + 1}: training stopped; {kept}; lower --lr (now {cfg.lr:g}) or check "
+                "that step's rows"
+            )
         self.optimizer.step()
         self.step += 1
         return {
             "step": self.step,
-            "loss": loss_sum.item() / total_tokens,
+            "loss": loss_value,
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens": int(total_tokens),
         }
 
+    def _start_log(self, log_file: Path) -> None:
+        """A fresh run starts from an empty folder (--overwrite removes the old run's files here, now that
+        everything loaded); a resumed one keeps the log up to its checkpoint's step only."""
+        if self.rank != 0:
+            return
+        if self.cfg.overwrite:
+            for name in RUN_FILES:
+                path = self.out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.cfg.resume and log_file.exists():
+            kept = []
+            for line in log_file.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    if json.loads(line)["step"] <= self.step:
+                        kept.append(line)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a line cut short by the interruption
+            with replacing(log_file) as tmp:
+                tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
     def run(self) -> list[dict]:
         cfg = self.cfg
         if cfg.resume:
             self.load_checkpoint()
+        log_file = self.out / "train_log.jsonl"
+        self._start_log(log_file)
         if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
             print(f"train: {self.data.summary()}; {self.total} steps of {self.per_step} examples "
                   f"({self.world} process(es)); {sum(p.numel() for p in self.params):,} trainable parameters", file=sys.stderr)  # fmt: skip
             try:
@@ -235,7 +409,6 @@ class Trainer:
             report_rows = held_out_prompts(self.eval_data.rows, cfg.report_prompts)
             before = language_report(self.model, report_rows, cfg.report_tokens)  # B = 0: the base model
         bar = tqdm(total=self.total, initial=self.step, desc="train", disable=self.rank != 0, file=sys.stderr)
-        log_file = self.out / "train_log.jsonl"
         records = []
         try:
             while self.step < self.total:
@@ -245,7 +418,7 @@ class Trainer:
                 if self.eval_data is not None and (self.step % cfg.eval_every == 0 or self.step == self.total):
                     record["eval_loss"] = evaluate(self.model, self.eval_data, cfg, self.device)
                 if self.rank == 0:
-                    with open(log_file, "a") as f:
+                    with open(log_file, "a", encoding="utf-8") as f:
                         f.write(json.dumps(record) + "\n")
                     if self.tracker is not None:
                         self.tracker.log(record)
@@ -255,14 +428,15 @@ class Trainer:
                 if self.step % cfg.save_every == 0:
                     self.save_checkpoint()
         except KeyboardInterrupt:
-            self.save_checkpoint()  # the last completed step; --resume continues from it
             bar.close()
+            self.save_checkpoint()  # the last completed step; --resume continues from it
             print(
                 f"\ninterrupted: checkpoint of step {self.step} saved in {self.out}; continue with --resume",
                 file=sys.stderr,
             )
             raise
-        bar.close()
+        finally:
+            bar.close()
         self.save_checkpoint()
         if self.rank == 0:
             if cfg.full_finetune:  # the whole model, in the HF MXFP4 layout (experts are not trained)
@@ -291,6 +465,24 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
         return records
+
+
+def read_checkpoint_header(path: Path) -> dict:
+    """The JSON header of a training checkpoint (step, settings, optimizer groups), checked."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            raw = (f.metadata() or {}).get("gptoss")
+    except (SafetensorError, OSError) as e:
+        raise TrainError(f"cannot read {path}: {e} -- it is truncated or corrupt; start again with --overwrite") from None
+    try:
+        header = json.loads(raw) if raw is not None else None
+        ok = isinstance(header, dict) and header.get("format") == 1 and isinstance(header.get("step"), int)
+        ok = ok and isinstance(header.get("param_groups"), list) and isinstance(header.get("settings"), dict)
+    except json.JSONDecodeError:
+        ok = False
+    if not ok:
+        raise TrainError(f"{path} is not a gptoss training checkpoint (no valid header); start again with --overwrite")
+    return header
 
 
 def plot_losses(log_file: Path, png: Path) -> Path | None:
