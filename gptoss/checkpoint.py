@@ -295,8 +295,8 @@ class TensorIndex:
         if unknown := sorted(set(self.files) - set(spec)):
             raise CheckpointError(
                 f"tensor {unknown[0]} in {self.files[unknown[0]].name}"
-                f"{f' (and {len(unknown) - 1} more)' if len(unknown) > 1 else ''} is not part of a {layout} gpt-oss "
-                f"checkpoint with this config.json: remove the foreign tensor, or use the config that came with it"
+                f"{f' (and {len(unknown) - 1} more)' if len(unknown) > 1 else ''} is not part of a gpt-oss "
+                f"checkpoint ({layout} layout) with this config.json: remove the foreign tensor, or use the config that came with it"
             )
         missing = [n for n in spec if n not in self.files]
         if missing:
@@ -325,7 +325,7 @@ def read_config(folder: Path) -> ModelConfig:
     try:
         return ModelConfig.from_json(path)
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: {e}") from None
+        raise CheckpointError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
 
 
 def open_checkpoint(source: str | Path) -> tuple[ModelConfig, str, TensorIndex]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from gptoss.checkpoint import LAYOUTS
 from gptoss.config import cache_dir
-from gptoss.errors import UsageError
+from gptoss.errors import UsageError, check_float, check_int
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -18,7 +18,22 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from gptoss.synthetic import write_checkpoint
 
     config = get_preset(args.preset)
-    max_bytes = int(args.max_shard_gb * 1e9) if args.max_shard_gb else None
+    check_int("--seed", args.seed, 0, 2**63 - 1)
+    max_bytes = None
+    if args.max_shard_gb is not None:
+        max_bytes = int(check_float("--max-shard-gb", args.max_shard_gb, 0.0, 1e4, above=True) * 1e9)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a folder: give a new folder")
+    held = sorted(p.name for p in out.glob("*") if p.suffix == ".safetensors" or p.name == "config.json")
+    if held and not args.overwrite:
+        raise FileExistsError(
+            f"--out {out} already holds a checkpoint ({', '.join(held[:3])}): pass --overwrite to replace it, "
+            "or choose another folder"
+        )
+    if held:  # only the checkpoint's own files: anything else the user keeps there stays
+        for name in held + ["model.safetensors.index.json", "dtypes.json"]:
+            (out / name).unlink(missing_ok=True)
     start = time.perf_counter()
     write_checkpoint(args.out, config, args.layout, args.seed, max_shard_bytes=max_bytes, progress=True)
     print(
@@ -50,6 +65,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from gptoss.load import load_model
     from gptoss.synthetic import write_checkpoint
 
+    check_int("--tokens", args.tokens, 1, 4096)
+    check_int("--base-steps", args.base_steps, 1)
+    check_int("--lora-steps", args.lora_steps, 1)
     folder = Path(args.dir) if args.dir else cache_dir() / "tiny-hf-mxfp4"
     config = get_preset("tiny")
     if not (folder / "config.json").exists():
@@ -376,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-shard-gb", type=float, default=None, help="shard size (default: that of the real checkpoints)"
     )
+    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("info", help="print the parameter table of a checkpoint or a preset")
@@ -465,7 +484,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand. A failure is one line on stderr naming what is at fault: exit 2 for a wrong
     argument (usage), 1 for anything else; GPTOSS_DEBUG=1 shows the traceback instead."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a malformed command line (2), already reported
+        return e.code
     if os.environ.get("GPTOSS_DEBUG") == "1":
         return args.func(args)
     try:

@@ -259,6 +259,6 @@ def test_backend_and_adapter_arguments(checkpoints):
     with pytest.raises(ValueError, match="backend must be one of"):
         load_model(checkpoints / "hf-mxfp4", backend="cuda")
     assert load_model(checkpoints / "hf-mxfp4", backend="torch").backend == "torch"
-    with pytest.raises(FileNotFoundError, match="not a PEFT adapter"):
+    with pytest.raises(FileNotFoundError, match="adapter folder some/folder does not exist"):
         load_model(checkpoints / "hf-mxfp4", adapter="some/folder")
     assert gptoss.load.resolve_backend("auto", torch.device("cpu")) == "torch"

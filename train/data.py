@@ -200,11 +200,13 @@ def load_dataset(
         data.examples.append(Example(ids[:max_length], mask[:max_length], language, index))
         data.rows.append(row)
     if not data.examples:
-        why = f"{len(data.skipped_malformed)} malformed" if data.skipped_malformed else ""
+        why = [f"{len(data.skipped_malformed)} of {len(rows)} rows are malformed"] if data.skipped_malformed else []
         if data.skipped_long:
-            why += (", " if why else "") + f"{data.skipped_long} with no assistant token within max_length={max_length}"
-            why += f" (the shortest prompt has {shortest_prompt} tokens: raise --max-length)"
-        raise DatasetError(f"dataset {source}: no row can be trained on ({why} of {len(rows)} rows)")
+            why.append(
+                f"{data.skipped_long} of {len(rows)} rows have no assistant token within max_length={max_length} "
+                f"(the shortest prompt has {shortest_prompt} tokens: raise --max-length)"
+            )
+        raise DatasetError(f"dataset {source}: no row can be trained on: {'; '.join(why)}")
     return data
 
 

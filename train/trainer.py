@@ -260,8 +260,8 @@ class Trainer:
 
             parts = [f"{k} (saved {show(before.get(k))}, now {show(self.settings[k])})" for k in differ]
             raise TrainError(
-                f"--resume: {'; '.join(parts)} differ from the run saved in {self.out / CHECKPOINT}: resume with "
-                "the saved settings, or start a new run in another --output"
+                f"--resume: settings differ from the run saved in {self.out / CHECKPOINT}: {'; '.join(parts)}; "
+                "resume with the saved settings, or start a new run in another --output"
             )
 
     # -- checkpoints ------------------------------------------------------------------------------
