@@ -87,10 +87,12 @@ def dense_experts_bytes(config: ModelConfig, dtype: torch.dtype = torch.bfloat16
 def check_finite(name: str, tensor: torch.Tensor, folder: Path) -> None:
     """Refuse NaN or infinite weights (a corrupt file: they would only surface as NaN logits), and
     MXFP4 scales of 0xFF, the E8M0 code for NaN."""
-    if tensor.is_floating_point():
-        bad = not bool(torch.isfinite(tensor).all())
+    if tensor.numel() == 0:
+        return
+    if tensor.is_floating_point():  # min and max propagate NaN: one pass, no boolean copy (~30 GB/s)
+        bad = not all(bool(torch.isfinite(x)) for x in torch.aminmax(tensor))
     elif name.endswith("_scales"):
-        bad = bool((tensor == 255).any())
+        bad = int(tensor.max()) == 255
     else:
         return
     if bad:
