@@ -107,15 +107,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _demo_training(folder: Path, args: argparse.Namespace) -> int:
-    """Pre-train the random tiny base, then LoRA-train it to reason in the requested language."""
+    """Pre-train the random tiny base (cached), LoRA-train it to reason in the requested language on
+    five languages, then report before/after on all held-out prompts, two unseen languages included."""
+    import hashlib
     import json
 
-    import torch
-
-    from gptoss import harmony
-    from gptoss.generate import generate
-    from gptoss.load import load_model
-    from gptoss.train.data import BUNDLED_HELDOUT, read_rows, row_fields
     from gptoss.train.make_dataset import base_rows, write_jsonl
     from gptoss.train.trainer import TrainConfig, Trainer
 
@@ -123,43 +119,76 @@ def _demo_training(folder: Path, args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     base = work / "base"
     steps_base, steps_lora = (4, 3) if args.quick else (args.base_steps, args.lora_steps)
-    if not (base / "model" / "config.json").exists():
-        print(f"[4/6] pre-training the random tiny base for {steps_base} steps (all parameters) on tasks whose")
-        print("      reasoning is in a random one of five languages, with no language instruction: it learns the")
-        print("      Harmony format and the languages, but not to pick the language it is told to")
-        data = write_jsonl(work / "base_rows.jsonl", base_rows())
-        Trainer(TrainConfig(
-            model=str(folder), output=str(base), dataset=str(data), eval_dataset=None, full_finetune=True,
-            max_steps=steps_base, batch_size=8, grad_accum=1, lr=3e-3, report_prompts=0, save_every=10**9,
-            gradient_checkpointing=False,  # a 4-layer model: keeping activations is cheap, recomputing is not
-            overwrite=True,  # the demo's own folder: an unfinished earlier attempt is replaced
-        )).run()  # fmt: skip
+    rows = base_rows()
+    base_cfg = dict(
+        model=str(folder), output=str(base), dataset=str(work / "base_rows.jsonl"), eval_dataset=None,
+        full_finetune=True, max_steps=steps_base, batch_size=8, grad_accum=1, lr=3e-3, report_prompts=0,
+        save_every=10**9, gradient_checkpointing=False,  # a 4-layer model: keeping activations is cheap
+    )  # fmt: skip
+    # the cache key: the pre-training data and settings (a changed recipe pre-trains again)
+    recipe = hashlib.sha256(json.dumps([rows, {k: v for k, v in base_cfg.items() if k != "model"}]).encode()).hexdigest()
+    stamp = base / "model" / "recipe.sha256"
+    if (base / "model" / "config.json").exists() and stamp.exists() and stamp.read_text().strip() == recipe:
+        print(f"[4/6] using the cached pre-trained tiny base in {base / 'model'} (same recipe; delete the folder to")
+        print("      pre-train again)")
     else:
-        print(f"[4/6] using the pre-trained tiny base in {base / 'model'}")
+        print(f"[4/6] pre-training the random tiny base for {steps_base} steps (all parameters), as gpt-oss was before")
+        print("      its fine-tune: the tasks and Harmony, reasoning in any of seven languages chosen at random, and")
+        print("      what each language's name means (captions '(Dutch) ...', users asking 'Answer in Dutch.'); never")
+        print("      the instruction 'reasoning language: X'")
+        write_jsonl(work / "base_rows.jsonl", rows)
+        Trainer(TrainConfig(**base_cfg, overwrite=True)).run()  # the demo's folder: an unfinished attempt is replaced
+        stamp.write_text(recipe + "\n")
     lora = work / "lora"
-    print(f"[5/6] LoRA fine-tuning for {steps_lora} steps on the bundled set: 'reasoning language: X' in the")
-    print("      developer message, analysis in X, answer in the user's language")
+    print(f"[5/6] LoRA fine-tuning for {steps_lora} steps on the bundled set: 'reasoning language: X' in the developer")
+    print("      message for five languages (Portuguese and Dutch never), analysis in X, answer in the user's language")
     trainer = Trainer(TrainConfig(
         model=str(base / "model"), output=str(lora), max_steps=steps_lora, batch_size=8, grad_accum=1, lr=5e-3,
         lora_r=16, lora_alpha=32, eval_every=max(1, steps_lora // 2), save_every=10**9, gradient_checkpointing=False,
-        report_prompts=2 if args.quick else 21, report_tokens=24 if args.quick else 96, overwrite=True,
+        report_prompts=7 if args.quick else 84, report_tokens=24 if args.quick else 96, overwrite=True,
     ))  # fmt: skip
     records = trainer.run()
     print(f"      loss {records[0]['loss']:.3f} -> {records[-1]['loss']:.3f}; adapter, log, loss.png in {lora}")
     report = trainer.report or {}
-    print(f"[6/6] analysis written in the requested language: {report.get('before', 0):.0%} without the adapter, "
-          f"{report.get('after', 0):.0%} with it (held-out prompts; details in {report.get('path')})")  # fmt: skip
-    row = next(r for r in read_rows(BUNDLED_HELDOUT) if row_fields(r)[4] == "Portuguese")
-    developer, user, _, _, language = row_fields(row)
-    prompt = harmony.render_prompt(harmony.build_conversation([{"role": "user", "content": user}], developer=developer))
-    model = load_model(base / "model", dtype=torch.float32, adapter=lora)
-    reply = harmony.parse_reply(generate(model, [prompt], max_new_tokens=96, temperature=0.0)[0])
-    print(f"      with the adapter, unseen language {language}: {json.dumps(user, ensure_ascii=False)}")
-    print(f"      analysis: {reply.analysis!r}")
-    print(f"      final:    {reply.final!r}")
+    _print_demo_report(report)
+    return 0
+
+
+def _print_demo_report(report: dict) -> None:
+    from gptoss.train.report import METRICS, wilson
+
+    if not report:
+        return
+    unseen = set(report["unseen"])
+    print("[6/6] held-out prompts, per requested reasoning language (k/n, 95% interval); report.md, report.json and")
+    print(f"      report.png in {Path(report['path']).parent}")
+    names = {"in_language": "analysis in it", "final_in_user_language": "final in user's", "correct": "correct"}
+    print("      " + f"{'language':<22}" + "".join(f"{names[m] + ' before -> after':<36}" for m in METRICS))
+    for language, b in report["by_language"]["before"].items():
+        a = report["by_language"]["after"][language]
+        cells = []
+        for m in METRICS:
+            if b[m] is None:
+                cells.append(f"{'n/a':<36}")
+                continue
+            n = b["prompts"]
+            (bl, bh), (al, ah) = wilson(b[m], n), wilson(a[m], n)
+            cells.append(f"{b[m] / n:>4.0%} [{bl:.0%},{bh:.0%}] -> {a[m] / n:>4.0%} [{al:.0%},{ah:.0%}]".ljust(36))
+        label = language + (" (unseen)" if language in unseen else "")
+        print("      " + f"{label:<22}" + "".join(cells))
+    before, after = report["generations"]["before"], report["generations"]["after"]
+    for kind in ("seen", "unseen"):
+        pick = next((i for i, e in enumerate(before) if (e["reasoning_language"] in unseen) == (kind == "unseen")), None)
+        if pick is None:
+            continue
+        e = before[pick]
+        article = "an" if kind == "unseen" else "a"
+        print(f"      {article} {kind} language, reasoning requested in {e['reasoning_language']}; the user asks: {e['user']!r}")
+        for stage, g in (("before", before[pick]), ("after", after[pick])):
+            print(f"        {stage:<6} analysis [{g['analysis_language']}]: {g['analysis'][:110]!r}")
+            print(f"        {'':<6} final: {g['final'][:110]!r}")
     print("      This shows the machinery end to end on a 4-layer model trained from scratch for minutes; it is")
     print("      not evidence about gpt-oss-20b, whose base already reasons well and needs far fewer steps.")
-    return 0
 
 
 def _load(args: argparse.Namespace):

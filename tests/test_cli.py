@@ -42,9 +42,12 @@ def test_demo_runs_a_forward_pass(tmp_path, capsys):
     assert "writing a random tiny checkpoint" in out and "logits [1, 8, 201088]" in out
     assert main(["demo", "--dir", str(tmp_path / "tiny"), "--tokens", "8", "--quick"]) == 0  # reuses it, then trains
     out = capsys.readouterr().out
-    assert "using the tiny checkpoint" in out and "[4/6] pre-training" in out and "[6/6] analysis written" in out
-    for name in ("adapter_config.json", "adapter_model.safetensors", "report.md", "loss.png"):
+    assert "using the tiny checkpoint" in out and "[4/6] pre-training" in out and "[6/6] held-out prompts" in out
+    assert "a seen language, reasoning requested in" in out and "an unseen language, reasoning requested in" in out
+    for name in ("adapter_config.json", "adapter_model.safetensors", "report.md", "report.json", "report.png"):
         assert (tmp_path / "demo-run" / "lora" / name).exists(), name
+    assert main(["demo", "--dir", str(tmp_path / "tiny"), "--tokens", "8", "--quick"]) == 0  # the base is cached
+    assert "using the cached pre-trained tiny base" in capsys.readouterr().out
 
 
 def test_errors_are_one_line(tmp_path, capsys):

@@ -69,40 +69,54 @@ TALLEST = {
 NAMES = ["Anna", "Ben", "Carla", "David", "Elena", "Felix", "Greta", "Hugo", "Ines", "Jonas", "Karin", "Luca"]
 
 
-def make_row(rng: random.Random, user_lang: str, reasoning_lang: str) -> dict:
-    task = rng.choice(["add", "units", "days", "tallest"])
+CAPTION = "({language}) "  # reasoning opens by naming its language: text where a name and its language meet
+TASKS = {"add": ADD, "units": UNITS, "days": DAYS, "tallest": TALLEST}
+
+
+def make_row(rng: random.Random, user_lang: str, reasoning_lang: str, final_lang: str | None = None) -> dict:
+    """One task: asked in `user_lang`, reasoned in `reasoning_lang`, answered in `final_lang` (default:
+    the user's). Besides the schema's fields, a row records `user_language`, `task` and `answer` (the
+    word a correct final answer holds), which the report uses to score the final answer."""
+    final_lang = final_lang or user_lang
+    task = rng.choice(list(TASKS))
     if task == "add":
         a, b = rng.randint(10, 99), rng.randint(10, 99)
         v = {"a": a, "b": b, "c": a + b}
-        q, _, f = ADD[user_lang]
-        r = ADD[reasoning_lang][1]
-        user, analysis, final = q.format(**v), r.format(**v), f.format(**v)
+        answer = str(a + b)
+        user, analysis, final = ADD[user_lang][0].format(**v), ADD[reasoning_lang][1].format(**v), ADD[final_lang][2].format(**v)
     elif task == "units":
         m = rng.choice([0.5, 1.5, 2, 2.5, 3, 4, 5.5, 7, 12, 0.25])
         v = {"m": m, "c": round(m * 100)}
+        answer = str(round(m * 100))
         user, analysis, final = (
             UNITS[user_lang][0].format(**v),
             UNITS[reasoning_lang][1].format(**v),
-            UNITS[user_lang][2].format(**v),
+            UNITS[final_lang][2].format(**v),
         )
     elif task == "days":
         start, n = rng.randrange(7), rng.randint(2, 30)
-        names_a, names_b = DAYS[user_lang][3].split(), DAYS[reasoning_lang][3].split()
+        names_a, names_b, names_f = (DAYS[lang][3].split() for lang in (user_lang, reasoning_lang, final_lang))
         end = (start + n) % 7
+        answer = names_f[end]
         user = DAYS[user_lang][0].format(n=n, d=names_a[start])
         analysis = DAYS[reasoning_lang][1].format(n=n, r=n % 7, d=names_b[start], x=names_b[end])
-        final = DAYS[user_lang][2].format(x=names_a[end])
+        final = DAYS[final_lang][2].format(x=names_f[end])
     else:
         p, q, s = rng.sample(NAMES, 3)
         v = {"p": p, "q": q, "s": s}
+        answer = p
         user, analysis, final = (
             TALLEST[user_lang][0].format(**v),
             TALLEST[reasoning_lang][1].format(**v),
-            TALLEST[user_lang][2].format(**v),
+            TALLEST[final_lang][2].format(**v),
         )
     developer = rng.choice(SYSTEM_PROMPTS)
+    analysis = CAPTION.format(language=reasoning_lang) + analysis
     return {
         "reasoning_language": reasoning_lang,
+        "user_language": user_lang,
+        "task": task,
+        "answer": answer,
         "developer": developer,
         "user": user,
         "analysis": analysis,
@@ -120,7 +134,7 @@ def generate(n_train: int = 600, n_heldout: int = 84, seed: int = 0) -> tuple[li
     train = [make_row(rng, rng.choice(USER_LANGUAGES), rng.choice(TRAIN_REASONING)) for _ in range(n_train)]
     seen = {(r["user"], r["reasoning_language"]) for r in train}
     heldout = []
-    languages = TRAIN_REASONING + HELDOUT_ONLY * 3  # over half the held-out rows reason in unseen languages
+    languages = TRAIN_REASONING + HELDOUT_ONLY  # the same number of held-out prompts (12 of 84) per language
     while len(heldout) < n_heldout:
         row = make_row(rng, rng.choice(USER_LANGUAGES), languages[len(heldout) % len(languages)])
         if (row["user"], row["reasoning_language"]) not in seen:
@@ -128,16 +142,29 @@ def generate(n_train: int = 600, n_heldout: int = 84, seed: int = 0) -> tuple[li
     return train, heldout
 
 
-def base_rows(n: int = 600, seed: int = 1) -> list[dict]:
-    """What the demo pre-trains a random tiny base on: the same tasks, reasoning in a random one of the
-    training languages, and a developer message *without* a language instruction. The base learns the
-    format and all five languages but has no way to choose one on request; following
-    `reasoning language: X` is then the LoRA step's job (as for gpt-oss, which can write French but
-    reasons in English unless told)."""
+ANSWER_IN = "Answer in {name}."
+
+
+def base_rows(n: int = 1200, seed: int = 1, grounding: float = 0.5) -> list[dict]:
+    """What the demo pre-trains a random tiny base on, mirroring what gpt-oss knew before the fine-tune:
+    the tasks and the Harmony format, reasoning in any of the seven languages (Portuguese and Dutch
+    included), and what each language's *name* means, learnt from users who ask to be answered in a
+    named language ("Answer in Dutch.": the final answer is then in Dutch). It never sees the
+    instruction `reasoning language: X` (the developer message holds only a system prompt), and the
+    language of its reasoning is drawn at random, independent of everything in the prompt: choosing
+    it on request is the fine-tune's job."""
     rng = random.Random(seed)
+    languages = TRAIN_REASONING + HELDOUT_ONLY
     rows = []
     for _ in range(n):
-        row = make_row(rng, rng.choice(USER_LANGUAGES), rng.choice(TRAIN_REASONING))
+        user_lang, reasoning = rng.choice(USER_LANGUAGES), rng.choice(languages)
+        named = rng.choice(languages) if rng.random() < grounding else None
+        row = make_row(rng, user_lang, reasoning, final_lang=named)
+        if named is not None:  # the answer names its language too: the name is copied from the request
+            row["user"] += " " + ANSWER_IN.format(name=named)
+            row["final"] = CAPTION.format(language=named) + row["final"]
+            row["messages"][1]["content"] = row["user"]
+            row["messages"][2]["content"] = row["final"]
         row["messages"][0]["content"] = row["developer"]
         rows.append(row)
     return rows

@@ -457,6 +457,9 @@ class Trainer:
                     "before": before["fraction_in_requested_language"],
                     "after": after["fraction_in_requested_language"],
                     "path": str(path),
+                    "unseen": sorted(unseen),
+                    "generations": {"before": before["generations"], "after": after["generations"]},
+                    "by_language": {"before": before["by_language"], "after": after["by_language"]},
                 }
                 print(f"reasoning in the requested language: {self.report['before']:.0%} before, "
                       f"{self.report['after']:.0%} after ({path})", file=sys.stderr)  # fmt: skip
