@@ -40,3 +40,18 @@ def small_config(**overrides) -> ModelConfig:
     )
     base.update(overrides)
     return ModelConfig(**base)
+
+
+# a dataset row of the HuggingFaceH4/Multilingual-Thinking schema, for the trainer's tests
+ROW = {
+    "reasoning_language": "German",
+    "developer": "You are a helpful assistant.",
+    "user": "What is 12 plus 30?",
+    "analysis": "Wir addieren 12 und 30. Die Summe ist 42.",
+    "final": "12 plus 30 is 42.",
+}
+# the full o200k_harmony vocabulary (the data uses the real tokenizer), everything else small
+TRAIN_CONFIG = ModelConfig(
+    num_hidden_layers=2, hidden_size=64, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
+)  # fmt: skip

@@ -28,23 +28,9 @@ from gptoss.train.trainer import Trainer, read_checkpoint_header
 from safetensors.torch import load_file, save_file
 
 from gptoss.cli import main
-from gptoss.config import ModelConfig
 from gptoss.load import load_model
 from gptoss.synthetic import write_checkpoint
-
-# the full o200k_harmony vocabulary (prompts use the real tokenizer), everything else small;
-# shards of at most 30 MB, so the HF folder has an index and several shards
-CONFIG = ModelConfig(
-    num_hidden_layers=2, hidden_size=64, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-    head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
-)  # fmt: skip
-ROW = {
-    "reasoning_language": "German",
-    "developer": "You are a helpful assistant.",
-    "user": "What is 12 plus 30?",
-    "analysis": "Wir addieren 12 und 30. Die Summe ist 42.",
-    "final": "12 plus 30 is 42.",
-}
+from tests.conftest import ROW, TRAIN_CONFIG
 
 
 @dataclass
@@ -66,8 +52,9 @@ def train_args(fx: Fixtures, output: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def fx(tmp_path_factory) -> Fixtures:
     root = tmp_path_factory.mktemp("hostile")
-    hf = write_checkpoint(root / "hf", CONFIG, "hf-mxfp4", seed=3, max_shard_bytes=30_000_000)
-    original = write_checkpoint(root / "original", CONFIG, "original", seed=3)
+    # shards of at most 30 MB, so the HF folder has an index and several shards
+    hf = write_checkpoint(root / "hf", TRAIN_CONFIG, "hf-mxfp4", seed=3, max_shard_bytes=30_000_000)
+    original = write_checkpoint(root / "original", TRAIN_CONFIG, "original", seed=3)
     data = root / "rows.jsonl"
     data.write_text("".join(json.dumps(dict(ROW, user=f"What is {i} plus 30?")) + "\n" for i in range(8)))
     model = load_model(hf, dtype=torch.float32)

@@ -13,21 +13,8 @@ from gptoss.train.data import MalformedRowError, load_dataset, render_example
 from gptoss.train.trainer import TrainConfig, Trainer, lr_at, read_checkpoint_header
 
 from gptoss import harmony
-from gptoss.config import ModelConfig
 from gptoss.synthetic import write_checkpoint
-
-ROW = {
-    "reasoning_language": "German",
-    "developer": "You are a helpful assistant.",
-    "user": "What is 12 plus 30?",
-    "analysis": "Wir addieren 12 und 30. Die Summe ist 42.",
-    "final": "12 plus 30 is 42.",
-}
-# the full o200k_harmony vocabulary (the data uses the real tokenizer), everything else small
-TRAIN_CONFIG = ModelConfig(
-    num_hidden_layers=2, hidden_size=64, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-    head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
-)  # fmt: skip
+from tests.conftest import ROW, TRAIN_CONFIG
 
 
 def test_loss_mask_covers_exactly_the_assistant_turn():

@@ -171,7 +171,8 @@ class Trainer:
         self.out = Path(cfg.output)
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
-        saved = self._check_output()  # before anything slow: a refused run costs nothing
+        # before anything slow, so a refused run costs nothing; on --resume, the saved checkpoint's header
+        self.resume_header = self._check_output()
         cuda = torch.cuda.is_available()
         self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
         if self.world > 1 and not dist.is_initialized():
@@ -209,8 +210,8 @@ class Trainer:
         self.tracker = None
         self.report: dict | None = None
         self.settings = self._settings()
-        if saved is not None:
-            self._check_settings(saved)
+        if self.resume_header is not None:
+            self._check_settings(self.resume_header)
 
     # -- the output folder and the run's settings --------------------------------------------------
     def _check_output(self) -> dict | None:
@@ -289,14 +290,13 @@ class Trainer:
         self.saved_step = self.step
 
     def load_checkpoint(self) -> None:
-        path = self.out / CHECKPOINT
-        header = read_checkpoint_header(path)
+        path, header = self.out / CHECKPOINT, self.resume_header  # the header was read and checked at start
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 names = set(f.keys())
                 tensors = {name: f.get_tensor(name) for name in names}
         except (SafetensorError, OSError) as e:
-            raise TrainError(f"cannot read {path}: {e} -- it is truncated or corrupt; start again with --overwrite") from None
+            raise _unreadable(path, e) from None
         expected = {f"param/{n}" for n in self.named}
         if missing := sorted(expected - names):
             raise TrainError(f"{path} lacks {missing[0]}: it is not a checkpoint of this run's settings")
@@ -470,13 +470,17 @@ class Trainer:
         return records
 
 
+def _unreadable(path: Path, e: Exception) -> TrainError:
+    return TrainError(f"cannot read {path}: {e} -- it is truncated or corrupt; start again with --overwrite")
+
+
 def read_checkpoint_header(path: Path) -> dict:
     """The JSON header of a training checkpoint (step, settings, optimizer groups), checked."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             raw = (f.metadata() or {}).get("gptoss")
     except (SafetensorError, OSError) as e:
-        raise TrainError(f"cannot read {path}: {e} -- it is truncated or corrupt; start again with --overwrite") from None
+        raise _unreadable(path, e) from None
     try:
         header = json.loads(raw) if raw is not None else None
         ok = isinstance(header, dict) and header.get("format") == 1 and isinstance(header.get("step"), int)
