@@ -29,6 +29,16 @@ def test_synth_then_info(tmp_path, capsys):
     assert main(["info", "--model", str(tmp_path / "ck")]) == 0
     out = capsys.readouterr().out
     assert "original layout" in out and "53,003,456" in out  # the tiny preset's parameter count
+    (tmp_path / "ck" / "notes.txt").write_text("mine")
+    before = (tmp_path / "ck" / "model.safetensors").read_bytes()
+    assert main(["synth", "--preset", "tiny", "--layout", "hf-mxfp4", "--out", str(tmp_path / "ck")]) == 1
+    assert "already holds a checkpoint" in capsys.readouterr().err
+    assert (tmp_path / "ck" / "model.safetensors").read_bytes() == before  # refused: nothing changed
+    args = ["synth", "--preset", "tiny", "--layout", "hf-mxfp4", "--out", str(tmp_path / "ck"), "--overwrite"]
+    assert main(args) == 0  # replaces the checkpoint's files, keeps the user's
+    assert not (tmp_path / "ck" / "dtypes.json").exists()  # the original layout's file went with it
+    assert (tmp_path / "ck" / "notes.txt").read_text() == "mine"
+    assert main(["info", "--model", str(tmp_path / "ck")]) == 0 and "hf-mxfp4 layout" in capsys.readouterr().out
 
 
 def test_info_preset_markdown(capsys):
