@@ -47,7 +47,7 @@ def _fa2(q, k, v):
         out = torch.nn.functional.scaled_dot_product_attention(
             qh, k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
         )
-    return out.transpose(1, 2)
+    return out.transpose(1, 2).reshape(B, T, K, G, DH)
 
 
 def training_rows(shapes, device, dtype, providers) -> list[dict]:

@@ -56,7 +56,9 @@ SHAPES = {  # hidden D, intermediate I, experts E, top-k
     "gpt-oss-20b": (2880, 2880, 32, 4),
     "gpt-oss-120b": (2880, 2880, 128, 4),
 }
-WORKLOADS = {"decode": 1, "prefill": 4096}  # tokens
+# tokens; the MoE tile tables are bucketed by rows per expert: decode reaches the 16-row bucket, batch
+# (20b: 256 x 4 / 32 = 32 rows) the 64-row one, prefill the 256-row one
+WORKLOADS = {"decode": 1, "batch": 256, "prefill": 4096}
 ATTENTION = (8, 8, 64)  # KV heads, query heads per KV head, head dim: gpt-oss-20b and -120b alike
 
 
@@ -218,6 +220,25 @@ def expand(launch: Launch, target: int) -> list[Variant]:
     return variants
 
 
+def unreached_tiles(variants, targets) -> list[str]:
+    """Every tile of the MoE matmul's config tables must be compiled by some workload: a tile that no
+    launch here tries would meet its first compiler on a GPU, in the middle of an autotuning run."""
+    from gptoss.kernels import moe
+
+    wanted = {(mode, False, tile) for mode, table in moe.CONFIGS.items() for tiles in table.values() for tile in tiles}
+    wanted |= {(mode, True, tile) for mode in moe.CONFIGS for tiles in moe.FP32_CONFIGS.values() for tile in tiles}
+    problems = []
+    for target in targets:
+        seen = {
+            (v.config["MODE"], bool(v.config["UPCAST"]), tuple(v.config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")))
+            for v in variants if v.name == "_moe_matmul_kernel" and v.target == target
+        }  # fmt: skip
+        for mode, upcast, tile in sorted(wanted - seen):
+            problems.append(f"_moe_matmul_kernel sm_{target}a mode {mode} {'fp32' if upcast else 'bf16'} tile {tile}: "
+                            "in the config tables but no workload of the gate compiles it; add a workload that reaches its bucket")  # fmt: skip
+    return problems
+
+
 # --- reading the cubin ------------------------------------------------------------------------------------
 
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
@@ -309,6 +330,7 @@ def run_gate(targets=(90, 100), jobs: int = 2) -> tuple[list[dict], list[str]]:
             for variant in expand(launch, target):
                 unique.setdefault(variant.key, variant)
                 labels.setdefault(variant.key, []).append(dict(variant.label, grid=variant.grid))
+    problems += unreached_tiles(unique.values(), targets)
     cache_path = _cache_file()
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     todo = [key for key in unique if key not in cache]
@@ -350,7 +372,7 @@ def _mode(row) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'kernel':<28}{'mode':<9}{'target':<9}{'dtype':<9}{'config (M,N,K,w,s)':<22}{'regs':>5}{'spill':>6}{'smem':>8}{'mma':>9}{'grid dec':>10}{'grid pre':>10}{'instr/el':>9}"
+    head = f"{'kernel':<28}{'mode':<9}{'target':<9}{'dtype':<9}{'config (M,N,K,w,s)':<22}{'regs':>5}{'spill':>6}{'smem':>8}{'mma':>9}{'grid dec':>10}{'grid bat':>12}{'grid pre':>13}{'instr/el':>9}"
     lines = [head, "-" * len(head)]
     for row in sorted(rows, key=lambda r: (r["kernel"], _mode(r), r["target"], r["launches"][0]["dtype"], str(r["config"]))):
         c = row["config"]
@@ -370,7 +392,7 @@ def table(rows: list[dict]) -> str:
         per = f"{row['per_element']:.2f}" if row["per_element"] is not None else "-"
         lines.append(
             f"{row['kernel']:<28}{_mode(row):<9}{row['target']:<9}{dtype:<9}{shape:<22}{row['registers']:>5}"
-            f"{row['spill_bytes']:>6}{row['shared']:>8}{row['mma']:>9}{grid.get('decode', '-'):>10}{grid.get('prefill', '-'):>10}{per:>9}"
+            f"{row['spill_bytes']:>6}{row['shared']:>8}{row['mma']:>9}{grid.get('decode', '-'):>10}{grid.get('batch', '-'):>12}{grid.get('prefill', '-'):>13}{per:>9}"
         )
     return "\n".join(lines)
 

@@ -25,3 +25,25 @@ def test_benchmark_runs_and_reports(script, tmp_path):
         assert "GPU figures were not taken" in out.stdout
     if name == "moe":  # every provider computes the same layer (bf16 rounding only)
         assert all(r["rel_err_vs_fp32"] < 2e-2 for r in last["results"])
+
+
+def test_fa2_baseline_is_attention_without_sinks_in_the_kernel_layout():
+    # the FlashAttention-2 row times SDPA on the same [B, T, K, G, Dh] tensors; its output (and so the
+    # gradient the backward timing feeds it) must have the kernel's layout and be causal GQA attention
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_attention
+    finally:
+        sys.path.remove(str(BENCH))
+    import torch
+
+    from gptoss.model import attention_with_sinks
+
+    torch.manual_seed(0)
+    q, k, v, _ = bench_attention._inputs(2, 48, 48, "cpu", torch.float32, grad=False)
+    no_sink = torch.full((bench_attention.K * bench_attention.G,), float("-inf"))
+    pos = torch.arange(48)
+    want = attention_with_sinks(q, k, v, no_sink, pos, pos, None)
+    got = bench_attention._fa2(q, k, v)
+    assert got.shape == q.shape
+    assert torch.allclose(got, want, atol=1e-5)
