@@ -5,7 +5,9 @@
     python benchmarks/bench_train.py --all-positions   # loss on every position of random tokens
 
 Both train LoRA r=8 / alpha 16 on q/k/v/o and on the experts of the default layers (the last of each
-third of the depth), with AdamW, without activation checkpointing, fp32 on the CPU (bf16 on a GPU).
+third of the depth), with AdamW, without activation checkpointing: fp32 on the CPU; bf16 on a GPU,
+where model and batch live on the device, step times are taken between synchronisations and the
+peak GPU memory is reported beside the host's.
 The batch is the first `--batch` rows of the bundled training set rendered in Harmony, the loss on
 the assistant's tokens only (reasoning and answer, about a third of each row), as each
 implementation is used for it: our trainer's step (gptoss.train.trainer.sum_loss, which applies the
@@ -38,20 +40,38 @@ from gptoss.synthetic import cached_checkpoint
 DATA = Path(__file__).resolve().parents[1] / "train" / "data" / "multilingual_reasoning_train.jsonl"
 
 
-def steps(step_fn, n=5) -> float:
-    step_fn()  # warm-up
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def steps(step_fn, device: str, n=5) -> float:
+    step_fn()  # warm-up (on a GPU: the kernels' autotuning and compilation)
     times = []
     for _ in range(n):
+        _sync(device)
         start = time.perf_counter()
         step_fn()
+        _sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def ours(folder, batch, layers, dtype):
+def _gpu_peak(device: str) -> dict:
+    return {"peak_gpu_gb": torch.cuda.max_memory_allocated() / 1e9} if device == "cuda" else {}
+
+
+def _reset(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def ours(folder, batch, layers, dtype, device):
+    _reset(device)
     with PeakRSS() as mem:
         model = load_model(
-            folder, dtype=dtype, dequantize="auto" if dtype == torch.float32 else False
+            folder, device=device, dtype=dtype, dequantize="auto" if device == "cpu" else False
         )  # as the trainer
         params = apply_lora(model, 8, 16, layers)
         model.train()
@@ -60,20 +80,21 @@ def ours(folder, batch, layers, dtype):
         def step():
             opt.zero_grad()
             if isinstance(batch, list):  # Harmony examples: the trainer's loss
-                loss, n = sum_loss(model, batch, "cpu")
+                loss, n = sum_loss(model, batch, device)
                 (loss / n).backward()
             else:  # random tokens, every position supervised: the same loss over all of them
-                hidden = model.hidden(batch[:, :-1]).flatten(0, 1)
+                ids = batch.to(device)
+                hidden = model.hidden(ids[:, :-1]).flatten(0, 1)
                 (
-                    linear_cross_entropy(hidden, model.lm_head.weight, batch[:, 1:].flatten()) / hidden.shape[0]
+                    linear_cross_entropy(hidden, model.lm_head.weight, ids[:, 1:].flatten()) / hidden.shape[0]
                 ).backward()
             opt.step()
 
-        step_s = steps(step)
-    return {"step_s": step_s, "peak_rss_gb": mem.gb, "trainable": sum(p.numel() for p in params)}
+        step_s = steps(step, device)
+    return {"step_s": step_s, "peak_rss_gb": mem.gb, **_gpu_peak(device), "trainable": sum(p.numel() for p in params)}
 
 
-def theirs(folder, batch, layers, dtype):
+def theirs(folder, batch, layers, dtype, device):
     import peft
     from transformers import GptOssForCausalLM, Mxfp4Config
 
@@ -82,8 +103,11 @@ def theirs(folder, batch, layers, dtype):
         labels = ids.masked_fill(mask == 0, -100)  # transformers shifts the labels itself
     else:
         ids, labels = batch, batch
+    ids, labels = ids.to(device), labels.to(device)
+    _reset(device)
     with PeakRSS() as mem:
         model = GptOssForCausalLM.from_pretrained(folder, quantization_config=Mxfp4Config(dequantize=True), dtype=dtype)
+        model = model.to(device)
         targets = [f"{i}.mlp.experts.{w}" for i in layers for w in ("gate_up_proj", "down_proj")]
         config = peft.LoraConfig(
             r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], target_parameters=targets
@@ -97,9 +121,9 @@ def theirs(folder, batch, layers, dtype):
             model(input_ids=ids, labels=labels).loss.backward()
             opt.step()
 
-        step_s = steps(step)
+        step_s = steps(step, device)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"step_s": step_s, "peak_rss_gb": mem.gb, "trainable": trainable}
+    return {"step_s": step_s, "peak_rss_gb": mem.gb, **_gpu_peak(device), "trainable": trainable}
 
 
 def main() -> None:
@@ -109,7 +133,8 @@ def main() -> None:
     parser.add_argument("--all-positions", action="store_true", help="random tokens, loss on every position")
     parser.add_argument("--seq", type=int, default=128, help="tokens per sequence with --all-positions (default: 128)")
     args = parser.parse_args()
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if args.all_positions:
         gen = torch.Generator().manual_seed(0)
         batch = torch.randint(0, 199_000, (args.batch, args.seq + 1), generator=gen)
@@ -125,7 +150,7 @@ def main() -> None:
         layers = default_expert_layers(config.num_hidden_layers)
         for impl, fn in (("gptoss", ours), ("transformers+peft", theirs)):
             print(f"{name}: {impl} ...", flush=True)
-            result = fn(folder, batch, layers, dtype)
+            result = fn(folder, batch, layers, dtype, device)
             rows.append(
                 {
                     "impl": impl,
@@ -134,12 +159,14 @@ def main() -> None:
                     "batch": args.batch,
                     "tokens": tokens,
                     "supervised": supervised,
+                    "device": device,
                     "dtype": str(dtype),
                     **result,
                 }  # fmt: skip
             )
             gc.collect()
-    print(table(rows, ["impl", "config", "workload", "tokens", "supervised", "trainable", "step_s", "peak_rss_gb"]))
+    cols = ["impl", "config", "device", "workload", "tokens", "supervised", "trainable", "step_s", "peak_rss_gb"]
+    print(table(rows, cols + (["peak_gpu_gb"] if device == "cuda" else [])))
     for name in dict.fromkeys(r["config"] for r in rows):
         a, b = (
             next(r for r in rows if r["config"] == name and r["impl"] == i) for i in ("gptoss", "transformers+peft")

@@ -2,7 +2,7 @@
 # One command on a CUDA machine (no network needed; its own torch and Triton already installed):
 #   benchmarks/run_gpu.sh [OUT]        (or: make bench-gpu)
 # installs this checkout without reaching any index, runs the GPU tests, the MXFP4, MoE and attention
-# kernel benchmarks and the end-to-end benchmark with the Triton backend (decode steps replayed as a CUDA
+# kernel benchmarks, a LoRA step against transformers + PEFT (tiny shape) and the end-to-end benchmark with the Triton backend (decode steps replayed as a CUDA
 # graph), and writes one results file, OUT/gpu-results.jsonl (every JSON line of every step, plus the tests' outcome), beside each step's log.
 # Each step has its own time limit so that the whole run ends within 10 minutes.
 set -uo pipefail
@@ -47,9 +47,10 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME
     [ $rc -eq 0 ] || status=1
 }
 step test_gpu 120 $PY -m pytest -q -rs tests/test_gpu.py
-step bench_mxfp4 50 $PY benchmarks/bench_mxfp4.py
-step bench_moe 130 $PY benchmarks/bench_moe.py
-step bench_attention 90 $PY benchmarks/bench_attention.py
+step bench_mxfp4 40 $PY benchmarks/bench_mxfp4.py
+step bench_moe 100 $PY benchmarks/bench_moe.py
+step bench_attention 60 $PY benchmarks/bench_attention.py
+step bench_train 60 $PY benchmarks/bench_train.py --quick
 if ! wait $writer; then
     echo "run_gpu.sh: writing the synthetic gpt-oss-20b checkpoint failed (see $OUT/checkpoint.log)" >&2
     status=1

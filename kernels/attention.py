@@ -282,12 +282,90 @@ def _attn_decode_merge_kernel(
     tl.store(out_ptr + o_off, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
+INT_MAX = tl.constexpr(2147483647)  # "no position": larger than any int32 position, its negation smaller
+
+
+@triton.jit
+def _query_tiles(qpos_ptr, tiles, T, G, window, BLOCK_M: tl.constexpr):
+    """Per query tile of `tiles` [N]: the latest position of its rows, and the newest position too old
+    for all of them (INT_MAX when the tile has no valid row)."""
+    rows = tiles[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+    qp = tl.load(qpos_ptr + rows // G, mask=rows < T * G, other=-1)
+    oldest = tl.where(qp >= 0, tl.maximum(qp - window, -1), INT_MAX)
+    return tl.max(qp, 1), tl.min(oldest, 1)
+
+
+@triton.jit
+def _key_tiles(kpos_ptr, tiles, S, BLOCK_N: tl.constexpr):
+    """Per key tile of `tiles` [N]: the smallest and largest valid position (INT_MAX / -INT_MAX if none)."""
+    cols = tiles[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    kp = tl.load(kpos_ptr + cols, mask=cols < S, other=-1)
+    return tl.min(tl.where(kp >= 0, kp, INT_MAX), 1), tl.max(tl.where(kp >= 0, kp, -INT_MAX), 1)
+
+
+@triton.jit
+def _tile_ranges_kernel(
+    qpos_ptr, kpos_ptr, q_ranges_ptr, k_ranges_ptr, T, S, G, window, n_q, n_k, stride_qb, stride_kb,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+):  # fmt: skip
+    """Programs [0, n_q) write each query tile's [first, last) key tiles, programs [n_q, n_q + n_k)
+    each key tile's [first, last) query tiles; CHUNK tiles of the other side are examined at a time."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    qpos_ptr += b * stride_qb
+    kpos_ptr += b * stride_kb
+    lane = tl.arange(0, CHUNK)
+    if pid < n_q:
+        q_last, q_oldest = _query_tiles(qpos_ptr, pid + 0 * lane, T, G, window, BLOCK_M)  # CHUNK equal copies
+        first, last = n_k, n_k * 0
+        for start in range(0, n_k, CHUNK):
+            j = start + lane
+            k_min, k_max = _key_tiles(kpos_ptr, j, S, BLOCK_N)
+            meet = (k_min <= q_last) & (k_max > q_oldest) & (j < n_k)
+            first = tl.minimum(first, tl.min(tl.where(meet, j, n_k), 0))
+            last = tl.maximum(last, tl.max(tl.where(meet, j + 1, 0), 0))
+        out = q_ranges_ptr + (b * n_q + pid) * 2
+    else:
+        tile = pid - n_q
+        k_min, k_max = _key_tiles(kpos_ptr, tile + 0 * lane, S, BLOCK_N)
+        first, last = n_q, n_q * 0
+        for start in range(0, n_q, CHUNK):
+            i = start + lane
+            q_last, q_oldest = _query_tiles(qpos_ptr, i, T, G, window, BLOCK_M)
+            meet = (k_min <= q_last) & (k_max > q_oldest) & (i < n_q)
+            first = tl.minimum(first, tl.min(tl.where(meet, i, n_q), 0))
+            last = tl.maximum(last, tl.max(tl.where(meet, i + 1, 0), 0))
+        out = k_ranges_ptr + (b * n_k + tile) * 2
+    tl.store(out, tl.minimum(first, last))
+    tl.store(out + 1, last)
+
+
 # --- launchers ---------------------------------------------------------------------------------------------
 
 
-def tile_ranges(q_pos, k_pos, window: int, G: int, block_m: int, block_n: int):
-    """For each (batch, query tile) the [first, last) key tiles it may see, and for each (batch, key
-    tile) the [first, last) query tiles that may see it: int32 [B, tiles, 2] each (see the header)."""
+RANGE_CHUNK = 16  # tiles of the other side one step of _tile_ranges_kernel examines
+
+
+def tile_ranges(q_pos, k_pos, window: int, G: int, block_m: int, block_n: int, keys: bool = True):
+    """For each (batch, query tile) the [first, last) key tiles it may see, and (keys=True) for each
+    (batch, key tile) the [first, last) query tiles that may see it: int32 [B, tiles, 2] each, in one
+    launch (see the header). q_pos [B, T] and k_pos [B, S] int32, last dimension contiguous."""
+    B, T = q_pos.shape
+    S = k_pos.shape[1]
+    n_q, n_k = triton.cdiv(T * G, block_m), triton.cdiv(S, block_n)
+    q_ranges = torch.empty(B, n_q, 2, dtype=torch.int32, device=q_pos.device)
+    k_ranges = torch.empty(B, n_k, 2, dtype=torch.int32, device=q_pos.device) if keys else q_ranges
+    _tile_ranges_kernel[(n_q + n_k if keys else n_q, B)](
+        q_pos, k_pos, q_ranges, k_ranges, T, S, G, window, n_q, n_k, q_pos.stride(0), k_pos.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, CHUNK=RANGE_CHUNK, num_warps=4,
+    )  # fmt: skip
+    return q_ranges, k_ranges if keys else None
+
+
+def tile_ranges_reference(q_pos, k_pos, window: int, G: int, block_m: int, block_n: int):
+    """tile_ranges in torch operations (about 35 of them): the definition the kernel is tested against."""
+
+
     B, T = q_pos.shape
     S = k_pos.shape[1]
     big = 1 << 40
@@ -351,7 +429,7 @@ def attention_fwd(q, k, v, sinks, q_pos, k_pos, window):
     B, T, K, G, Dh = q.shape
     S = k.shape[1]
     bm, bn, warps, stages = CONFIGS["fwd"][_path(q.dtype)]
-    ranges, _ = tile_ranges(q_pos, k_pos, window, G, bm, bn)
+    ranges, _ = tile_ranges(q_pos, k_pos, window, G, bm, bn, keys=False)
     out = torch.empty(B, T, K, G, Dh, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, K, T * G, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(T * G, bm), B * K)

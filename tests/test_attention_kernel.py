@@ -139,7 +139,7 @@ def test_tile_ranges_cover_every_visible_pair(window, tiles):
     G = 3
     q_pos = torch.stack((_ragged(1, 30, [7])[0], torch.arange(30) + 20))
     k_pos = torch.stack((torch.cat((torch.full((20,), -1), _ragged(1, 30, [7])[0])), torch.cat((_ring(20, 19), torch.arange(20, 50)))))
-    qk, kq = kernel.tile_ranges(q_pos, k_pos, kernel.NO_WINDOW if window is None else window, G, bm, bn)
+    qk, kq = kernel.tile_ranges(q_pos.int(), k_pos.int(), kernel.NO_WINDOW if window is None else window, G, bm, bn)
     rows = q_pos.repeat_interleave(G, dim=1)  # [B, T * G]
     oldest = -1 if window is None else (rows - window).clamp(min=-1)
     visible = (k_pos[:, None, :] > torch.as_tensor(oldest).unsqueeze(-1)) & (k_pos[:, None, :] <= rows.unsqueeze(-1))
@@ -151,6 +151,29 @@ def test_tile_ranges_cover_every_visible_pair(window, tiles):
         assert first <= r // bm < last, (b, r, j, first, last)
     # and they skip: a causal row never visits key tiles entirely in its future
     assert (qk[1, 0, 1] * bn) <= 20 + 30 + bn
+
+
+@pytest.mark.parametrize("window", [1, 5, 40, None])
+@pytest.mark.parametrize("tiles,G", [((32, 16), 3), ((16, 32), 1), ((64, 64), 8), ((16, 16), 2)])
+def test_tile_ranges_kernel_equals_the_torch_definition(window, tiles, G):
+    # one launch instead of ~35 torch operations; it must agree exactly, on ragged and padded batches,
+    # a ring cache, a batch row with no valid query or key at all, and more tiles than one chunk
+    bm, bn = tiles
+    T, S = 37, 300
+    q_pos = torch.stack((
+        _ragged(1, T, [5])[0], torch.arange(T) + S - T, torch.full((T,), -1), torch.arange(T) * 7,
+    )).int()  # fmt: skip
+    k_pos = torch.stack((
+        torch.cat((torch.full((S - 40,), -1), _ragged(1, 40, [5])[0])), torch.arange(S), _ring(S, 123), torch.full((S,), -1),
+    )).int()  # fmt: skip
+    w = kernel.NO_WINDOW if window is None else window
+    want = kernel.tile_ranges_reference(q_pos, k_pos, w, G, bm, bn)
+    got = kernel.tile_ranges(q_pos, k_pos, w, G, bm, bn)
+    assert got[0].dtype == torch.int32 and got[0].shape == want[0].shape and got[1].shape == want[1].shape
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert (want[0][..., 1] > 0).any() and (want[0][2] == 0).all()  # some tiles meet; the empty row meets none
+    q_only, none = kernel.tile_ranges(q_pos, k_pos, w, G, bm, bn, keys=False)
+    assert none is None and torch.equal(q_only, want[0])
 
 
 BAD = [
