@@ -80,10 +80,12 @@ def run_ours(folder, config, backend, prompt_len, new_tokens, device, repeats, f
         load_s = time.perf_counter() - start
         gen = torch.Generator().manual_seed(0)
         prompt = torch.randint(0, 199_000, (8, prompt_len), generator=gen).tolist()
-        # warm-up at the timed shapes (batch 1 and 8, the full prompt): the kernels' autotuning and
-        # compilation happen here, never inside a timed prefill or decode
+        # warm-up at exactly the timed shapes (batch 1 and 8, the full prompt, the same number of new
+        # tokens: the cache length is a launch argument Triton specialises on, so a different one compiles
+        # new kernel variants, 1.5 s of a 16-token prefill on an H100): autotuning and compilation
+        # happen here, never inside a timed prefill or decode
         for batch in (prompt[:1], prompt):
-            generate(model, batch, max_new_tokens=2, temperature=0.0, stop_tokens=())
+            generate(model, batch, max_new_tokens=new_tokens, temperature=0.0, stop_tokens=())
 
         def run(batch):
             stats = {}
