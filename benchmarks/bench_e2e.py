@@ -80,12 +80,12 @@ def run_ours(folder, config, backend, prompt_len, new_tokens, device, repeats, f
         load_s = time.perf_counter() - start
         gen = torch.Generator().manual_seed(0)
         prompt = torch.randint(0, 199_000, (8, prompt_len), generator=gen).tolist()
-        # warm-up at exactly the timed shapes (batch 1 and 8, the full prompt, the same number of new
-        # tokens: the cache length is a launch argument Triton specialises on, so a different one compiles
-        # new kernel variants, 1.5 s of a 16-token prefill on an H100): autotuning and compilation
-        # happen here, never inside a timed prefill or decode
-        for batch in (prompt[:1], prompt):
-            generate(model, batch, max_new_tokens=new_tokens, temperature=0.0, stop_tokens=())
+        # on a GPU, warm-up at exactly the timed shapes (batch 1 and 8, the full prompt, the same number
+        # of new tokens: the cache length is a launch argument Triton specialises on, so a different one
+        # compiles new kernel variants, 1.5 s of a 16-token prefill on an H100): autotuning and
+        # compilation happen here, never inside a timed prefill or decode. The CPU compiles nothing.
+        for batch in (prompt[:1], prompt) if device == "cuda" else (prompt[:1],):
+            generate(model, batch, max_new_tokens=new_tokens if device == "cuda" else 2, temperature=0.0, stop_tokens=())
 
         def run(batch):
             stats = {}
@@ -162,6 +162,10 @@ def main() -> None:
         "--quick", action="store_true", help="tiny config only, short prompts (about a minute on 2 cores)"
     )
     parser.add_argument("--configs", default=None, help="comma-separated presets (default: tiny,mid,gpt-oss-20b)")
+    parser.add_argument("--impls", default=None, help="comma-separated implementations to run (default: all of this device's)")
+    parser.add_argument("--prompt-tokens", type=int, default=None, metavar="N",
+                        help="prompt length for every config (default: 64 for tiny and mid, 16 for gpt-oss-20b; "
+                        "a chat's Harmony system prompt is about 100)")  # fmt: skip
     args = parser.parse_args()
 
     gpu = torch.cuda.is_available()
@@ -172,6 +176,10 @@ def main() -> None:
         shape["gpt-oss-20b"] = (16, 64)
     if args.quick:
         shape = {n: (32, 8) for n in names}
+    if args.prompt_tokens is not None:
+        if not 1 <= args.prompt_tokens <= 100_000:
+            parser.error(f"--prompt-tokens must be between 1 and 100000, got {args.prompt_tokens}")
+        shape = {n: (args.prompt_tokens, shape.get(n, (32, 8))[1]) for n in names}
     rows = []
     for name in names:
         config = get_preset(name)
@@ -187,6 +195,8 @@ def main() -> None:
             impls["gptoss-triton"] = lambda: run_ours(folder, config, "triton", prompt_len, new_tokens, device, repeats)
         impls["transformers"] = lambda: run_transformers(folder, config, prompt_len, new_tokens, device, repeats)
         for impl, fn in impls.items():
+            if args.impls and impl not in args.impls.split(","):
+                continue
             print(f"{name}: {impl} ...", flush=True)
             try:
                 result = fn()
@@ -244,8 +254,15 @@ def main() -> None:
         f"decode tok/s, batch 1, {device}",
         logx=False,
     )
-    keys = ("impl", "config", "prefill_tok_s", "decode_tok_s", "load_s", "peak_rss_gb")
-    print(json.dumps({"bench": "e2e", "results": [{k: r.get(k) for k in keys} for r in rows]}))
+    keys = ("impl", "config", "prompt_tokens", "prefill_tok_s", "decode_tok_s", "load_s", "peak_rss_gb")
+    results = []
+    for r in rows:
+        result = {k: r.get(k) for k in keys}
+        if "decode_tok_s" in r:  # the decode bound of this config at this run's bandwidth, beside the rate
+            result["bandwidth_gb_s"] = bw
+            result["bound_tok_s"] = bw * 1e9 / bytes_per_token(get_preset(r["config"]))
+        results.append(result)
+    print(json.dumps({"bench": "e2e", "results": results}))
 
 
 if __name__ == "__main__":

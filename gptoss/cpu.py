@@ -8,14 +8,20 @@ calling oneDNN with the blocked weight. In bf16 the model's outputs stay bitwise
 reference path (tested; in fp32, F.linear uses MKL instead, so they agree to rounding). On a 2-core
 CPU the few-row matmuls of decoding got 1.4x-2x faster (benchmarks/bench_e2e.py has the totals).
 
+MXFP4 experts that stay MXFP4 (a model larger than half the free memory when dense, as gpt-oss-20b
+in 24 GB) become MXFP4Experts: the native C kernels of gptoss.native read the packed codes directly
+(a few rows per expert, as in decoding) or decode each used expert once into a reused buffer for a
+bf16 matmul (many rows, as in prefill). Their outputs equal the reference's within fp32 summation
+order and one rounding (tested).
+
 A prepacked model is for inference on the CPU only: the packed weights are opaque oneDNN tensors
-(no autograd, no state_dict, no .to(device)). Modules wrapped by a LoRA adapter and MXFP4 experts
-(decoded per use) are left as they are.
+(no autograd, no state_dict, no .to(device)). Modules wrapped by a LoRA adapter are left as they are.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gptoss.model import Experts, GptOss
@@ -100,9 +106,51 @@ class PackedExperts(_InferenceOnly):
         return out.view(len(runs) * width, -1)[slots]
 
 
-def prepack(model: GptOss) -> GptOss:
+# Up to this many rows per expert, the native kernel reads the MXFP4 weight directly for every row
+# block (decoding in registers); above it, the weight is decoded once into a reused buffer and the
+# rows go through one bf16 matmul (prefill), whose rate then bounds the forward.
+FUSED_ROWS = 16
+
+
+class MXFP4Experts(_InferenceOnly):
+    """MXFP4 experts on the native CPU kernels (gptoss.native), with the interface experts_forward
+    uses: the packed codes and scales are the model's own tensors (no copy)."""
+
+    quantized = True
+    has_lora = False
+
+    def __init__(self, experts: Experts):
+        super().__init__()
+        self.gate_up_proj_bias = experts.gate_up_proj_bias.detach()
+        self.down_proj_bias = experts.down_proj_bias.detach()
+        matrices = ("gate_up_proj", "down_proj")
+        self.codes = {which: (getattr(experts, which + "_blocks"), getattr(experts, which + "_scales")) for which in matrices}
+        self.buffers: dict[str, torch.Tensor] = {}  # one decoded matrix per kind, reused (prefill)
+
+    def linear(self, which: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        from gptoss import native
+
+        blocks, scales = self.codes[which]
+        bias = getattr(self, which + "_bias")[e]
+        if x.shape[0] <= FUSED_ROWS or x.dtype not in (torch.bfloat16, torch.float32):
+            return native.linear(x, blocks[e], scales[e], bias)
+        shape = (scales.shape[1], scales.shape[2] * 32)
+        buffer = self.buffers.get(which)
+        if buffer is None or buffer.dtype != x.dtype:
+            buffer = self.buffers[which] = torch.empty(shape, dtype=x.dtype)
+        return F.linear(x, native.dequantize(blocks[e], scales[e], x.dtype, out=buffer), bias)
+
+    def grouped_linear(self, which: str, x: torch.Tensor, runs: list[tuple[int, int, int]]) -> torch.Tensor:
+        return Experts.grouped_linear(self, which, x, runs)
+
+
+def prepack(model: GptOss, linears: bool = True) -> GptOss:
     """Prepack `model`'s weights for CPU inference, in place (module by module, so the peak memory
-    is the model plus one layer's experts); returns it."""
+    is the model plus one layer's experts); returns it. MXFP4 experts go to the native kernels
+    (gptoss.native) when they are built, and stay as they are, with a note on stderr, when not.
+    `linears=False` leaves the other weights as they are (no copy)."""
+    from gptoss import native
+
     if not available():
         raise RuntimeError("this PyTorch build has no oneDNN (mkldnn) support: run without prepacking")
     if model.device.type != "cpu":
@@ -113,12 +161,17 @@ def prepack(model: GptOss) -> GptOss:
         if isinstance(parent, nn.Linear):  # a LoRA wrapper: its own factors stay trainable-shaped and plain
             continue
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:  # exactly nn.Linear: LoRA wrappers and packed modules are skipped
+            if type(child) is nn.Linear and linears:  # exactly nn.Linear: LoRA wrappers and packed modules are skipped
                 setattr(parent, name, PackedLinear(child))
             elif isinstance(child, Experts) and not child.quantized and not child.has_lora:
                 setattr(parent, name, PackedExperts(child))
+            elif isinstance(child, Experts) and child.quantized and not child.has_lora and model.dtype != torch.float16:
+                if native.available():
+                    setattr(parent, name, MXFP4Experts(child))
+                else:
+                    native.tell_once()
     model.set_backend("torch")
     return model
 
 
-__all__ = ["PackedExperts", "PackedLinear", "available", "pack_weight", "packed_linear", "prepack"]
+__all__ = ["MXFP4Experts", "PackedExperts", "PackedLinear", "available", "pack_weight", "packed_linear", "prepack"]

@@ -122,8 +122,8 @@ def load_model(
     on a CPU when the model fits, as in Hugging Face's Mxfp4Config(dequantize=True); torch backend);
     "auto" does so when that takes at most half of the memory now available.
     `prepack=True` readies the weights for CPU inference (gptoss.cpu: same outputs, faster, no training);
-    "auto" does so on a CPU with oneDNN when the experts are dense (when they stay MXFP4 because memory
-    is short, copying the other weights, 2.4 GB for gpt-oss-20b, buys too little: 8% faster decoding).
+    "auto" does so on a CPU with oneDNN when the experts are dense; when they stay MXFP4 (memory is
+    short) it moves them to the native MXFP4 kernels (gptoss.native) and leaves the other weights.
     Returns the model in eval mode, gradients off.
     """
     if dtype not in (torch.bfloat16, torch.float32, torch.float16):
@@ -156,12 +156,16 @@ def load_model(
         load_adapter(model, adapter)
     if prepack == "auto":
         from gptoss.cpu import available
+        from gptoss.cpu import prepack as prepack_weights
 
-        dense = not any(layer.mlp.experts.quantized for layer in model.model.layers)
-        prepack = device.type == "cpu" and available() and dense
+        if device.type == "cpu" and available():
+            # dense experts: everything prepacked; MXFP4 experts: those on the native kernels, the rest
+            # left in place (copying it, 2.4 GB for gpt-oss-20b, would cost memory the model needs)
+            dense = not any(layer.mlp.experts.quantized for layer in model.model.layers)
+            prepack_weights(model, linears=dense)
     elif prepack not in (True, False):
         raise ValueError(f"prepack must be True, False or 'auto', got {prepack!r}")
-    if prepack:
+    elif prepack:
         from gptoss.cpu import prepack as prepack_weights
 
         prepack_weights(model)

@@ -47,3 +47,11 @@ def test_fa2_baseline_is_attention_without_sinks_in_the_kernel_layout():
     got = bench_attention._fa2(q, k, v)
     assert got.shape == q.shape
     assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "100001", "abc", ""])
+def test_e2e_prompt_tokens_refuses_nonsense(value):
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "bench_e2e.py"), "--prompt-tokens", value], capture_output=True, text=True
+    )
+    assert done.returncode == 2 and "--prompt-tokens" in done.stderr

@@ -1,0 +1,192 @@
+"""MXFP4 kernels for the CPU in C (gptoss/csrc/mxfp4_cpu.c), built at first use with the system's C
+compiler and called through ctypes: no Python headers, no build step at install, about a second to
+compile. The library is cached under the gptoss cache folder, keyed by the source, the compiler and
+this CPU's instruction sets (it is built with -march=native).
+
+Without a compiler (or with GPTOSS_NATIVE=0) nothing breaks: `available()` is False, the CPU fast
+path stays off and says so once on stderr, and MXFP4 experts are decoded with torch operations.
+
+    linear(x, blocks, scales, bias)   x [n, in] @ W^T + bias, W read as MXFP4 (fp32 sums)
+    dequantize(blocks, scales, dtype) W in bf16 or fp32, bit for bit gptoss.mxfp4.dequantize
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "mxfp4_cpu.c"
+_reason: str | None = None  # why the kernels are off, once known
+_told = False
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compile(cc: str, out: Path) -> str | None:
+    """Build the library at `out`; None on success, else the compiler's first error line."""
+    base = [cc, "-O3", "-march=native", "-std=c11", "-shared", "-fPIC", str(SOURCE), "-lm"]
+    error = ""
+    for extra in (["-fopenmp"], []):  # without OpenMP the kernels run on one core
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            built = Path(tmp) / out.name
+            try:
+                done = subprocess.run([*base, *extra, "-o", str(built)], capture_output=True, text=True, timeout=120)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                return f"{cc} did not run ({e})"
+            if done.returncode == 0:
+                os.replace(built, out)  # whole or not at all: a concurrent build never reads half a file
+                return None
+            lines = [ln for ln in done.stderr.splitlines() if "error" in ln] or done.stderr.splitlines() or [""]
+            error = lines[0].strip()
+    return f"{cc} failed: {error}"
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    global _reason
+    if os.environ.get("GPTOSS_NATIVE", "1") == "0":
+        _reason = "GPTOSS_NATIVE=0"
+        return None
+    cc = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    if cc is None or shutil.which(cc) is None:
+        _reason = f"no C compiler found ({'CC=' + cc if cc else 'cc, gcc and clang are not on PATH'})"
+        return None
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired) as e:
+        _reason = f"the C compiler {cc} does not run ({e})"
+        return None
+    from gptoss.config import cache_dir
+
+    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + _cpu_flags().encode()).hexdigest()[:16]
+    folder = cache_dir() / "native"
+    path = folder / f"libgptoss_mxfp4_{key}.so"
+    if not path.exists():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            _reason = f"cannot write {folder} ({e.strerror})"
+            return None
+        _reason = _compile(cc, path)
+        if _reason is not None:
+            return None
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        _reason = f"could not load {path} ({e})"
+        return None
+    i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.gptoss_mxfp4_linear.argtypes = [ptr, i32, i64, i64, ptr, ptr, ptr, i64, ptr, i32]
+    lib.gptoss_mxfp4_linear.restype = i32
+    lib.gptoss_mxfp4_dequant.argtypes = [ptr, ptr, i64, i64, ptr, i32, i32]
+    lib.gptoss_mxfp4_dequant.restype = None
+    lib.gptoss_mxfp4_simd.restype = i32
+    lib.gptoss_mxfp4_bf16_dot.restype = i32
+    return lib
+
+
+def available() -> bool:
+    """Whether the native kernels are built and loaded (building them on first call)."""
+    return _library() is not None
+
+
+def reason() -> str | None:
+    """Why the native kernels are off (None when they are on)."""
+    _library()
+    return _reason
+
+
+def tell_once() -> None:
+    """Say on stderr, once per process, that the CPU fast path for MXFP4 is off and why."""
+    global _told
+    if not _told and not available():
+        _told = True
+        print(f"gptoss: the native MXFP4 CPU kernels are off ({reason()}): MXFP4 experts are decoded "
+              "with torch operations on every use, several times slower", file=sys.stderr)  # fmt: skip
+
+
+def simd() -> int:
+    """The vector width the library was built for: 512 (AVX-512) or 0 (portable C)."""
+    lib = _library()
+    return 0 if lib is None else lib.gptoss_mxfp4_simd()
+
+
+def bf16_dot() -> bool:
+    """Whether bf16 inputs take the AVX512-BF16 pair products (vdpbf16ps) rather than fp32 FMAs."""
+    lib = _library()
+    return lib is not None and bool(lib.gptoss_mxfp4_bf16_dot())
+
+
+def _check(blocks: torch.Tensor, scales: torch.Tensor) -> None:
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
+        raise TypeError(f"MXFP4 blocks and scales must be uint8, got {blocks.dtype} and {scales.dtype}")
+    if blocks.dim() != 3 or blocks.shape[-1] != 16 or blocks.shape[:-1] != scales.shape:
+        raise ValueError(f"expected blocks [rows, G, 16] and scales [rows, G], got {tuple(blocks.shape)} and {tuple(scales.shape)}")
+    if blocks.device.type != "cpu" or scales.device.type != "cpu":
+        raise ValueError("the native MXFP4 kernels run on the CPU")
+
+
+def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[rows, G, 16] codes + [rows, G] scales -> [rows, 32 G] in bf16 or fp32 (into `out` when given)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"the native MXFP4 kernels are off: {_reason}")
+    _check(blocks, scales)
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise TypeError(f"native dequantization makes bf16 or fp32, not {dtype}")
+    rows, groups = scales.shape
+    if out is None:
+        out = torch.empty(rows, groups * 32, dtype=dtype)
+    elif out.shape != (rows, groups * 32) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous [{rows}, {groups * 32}] {dtype} tensor")
+    blocks, scales = blocks.contiguous(), scales.contiguous()
+    lib.gptoss_mxfp4_dequant(blocks.data_ptr(), scales.data_ptr(), rows, groups, out.data_ptr(), int(dtype == torch.bfloat16), torch.get_num_threads())
+    return out
+
+
+def linear(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, dequantize(blocks, scales), bias) without the dense weight: x [n, in] bf16 or fp32
+    -> [n, out] in x's dtype, products and sums in fp32 (the order of the sums differs from a BLAS
+    matmul's: equal to it within fp32 rounding, then one rounding to x's dtype)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"the native MXFP4 kernels are off: {_reason}")
+    _check(blocks, scales)
+    out_features, groups = scales.shape
+    if x.dim() != 2 or x.shape[1] != groups * 32:
+        raise ValueError(f"expected x [n, {groups * 32}], got {tuple(x.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float32) or x.device.type != "cpu":
+        raise TypeError(f"x must be a bf16 or fp32 CPU tensor, got {x.dtype} on {x.device}")
+    if bias is not None and (bias.shape != (out_features,) or bias.dtype != x.dtype):
+        raise ValueError(f"bias must be [{out_features}] {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    x, blocks, scales = x.contiguous(), blocks.contiguous(), scales.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    y = torch.empty(x.shape[0], out_features, dtype=x.dtype)
+    status = lib.gptoss_mxfp4_linear(
+        x.data_ptr(), int(x.dtype == torch.bfloat16), x.shape[0], x.shape[1], blocks.data_ptr(), scales.data_ptr(),
+        None if bias is None else bias.data_ptr(), out_features, y.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    if status != 0:
+        raise MemoryError(f"the native MXFP4 linear could not allocate {2 * x.numel() * 4} bytes of scratch memory")
+    return y
+
+
+__all__ = ["available", "dequantize", "linear", "reason", "simd", "tell_once"]

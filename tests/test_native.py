@@ -1,0 +1,142 @@
+"""The native MXFP4 CPU kernels (gptoss/native.py, gptoss/csrc/mxfp4_cpu.c) against the torch
+reference: dequantization bit for bit; the fused product within the rounding its fp32 sums allow;
+a model on them against the same model on the reference path; and what happens without a compiler."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gptoss import mxfp4, native
+from tests.conftest import small_config
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels off: {native.reason()}")
+
+
+def _codes(rows, groups, seed=0, lo=0, hi=255):
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(0, 256, (rows, groups, 16), generator=g, dtype=torch.uint8)
+    scales = torch.randint(lo, hi, (rows, groups), generator=g, dtype=torch.uint8)
+    return blocks, scales
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dequantize_is_bitwise_the_reference(dtype):
+    # every code and every finite scale (0 .. 254, subnormal results included)
+    blocks, scales = _codes(300, 7, lo=0, hi=255)
+    want = mxfp4.dequantize(blocks, scales, dtype)
+    got = native.dequantize(blocks, scales, dtype)
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    assert torch.equal(got.view(bits), want.view(bits))
+    out = torch.empty_like(want)
+    assert native.dequantize(blocks, scales, dtype, out=out) is out and torch.equal(out.view(bits), want.view(bits))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 17])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_linear_equals_dequantize_then_matmul(rows, dtype):
+    # W decoded in registers, never stored; sums in fp32 in an order of the kernel's own. Against the
+    # fp32 product: fp32 summation error (bounded by 1e-5 of sum |x| |w| for 2880 terms) and, in bf16,
+    # one final rounding (2^-8 of the value).
+    out_features, groups = 72, 90  # in = 2880, the gpt-oss width
+    blocks, scales = _codes(out_features, groups, seed=rows, lo=118, hi=125)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(rows, groups * 32, generator=g).to(dtype)
+    bias = torch.randn(out_features, generator=g).to(dtype)
+    w = mxfp4.dequantize(blocks, scales, torch.float32)
+    want = F.linear(x.float(), w, bias.float())
+    scale = F.linear(x.float().abs(), w.abs()) + bias.float().abs()
+    for b in (bias, None):
+        got = native.linear(x, blocks, scales, b).float()
+        ref = want if b is not None else want - bias.float()
+        tol = 1e-5 * scale + (2**-8 * ref.abs() if dtype == torch.bfloat16 else 0)
+        assert got.shape == (rows, out_features)
+        assert ((got - ref).abs() <= tol).all()
+
+
+def test_linear_refuses_what_it_cannot_read():
+    blocks, scales = _codes(8, 2)
+    x = torch.randn(1, 64)
+    with pytest.raises(ValueError, match="expected x"):
+        native.linear(torch.randn(1, 63), blocks, scales)
+    with pytest.raises(TypeError, match="bf16 or fp32"):
+        native.linear(x.half(), blocks, scales)
+    with pytest.raises(TypeError, match="uint8"):
+        native.linear(x, blocks.int(), scales)
+    with pytest.raises(ValueError, match="blocks"):
+        native.linear(x, blocks[:, :1], scales)
+    with pytest.raises(ValueError, match="bias"):
+        native.linear(x, blocks, scales, torch.zeros(7))
+    with pytest.raises(ValueError, match="contiguous"):
+        native.dequantize(blocks, scales, out=torch.empty(8, 63))
+
+
+def _models(tmp_path, dtype):
+    from gptoss import load_model
+    from gptoss.synthetic import write_checkpoint
+
+    folder = write_checkpoint(tmp_path / "ckpt", small_config(hidden_size=64, intermediate_size=96), "hf-mxfp4", seed=3)
+    reference = load_model(folder, dtype=dtype, dequantize=False, prepack=False)
+    fast = load_model(folder, dtype=dtype, dequantize=False, prepack="auto")
+    return reference, fast
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+def test_model_on_the_native_kernels_matches_the_reference_path(tmp_path, dtype, tol, monkeypatch):
+    from gptoss.cpu import MXFP4Experts
+
+    calls = {"linear": 0, "dequantize": 0}
+
+    def counting(name, f):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return f(*args, **kwargs)
+
+        return counted
+
+    for name in calls:
+        monkeypatch.setattr(native, name, counting(name, getattr(native, name)))
+
+    reference, fast = _models(tmp_path, dtype)
+    assert all(isinstance(layer.mlp.experts, MXFP4Experts) for layer in fast.model.layers)
+    assert not any(isinstance(layer.mlp.experts, MXFP4Experts) for layer in reference.model.layers)
+    g = torch.Generator().manual_seed(0)
+    # 2 x 3 tokens: a few rows per expert, the fused kernel; 2 x 40: decoded once, then one matmul (bitwise)
+    for tokens, fused in ((3, True), (40, False)):
+        ids = torch.randint(0, 300, (2, tokens), generator=g)
+        before = dict(calls)
+        with torch.no_grad():
+            want, got = reference(ids).float(), fast(ids).float()
+        difference = (got - want).abs().max()
+        if fused:  # fp32: summation order only; bf16: a different rounding early on is carried through
+            assert calls["linear"] > before["linear"] and calls["dequantize"] == before["dequantize"]
+            assert difference <= tol * want.abs().max()  # the layers: within 5% of the largest logit
+        else:
+            assert calls["dequantize"] > before["dequantize"] and difference == 0
+
+
+def test_without_a_compiler_the_model_still_runs_and_says_why_once(tmp_path):
+    # a fresh cache (no library built yet) and CC pointing at nothing: the fast path is off, once, named
+    code = (
+        "import torch\n"
+        "from gptoss import load_model\n"
+        "from gptoss.synthetic import write_checkpoint\n"
+        "from tests.conftest import small_config\n"
+        f"folder = write_checkpoint({str(tmp_path / 'c')!r}, small_config(), 'hf-mxfp4', seed=1)\n"
+        "for _ in range(2):\n"
+        "    model = load_model(folder, dequantize=False, prepack='auto')\n"
+        "    print(float(model(torch.tensor([[1, 2, 3]])).float().abs().sum()))\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for env, why in ((dict(CC="/nonexistent/cc"), "no C compiler found"), (dict(GPTOSS_NATIVE="0"), "GPTOSS_NATIVE=0")):
+        run = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+            env=dict(os.environ, GPTOSS_CACHE=str(tmp_path / f"cache-{len(why)}"), **env),
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        assert run.stderr.count("native MXFP4 CPU kernels are off") == 1 and why in run.stderr, run.stderr
+        sums = [float(v) for v in run.stdout.split()]
+        assert len(sums) == 2 and sums[0] == sums[1] and sums[0] > 0
