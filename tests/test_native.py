@@ -104,8 +104,8 @@ def test_model_on_the_native_kernels_matches_the_reference_path(tmp_path, dtype,
     assert all(isinstance(layer.mlp.experts, MXFP4Experts) for layer in fast.model.layers)
     assert not any(isinstance(layer.mlp.experts, MXFP4Experts) for layer in reference.model.layers)
     g = torch.Generator().manual_seed(0)
-    # 2 x 3 tokens: a few rows per expert, the fused kernel; 2 x 40: decoded once, then one matmul (bitwise)
-    for tokens, fused in ((3, True), (40, False)):
+    # 2 x 3 tokens: a few rows per expert, the fused kernel; 2 x 100: decoded once, then one matmul (bitwise)
+    for tokens, fused in ((3, True), (100, False)):
         ids = torch.randint(0, 300, (2, tokens), generator=g)
         before = dict(calls)
         with torch.no_grad():
