@@ -104,18 +104,19 @@ def test_model_on_the_native_kernels_matches_the_reference_path(tmp_path, dtype,
     assert all(isinstance(layer.mlp.experts, MXFP4Experts) for layer in fast.model.layers)
     assert not any(isinstance(layer.mlp.experts, MXFP4Experts) for layer in reference.model.layers)
     g = torch.Generator().manual_seed(0)
-    # 2 x 3 tokens: a few rows per expert, the fused kernel; 2 x 100: decoded once, then one matmul (bitwise)
+    # 2 x 3 tokens: a few rows per expert, the fused kernel; 2 x 100: some decoded once, then one matmul
     for tokens, fused in ((3, True), (100, False)):
         ids = torch.randint(0, 300, (2, tokens), generator=g)
         before = dict(calls)
         with torch.no_grad():
             want, got = reference(ids).float(), fast(ids).float()
         difference = (got - want).abs().max()
-        if fused:  # fp32: summation order only; bf16: a different rounding early on is carried through
+        if fused:
             assert calls["linear"] > before["linear"] and calls["dequantize"] == before["dequantize"]
-            assert difference <= tol * want.abs().max()  # the layers: within 5% of the largest logit
-        else:
-            assert calls["dequantize"] > before["dequantize"] and difference == 0
+        else:  # the busiest experts take the decode-once path (the others still the fused kernel)
+            assert calls["dequantize"] > before["dequantize"]
+        # fp32: summation order only; bf16: a different rounding early on is carried through the layers
+        assert difference <= tol * want.abs().max()  # within 5% of the largest logit
 
 
 def test_without_a_compiler_the_model_still_runs_and_says_why_once(tmp_path):
