@@ -75,7 +75,9 @@ def run_ours(folder, config, backend, prompt_len, new_tokens, device, repeats, f
         start = time.perf_counter()
         options = dict(dequantize="auto", prepack="auto") if fast_cpu else {}
         model = load_model(folder, device=device, backend=backend, **options)
-        experts = "dense bf16" if not model.model.layers[0].mlp.experts.quantized else "MXFP4, decoded per use"
+        kind = type(model.model.layers[0].mlp.experts).__name__
+        experts = ("dense bf16" if not model.model.layers[0].mlp.experts.quantized
+                   else "MXFP4, native CPU kernels" if kind == "MXFP4Experts" else "MXFP4, decoded per use")  # fmt: skip
         packed = isinstance(model.lm_head, PackedLinear)
         load_s = time.perf_counter() - start
         gen = torch.Generator().manual_seed(0)
