@@ -145,11 +145,37 @@ class MXFP4Experts(_InferenceOnly):
         return Experts.grouped_linear(self, which, x, runs)
 
 
+# Up to this many rows, DirectLinear reads its bf16 weight in place with the native kernel; above, F.linear.
+DIRECT_ROWS = 4
+
+
+class DirectLinear(_InferenceOnly):
+    """A bf16 nn.Linear whose few-row products (decoding) go to gptoss.native.bf16_linear, which reads
+    the weight as stored (memory-mapped, never copied) instead of having oneDNN reorder it per call;
+    more rows (prefill) take F.linear. For models whose experts stay MXFP4, where copying the other
+    weights into oneDNN's layout (2.4 GB for gpt-oss-20b) would cost memory the model needs."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight.detach()
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from gptoss import native
+
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[0] > DIRECT_ROWS or x.dtype != torch.bfloat16:
+            return F.linear(x, self.weight, self.bias)
+        return native.bf16_linear(rows, self.weight, self.bias).view(*x.shape[:-1], self.out_features)
+
+
 def prepack(model: GptOss, linears: bool = True) -> GptOss:
     """Prepack `model`'s weights for CPU inference, in place (module by module, so the peak memory
     is the model plus one layer's experts); returns it. MXFP4 experts go to the native kernels
     (gptoss.native) when they are built, and stay as they are, with a note on stderr, when not.
-    `linears=False` leaves the other weights as they are (no copy)."""
+    `linears=False` leaves the other weights where they are (no copy): in bf16, with the native bf16
+    product built for this CPU, they become DirectLinear."""
     from gptoss import native
 
     if not available():
@@ -158,12 +184,15 @@ def prepack(model: GptOss, linears: bool = True) -> GptOss:
         raise ValueError(f"prepacking is for models on the CPU; this one is on {model.device}")
     if model.dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"prepacking supports bf16 and fp32 models, this one is {model.dtype}")
+    direct = not linears and model.dtype == torch.bfloat16 and native.bf16_dot()
     for parent in list(model.modules()):
         if isinstance(parent, nn.Linear):  # a LoRA wrapper: its own factors stay trainable-shaped and plain
             continue
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and linears:  # exactly nn.Linear: LoRA wrappers and packed modules are skipped
                 setattr(parent, name, PackedLinear(child))
+            elif type(child) is nn.Linear and direct and child.in_features % 32 == 0:
+                setattr(parent, name, DirectLinear(child))
             elif isinstance(child, Experts) and not child.quantized and not child.has_lora:
                 setattr(parent, name, PackedExperts(child))
             elif isinstance(child, Experts) and child.quantized and not child.has_lora and model.dtype != torch.float16:
@@ -175,4 +204,4 @@ def prepack(model: GptOss, linears: bool = True) -> GptOss:
     return model
 
 
-__all__ = ["MXFP4Experts", "PackedExperts", "PackedLinear", "available", "pack_weight", "packed_linear", "prepack"]
+__all__ = ["DirectLinear", "MXFP4Experts", "PackedExperts", "PackedLinear", "available", "pack_weight", "packed_linear", "prepack"]

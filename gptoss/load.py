@@ -123,7 +123,8 @@ def load_model(
     "auto" does so when that takes at most half of the memory now available.
     `prepack=True` readies the weights for CPU inference (gptoss.cpu: same outputs, faster, no training);
     "auto" does so on a CPU with oneDNN when the experts are dense; when they stay MXFP4 (memory is
-    short) it moves them to the native MXFP4 kernels (gptoss.native) and leaves the other weights.
+    short) it moves them to the native MXFP4 kernels (gptoss.native) and reads the other bf16 weights
+    in place (gptoss.cpu.DirectLinear), copying nothing.
     Returns the model in eval mode, gradients off.
     """
     if dtype not in (torch.bfloat16, torch.float32, torch.float16):
@@ -160,7 +161,7 @@ def load_model(
 
         if device.type == "cpu" and available():
             # dense experts: everything prepacked; MXFP4 experts: those on the native kernels, the rest
-            # left in place (copying it, 2.4 GB for gpt-oss-20b, would cost memory the model needs)
+            # read in place (copying it, 2.4 GB for gpt-oss-20b, would cost memory the model needs)
             dense = not any(layer.mlp.experts.quantized for layer in model.model.layers)
             prepack_weights(model, linears=dense)
     elif prepack not in (True, False):

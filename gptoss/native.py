@@ -100,6 +100,8 @@ def _library() -> ctypes.CDLL | None:
     lib.gptoss_mxfp4_dequant.restype = None
     lib.gptoss_mxfp4_simd.restype = i32
     lib.gptoss_mxfp4_bf16_dot.restype = i32
+    lib.gptoss_bf16_linear.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i32]
+    lib.gptoss_bf16_linear.restype = i32
     return lib
 
 
@@ -189,4 +191,28 @@ def linear(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: to
     return y
 
 
-__all__ = ["available", "dequantize", "linear", "reason", "simd", "tell_once"]
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for bf16 x [n, in] and a plain bf16 weight [out, in] read in place (in a multiple of
+    32; this build must have bf16_dot()): fp32 sums, one rounding; for few rows, where a BLAS call
+    first reorders the whole weight."""
+    lib = _library()
+    if lib is None or not bf16_dot():
+        raise RuntimeError(f"the native bf16 product is not available here: {_reason or 'no AVX512-BF16'}")
+    out_features, in_features = weight.shape
+    if x.dim() != 2 or x.shape[1] != in_features or in_features % 32:
+        raise ValueError(f"expected x [n, {in_features}] with {in_features} a multiple of 32, got {tuple(x.shape)}")
+    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.device.type != "cpu":
+        raise TypeError(f"x and weight must be bf16 CPU tensors, got {x.dtype} and {weight.dtype} on {x.device}")
+    if bias is not None and (bias.shape != (out_features,) or bias.dtype != torch.bfloat16):
+        raise ValueError(f"bias must be [{out_features}] bf16, got {tuple(bias.shape)} {bias.dtype}")
+    x, weight = x.contiguous(), weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    y = torch.empty(x.shape[0], out_features, dtype=torch.bfloat16)
+    lib.gptoss_bf16_linear(
+        x.data_ptr(), x.shape[0], in_features, weight.data_ptr(), None if bias is None else bias.data_ptr(),
+        out_features, y.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return y
+
+
+__all__ = ["bf16_linear", "bf16_dot", "available", "dequantize", "linear", "reason", "simd", "tell_once"]

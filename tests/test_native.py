@@ -57,6 +57,25 @@ def test_linear_equals_dequantize_then_matmul(rows, dtype):
         assert ((got - ref).abs() <= tol).all()
 
 
+@pytest.mark.skipif(not native.bf16_dot(), reason="this CPU has no AVX512-BF16")
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7])
+def test_bf16_linear_reads_a_plain_weight_in_place(rows):
+    # fp32 sums of exact bf16 products in the kernel's own order, one rounding: against the fp32
+    # product, 1e-5 of sum |x| |w| plus 2^-8 of the value; in = 2880 + 32 (not a multiple of 64)
+    g = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, 2912, generator=g).bfloat16(), torch.randn(70, 2912, generator=g).bfloat16()
+    bias = torch.randn(70, generator=g).bfloat16()
+    for b in (bias, None):
+        want = F.linear(x.float(), w.float(), None if b is None else b.float())
+        got = native.bf16_linear(x, w, b).float()
+        tol = 1e-5 * (F.linear(x.float().abs(), w.float().abs()) + bias.float().abs()) + 2**-8 * want.abs()
+        assert ((got - want).abs() <= tol).all()
+    with pytest.raises(ValueError, match="multiple of 32"):
+        native.bf16_linear(x[:, :100], w[:, :100])
+    with pytest.raises(TypeError, match="bf16"):
+        native.bf16_linear(x.float(), w)
+
+
 def test_linear_refuses_what_it_cannot_read():
     blocks, scales = _codes(8, 2)
     x = torch.randn(1, 64)
@@ -102,6 +121,11 @@ def test_model_on_the_native_kernels_matches_the_reference_path(tmp_path, dtype,
 
     reference, fast = _models(tmp_path, dtype)
     assert all(isinstance(layer.mlp.experts, MXFP4Experts) for layer in fast.model.layers)
+    if dtype == torch.bfloat16 and native.bf16_dot():  # the other weights read in place, never copied
+        from gptoss.cpu import DirectLinear
+
+        assert isinstance(fast.lm_head, DirectLinear) and fast.lm_head.weight is not None
+        assert isinstance(fast.model.layers[0].self_attn.q_proj, DirectLinear)
     assert not any(isinstance(layer.mlp.experts, MXFP4Experts) for layer in reference.model.layers)
     g = torch.Generator().manual_seed(0)
     # 2 x 3 tokens: a few rows per expert, the fused kernel; 2 x 100: some decoded once, then one matmul

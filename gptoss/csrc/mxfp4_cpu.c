@@ -170,6 +170,60 @@ int gptoss_mxfp4_bf16_dot(void) {
 #endif
 }
 
+#ifdef HAVE_BF16_DOT
+/* A plain bf16 weight [out, in] (in a multiple of 32) against up to R bf16 rows, read as stored: for
+   the few-row products of decoding, where a BLAS first reorders the whole weight on every call. */
+#define ROW_KERNEL_DENSE(R, U)                                                                              \
+    static inline void row_kernel_dense_##R(const uint16_t *w, int64_t in, const uint16_t *x, float *sums) { \
+        __m512 acc[R * U];                                                                                \
+        for (int a = 0; a < R * U; a++) acc[a] = _mm512_setzero_ps();                                     \
+        for (int64_t k0 = 0; k0 < in; k0 += 32 * U) {                                                     \
+            for (int u = 0; u < U && k0 + 32 * u < in; u++) {                                             \
+                const int64_t k = k0 + 32 * u;                                                            \
+                const __m512bh wk = (__m512bh)_mm512_loadu_si512(w + k);                                   \
+                for (int r = 0; r < R; r++)                                                               \
+                    acc[r * U + u] = _mm512_dpbf16_ps(acc[r * U + u], wk, (__m512bh)_mm512_loadu_si512(x + r * in + k)); \
+            }                                                                                             \
+        }                                                                                                 \
+        for (int r = 0; r < R; r++) {                                                                     \
+            __m512 t = acc[r * U];                                                                        \
+            for (int u = 1; u < U; u++) t = _mm512_add_ps(t, acc[r * U + u]);                              \
+            sums[r] = _mm512_reduce_add_ps(t);                                                            \
+        }                                                                                                 \
+    }
+ROW_KERNEL_DENSE(1, 4)
+ROW_KERNEL_DENSE(2, 2)
+ROW_KERNEL_DENSE(4, 1)
+#endif
+
+/* y [n, out] = x [n, in] w^T (+ bias), all bf16, fp32 sums; -1 where this build has no bf16 dot
+   product (the caller then uses torch) or in is not a multiple of 32. */
+int gptoss_bf16_linear(const uint16_t *x, int64_t n, int64_t in, const uint16_t *w, const uint16_t *bias,
+                       int64_t out, uint16_t *y, int threads) {
+#ifdef HAVE_BF16_DOT
+    if (in % 32 != 0) return -1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t o = 0; o < out; o++) {
+        const uint16_t *wo = w + o * in;
+        const float add = bias == NULL ? 0.0f : bf16_to_f32(bias[o]);
+        float sums[4];
+        for (int64_t r0 = 0; r0 < n;) {
+            const int64_t left = n - r0;
+            const int R = left >= 4 ? 4 : left >= 2 ? 2 : 1;
+            if (R == 4) row_kernel_dense_4(wo, in, x + r0 * in, sums);
+            else if (R == 2) row_kernel_dense_2(wo, in, x + r0 * in, sums);
+            else row_kernel_dense_1(wo, in, x + r0 * in, sums);
+            for (int r = 0; r < R; r++) y[(r0 + r) * out + o] = f32_to_bf16(sums[r] + add);
+            r0 += R;
+        }
+    }
+    return 0;
+#else
+    (void)x; (void)n; (void)in; (void)w; (void)bias; (void)out; (void)y; (void)threads;
+    return -1;
+#endif
+}
+
 /* x [n, in] and bias [out] (NULL: none) in bf16 (x_bf16 = 1) or fp32; y [n, out] in the same dtype.
    Returns 0, or -1 when the scratch memory could not be allocated. */
 int gptoss_mxfp4_linear(const void *x, int x_bf16, int64_t n, int64_t in, const uint8_t *blocks,
