@@ -188,6 +188,9 @@ def main() -> None:
         shape["gpt-oss-20b"] = (16, 64)
     if args.quick:
         shape = {n: (32, 8) for n in names}
+    known = {"gptoss-torch", "gptoss-triton", "gptoss-cpu", "transformers"}
+    if args.impls is not None and (not args.impls or not set(args.impls.split(",")) <= known):
+        parser.error(f"--impls takes a comma-separated list from {', '.join(sorted(known))}, got {args.impls!r}")
     if args.prompt_tokens is not None:
         if not 1 <= args.prompt_tokens <= 100_000:
             parser.error(f"--prompt-tokens must be between 1 and 100000, got {args.prompt_tokens}")

@@ -55,3 +55,9 @@ def test_e2e_prompt_tokens_refuses_nonsense(value):
         [sys.executable, str(BENCH / "bench_e2e.py"), "--prompt-tokens", value], capture_output=True, text=True
     )
     assert done.returncode == 2 and "--prompt-tokens" in done.stderr
+
+
+@pytest.mark.parametrize("value", ["", "gptoss-gpu", "gptoss-cpu,"])
+def test_e2e_impls_refuses_unknown_names(value):
+    done = subprocess.run([sys.executable, str(BENCH / "bench_e2e.py"), "--impls", value], capture_output=True, text=True)
+    assert done.returncode == 2 and "--impls" in done.stderr
