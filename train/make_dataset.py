@@ -143,10 +143,9 @@ def generate(n_train: int = 600, n_heldout: int = 84, seed: int = 0) -> tuple[li
 
 
 ANSWER_IN = "Answer in {name}."
-THINK_IN = "Think in {name}."
 
 
-def base_rows(n: int = 1200, seed: int = 1, grounding: float = 0.5, think: float = 0.0) -> list[dict]:
+def base_rows(n: int = 1200, seed: int = 1, grounding: float = 0.5) -> list[dict]:
     """What the demo pre-trains a random tiny base on, mirroring what gpt-oss knew before the fine-tune:
     the tasks and the Harmony format, reasoning in any of the seven languages (Portuguese and Dutch
     included), and what each language's *name* means, learnt from users who ask to be answered in a
@@ -160,11 +159,7 @@ def base_rows(n: int = 1200, seed: int = 1, grounding: float = 0.5, think: float
     for _ in range(n):
         user_lang, reasoning = rng.choice(USER_LANGUAGES), rng.choice(languages)
         named = rng.choice(languages) if rng.random() < grounding else None
-        asked = think > 0 and rng.random() < think  # the user asks for the reasoning's language in words
         row = make_row(rng, user_lang, reasoning, final_lang=named)
-        if asked:
-            row["user"] += " " + THINK_IN.format(name=reasoning)
-            row["messages"][1]["content"] = row["user"]
         if named is not None:  # the answer names its language too: the name is copied from the request
             row["user"] += " " + ANSWER_IN.format(name=named)
             row["final"] = CAPTION.format(language=named) + row["final"]
