@@ -18,12 +18,12 @@ import argparse
 import json
 
 import torch
-from gptoss.train.lora import apply_lora
 from gptoss.train.loss import linear_cross_entropy
 from gptoss.train.memory import GiB, training_peak
 from results import RESULTS_DIR, PeakRSS, machine, record, table
 
 from gptoss import load_model
+from gptoss.adapter import apply_lora
 from gptoss.config import get_preset
 from gptoss.synthetic import cached_checkpoint
 

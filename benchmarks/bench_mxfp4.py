@@ -39,9 +39,9 @@ def main() -> None:
         shapes = shapes[:2]
     providers = {"torch-reference": mxfp4.dequantize}
     if gpu:
-        from gptoss.kernels.mxfp4 import mxfp4_dequant
+        from gptoss.kernels.mxfp4 import mxfp4_dequant_fwd
 
-        providers["triton"] = mxfp4_dequant
+        providers["triton"] = mxfp4_dequant_fwd
     rows = []
     for name, E, R, C in shapes:
         blocks = torch.randint(0, 256, (E, R, C // 32, 16), dtype=torch.uint8, device=device)

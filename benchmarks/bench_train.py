@@ -29,12 +29,12 @@ from pathlib import Path
 
 import torch
 from gptoss.train.data import collate, load_dataset
-from gptoss.train.lora import apply_lora, default_expert_layers
 from gptoss.train.loss import linear_cross_entropy
 from gptoss.train.trainer import sum_loss
 from results import PeakRSS, machine, record, table
 
 from gptoss import get_preset, load_model
+from gptoss.adapter import apply_lora, default_expert_layers
 from gptoss.synthetic import cached_checkpoint
 
 DATA = Path(__file__).resolve().parents[1] / "train" / "data" / "multilingual_reasoning_train.jsonl"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from gptoss.adapter import load_adapter
 from gptoss.checkpoint import INDEX_FILE, CheckpointError, canonical_from_disk, open_checkpoint
 from gptoss.config import ModelConfig
 from gptoss.model import GptOss, RotaryEmbedding
@@ -117,7 +118,7 @@ def load_model(
 
     Experts stay MXFP4 (uint8, memory-mapped) and are decoded per use; other weights are cast to
     `dtype` (no copy when it is the file's bf16); RMSNorm gains are kept in fp32. `adapter` is a
-    PEFT-format LoRA folder (see gptoss.train.lora). `dequantize=True` decodes the experts once at
+    PEFT-format LoRA folder (see gptoss.adapter). `dequantize=True` decodes the experts once at
     load and keeps them dense in `dtype` instead (3.8x their MXFP4 memory in bf16; the faster choice
     on a CPU when the model fits, as in Hugging Face's Mxfp4Config(dequantize=True); torch backend);
     "auto" does so when that takes at most half of the memory now available.
@@ -152,8 +153,6 @@ def load_model(
     if dequantize:
         model.dequantize_experts()
     if adapter is not None:
-        from gptoss.train.lora import load_adapter
-
         load_adapter(model, adapter)
     if prepack == "auto":
         from gptoss.cpu import available

@@ -218,7 +218,7 @@ class Experts(nn.Module):
 
     def lora(self, which: str, e: int, x: torch.Tensor) -> torch.Tensor | float:
         """The low-rank update s * (x A_e^T) B_e^T of expert e's `which` ("gate_up_proj" or "down_proj"),
-        0 without an adapter. gptoss.train.lora attaches A [E*r, in] and B [out, E*r] in PEFT's layout:
+        0 without an adapter. gptoss.adapter attaches A [E*r, in] and B [out, E*r] in PEFT's layout:
         A_e = rows e*r .. e*r+r-1 of A, B_e = columns e, E+e, 2E+e, ... of B. Never builds the full delta."""
         A = getattr(self, which + "_lora_A", None)
         if A is None:

@@ -167,7 +167,3 @@ def mxfp4_dequant_fwd(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.d
     )
     return out
 
-
-def mxfp4_dequant(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Functional entry (weights are frozen, so there is no backward)."""
-    return mxfp4_dequant_fwd(blocks, scales, dtype)

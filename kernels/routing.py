@@ -5,8 +5,7 @@ Kernels (all on the device, no host synchronisation: their outputs size nothing 
                              then a softmax over the k picked values. Reference: gptoss.model.route.
   _expert_counts_kernel      grid (E,): tokens routed to expert e (counts[e]).
   _expert_sort_kernel        grid (E,): program e writes the pair indices p = t*k + slot routed to e, in
-                             increasing p (a stable sort), to sorted_pairs[offsets[e] : offsets[e] + counts[e]],
-                             and inverse[p] = the sorted row of p.
+                             increasing p (a stable sort), to sorted_pairs[offsets[e] : offsets[e] + counts[e]].
 """
 
 from __future__ import annotations
@@ -61,7 +60,6 @@ def _expert_sort_kernel(
     ids_ptr,  # [P] int32 expert of each pair
     counts_ptr,  # [E] int32
     sorted_pairs_ptr,  # [P] int32 out: pair index at each sorted row
-    inverse_ptr,  # [P] int32 out: sorted row of each pair
     P,
     E,
     BLOCK_P: tl.constexpr,
@@ -76,7 +74,6 @@ def _expert_sort_kernel(
         mine = (tl.load(ids_ptr + p, mask=p < P, other=-1) == expert).to(tl.int32)
         rank = row + tl.cumsum(mine, axis=0) - 1
         tl.store(sorted_pairs_ptr + rank, p.to(tl.int32), mask=mine != 0)
-        tl.store(inverse_ptr + p, rank, mask=mine != 0)
         row += tl.sum(mine, axis=0)
 
 
@@ -89,7 +86,6 @@ class Routing:
     counts: torch.Tensor  # [E] int32 pairs per expert
     offsets: torch.Tensor  # [E] int32 first sorted row of each expert
     sorted_pairs: torch.Tensor  # [P = T*K] int32: pair (t*K + slot) at each sorted row
-    inverse: torch.Tensor  # [P] int32: sorted row of each pair
     top_k: int
 
 
@@ -109,12 +105,11 @@ def topk_softmax_fwd(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
 
 
 def sort_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, ...]:
-    """Launcher: ids [T, K] -> (counts [E], offsets [E], sorted_pairs [P], inverse [P]), all int32."""
+    """Launcher: ids [T, K] -> (counts [E], offsets [E], sorted_pairs [P]), all int32."""
     flat = ids.reshape(-1).to(torch.int32).contiguous()
     P, device = flat.numel(), ids.device
     counts = torch.zeros(num_experts, dtype=torch.int32, device=device)
     sorted_pairs = torch.empty(P, dtype=torch.int32, device=device)
-    inverse = torch.empty(P, dtype=torch.int32, device=device)
     if P:
         BLOCK_P = min(1024, triton.next_power_of_2(P))
         _expert_counts_kernel[(num_experts,)](flat, counts, P, BLOCK_P=BLOCK_P)
@@ -122,18 +117,17 @@ def sort_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, .
             flat,
             counts,
             sorted_pairs,
-            inverse,
             P,
             num_experts,
             BLOCK_P=BLOCK_P,
             BLOCK_E=triton.next_power_of_2(num_experts),
         )
     offsets = torch.cumsum(counts, 0, dtype=torch.int32) - counts
-    return counts, offsets, sorted_pairs, inverse
+    return counts, offsets, sorted_pairs
 
 
 def route(logits: torch.Tensor, k: int) -> Routing:
     """Functional entry: top-k routing of router logits [T, E] and the by-expert grouping."""
     weights, ids = topk_softmax_fwd(logits, k)
-    counts, offsets, sorted_pairs, inverse = sort_by_expert(ids, logits.shape[1])
-    return Routing(weights, ids, counts, offsets, sorted_pairs, inverse, k)
+    counts, offsets, sorted_pairs = sort_by_expert(ids, logits.shape[1])
+    return Routing(weights, ids, counts, offsets, sorted_pairs, k)

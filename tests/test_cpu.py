@@ -56,7 +56,7 @@ def test_prepacked_model_is_inference_only(checkpoint):
 
 
 def test_lora_wrapped_modules_are_left_alone(checkpoint):
-    from gptoss.train.lora import apply_lora
+    from gptoss.adapter import apply_lora
 
     model = load_model(checkpoint, dequantize=True)
     apply_lora(model, r=4, alpha=8, expert_layers=[1])

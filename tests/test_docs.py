@@ -29,3 +29,20 @@ def test_readme_starts_with_the_two_commands():
     commands = [line.split("#")[0].strip() for line in block.splitlines() if line.split("#")[0].strip()]
     assert commands == ["make demo", "make test"]
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_every_path_the_docs_name_exists():
+    # a path into the repository written in the README or docs/ (`gptoss/...`, `kernels/...`, ...)
+    # names a file or folder that is there; a bare `name.py` is a file somewhere in the repository
+    tops = ("gptoss/", "kernels/", "train/", "tests/", "benchmarks/", "docs/", ".ci/")
+    files = {p.name for p in ROOT.rglob("*.py") if ".venv" not in p.parts}
+    missing = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for token in re.findall(r"`([^`\s]+)`", doc.read_text()):
+            path = token.split("::")[0].rstrip(".,:")
+            if path.startswith(tops):
+                if not (ROOT / path.split(" ")[0]).exists():
+                    missing.append(f"{doc.name}: {token}")
+            elif re.fullmatch(r"[a-z_]+\.py", path) and path not in files:
+                missing.append(f"{doc.name}: {token}")
+    assert not missing, missing

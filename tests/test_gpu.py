@@ -27,11 +27,11 @@ def _experts(config):
 
 
 def test_dequant_kernel_exact_at_20b_shape():
-    from gptoss.kernels.mxfp4 import mxfp4_dequant
+    from gptoss.kernels.mxfp4 import mxfp4_dequant_fwd
 
     blocks = torch.randint(0, 256, (4, 5760, 90, 16), dtype=torch.uint8, device="cuda")
     scales = torch.randint(100, 140, (4, 5760, 90), dtype=torch.uint8, device="cuda")
-    assert torch.equal(mxfp4_dequant(blocks, scales), mxfp4.dequantize(blocks, scales))
+    assert torch.equal(mxfp4_dequant_fwd(blocks, scales), mxfp4.dequantize(blocks, scales))
 
 
 @pytest.mark.parametrize("tokens", [1, 64, 1024])  # decode, small prefill, large prefill (tiles of every size)
@@ -122,10 +122,10 @@ def test_lora_step_on_cuda_matches_the_cpu(cuda_checkpoint):
     # layers): the loss and every adapter's gradient in bf16 on the GPU (Triton kernels) against fp32 on
     # the CPU, held to the error bf16 itself makes there (the CPU's torch path in bf16; about 9% in norm
     # on these random weights). Gradients, not updated weights: AdamW's first step is lr * sign(g).
-    from gptoss.train.lora import apply_lora
     from gptoss.train.loss import linear_cross_entropy
 
     from gptoss import load_model
+    from gptoss.adapter import apply_lora
 
     ids = torch.randint(0, 1000, (2, 97), generator=torch.Generator().manual_seed(0))
     runs = []

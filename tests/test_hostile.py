@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 import torch
 from gptoss.train import trainer as trainer_module
-from gptoss.train.lora import apply_lora, save_adapter
 from gptoss.train.trainer import Trainer, read_checkpoint_header
 from safetensors.torch import load_file, save_file
 
+from gptoss.adapter import apply_lora, save_adapter
 from gptoss.cli import main
 from gptoss.load import load_model
 from gptoss.synthetic import write_checkpoint

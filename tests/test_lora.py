@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
-from gptoss.train.lora import apply_lora, default_expert_layers, merge_lora, save_adapter
 
 from gptoss import load_model
+from gptoss.adapter import apply_lora, default_expert_layers, merge_lora, save_adapter
 from gptoss.synthetic import write_checkpoint
 from tests.conftest import small_config
 from tests.hf_oracle import build_hf_model, canonical_tensors

@@ -1,10 +1,10 @@
 """The trainer's memory model (gptoss.train.memory) against the real modules' sizes."""
 
 import torch
-from gptoss.train.lora import apply_lora
 from gptoss.train.memory import GiB, lora_numbers, training_peak, weight_bytes
 
 from gptoss import get_preset
+from gptoss.adapter import apply_lora
 from gptoss.model import GptOss
 from tests.conftest import small_config
 

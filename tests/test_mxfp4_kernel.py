@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from gptoss.kernels.mxfp4 import mxfp4_dequant
+from gptoss.kernels.mxfp4 import mxfp4_dequant_fwd
 
 from gptoss import mxfp4
 
@@ -15,7 +15,7 @@ def test_all_256_bytes_under_several_scales(dtype):
     # Scale byte 2 is the smallest that keeps 0.5 x 2^(s-127) a normal number: Triton's interpreter
     # flushes subnormals to zero when it casts fp32 to bf16 (real checkpoints never come close).
     scales = torch.tensor([2, 100, 126, 127, 128, 150], dtype=torch.uint8).view(6, 1).expand(6, 16).contiguous()
-    assert torch.equal(mxfp4_dequant(blocks, scales, dtype), mxfp4.dequantize(blocks, scales, dtype))
+    assert torch.equal(mxfp4_dequant_fwd(blocks, scales, dtype), mxfp4.dequantize(blocks, scales, dtype))
 
 
 @pytest.mark.parametrize(
@@ -30,16 +30,16 @@ def test_all_256_bytes_under_several_scales(dtype):
 def test_awkward_shapes(shape, dtype):
     blocks = torch.randint(0, 256, (*shape, 16), dtype=torch.uint8)
     scales = torch.randint(110, 140, shape, dtype=torch.uint8)
-    out = mxfp4_dequant(blocks, scales, dtype)
+    out = mxfp4_dequant_fwd(blocks, scales, dtype)
     assert out.shape == (*shape[:-1], shape[-1] * 32)
     assert torch.equal(out, mxfp4.dequantize(blocks, scales, dtype))
 
 
 def test_bad_inputs():
     with pytest.raises(TypeError, match="uint8"):
-        mxfp4_dequant(torch.zeros(1, 1, 16), torch.zeros(1, 1, dtype=torch.uint8))
+        mxfp4_dequant_fwd(torch.zeros(1, 1, 16), torch.zeros(1, 1, dtype=torch.uint8))
     with pytest.raises(ValueError, match="should be scales"):
-        mxfp4_dequant(torch.zeros(1, 2, 16, dtype=torch.uint8), torch.zeros(1, 3, dtype=torch.uint8))
+        mxfp4_dequant_fwd(torch.zeros(1, 2, 16, dtype=torch.uint8), torch.zeros(1, 3, dtype=torch.uint8))
 
 
 def _run_e2m1_program(program, word: int) -> dict[str, int]:
@@ -114,4 +114,4 @@ def test_e8m0_extremes_match_the_reference(scale):
     # interpreter's bf16 handling of subnormals does not enter
     blocks = torch.full((1, 1, 16), 0x21, dtype=torch.uint8)  # codes 1 (0.5) and 2 (1.0)
     scales = torch.full((1, 1), scale, dtype=torch.uint8)
-    assert torch.equal(mxfp4_dequant(blocks, scales, torch.float32), mxfp4.dequantize(blocks, scales, torch.float32))
+    assert torch.equal(mxfp4_dequant_fwd(blocks, scales, torch.float32), mxfp4.dequantize(blocks, scales, torch.float32))

@@ -28,7 +28,6 @@ def test_topk_softmax_and_sort(T, E, k):
     assert int(r.counts.sum()) == P and torch.equal(r.counts.long(), torch.bincount(flat, minlength=E))
     assert torch.equal(r.offsets.long(), torch.cumsum(r.counts.long(), 0) - r.counts.long())
     assert torch.equal(r.sorted_pairs.long(), torch.argsort(flat, stable=True))  # stable sort by expert
-    assert torch.equal(r.inverse.long()[r.sorted_pairs.long()], torch.arange(P))  # the inverse permutation
 
 
 def test_experts_without_tokens():

@@ -23,8 +23,7 @@ kernel keeps the pre-activation h [T*k, 2I] and the fp32 expert outputs [T*k, D]
 
 from __future__ import annotations
 
-from gptoss.train.lora import default_expert_layers
-
+from gptoss.adapter import default_expert_layers
 from gptoss.config import ModelConfig
 
 GiB = 1 << 30
