@@ -259,16 +259,6 @@ class ModelConfig:
         table = self.param_table()
         return sum(r[1] for r in table), sum(r[2] for r in table)
 
-    def yarn_correction_range(self) -> tuple[float, float]:
-        """NTK-by-parts boundaries (fractional, never rounded) in units of rotary pair index."""
-
-        def dim_for(rotations: float) -> float:
-            ctx = self.initial_context_length
-            return self.head_dim * math.log(ctx / (rotations * 2 * math.pi)) / (2 * math.log(self.rope_theta))
-
-        low, high = dim_for(self.rope_ntk_beta), dim_for(self.rope_ntk_alpha)
-        return max(low, 0.0), min(high, self.head_dim - 1.0)
-
 
 # the smallest value of each integer field; 0 where zero is a real choice (token ids)
 _INT_FIELDS = {

@@ -308,3 +308,17 @@ def generate(
             graph_setup_s=setup[0] if setup else 0.0,
         )
     return out
+
+
+def speed_line(stats: dict) -> str:
+    """One line of prefill and decode speed from the `stats` generate() fills in."""
+
+    def rate(n, s):
+        return f"{n / s:.1f} tok/s" if s > 0 else "n/a"
+
+    return (
+        f"prefill: {stats['prefill_tokens']} tokens in {stats['prefill_s']:.2f} s "
+        f"({rate(stats['prefill_tokens'], stats['prefill_s'])}); "
+        f"decode: {stats['decode_tokens']} tokens in {stats['decode_s']:.2f} s "
+        f"({rate(stats['decode_tokens'], stats['decode_s'])})"
+    )

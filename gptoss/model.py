@@ -43,6 +43,19 @@ class RMSNorm(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+def yarn_correction_range(config: ModelConfig) -> tuple[float, float]:
+    """NTK-by-parts boundaries (fractional, never rounded) in units of rotary pair index: pairs that
+    turn more than rope_ntk_beta times over the original context keep their frequency, those turning
+    fewer than rope_ntk_alpha times are interpolated, the ones between blend."""
+
+    def dim_for(rotations: float) -> float:
+        ctx = config.initial_context_length
+        return config.head_dim * math.log(ctx / (rotations * 2 * math.pi)) / (2 * math.log(config.rope_theta))
+
+    low, high = dim_for(config.rope_ntk_beta), dim_for(config.rope_ntk_alpha)
+    return max(low, 0.0), min(high, config.head_dim - 1.0)
+
+
 def yarn_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
     """Inverse frequency of each rotary pair j = 0 .. Dh/2-1, and the concentration factor.
 
@@ -57,7 +70,7 @@ def yarn_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
     if factor <= 1.0:
         return extrapolation.float(), 1.0
     interpolation = 1.0 / (factor * base_freq)
-    low, high = config.yarn_correction_range()
+    low, high = yarn_correction_range(config)
     if high == low:
         high += 1e-3
     ramp = ((torch.arange(half, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)

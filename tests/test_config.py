@@ -62,7 +62,9 @@ def test_default_layer_pattern_even_layers_slide():
 
 
 def test_yarn_correction_range_is_not_rounded():
-    low, high = get_preset("gpt-oss-20b").yarn_correction_range()
+    from gptoss.model import yarn_correction_range
+
+    low, high = yarn_correction_range(get_preset("gpt-oss-20b"))
     assert low == pytest.approx(8.092779115512402, abs=1e-12)
     assert high == pytest.approx(17.39802450158856, abs=1e-12)
 

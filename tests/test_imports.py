@@ -3,14 +3,14 @@ never imports the trainer, and no module imports itself back through others.
 
 Floors, bottom up: gptoss.errors, gptoss.config, gptoss.mxfp4 ... gptoss.model, gptoss.adapter,
 gptoss.load (the core, with the Triton kernels in gptoss.kernels); gptoss.train (the trainer, on the
-core); gptoss.cli and gptoss.__main__ (the commands and the demo, on both)."""
+core); gptoss.cli, gptoss.__main__ and gptoss.demo (the commands and the demo, on both)."""
 
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"gptoss": ROOT / "gptoss", "gptoss.kernels": ROOT / "kernels", "gptoss.train": ROOT / "train"}
-ON_TOP = {"gptoss.cli", "gptoss.__main__"}  # may import the trainer: they sit on top of core and trainer
+ON_TOP = {"gptoss.cli", "gptoss.__main__", "gptoss.demo"}  # may import the trainer: they sit on top of both
 
 
 def modules() -> dict[str, Path]:

@@ -1,0 +1,153 @@
+"""`gptoss demo`: the whole project on a tiny model a laptop trains in minutes.
+
+1-3: a random tiny checkpoint in the Hugging Face MXFP4 layout, loaded, one forward pass, greedy
+generation from a Harmony prompt with the KV cache. 4-6 (unless --no-train): a base pre-trained from
+scratch on the tasks, the Harmony format and what each language's name means (cached by recipe), a
+LoRA fine-tune that teaches "reasoning language: X" on five languages, and the before/after report on
+the held-out prompts of all seven (gptoss.train.report). It sits on top of the core and the trainer,
+as the command line does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from gptoss.config import cache_dir
+from gptoss.errors import check_int
+from gptoss.generate import speed_line
+
+
+def run(args: argparse.Namespace) -> int:
+    """`gptoss demo`: the tiny model end to end (see the module docstring)."""
+    import torch
+
+    from gptoss.config import format_param_table, get_preset
+    from gptoss.load import load_model
+    from gptoss.synthetic import write_checkpoint
+
+    check_int("--tokens", args.tokens, 1, 4096)
+    check_int("--base-steps", args.base_steps, 1)
+    check_int("--lora-steps", args.lora_steps, 1)
+    folder = Path(args.dir) if args.dir else cache_dir() / "tiny-hf-mxfp4"
+    config = get_preset("tiny")
+    if not (folder / "config.json").exists():
+        print(f"[1/6] writing a random tiny checkpoint (HF MXFP4 layout) to {folder}")
+        write_checkpoint(folder, config, "hf-mxfp4", seed=0)
+    else:
+        print(f"[1/6] using the tiny checkpoint in {folder}")
+    start = time.perf_counter()
+    model = load_model(folder, dtype=torch.float32)
+    print(f"[2/6] loaded in {time.perf_counter() - start:.2f} s; parameters:")
+    print(format_param_table(model.config))
+    ids = torch.randint(0, 199998, (1, args.tokens), generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    with torch.no_grad():
+        logits = model(ids)
+    elapsed = time.perf_counter() - start
+    top = logits[0, -1].float().softmax(-1).topk(5)
+    print(f"[2/6] forward pass over {args.tokens} tokens: logits {list(logits.shape)} in {elapsed * 1e3:.0f} ms")
+    print(
+        "      next-token top-5 (id: prob): "
+        + ", ".join(f"{i}: {p:.2e}" for p, i in zip(top.values.tolist(), top.indices.tolist()))
+    )
+    print("      (random weights: the ids mean nothing; the point is the machinery)")
+
+    from gptoss import harmony
+    from gptoss.generate import generate
+
+    prompt = harmony.render_prompt(harmony.build_conversation([{"role": "user", "content": "What is 2 + 2?"}]))
+    stats: dict = {}
+    tokens = generate(model, [prompt], max_new_tokens=16, temperature=0.0, stats=stats)[0]
+    print(f"[3/6] greedy generation from a {len(prompt)}-token Harmony prompt with the KV cache:")
+    print(f"      {harmony.decode(tokens)!r}")
+    print(f"      {speed_line(stats)}")
+    if args.no_train:
+        return 0
+    return _demo_training(folder, args)
+
+
+def _demo_training(folder: Path, args: argparse.Namespace) -> int:
+    """Pre-train the random tiny base (cached), LoRA-train it to reason in the requested language on
+    five languages, then report before/after on all held-out prompts, two unseen languages included."""
+    import hashlib
+    import json
+
+    from gptoss.train.make_dataset import base_rows, write_jsonl
+    from gptoss.train.trainer import TrainConfig, Trainer
+
+    work = Path(args.work) if args.work else folder.parent / "demo-run"
+    work.mkdir(parents=True, exist_ok=True)
+    base = work / "base"
+    steps_base, steps_lora = (4, 3) if args.quick else (args.base_steps, args.lora_steps)
+    rows = base_rows()
+    base_cfg = dict(
+        model=str(folder), output=str(base), dataset=str(work / "base_rows.jsonl"), eval_dataset=None,
+        full_finetune=True, max_steps=steps_base, batch_size=8, grad_accum=1, lr=3e-3, report_prompts=0,
+        save_every=10**9, gradient_checkpointing=False,  # a 4-layer model: keeping activations is cheap
+    )  # fmt: skip
+    # the cache key: the pre-training data and settings (a changed recipe pre-trains again)
+    recipe = hashlib.sha256(json.dumps([rows, {k: v for k, v in base_cfg.items() if k != "model"}]).encode()).hexdigest()
+    stamp = base / "model" / "recipe.sha256"
+    if (base / "model" / "config.json").exists() and stamp.exists() and stamp.read_text().strip() == recipe:
+        print(f"[4/6] using the cached pre-trained tiny base in {base / 'model'} (same recipe; delete the folder to")
+        print("      pre-train again)")
+    else:
+        print(f"[4/6] pre-training the random tiny base for {steps_base} steps (all parameters), as gpt-oss was before")
+        print("      its fine-tune: the tasks and Harmony, reasoning in any of seven languages chosen at random, and")
+        print("      what each language's name means (captions '(Dutch) ...', users asking 'Answer in Dutch.'); never")
+        print("      the instruction 'reasoning language: X'")
+        write_jsonl(work / "base_rows.jsonl", rows)
+        Trainer(TrainConfig(**base_cfg, overwrite=True)).run()  # the demo's folder: an unfinished attempt is replaced
+        stamp.write_text(recipe + "\n")
+    lora = work / "lora"
+    print(f"[5/6] LoRA fine-tuning for {steps_lora} steps on the bundled set: 'reasoning language: X' in the developer")
+    print("      message for five languages (Portuguese and Dutch never), analysis in X, answer in the user's language")
+    trainer = Trainer(TrainConfig(
+        model=str(base / "model"), output=str(lora), max_steps=steps_lora, batch_size=8, grad_accum=1, lr=5e-3,
+        lora_r=16, lora_alpha=32, eval_every=max(1, steps_lora // 2), save_every=10**9, gradient_checkpointing=False,
+        report_prompts=7 if args.quick else 84, report_tokens=24 if args.quick else 96, overwrite=True,
+    ))  # fmt: skip
+    records = trainer.run()
+    print(f"      loss {records[0]['loss']:.3f} -> {records[-1]['loss']:.3f}; adapter, log, loss.png in {lora}")
+    report = trainer.report or {}
+    _print_demo_report(report)
+    return 0
+
+
+def _print_demo_report(report: dict) -> None:
+    from gptoss.train.report import METRICS, wilson
+
+    if not report:
+        return
+    unseen = set(report["unseen"])
+    print("[6/6] held-out prompts, per requested reasoning language (k/n, 95% interval); report.md, report.json and")
+    print(f"      report.png in {Path(report['path']).parent}")
+    names = {"in_language": "analysis in it", "final_in_user_language": "final in user's", "correct": "correct"}
+    print("      " + f"{'language':<22}" + "".join(f"{names[m] + ' before -> after':<36}" for m in METRICS))
+    for language, b in report["by_language"]["before"].items():
+        a = report["by_language"]["after"][language]
+        cells = []
+        for m in METRICS:
+            if b[m] is None:
+                cells.append(f"{'n/a':<36}")
+                continue
+            n = b["prompts"]
+            (bl, bh), (al, ah) = wilson(b[m], n), wilson(a[m], n)
+            cells.append(f"{b[m] / n:>4.0%} [{bl:.0%},{bh:.0%}] -> {a[m] / n:>4.0%} [{al:.0%},{ah:.0%}]".ljust(36))
+        label = language + (" (unseen)" if language in unseen else "")
+        print("      " + f"{label:<22}" + "".join(cells))
+    before, after = report["generations"]["before"], report["generations"]["after"]
+    for kind in ("seen", "unseen"):
+        pick = next((i for i, e in enumerate(before) if (e["reasoning_language"] in unseen) == (kind == "unseen")), None)
+        if pick is None:
+            continue
+        e = before[pick]
+        article = "an" if kind == "unseen" else "a"
+        print(f"      {article} {kind} language, reasoning requested in {e['reasoning_language']}; the user asks: {e['user']!r}")
+        for stage, g in (("before", before[pick]), ("after", after[pick])):
+            print(f"        {stage:<6} analysis [{g['analysis_language']}]: {g['analysis'][:110]!r}")
+            print(f"        {'':<6} final: {g['final'][:110]!r}")
+    print("      This shows the machinery end to end on a 4-layer model trained from scratch for minutes; it is")
+    print("      not evidence about gpt-oss-20b, whose base already reasons well and needs far fewer steps.")
