@@ -18,7 +18,7 @@ import argparse
 import json
 
 import torch
-from gptoss.train.loss import linear_cross_entropy
+from gptoss.train.loss import next_token_loss
 from gptoss.train.memory import GiB, training_peak
 from results import RESULTS_DIR, PeakRSS, machine, record, table
 
@@ -48,8 +48,7 @@ def measure(name: str, tokens: int) -> dict:
         params = apply_lora(model)  # the trainable parameters, everything else frozen
         model.gradient_checkpointing = True
         ids = torch.randint(0, model.config.vocab_size, (1, tokens))
-        hidden = model.hidden(ids)[0, :-1]
-        loss = linear_cross_entropy(hidden, model.lm_head.weight, ids[0, 1:])
+        loss, _ = next_token_loss(model, ids)  # every position a target: tokens - 1 of them
         loss.backward()
         torch.optim.AdamW(params, lr=1e-4).step()
     estimate = training_peak(model.config, tokens, attention="torch", moe="torch", dtype_bytes=4, supervised=tokens - 1)

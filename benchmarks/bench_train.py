@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 from gptoss.train.data import collate, load_dataset
-from gptoss.train.loss import linear_cross_entropy
+from gptoss.train.loss import next_token_loss
 from gptoss.train.trainer import sum_loss
 from results import PeakRSS, machine, record, table
 
@@ -83,11 +83,8 @@ def ours(folder, batch, layers, dtype, device):
                 loss, n = sum_loss(model, batch, device)
                 (loss / n).backward()
             else:  # random tokens, every position supervised: the same loss over all of them
-                ids = batch.to(device)
-                hidden = model.hidden(ids[:, :-1]).flatten(0, 1)
-                (
-                    linear_cross_entropy(hidden, model.lm_head.weight, ids[:, 1:].flatten()) / hidden.shape[0]
-                ).backward()
+                loss, n = next_token_loss(model, batch.to(device))
+                (loss / n).backward()
             opt.step()
 
         step_s = steps(step, device)

@@ -122,7 +122,7 @@ def test_lora_step_on_cuda_matches_the_cpu(cuda_checkpoint):
     # layers): the loss and every adapter's gradient in bf16 on the GPU (Triton kernels) against fp32 on
     # the CPU, held to the error bf16 itself makes there (the CPU's torch path in bf16; about 9% in norm
     # on these random weights). Gradients, not updated weights: AdamW's first step is lr * sign(g).
-    from gptoss.train.loss import linear_cross_entropy
+    from gptoss.train.loss import next_token_loss
 
     from gptoss import load_model
     from gptoss.adapter import apply_lora
@@ -137,9 +137,8 @@ def test_lora_step_on_cuda_matches_the_cpu(cuda_checkpoint):
         with torch.no_grad():  # the same non-zero factors everywhere (PEFT starts B at zero: A gets no gradient)
             for p in trainable.values():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-        x = ids.to(device)
-        hidden = model.hidden(x[:, :-1]).flatten(0, 1)
-        loss = linear_cross_entropy(hidden, model.lm_head.weight, x[:, 1:].flatten()) / hidden.shape[0]
+        loss, n = next_token_loss(model, ids.to(device))
+        loss = loss / n
         loss.backward()
         runs.append((loss.item(), {n: p.grad.float().cpu() for n, p in trainable.items()}))
     (loss32, want), (loss_cpu, cpu), (loss_gpu, gpu) = runs

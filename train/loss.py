@@ -45,3 +45,14 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Te
     if h.dim() != 2 or target.shape != h.shape[:1]:
         raise ValueError(f"need h [N, D] and target [N], got {tuple(h.shape)} and {tuple(target.shape)}")
     return LinearCrossEntropy.apply(h, weight, target)
+
+
+def next_token_loss(model, ids: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """The training objective in one place: position t predicts token t + 1; the loss is summed over
+    the targets that `mask` [B, T] marks (mask[:, t + 1] for the prediction made at t; None: all of
+    them), with the unembedding applied only there, fused with the cross-entropy. ids [B, T] ->
+    (summed loss, number of targets)."""
+    hidden = model.hidden(ids)[:, :-1]
+    target = ids[:, 1:]
+    supervised = torch.ones_like(target, dtype=torch.bool) if mask is None else mask[:, 1:].bool()
+    return linear_cross_entropy(hidden[supervised], model.lm_head.weight, target[supervised]), int(supervised.sum())

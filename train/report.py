@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -203,3 +204,38 @@ def plot_report(report: dict, png: Path, what: str) -> Path | None:
     fig.savefig(png, dpi=110)
     plt.close(fig)
     return png
+
+
+class ReportHook:
+    """The trainer's language report: generations on `prompts` held-out prompts before the first step
+    and after the last (rank 0, a fresh run with an eval set only), written as report.md, report.json
+    and report.png, and kept on the trainer as `trainer.report` for the demo to print."""
+
+    def __init__(self, prompts: int, tokens: int):
+        self.prompts, self.tokens = prompts, tokens
+        self.rows: list[dict] = []
+        self.before: dict | None = None
+
+    def before_training(self, trainer) -> None:
+        if trainer.eval_data is None or trainer.rank != 0 or trainer.cfg.resume:
+            return
+        self.rows = held_out_prompts(trainer.eval_data.rows, self.prompts)
+        self.before = language_report(trainer.model, self.rows, self.tokens)  # B = 0: the base model
+
+    def after_training(self, trainer) -> None:
+        if self.before is None:
+            return
+        before, after = self.before, language_report(trainer.model, self.rows, self.tokens)
+        seen = {e.reasoning_language for e in trainer.data.examples}
+        unseen = {r["reasoning_language"] for r in before["generations"]} - seen
+        path = write_report(trainer.out, before, after, unseen, "training" if trainer.cfg.full_finetune else "adapter")
+        trainer.report = {
+            "before": before["fraction_in_requested_language"],
+            "after": after["fraction_in_requested_language"],
+            "path": str(path),
+            "unseen": sorted(unseen),
+            "generations": {"before": before["generations"], "after": after["generations"]},
+            "by_language": {"before": before["by_language"], "after": after["by_language"]},
+        }
+        print(f"reasoning in the requested language: {trainer.report['before']:.0%} before, "
+              f"{trainer.report['after']:.0%} after ({path})", file=sys.stderr)  # fmt: skip

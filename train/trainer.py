@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from gptoss.train.data import BUNDLED_HELDOUT, BUNDLED_TRAIN, Example, collate, load_dataset
-from gptoss.train.loss import linear_cross_entropy
+from gptoss.train.loss import next_token_loss
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -147,13 +147,7 @@ def batch_order(n: int, step: int, per_step: int, seed: int) -> list[int]:
 def sum_loss(model, examples: list[Example], device) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over the supervised tokens of a batch, and their count."""
     ids, mask = collate(examples)
-    ids, mask = ids.to(device), mask.to(device)
-    hidden = model.hidden(ids)[:, :-1]  # position t predicts token t + 1
-    target = ids[:, 1:]
-    supervised = mask[:, 1:].bool()
-    # the unembedding only where the loss is taken, fused with the cross-entropy (see train/loss.py)
-    loss = linear_cross_entropy(hidden[supervised], model.lm_head.weight, target[supervised])
-    return loss, int(supervised.sum())
+    return next_token_loss(model, ids.to(device), mask.to(device))
 
 
 @torch.no_grad()
@@ -208,7 +202,13 @@ class Trainer:
         self.step = 0
         self.saved_step: int | None = None  # the step of the checkpoint on disk
         self.tracker = None
-        self.report: dict | None = None
+        self.report: dict | None = None  # set by the report hook, for the demo
+        # what runs before the first step and after the last (the language report), outside the loop
+        self.hooks: list = []
+        if cfg.report_prompts:
+            from gptoss.train.report import ReportHook
+
+            self.hooks.append(ReportHook(cfg.report_prompts, cfg.report_tokens))
         self.settings = self._settings()
         if self.resume_header is not None:
             self._check_settings(self.resume_header)
@@ -402,12 +402,8 @@ class Trainer:
                 self.tracker = None
         from tqdm import tqdm
 
-        report_rows, before = [], None
-        if cfg.report_prompts and self.eval_data is not None and self.rank == 0 and not cfg.resume:
-            from gptoss.train.report import held_out_prompts, language_report
-
-            report_rows = held_out_prompts(self.eval_data.rows, cfg.report_prompts)
-            before = language_report(self.model, report_rows, cfg.report_tokens)  # B = 0: the base model
+        for hook in self.hooks:
+            hook.before_training(self)
         bar = tqdm(total=self.total, initial=self.step, desc="train", disable=self.rank != 0, file=sys.stderr)
         records = []
         try:
@@ -446,23 +442,8 @@ class Trainer:
             else:
                 save_adapter(self.model, self.out, base_model=str(cfg.model))
             plot_losses(log_file, self.out / "loss.png")
-            if before is not None:
-                from gptoss.train.report import language_report, write_report
-
-                after = language_report(self.model, report_rows, cfg.report_tokens)
-                seen = {e.reasoning_language for e in self.data.examples}
-                unseen = {r["reasoning_language"] for r in before["generations"]} - seen
-                path = write_report(self.out, before, after, unseen, "training" if cfg.full_finetune else "adapter")
-                self.report = {
-                    "before": before["fraction_in_requested_language"],
-                    "after": after["fraction_in_requested_language"],
-                    "path": str(path),
-                    "unseen": sorted(unseen),
-                    "generations": {"before": before["generations"], "after": after["generations"]},
-                    "by_language": {"before": before["by_language"], "after": after["by_language"]},
-                }
-                print(f"reasoning in the requested language: {self.report['before']:.0%} before, "
-                      f"{self.report['after']:.0%} after ({path})", file=sys.stderr)  # fmt: skip
+            for hook in self.hooks:
+                hook.after_training(self)
             if self.tracker is not None:
                 self.tracker.finish()
         if self.world > 1:
