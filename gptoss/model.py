@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,19 @@ from torch import nn
 
 from gptoss import mxfp4
 from gptoss.config import ModelConfig
+
+
+class LayerKV(Protocol):
+    """One layer's key/value cache as attention uses it (gptoss.generate.LayerCache): takes this
+    step's keys, values and positions, returns every cached key, value and position."""
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
+class ModelKV(Protocol):
+    """The whole model's cache (gptoss.generate.KVCache): one LayerKV per layer."""
+
+    layers: Sequence[LayerKV]
 
 
 class RMSNorm(nn.Module):
@@ -149,7 +164,7 @@ class Attention(nn.Module):
         self.backend = "torch"  # "triton": the same math in gptoss.kernels.attention (tiled, scores never stored)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, cache=None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, cache: LayerKV | None = None
     ) -> torch.Tensor:
         B, T, D = x.shape
         K, G, Dh = self.num_kv_heads, self.group, self.head_dim
@@ -342,7 +357,7 @@ class DecoderLayer(nn.Module):
         self.mlp = MoE(config, quantized)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, cache=None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, cache: LayerKV | None = None
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -393,7 +408,7 @@ class GptOss(nn.Module):
         return self.set_backend("torch")
 
     def hidden(
-        self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None, check: bool = True
+        self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: ModelKV | None = None, check: bool = True
     ) -> torch.Tensor:
         """The final-normed hidden states [B, T, D] (the trainer applies lm_head to supervised positions only).
         `check=False` skips the input checks, which read the ids on the host: a CUDA graph step must not."""
@@ -417,7 +432,7 @@ class GptOss(nn.Module):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor | None = None,
-        cache=None,
+        cache: ModelKV | None = None,
         last_only: bool = False,
         check: bool = True,
     ) -> torch.Tensor:
