@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from gptoss.train import data as train_data
 from gptoss.train.data import MalformedRowError, load_dataset, render_example
 from gptoss.train.trainer import TrainConfig, Trainer, lr_at, read_checkpoint_header
+from safetensors.torch import load_file
 
 from gptoss import harmony
 from gptoss.synthetic import write_checkpoint
@@ -141,19 +142,29 @@ def test_resume_continues_exactly(base, tmp_path, monkeypatch):
 def test_torchrun_two_processes_equal_one(base, tmp_path):
     common = ["-m", "gptoss", "train", "--model", str(base), "--max-steps", "2", "--lr", "1e-2", "--eval-dataset", "",
               "--report-prompts", "0", "--lora-expert-layers", "1", "--save-every", "100"]  # fmt: skip
-    one = [sys.executable, *common, "--output", str(tmp_path / "one"), "--batch-size", "2", "--grad-accum", "2"]
-    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           *common, "--output", str(tmp_path / "two"), "--batch-size", "2", "--grad-accum", "1"]  # fmt: skip
-    for cmd in (one, two):
-        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
-    losses = {}
-    for name in ("one", "two"):
-        losses[name] = [
-            json.loads(line)["loss"] for line in (tmp_path / name / "train_log.jsonl").read_text().splitlines()
-        ]
-    assert len(losses["one"]) == len(losses["two"]) == 2
-    for a, b in zip(losses["one"], losses["two"]):
-        assert a == pytest.approx(b, rel=1e-5)  # same global batch; only the summation order differs
+    # the same global batch of 4: one process accumulating 2 x 2; two (DistributedDataParallel over gloo)
+    # of 2 each; two accumulating 2 x 1 each (DDP's no_sync on the first accumulation step)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+    runs = {
+        "one": [sys.executable, *common, "--batch-size", "2", "--grad-accum", "2"],
+        "two": [*torchrun, "29533", *common, "--batch-size", "2", "--grad-accum", "1"],
+        "two-accum": [*torchrun, "29534", *common, "--batch-size", "1", "--grad-accum", "2"],
+    }
+    losses, adapters = {}, {}
+    for name, cmd in runs.items():
+        done = subprocess.run([*cmd, "--output", str(tmp_path / name)], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        log = (tmp_path / name / "train_log.jsonl").read_text().splitlines()
+        losses[name] = [(json.loads(line)["loss"], json.loads(line)["grad_norm"]) for line in log]
+        adapters[name] = load_file(tmp_path / name / "adapter_model.safetensors")
+    for name in ("two", "two-accum"):
+        assert len(losses[name]) == len(losses["one"]) == 2
+        for a, b in zip(losses["one"], losses[name]):  # loss and gradient norm (AdamW alone would hide a
+            assert a == pytest.approx(b, rel=1e-5)  # gradient off by a constant factor); only summation order differs
+        # and the same update: every adapter tensor after two steps
+        assert adapters[name].keys() == adapters["one"].keys()
+        for key, want in adapters["one"].items():
+            assert torch.allclose(adapters[name][key], want, rtol=1e-4, atol=1e-6), (name, key)
 
 
 def test_parquet_and_hub_dataset_ids(tmp_path, monkeypatch):

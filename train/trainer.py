@@ -4,12 +4,16 @@ atomic checkpoints with exact resume, and data parallelism under torchrun.
 
 Loss: cross-entropy of the supervised (assistant) tokens, summed and divided by the number of
 supervised tokens in the whole accumulated batch, over all processes; the unembedding is applied to
-supervised positions only. The per-rank gradient sums are all-reduced, so N processes give the
-same loss and update as one process with the same global batch.
+supervised positions only. Data parallelism is PyTorch's DistributedDataParallel over the trainable
+parameters (bucketed all-reduces overlapping the backward pass; none between accumulation steps,
+`no_sync`), every collective on the training device (NCCL on GPUs, gloo on the CPU): each rank's
+loss is scaled by the world size over the global token count, so DDP's mean gives the same loss and
+update as one process with the same global batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -144,6 +148,18 @@ def batch_order(n: int, step: int, per_step: int, seed: int) -> list[int]:
     return out
 
 
+class Objective(torch.nn.Module):
+    """The summed next-token loss of `model` on (ids, mask) as a module's forward: the call
+    DistributedDataParallel wraps, so that its hooks see the parameters the backward pass reaches."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return next_token_loss(self.model, ids, mask)[0]
+
+
 def sum_loss(model, examples: list[Example], device) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over the supervised tokens of a batch, and their count."""
     ids, mask = collate(examples)
@@ -196,6 +212,14 @@ class Trainer:
         self.params = list(self.named.values())
         self.model.train()
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.objective: torch.nn.Module = Objective(self.model)
+        if self.world > 1:  # the frozen weights and buffers (MXFP4 experts) are never broadcast or reduced
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.objective = DistributedDataParallel(
+                self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,
+            )  # fmt: skip
         self.per_step = cfg.batch_size * cfg.grad_accum * self.world
         n = len(self.data.examples)
         self.total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * n / self.per_step))
@@ -324,7 +348,8 @@ class Trainer:
         indices = batch_order(len(self.data.examples), self.step, self.per_step, cfg.seed)
         mine = indices[self.rank :: self.world]  # this process's share of the global batch
         examples = [self.data.examples[i] for i in mine]
-        tokens = torch.tensor([sum(sum(e.loss_mask[1:]) for e in examples)], dtype=torch.float64)
+        # collectives on the training device: NCCL takes no CPU tensors
+        tokens = torch.tensor([sum(sum(e.loss_mask[1:]) for e in examples)], dtype=torch.float64, device=self.device)
         if self.world > 1:
             dist.all_reduce(tokens)
         total_tokens = max(1.0, tokens.item())
@@ -332,17 +357,18 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        for i in range(0, len(examples), cfg.batch_size):
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-                loss, _ = sum_loss(self.model, examples[i : i + cfg.batch_size], self.device)
-            (loss / total_tokens).backward()
-            loss_sum += loss.detach().double().cpu()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        starts = range(0, len(examples), cfg.batch_size)
+        for i in starts:
+            last = i == starts[-1]  # DDP all-reduces on the last accumulation step only
+            quiet = self.objective.no_sync() if self.world > 1 and not last else contextlib.nullcontext()
+            ids, mask = collate(examples[i : i + cfg.batch_size])
+            with quiet:
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+                    loss = self.objective(ids.to(self.device), mask.to(self.device))
+                (loss * self.world / total_tokens).backward()  # DDP averages over the ranks: this makes the sum
+            loss_sum += loss.detach().double()
         if self.world > 1:
-            for p in self.params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)
             dist.all_reduce(loss_sum)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm).item()
         loss_value = loss_sum.item() / total_tokens
