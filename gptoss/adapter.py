@@ -28,7 +28,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from gptoss import mxfp4
 from gptoss.errors import UsageError, check_float, check_int
 from gptoss.model import GptOss
 
@@ -294,27 +293,14 @@ def merge_lora(model: GptOss) -> GptOss:
             experts = layer.mlp.experts
             if not experts.has_lora:
                 continue
-            dtype = experts.gate_up_proj_bias.dtype
-            E = experts.gate_up_proj_bias.shape[0]
+            experts.dequantize_()  # dense in the compute dtype (no-op when already dense)
             for which in EXPERT_PARAMS:
-                if experts.quantized:
-                    dense = mxfp4.dequantize(
-                        getattr(experts, which + "_blocks"), getattr(experts, which + "_scales"), dtype
-                    )
-                else:
-                    dense = getattr(experts, which).detach().clone()
-                A = getattr(experts, which + "_lora_A", None)
-                if A is not None:
-                    B = getattr(experts, which + "_lora_B")
-                    r = A.shape[0] // E
-                    delta = torch.einsum("ore,eri->eoi", B.view(B.shape[0], r, E), A.view(E, r, -1))  # [E, out, in]
-                    dense = (dense.float() + experts.lora_scaling * delta).to(dtype)
-                    delattr(experts, which + "_lora_A")
-                    delattr(experts, which + "_lora_B")
-                if experts.quantized:
-                    delattr(experts, which + "_blocks")
-                    delattr(experts, which + "_scales")
-                setattr(experts, which, nn.Parameter(dense, requires_grad=False))
-            experts.quantized = False
+                if getattr(experts, which + "_lora_A", None) is None:
+                    continue
+                dense = getattr(experts, which)
+                merged = (dense.float() + experts.lora_delta(which)).to(dense.dtype)
+                setattr(experts, which, nn.Parameter(merged, requires_grad=False))
+                delattr(experts, which + "_lora_A")
+                delattr(experts, which + "_lora_B")
             layer.mlp.backend = "torch"
     return model

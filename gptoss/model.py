@@ -244,18 +244,29 @@ class Experts(nn.Module):
             or getattr(self, "down_proj_lora_A", None) is not None
         )
 
-    def lora(self, which: str, e: int, x: torch.Tensor) -> torch.Tensor | float:
-        """The low-rank update s * (x A_e^T) B_e^T of expert e's `which` ("gate_up_proj" or "down_proj"),
-        0 without an adapter. gptoss.adapter attaches A [E*r, in] and B [out, E*r] in PEFT's layout:
-        A_e = rows e*r .. e*r+r-1 of A, B_e = columns e, E+e, 2E+e, ... of B. Never builds the full delta."""
-        A = getattr(self, which + "_lora_A", None)
-        if A is None:
-            return 0.0
-        B = getattr(self, which + "_lora_B")
+    # PEFT's layout of expert adapters (its 3-D ParamWrapper), the one place it is read: gptoss.adapter
+    # attaches A [E*r, in] and B [out, E*r]; A_e = rows e*r .. e*r+r-1 of A, B_e = columns e, E+e, 2E+e, ...
+    def lora_factors(self, which: str, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e's factors of `which` ("gate_up_proj" or "down_proj"): A_e [r, in], B_e [out, r]."""
+        A, B = getattr(self, which + "_lora_A"), getattr(self, which + "_lora_B")
         E = self.gate_up_proj_bias.shape[0]
         r = A.shape[0] // E
-        a_e, b_e = A[e * r : (e + 1) * r], B.view(B.shape[0], r, E)[:, :, e]  # [r, in], [out, r]
-        return (self.lora_scaling * F.linear(F.linear(x.to(A.dtype), a_e), b_e)).to(x.dtype)
+        return A[e * r : (e + 1) * r], B.view(B.shape[0], r, E)[:, :, e]
+
+    def lora_delta(self, which: str) -> torch.Tensor:
+        """Every expert's full update s * B_e A_e of `which`: [E, out, in] fp32 (merging only)."""
+        A, B = getattr(self, which + "_lora_A"), getattr(self, which + "_lora_B")
+        E = self.gate_up_proj_bias.shape[0]
+        r = A.shape[0] // E
+        return self.lora_scaling * torch.einsum("ore,eri->eoi", B.float().view(B.shape[0], r, E), A.float().view(E, r, -1))
+
+    def lora(self, which: str, e: int, x: torch.Tensor) -> torch.Tensor | float:
+        """The low-rank update s * (x A_e^T) B_e^T of expert e's `which`, 0 without an adapter; never
+        builds the full delta."""
+        if getattr(self, which + "_lora_A", None) is None:
+            return 0.0
+        a_e, b_e = self.lora_factors(which, e)
+        return (self.lora_scaling * F.linear(F.linear(x.to(a_e.dtype), a_e), b_e)).to(x.dtype)
 
     def dequantize_(self) -> None:
         """Decode all E experts once and keep them dense in the compute dtype (3.8x the memory of

@@ -391,14 +391,14 @@ def test_overwrite_replaces_a_run(fx, tmp_path):
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(fx, tmp_path, capsys, monkeypatch):
     calls = []
-    real = trainer_module.sum_loss
+    real = trainer_module.next_token_loss
 
     def poisoned(*args):
         calls.append(1)
         loss, n = real(*args)
         return (loss * float("nan") if len(calls) == 3 else loss), n
 
-    monkeypatch.setattr(trainer_module, "sum_loss", poisoned)
+    monkeypatch.setattr(trainer_module, "next_token_loss", poisoned)
     out = tmp_path / "o"
     assert main(train_args(fx, out)) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
