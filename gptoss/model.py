@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -334,6 +335,15 @@ def experts_forward(
     return out_pairs.view(T, k, D).sum(dim=1).to(x_TD.dtype)  # [T, D]
 
 
+_TOLD: set[str] = set()
+
+
+def _tell_once(message: str) -> None:
+    if message not in _TOLD:
+        _TOLD.add(message)
+        print(message, file=sys.stderr)
+
+
 class MoE(nn.Module):
     def __init__(self, config: ModelConfig, quantized: bool = True):
         super().__init__()
@@ -346,10 +356,13 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         x_TD = x.reshape(B * T, D)
-        if self.backend == "triton" and not self.experts.has_lora:  # expert adapters run on the torch path
+        if self.backend == "triton" and not self.experts.has_lora:
             from gptoss.kernels.moe import moe
 
             return moe(x_TD, self.router(x_TD), self.top_k, self.experts, self.alpha, self.limit).view(B, T, D)
+        if self.backend == "triton":  # expert adapters run on the torch path: said once per process
+            _tell_once("gptoss: MoE layers with expert LoRA adapters run on the torch path (each routed expert decoded "
+                       "per use), not the Triton kernels: slower; adapters on attention only keep the kernels")  # fmt: skip
         weights_Tk, ids_Tk = route(self.router(x_TD), self.top_k)
         return experts_forward(x_TD, weights_Tk, ids_Tk, self.experts, self.alpha, self.limit).view(B, T, D)
 

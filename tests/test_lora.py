@@ -127,3 +127,18 @@ def test_bad_adapters(oracle, tmp_path):
     (tmp_path / "r4" / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"q_proj.lora_A.weight has shape \[4, 96\], this model with r=8 \(adapter_config.json\) expects \[8, 96\]"):
         load_model(folder, adapter=tmp_path / "r4")
+
+
+def test_expert_adapters_on_the_triton_backend_say_once_that_they_run_on_torch(tmp_path, capsys):
+    from gptoss import model as model_module
+
+    folder = write_checkpoint(tmp_path / "c", small_config(), "hf-mxfp4", seed=2)
+    model = load_model(folder, backend="triton", dtype=torch.float32)
+    apply_lora(model, 4, 8, [1])
+    model_module._TOLD.clear()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        model(ids)
+        model(ids)
+    err = capsys.readouterr().err
+    assert err.count("expert LoRA adapters run on the torch path") == 1
