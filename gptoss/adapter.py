@@ -302,5 +302,4 @@ def merge_lora(model: GptOss) -> GptOss:
                 setattr(experts, which, nn.Parameter(merged, requires_grad=False))
                 delattr(experts, which + "_lora_A")
                 delattr(experts, which + "_lora_B")
-            layer.mlp.backend = "torch"
     return model

@@ -12,7 +12,11 @@ MXFP4 experts that stay MXFP4 (a model larger than half the free memory when den
 in 24 GB) become MXFP4Experts: the native C kernels of gptoss.native read the packed codes directly
 (a few rows per expert, as in decoding) or decode each used expert once into a reused buffer for a
 bf16 matmul (many rows, as in prefill). Their outputs equal the reference's within fp32 summation
-order and one rounding (tested).
+order and one rounding (tested). Without the native kernels, MXFP4Experts decode with torch
+operations into the same reused buffers (the reference decodes into fresh memory per use).
+
+Small dense experts (the tiny presets) also run as one batched matmul over the experts in use, the
+(token, slot) pairs sorted by expert (`sorted_runs`); the reference goes expert by expert.
 
 A prepacked model is for inference on the CPU only: the packed weights are opaque oneDNN tensors
 (no autograd, no state_dict, no .to(device)). Modules wrapped by a LoRA adapter are left as they are.
@@ -24,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptoss.model import Experts, GptOss
+from gptoss import mxfp4
+from gptoss.model import Experts, GptOss, experts_forward, swiglu
 
 
 def available() -> bool:
@@ -71,9 +76,19 @@ SMALL_EXPERT = 1 << 16
 BATCH_FROM = 4  # experts in use, at least
 
 
+def sorted_runs(ids_Tk: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+    """The T*k (token, slot) pairs sorted by expert: (order [T*k], the pair at each sorted row; runs,
+    (expert, first row, end) for each expert in use). Within a run, pairs keep token order."""
+    flat = ids_Tk.flatten()
+    order = torch.argsort(flat, stable=True)
+    ends = torch.bincount(flat, minlength=num_experts).cumsum(0).tolist()
+    runs = [(e, a, b) for e, (a, b) in enumerate(zip([0, *ends[:-1]], ends)) if b > a]
+    return order, runs
+
+
 class PackedExperts(_InferenceOnly):
-    """Dense experts with the interface experts_forward uses (linear, grouped_linear, the biases):
-    every matrix prepacked; small ones also kept dense for batched matmuls."""
+    """Dense experts prepacked for oneDNN, with the reference's interface (linear, the biases, the
+    forward of gptoss.model.Experts); small ones also kept dense, for batched matmuls."""
 
     quantized = False
     has_lora = False
@@ -91,19 +106,30 @@ class PackedExperts(_InferenceOnly):
     def linear(self, which: str, e: int, x: torch.Tensor) -> torch.Tensor:
         return packed_linear(x, self.packed[which][e], getattr(self, which + "_bias")[e])
 
-    def grouped_linear(self, which: str, x: torch.Tensor, runs: list[tuple[int, int, int]]) -> torch.Tensor:
-        if not self.small or len(runs) < BATCH_FROM:  # the reference's loop, through this class's linear
-            return Experts.grouped_linear(self, which, x, runs)
-        # run j's rows go to rows j*width .. j*width + n_j - 1 of a zero-padded [runs, width, in] batch
+    def forward(self, x_TD: torch.Tensor, weights_Tk: torch.Tensor, ids_Tk: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+        """gptoss.model.experts_forward; with small experts, those in use run as one batched matmul per
+        matrix: the (token, slot) pairs sorted by expert, run j's rows at rows j*width .. of a
+        zero-padded [runs, width, in] batch (width: the busiest expert's count)."""
+        T, k = ids_Tk.shape
+        order, runs = sorted_runs(ids_Tk, self.gate_up_proj_bias.shape[0])
+        if not self.small or len(runs) < BATCH_FROM:
+            return experts_forward(x_TD, weights_Tk, ids_Tk, self, alpha, limit)
         width = max(b - a for _, a, b in runs)
         slots = torch.tensor([j * width + i for j, (_, a, b) in enumerate(runs) for i in range(b - a)])
-        padded = x.new_zeros(len(runs) * width, x.shape[1]).index_copy_(0, slots, x).view(len(runs), width, -1)
         ids = [e for e, _, _ in runs]
-        weight, bias = self.dense[which], getattr(self, which + "_bias")
-        if ids != list(range(weight.shape[0])):  # only the experts in use
-            weight, bias = weight[ids], bias[ids]
-        out = torch.baddbmm(bias.unsqueeze(1), padded, weight.transpose(1, 2))  # [runs, width, out]
-        return out.view(len(runs) * width, -1)[slots]
+
+        def batched(which: str, rows: torch.Tensor) -> torch.Tensor:  # rows [P, in] sorted -> [P, out]
+            padded = rows.new_zeros(len(runs) * width, rows.shape[1]).index_copy_(0, slots, rows)
+            weight, bias = self.dense[which], getattr(self, which + "_bias")
+            if ids != list(range(weight.shape[0])):  # only the experts in use
+                weight, bias = weight[ids], bias[ids]
+            out = torch.baddbmm(bias.unsqueeze(1), padded.view(len(runs), width, -1), weight.transpose(1, 2))
+            return out.view(len(runs) * width, -1)[slots]
+
+        h = batched("gate_up_proj", x_TD.index_select(0, order // k))  # [T*k, 2I]
+        y = batched("down_proj", swiglu(h, alpha, limit)).float() * weights_Tk.flatten()[order].unsqueeze(-1)
+        out = torch.empty_like(y).index_copy_(0, order, y)  # back to (token, slot) order
+        return out.view(T, k, -1).sum(dim=1).to(x_TD.dtype)
 
 
 # Up to this many rows per expert, the native kernel reads the MXFP4 weight directly for every row
@@ -114,8 +140,10 @@ FUSED_ROWS = 48
 
 
 class MXFP4Experts(_InferenceOnly):
-    """MXFP4 experts on the native CPU kernels (gptoss.native), with the interface experts_forward
-    uses: the packed codes and scales are the model's own tensors (no copy)."""
+    """MXFP4 experts with the reference's interface (linear, the biases, the forward of
+    gptoss.model.Experts): the packed codes and scales are the model's own tensors (no copy). Few rows
+    go to the native kernel (gptoss.native), which reads the codes directly; many rows, or every call
+    when the native kernels are off, decode the expert once into a buffer reused by every call."""
 
     quantized = True
     has_lora = False
@@ -126,23 +154,30 @@ class MXFP4Experts(_InferenceOnly):
         self.down_proj_bias = experts.down_proj_bias.detach()
         matrices = ("gate_up_proj", "down_proj")
         self.codes = {which: (getattr(experts, which + "_blocks"), getattr(experts, which + "_scales")) for which in matrices}
-        self.buffers: dict[str, torch.Tensor] = {}  # one decoded matrix per kind, reused (prefill)
+        self.buffers: dict[str, dict] = {which: {} for which in matrices}  # one decoded matrix per kind
 
     def linear(self, which: str, e: int, x: torch.Tensor) -> torch.Tensor:
         from gptoss import native
 
         blocks, scales = self.codes[which]
         bias = getattr(self, which + "_bias")[e]
-        if x.shape[0] <= FUSED_ROWS or x.dtype not in (torch.bfloat16, torch.float32):
+        fast = native.available() and x.dtype in (torch.bfloat16, torch.float32)
+        if fast and x.shape[0] <= FUSED_ROWS:
             return native.linear(x, blocks[e], scales[e], bias)
-        shape = (scales.shape[1], scales.shape[2] * 32)
-        buffer = self.buffers.get(which)
-        if buffer is None or buffer.dtype != x.dtype:
-            buffer = self.buffers[which] = torch.empty(shape, dtype=x.dtype)
-        return F.linear(x, native.dequantize(blocks[e], scales[e], x.dtype, out=buffer), bias)
+        buffers = self.buffers[which]
+        weight = buffers.get("weight")
+        shape = (scales.shape[1], scales.shape[2] * mxfp4.BLOCK)
+        stale = weight is None or weight.dtype != x.dtype
+        if fast:  # a buffer made under inference_mode cannot be written outside it
+            if stale or (weight.is_inference() and not torch.is_inference_mode_enabled()):
+                weight = buffers["weight"] = torch.empty(shape, dtype=x.dtype)
+            weight = native.dequantize(blocks[e], scales[e], x.dtype, out=weight)
+        else:  # the torch decode, into the same reused buffers (it checks them itself)
+            weight = mxfp4.dequantize(blocks[e], scales[e], x.dtype, buffers)
+        return F.linear(x, weight, bias)
 
-    def grouped_linear(self, which: str, x: torch.Tensor, runs: list[tuple[int, int, int]]) -> torch.Tensor:
-        return Experts.grouped_linear(self, which, x, runs)
+    def forward(self, x_TD: torch.Tensor, weights_Tk: torch.Tensor, ids_Tk: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+        return experts_forward(x_TD, weights_Tk, ids_Tk, self, alpha, limit)
 
 
 # Up to this many rows, DirectLinear reads its bf16 weight in place with the native kernel; above, F.linear.
@@ -173,7 +208,8 @@ class DirectLinear(_InferenceOnly):
 def prepack(model: GptOss, linears: bool = True) -> GptOss:
     """Prepack `model`'s weights for CPU inference, in place (module by module, so the peak memory
     is the model plus one layer's experts); returns it. MXFP4 experts go to the native kernels
-    (gptoss.native) when they are built, and stay as they are, with a note on stderr, when not.
+    (gptoss.native) when they are built, and to torch decoding into reused buffers, with a note on
+    stderr, when not.
     `linears=False` leaves the other weights where they are (no copy): in bf16, with the native bf16
     product built for this CPU, they become DirectLinear."""
     from gptoss import native
@@ -196,12 +232,11 @@ def prepack(model: GptOss, linears: bool = True) -> GptOss:
             elif isinstance(child, Experts) and not child.quantized and not child.has_lora:
                 setattr(parent, name, PackedExperts(child))
             elif isinstance(child, Experts) and child.quantized and not child.has_lora and model.dtype != torch.float16:
-                if native.available():
-                    setattr(parent, name, MXFP4Experts(child))
-                else:
+                if not native.available():
                     native.tell_once()
+                setattr(parent, name, MXFP4Experts(child))
     model.set_backend("torch")
     return model
 
 
-__all__ = ["DirectLinear", "MXFP4Experts", "PackedExperts", "PackedLinear", "available", "pack_weight", "packed_linear", "prepack"]
+__all__ = ["DirectLinear", "MXFP4Experts", "PackedExperts", "PackedLinear", "available", "pack_weight", "packed_linear", "prepack", "sorted_runs"]

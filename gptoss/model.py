@@ -13,7 +13,6 @@ rotary tables, the attention softmax (sinks included) and the router softmax in 
 
 from __future__ import annotations
 
-import itertools
 import math
 import sys
 from collections.abc import Sequence
@@ -206,11 +205,6 @@ def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.softmax(top_logits.float(), dim=-1), top_ids
 
 
-# Buffers for decoding one expert's two matrices, reused by every layer (one expert is decoded at a
-# time; not thread-safe): re-allocating them per call costs more than decoding on the CPU.
-_WORKSPACE: tuple[dict, dict] = ({}, {})
-
-
 class Experts(nn.Module):
     """The E experts of one layer, weights kept as the checkpoint holds them, oriented [out, in].
 
@@ -246,13 +240,23 @@ class Experts(nn.Module):
         )
 
     # PEFT's layout of expert adapters (its 3-D ParamWrapper), the one place it is read: gptoss.adapter
-    # attaches A [E*r, in] and B [out, E*r]; A_e = rows e*r .. e*r+r-1 of A, B_e = columns e, E+e, 2E+e, ...
+    # attaches A [E*r, in] and B [out, r*E]; A_e = rows e*r .. e*r+r-1 of A, B_e = columns e, E+e, 2E+e, ...
     def lora_factors(self, which: str, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert e's factors of `which` ("gate_up_proj" or "down_proj"): A_e [r, in], B_e [out, r]."""
         A, B = getattr(self, which + "_lora_A"), getattr(self, which + "_lora_B")
         E = self.gate_up_proj_bias.shape[0]
         r = A.shape[0] // E
         return A[e * r : (e + 1) * r], B.view(B.shape[0], r, E)[:, :, e]
+
+    def lora_expert_major(self, which: str) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+        """All experts' factors of `which`, expert e's rank rows and columns at e*r .. e*r+r-1: A [E*r, in]
+        as stored, B [out, E*r] reordered (differentiably) from PEFT's [out, r*E]; (None, None) without
+        an adapter. The layout of the Triton kernel path (gptoss.kernels.moe)."""
+        A, B = getattr(self, which + "_lora_A", None), getattr(self, which + "_lora_B", None)
+        if A is None:
+            return None, None
+        E = self.gate_up_proj_bias.shape[0]
+        return A, B.view(B.shape[0], -1, E).transpose(1, 2).reshape(B.shape[0], -1)
 
     def lora_delta(self, which: str) -> torch.Tensor:
         """Every expert's full update s * B_e A_e of `which`: [E, out, in] fp32 (merging only)."""
@@ -279,8 +283,9 @@ class Experts(nn.Module):
         for which in ("gate_up_proj", "down_proj"):
             blocks, scales = getattr(self, which + "_blocks"), getattr(self, which + "_scales")
             dense = torch.empty((*scales.shape[:-1], scales.shape[-1] * mxfp4.BLOCK), dtype=dtype, device=blocks.device)
-            for e in range(dense.shape[0]):  # expert by expert: the peak is one expert's decode buffers
-                dense[e] = mxfp4.dequantize(blocks[e], scales[e], dtype, _WORKSPACE[0])
+            workspace: dict = {}  # expert by expert into the same buffers: the peak is one expert's decode
+            for e in range(dense.shape[0]):
+                dense[e] = mxfp4.dequantize(blocks[e], scales[e], dtype, workspace)
             delattr(self, which + "_blocks")
             delattr(self, which + "_scales")
             setattr(self, which, nn.Parameter(dense, requires_grad=False))
@@ -292,47 +297,34 @@ class Experts(nn.Module):
         dtype = self.gate_up_proj_bias.dtype
         if not self.quantized:
             return getattr(self, which)[e].to(dtype)  # a view when already in the compute dtype
-        # Without autograd the decoded weight is used at once, so one buffer per matrix kind shared by
-        # all layers suffices (autograd keeps each expert's weights for the backward pass: those get fresh memory).
-        workspace = _WORKSPACE[which == "down_proj"] if not torch.is_grad_enabled() else None
-        return mxfp4.dequantize(
-            getattr(self, which + "_blocks")[e], getattr(self, which + "_scales")[e], dtype, workspace
-        )
+        return mxfp4.dequantize(getattr(self, which + "_blocks")[e], getattr(self, which + "_scales")[e], dtype)
 
     def linear(self, which: str, e: int, x: torch.Tensor) -> torch.Tensor:
         """x [n, in] through expert e's `which` matrix and bias (and its LoRA update, when attached)."""
         y = F.linear(x, self.weight(which, e), getattr(self, which + "_bias")[e])
         return y + self.lora(which, e, x) if self.has_lora else y
 
-    def grouped_linear(self, which: str, x: torch.Tensor, runs: list[tuple[int, int, int]]) -> torch.Tensor:
-        """Rows a:b of x [P, in] through expert e, for each run (e, a, b) in order -> [P, out]."""
-        # split, not one slice per run: in backward, each slice would fill a zero [P, in] gradient
-        parts = x.split([b - a for _, a, b in runs])
-        return torch.cat([self.linear(which, e, part) for (e, _, _), part in zip(runs, parts)])
+    def forward(self, x_TD: torch.Tensor, weights_Tk: torch.Tensor, ids_Tk: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+        return experts_forward(x_TD, weights_Tk, ids_Tk, self, alpha, limit)
 
 
 def experts_forward(
     x_TD: torch.Tensor, weights_Tk: torch.Tensor, ids_Tk: torch.Tensor, experts: Experts, alpha: float, limit: float
 ) -> torch.Tensor:
-    """out[t] = sum over slots s of weights[t, s] * expert_{ids[t, s]}(x[t]); the reference of the
-    Triton kernels (gptoss.kernels.moe.MoEFunction), laid out as they are. x [T, D] -> [T, D]."""
-    T, D = x_TD.shape
-    k = ids_Tk.shape[1]
-    # Sort the T*k (token, slot) pairs by expert: each expert used then owns one run of rows, its
-    # matrices are decoded once and applied to all its tokens in one matmul; experts not routed to cost nothing.
-    flat_ids = ids_Tk.flatten()  # [T*k]
-    order = torch.argsort(flat_ids, stable=True)  # pair indices sorted by expert
-    counts = torch.bincount(flat_ids, minlength=experts.gate_up_proj_bias.shape[0]).tolist()
-    ends = list(itertools.accumulate(counts))  # run e ends where the counts up to e sum to
-    runs = [(e, end - n, end) for e, (n, end) in enumerate(zip(counts, ends)) if n > 0]  # (expert, first row, end)
-    x_sorted = x_TD.index_select(0, order // k)  # [T*k, D], row i is pair order[i]'s token
-    h = experts.grouped_linear("gate_up_proj", x_sorted, runs)  # [T*k, 2I]
-    act = swiglu(h, alpha, limit)  # [T*k, I], one call for every expert
-    y = experts.grouped_linear("down_proj", act, runs)  # [T*k, D]
-    # the routing weight multiplies the whole expert output, second bias included; summed in fp32
-    y = y.float() * weights_Tk.flatten()[order].unsqueeze(-1)
-    out_pairs = torch.empty_like(y).index_copy_(0, order, y)  # back to (token, slot) order: [T*k, D]
-    return out_pairs.view(T, k, D).sum(dim=1).to(x_TD.dtype)  # [T, D]
+    """out[t] = sum over slots s of weights[t, s] * expert_{ids[t, s]}(x[t]), x [T, D] -> [T, D].
+
+    Expert by expert: the tokens routed to it go through gate_up, the clamped SwiGLU and down, one
+    matmul each, so a used expert is decoded once and an unused one costs nothing. The reference of
+    the Triton kernels (gptoss.kernels.moe) and of the CPU fast path (gptoss.cpu)."""
+    T, k = ids_Tk.shape
+    out = x_TD.new_zeros(T, k, x_TD.shape[1], dtype=torch.float32)  # one row per (token, slot)
+    for e in ids_Tk.unique().tolist():
+        tokens, slots = torch.where(ids_Tk == e)  # in token order; a token picks an expert at most once
+        h = experts.linear("gate_up_proj", e, x_TD[tokens])  # [n, 2I]
+        y = experts.linear("down_proj", e, swiglu(h, alpha, limit))  # [n, D]
+        # the routing weight multiplies the whole expert output, second bias included; summed in fp32
+        out[tokens, slots] = y.float() * weights_Tk[tokens, slots].unsqueeze(-1)
+    return out.sum(dim=1).to(x_TD.dtype)
 
 
 _TOLD: set[str] = set()
@@ -356,15 +348,15 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         x_TD = x.reshape(B * T, D)
-        if self.backend == "triton" and not self.experts.has_lora:
+        if self.backend == "triton" and self.experts.quantized:  # adapters or not: they join the kernels
             from gptoss.kernels.moe import moe
 
             return moe(x_TD, self.router(x_TD), self.top_k, self.experts, self.alpha, self.limit).view(B, T, D)
-        if self.backend == "triton":  # expert adapters run on the torch path: said once per process
-            _tell_once("gptoss: MoE layers with expert LoRA adapters run on the torch path (each routed expert decoded "
-                       "per use), not the Triton kernels: slower; adapters on attention only keep the kernels")  # fmt: skip
+        if self.backend == "triton":  # merged adapters made this layer's experts dense: said once per process
+            _tell_once("gptoss: MoE layers with dense experts (adapters merged into them) run on the torch path, "
+                       "not the MXFP4 Triton kernels")  # fmt: skip
         weights_Tk, ids_Tk = route(self.router(x_TD), self.top_k)
-        return experts_forward(x_TD, weights_Tk, ids_Tk, self.experts, self.alpha, self.limit).view(B, T, D)
+        return self.experts(x_TD, weights_Tk, ids_Tk, self.alpha, self.limit).view(B, T, D)
 
 
 # ---------------------------------------------------------------------------------------------

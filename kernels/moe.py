@@ -138,7 +138,7 @@ def _swiglu_bwd(g, lin, grad, alpha, limit):
 
 
 @triton.autotune(
-    configs=all_configs(), key=["N", "K", "ROWS", "MODE", "UPCAST"], prune_configs_by={"early_config_prune": _prune}
+    configs=all_configs(), key=["N", "K", "ROWS", "MODE", "UPCAST", "ADD"], prune_configs_by={"early_config_prune": _prune}
 )
 @triton.jit
 def _moe_matmul_kernel(
@@ -148,6 +148,7 @@ def _moe_matmul_kernel(
     bias_ptr,  # GATE_UP: b1 [E, 2I]; DOWN: b2 [E, D]
     out_ptr,  # GATE_UP: act [P, I]; DOWN: out [P, D] fp32 (pair order); DOWN_BWD: gh [P, 2I]; UP_BWD: gx [P, D] fp32 (pair order)
     aux_ptr,  # GATE_UP: saves h [P, 2I]; DOWN: saves y [P, D] fp32 (pair order); DOWN_BWD: reads h
+    add_ptr,  # ADD: [P, N] fp32 (sorted rows) added to the product: the LoRA update (or its gradient)
     gate_ptr,  # [P] fp32 routing weight of each pair
     counts_ptr,  # [E] int32 rows per expert
     offsets_ptr,  # [E] int32 first sorted row of each expert
@@ -161,6 +162,7 @@ def _moe_matmul_kernel(
     limit,
     MODE: tl.constexpr,
     SAVE: tl.constexpr,
+    ADD: tl.constexpr,
     UPCAST: tl.constexpr,
     INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -218,6 +220,10 @@ def _moe_matmul_kernel(
 
     # --- epilogues ------------------------------------------------------------------------------------
     mn_mask = m_mask[:, None] & n_mask[None, :]
+    if ADD:  # beside the frozen product, the LoRA update (of h, y or gx; of d act in DOWN_BWD, below)
+        extra = tl.load(add_ptr + m[:, None] * N + n[None, :], mask=mn_mask, other=0.0).to(tl.float32)
+        if MODE != DOWN_BWD:
+            acc = acc + extra
     if MODE == GATE_UP:  # columns 2j, 2j+1 of h are the gate and linear halves of act column j
         h = acc + tl.load(bias_ptr + expert * N + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         if SAVE:
@@ -239,14 +245,17 @@ def _moe_matmul_kernel(
         hj_mask = m_mask[:, None] & (j[None, :] < 2 * N)
         h = tl.load(aux_ptr + m[:, None] * (2 * N) + j[None, :], mask=hj_mask, other=0.0).to(tl.float32)
         g, lin = tl.split(tl.reshape(h, (BLOCK_M, BLOCK_N, 2)))
-        d_gate, d_lin = _swiglu_bwd(g, lin, acc * gate[:, None], alpha, limit)
+        d_act = acc * gate[:, None]
+        if ADD:  # the adapter's path to act, routing weight included
+            d_act += extra
+        d_gate, d_lin = _swiglu_bwd(g, lin, d_act, alpha, limit)
         gh = tl.reshape(tl.join(d_gate, d_lin), (BLOCK_M, 2 * BLOCK_N))
         tl.store(out_ptr + m[:, None] * (2 * N) + j[None, :], gh.to(out_ptr.dtype.element_ty), mask=hj_mask)
     else:
         tl.store(out_ptr + pair[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mn_mask)
 
 
-def _launch(mode, a, blocks, scales, bias, out, aux, gate, routing: Routing, K, N, alpha=1.702, limit=7.0, save=False):
+def _launch(mode, a, blocks, scales, bias, out, aux, gate, routing: Routing, K, N, alpha=1.702, limit=7.0, save=False, add=None):
     E = blocks.shape[0]
     P = routing.sorted_pairs.numel()
     if P == 0:
@@ -258,9 +267,9 @@ def _launch(mode, a, blocks, scales, bias, out, aux, gate, routing: Routing, K, 
     dummy = out  # for pointer arguments a mode does not use
     _moe_matmul_kernel[grid](
         a.contiguous(), blocks, scales, dummy if bias is None else bias, out, dummy if aux is None else aux,
-        dummy if gate is None else gate, routing.counts, routing.offsets, routing.sorted_pairs,
-        K, N, E, routing.top_k, rows_bucket(P, E), alpha, limit,
-        MODE=mode.value, SAVE=save, UPCAST=INTERPRET or a.dtype == torch.float32, INTERPRET=INTERPRET,
+        dummy if add is None else add, dummy if gate is None else gate, routing.counts, routing.offsets,
+        routing.sorted_pairs, K, N, E, routing.top_k, rows_bucket(P, E), alpha, limit,
+        MODE=mode.value, SAVE=save, ADD=add is not None, UPCAST=INTERPRET or a.dtype == torch.float32, INTERPRET=INTERPRET,
     )  # fmt: skip
     return out
 
@@ -276,75 +285,142 @@ def _check_experts(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) 
         raise TypeError(f"activations must be bfloat16 or float32, got {x.dtype}")
 
 
-def moe_gate_up_fwd(x, routing, blocks, scales, bias, alpha, limit, save):
-    """x [T, D] -> act [P, I] in sorted-row order (and h [P, 2I] when `save`)."""
+def _check_add(add, P, N):
+    if add is not None and (add.shape != (P, N) or add.dtype != torch.float32 or not add.is_contiguous()):
+        raise ValueError(f"the added update must be a contiguous fp32 [{P}, {N}] tensor, got {add.dtype} {tuple(add.shape)}")
+
+
+def moe_gate_up_fwd(x, routing, blocks, scales, bias, alpha, limit, save, add=None):
+    """x [T, D] -> act [P, I] in sorted-row order (and h [P, 2I] when `save`); `add` [P, 2I] fp32
+    (sorted rows) joins h before the SwiGLU."""
     _check_experts(x, blocks, scales)
     P, D, I2 = routing.sorted_pairs.numel(), x.shape[1], blocks.shape[1]
+    _check_add(add, P, I2)
     act = torch.empty(P, I2 // 2, dtype=x.dtype, device=x.device)
     h = torch.empty(P, I2, dtype=x.dtype, device=x.device) if save else None
-    _launch(GATE_UP, x, blocks, scales, bias, act, h, None, routing, K=D, N=I2, alpha=alpha, limit=limit, save=save)
+    _launch(GATE_UP, x, blocks, scales, bias, act, h, None, routing, K=D, N=I2, alpha=alpha, limit=limit, save=save, add=add)
     return act, h
 
 
-def moe_down_fwd(act, routing, gate, blocks, scales, bias, save):
-    """act [P, I] (sorted rows) -> weighted outputs [P, D] fp32 in pair order (and y unweighted when `save`)."""
+def moe_down_fwd(act, routing, gate, blocks, scales, bias, save, add=None):
+    """act [P, I] (sorted rows) -> weighted outputs [P, D] fp32 in pair order (and y unweighted when
+    `save`); `add` [P, D] fp32 (sorted rows) joins y before the routing weight."""
     P, I, D = act.shape[0], act.shape[1], blocks.shape[1]
+    _check_add(add, P, D)
     out = torch.empty(P, D, dtype=torch.float32, device=act.device)
     y = torch.empty(P, D, dtype=torch.float32, device=act.device) if save else None
-    _launch(DOWN, act, blocks, scales, bias, out, y, gate, routing, K=I, N=D, save=save)
+    _launch(DOWN, act, blocks, scales, bias, out, y, gate, routing, K=I, N=D, save=save, add=add)
     return out, y
 
 
-def moe_down_bwd(grad_out, routing, gate, blocks, scales, h, alpha, limit):
-    """grad of the MoE output [T, D] -> grad of the pre-activation h [P, 2I] (sorted rows)."""
+def moe_down_bwd(grad_out, routing, gate, blocks, scales, h, alpha, limit, add=None):
+    """grad of the MoE output [T, D] -> grad of the pre-activation h [P, 2I] (sorted rows); `add`
+    [P, I] fp32 (sorted rows) joins the gradient of act before the SwiGLU's backward."""
     P, D, I = h.shape[0], grad_out.shape[1], h.shape[1] // 2
+    _check_add(add, P, I)
     gh = torch.empty(P, 2 * I, dtype=h.dtype, device=h.device)
-    _launch(DOWN_BWD, grad_out, blocks, scales, None, gh, h, gate, routing, K=D, N=I, alpha=alpha, limit=limit)
+    _launch(DOWN_BWD, grad_out, blocks, scales, None, gh, h, gate, routing, K=D, N=I, alpha=alpha, limit=limit, add=add)
     return gh
 
 
-def moe_gate_up_bwd(gh, routing, blocks, scales, D):
-    """grad of h [P, 2I] (sorted rows) -> grad of the gathered inputs [P, D] fp32 in pair order."""
+def moe_gate_up_bwd(gh, routing, blocks, scales, D, add=None):
+    """grad of h [P, 2I] (sorted rows) -> grad of the gathered inputs [P, D] fp32 in pair order; `add`
+    [P, D] fp32 (sorted rows) joins it."""
+    _check_add(add, gh.shape[0], D)
     gx = torch.empty(gh.shape[0], D, dtype=torch.float32, device=gh.device)
-    _launch(UP_BWD, gh, blocks, scales, None, gx, None, None, routing, K=gh.shape[1], N=D)
+    _launch(UP_BWD, gh, blocks, scales, None, gx, None, None, routing, K=gh.shape[1], N=D, add=add)
     return gx
 
 
+# --- expert LoRA beside the kernels ---------------------------------------------------------------------
+# An adapted matrix adds s * (a A_e^T) B_e^T to each sorted row a of expert e. With the factors laid out
+# expert-major (gptoss.model.Experts.lora_expert_major: A [E*r, in] and B [out, E*r], expert e's rank
+# rows and columns at e*r .. e*r+r-1), every row's update is one masked product for all experts:
+# z = (a A^T) * mask keeps each row's own expert's r columns of [P, E*r], then s * z B^T. No host
+# synchronisation and no launch per expert, for E*r extra columns (256 beside gate_up's 5760 for
+# gpt-oss-20b at r = 8). The update (fp32) goes into the kernels' epilogues through `add`.
+
+
+def expert_mask(routing: Routing, num_experts: int, r: int, dtype: torch.dtype) -> torch.Tensor:
+    """[P, E*r]: 1 where column j belongs to the expert of sorted row m (j // r == expert), else 0."""
+    row_expert = routing.ids.reshape(-1).long()[routing.sorted_pairs.long()]  # [P]
+    columns = torch.arange(num_experts * r, device=row_expert.device) // r
+    return (columns[None, :] == row_expert[:, None]).to(dtype)
+
+
+def lora_update(a, A, B, mask, scaling):
+    """a [P, in] (sorted rows) -> (z [P, E*r], the update s * z B^T [P, out] fp32)."""
+    z = (a.to(A.dtype) @ A.T) * mask
+    return z, (scaling * (z @ B.T)).float().contiguous()
+
+
+def lora_backward(g, a, z, A, B, mask, scaling):
+    """g = d loss / d update [P, out] -> (dA [E*r, in], dB [out, E*r], d a [P, in] fp32)."""
+    g = g.to(A.dtype)
+    dz = scaling * (g @ B) * mask  # [P, E*r]: only each row's own expert's columns
+    return dz.T @ a.to(A.dtype), scaling * (g.T @ z), (dz @ A).float().contiguous()
+
+
 class MoEFunction(torch.autograd.Function):
-    """out [T, D] = sum_slots w[t, s] * expert_{ids[t, s]}(x[t]); differentiable in x and w only."""
+    """out [T, D] = sum_slots w[t, s] * expert_{ids[t, s]}(x[t]); the MXFP4 weights are frozen.
+    Differentiable in x, w and, when given, the expert-major LoRA factors A1, B1 (gate_up) and A2,
+    B2 (down), whose update s * (a A_e^T) B_e^T joins each matrix's product in the kernel epilogue."""
 
     @staticmethod
-    def forward(ctx, x, weights, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2, alpha, limit):
+    def forward(ctx, x, weights, A1, B1, A2, B2, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2,
+                alpha, limit, scaling):  # fmt: skip
         T, D = x.shape
-        save = any(ctx.needs_input_grad[:2])
+        save = any(ctx.needs_input_grad[:6])
         gate = weights.reshape(-1).float().contiguous()
-        act, h = moe_gate_up_fwd(x, routing, w1_blocks, w1_scales, b1, alpha, limit, save)
-        out_pairs, y = moe_down_fwd(act, routing, gate, w2_blocks, w2_scales, b2, save)
+        rows = routing.sorted_pairs.long() // routing.top_k  # the token of each sorted row
+        mask = z1 = z2 = u1 = u2 = None
+        if A1 is not None or A2 is not None:
+            E = w1_blocks.shape[0]
+            A = A1 if A1 is not None else A2
+            mask = expert_mask(routing, E, A.shape[0] // E, A.dtype)
+        if A1 is not None:
+            z1, u1 = lora_update(x.index_select(0, rows), A1, B1, mask, scaling)
+        act, h = moe_gate_up_fwd(x, routing, w1_blocks, w1_scales, b1, alpha, limit, save, add=u1)
+        if A2 is not None:
+            z2, u2 = lora_update(act, A2, B2, mask, scaling)
+        out_pairs, y = moe_down_fwd(act, routing, gate, w2_blocks, w2_scales, b2, save, add=u2)
         if save:
-            ctx.save_for_backward(h, y, gate, w1_blocks, w1_scales, w2_blocks, w2_scales)
-            ctx.routing, ctx.alpha, ctx.limit, ctx.x_dtype = routing, alpha, limit, x.dtype
+            ctx.save_for_backward(x, h, y, gate, act if A2 is not None else None, mask, z1, z2, A1, B1, A2, B2,
+                                  w1_blocks, w1_scales, w2_blocks, w2_scales)  # fmt: skip
+            ctx.routing, ctx.alpha, ctx.limit, ctx.scaling = routing, alpha, limit, scaling
         return out_pairs.view(T, routing.top_k, D).sum(1).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        h, y, gate, w1_blocks, w1_scales, w2_blocks, w2_scales = ctx.saved_tensors
-        routing, K = ctx.routing, ctx.routing.top_k
+        x, h, y, gate, act, mask, z1, z2, A1, B1, A2, B2, w1_blocks, w1_scales, w2_blocks, w2_scales = ctx.saved_tensors
+        routing, K, s = ctx.routing, ctx.routing.top_k, ctx.scaling
+        need = ctx.needs_input_grad
         T, D = grad_out.shape
         grad_out = grad_out.contiguous()
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[1]:  # d out / d w[t, s] = y[t, s]
+        rows = routing.sorted_pairs.long() // K
+        grad_x = grad_w = dA1 = dB1 = dA2 = dB2 = d_act = None
+        if need[1]:  # d out / d w[t, s] = y[t, s] (the adapter's update included)
             grad_w = torch.einsum("tkd,td->tk", y.view(T, K, D), grad_out.float())
-        if ctx.needs_input_grad[0]:
-            gh = moe_down_bwd(grad_out, routing, gate, w2_blocks, w2_scales, h, ctx.alpha, ctx.limit)
-            gx_pairs = moe_gate_up_bwd(gh, routing, w1_blocks, w1_scales, D)
-            grad_x = gx_pairs.view(T, K, D).sum(1).to(ctx.x_dtype)
-        return grad_x, grad_w, None, None, None, None, None, None, None, None, None
+        if A2 is not None:  # d loss / d y of each sorted row: its token's gradient times its routing weight
+            g_y = grad_out.float().index_select(0, rows) * gate[routing.sorted_pairs.long()].unsqueeze(-1)
+            dA2, dB2, d_act = lora_backward(g_y, act, z2, A2, B2, mask, s)
+        if need[0] or need[2] or need[3]:
+            gh = moe_down_bwd(grad_out, routing, gate, w2_blocks, w2_scales, h, ctx.alpha, ctx.limit, add=d_act)
+            dx = None
+            if A1 is not None:
+                dA1, dB1, dx = lora_backward(gh, x.index_select(0, rows), z1, A1, B1, mask, s)
+            if need[0]:
+                gx_pairs = moe_gate_up_bwd(gh, routing, w1_blocks, w1_scales, D, add=dx)
+                grad_x = gx_pairs.view(T, K, D).sum(1).to(x.dtype)
+        return (grad_x, grad_w, dA1 if need[2] else None, dB1 if need[3] else None, dA2 if need[4] else None,
+                dB2 if need[5] else None) + (None,) * 10  # fmt: skip
 
 
 def moe(
     x: torch.Tensor, logits: torch.Tensor, top_k: int, experts, alpha: float = 1.702, limit: float = 7.0
 ) -> torch.Tensor:
-    """The MoE block on x [T, D] given router logits [T, E]; `experts` is a gptoss.model.Experts (MXFP4).
+    """The MoE block on x [T, D] given router logits [T, E]; `experts` is a gptoss.model.Experts
+    (MXFP4), with or without LoRA adapters on its matrices.
 
     Routing ids come from the kernel; the routing weights are recomputed by torch from the picked
     logits when gradients are needed, so they flow back to the router."""
@@ -352,8 +428,9 @@ def moe(
     weights = routing.weights
     if torch.is_grad_enabled() and logits.requires_grad:
         weights = torch.softmax(logits.gather(1, routing.ids.long()).float(), dim=-1)
+    factors = [experts.lora_expert_major(which) for which in ("gate_up_proj", "down_proj")]
     return MoEFunction.apply(
-        x.contiguous(), weights, routing, experts.gate_up_proj_blocks, experts.gate_up_proj_scales,
-        experts.gate_up_proj_bias, experts.down_proj_blocks, experts.down_proj_scales, experts.down_proj_bias,
-        alpha, limit,
+        x.contiguous(), weights, *factors[0], *factors[1], routing, experts.gate_up_proj_blocks,
+        experts.gate_up_proj_scales, experts.gate_up_proj_bias, experts.down_proj_blocks, experts.down_proj_scales,
+        experts.down_proj_bias, alpha, limit, getattr(experts, "lora_scaling", 1.0),
     )  # fmt: skip

@@ -171,6 +171,15 @@ def run_workloads() -> list[Launch]:
                     label["what"] = "backward"
                     gh = moe.moe_down_bwd(x, r, gate, w2, s2, h, 1.702, 7.0)
                     moe.moe_gate_up_bwd(gh, r, w1, s1, D)
+                    # expert LoRA: each epilogue adds the adapter's update (fp32, sorted rows)
+                    P = T * k
+                    label["what"] = "forward+lora"
+                    add = {n: torch.empty(P, n, dtype=torch.float32, **meta) for n in (D, I, 2 * I)}
+                    act, h = moe.moe_gate_up_fwd(x, r, w1, s1, b1, 1.702, 7.0, save=True, add=add[2 * I])
+                    moe.moe_down_fwd(act, r, gate, w2, s2, b2, save=True, add=add[D])
+                    label["what"] = "backward+lora"
+                    gh = moe.moe_down_bwd(x, r, gate, w2, s2, h, 1.702, 7.0, add=add[I])
+                    moe.moe_gate_up_bwd(gh, r, w1, s1, D, add=add[D])
                     label["what"] = "dequantize"
                     mxfp4.mxfp4_dequant_fwd(w1[:1], s1[:1], dtype)
     K, G, Dh = ATTENTION
@@ -227,14 +236,16 @@ def unreached_tiles(variants, targets) -> list[str]:
 
     wanted = {(mode, False, tile) for mode, table in moe.CONFIGS.items() for tiles in table.values() for tile in tiles}
     wanted |= {(mode, True, tile) for mode in moe.CONFIGS for tiles in moe.FP32_CONFIGS.values() for tile in tiles}
+    wanted = {(*w, add) for w in wanted for add in (False, True)}  # without and with the LoRA update
     problems = []
     for target in targets:
         seen = {
-            (v.config["MODE"], bool(v.config["UPCAST"]), tuple(v.config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")))
+            (v.config["MODE"], bool(v.config["UPCAST"]), tuple(v.config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")),
+             bool(v.config["ADD"]))
             for v in variants if v.name == "_moe_matmul_kernel" and v.target == target
         }  # fmt: skip
-        for mode, upcast, tile in sorted(wanted - seen):
-            problems.append(f"_moe_matmul_kernel sm_{target}a mode {mode} {'fp32' if upcast else 'bf16'} tile {tile}: "
+        for mode, upcast, tile, add in sorted(wanted - seen):
+            problems.append(f"_moe_matmul_kernel sm_{target}a mode {mode} {'fp32' if upcast else 'bf16'}{' +lora' if add else ''} tile {tile}: "
                             "in the config tables but no workload of the gate compiles it; add a workload that reaches its bucket")  # fmt: skip
     return problems
 
@@ -368,11 +379,12 @@ _SHORT = {"bfloat16": "bf16", "float32": "fp32"}
 
 def _mode(row) -> str:
     names = {0: "GATE_UP", 1: "DOWN", 2: "DOWN_BWD", 3: "UP_BWD"}
-    return names.get(row["config"].get("MODE"), "")
+    name = names.get(row["config"].get("MODE"), "")
+    return name + "+" if row["config"].get("ADD") else name  # +: with the LoRA update in the epilogue
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'kernel':<28}{'mode':<9}{'target':<9}{'dtype':<9}{'config (M,N,K,w,s)':<22}{'regs':>5}{'spill':>6}{'smem':>8}{'mma':>9}{'grid dec':>10}{'grid bat':>12}{'grid pre':>13}{'instr/el':>9}"
+    head = f"{'kernel':<28}{'mode':<10}{'target':<9}{'dtype':<9}{'config (M,N,K,w,s)':<22}{'regs':>5}{'spill':>6}{'smem':>8}{'mma':>9}{'grid dec':>10}{'grid bat':>12}{'grid pre':>13}{'instr/el':>9}"
     lines = [head, "-" * len(head)]
     for row in sorted(rows, key=lambda r: (r["kernel"], _mode(r), r["target"], r["launches"][0]["dtype"], str(r["config"]))):
         c = row["config"]
@@ -387,11 +399,11 @@ def table(rows: list[dict]) -> str:
         grid = {w: "/".join(str(g) for g in sorted(v)) for w, v in grids.items()}
         dtype = "/".join(sorted({_SHORT[launch["dtype"]] for launch in row["launches"]}))
         if "error" in row:
-            lines.append(f"{row['kernel']:<28}{_mode(row):<9}{row['target']:<9}{dtype:<9}{shape:<22} ERROR {row['error'][:60]}")
+            lines.append(f"{row['kernel']:<28}{_mode(row):<10}{row['target']:<9}{dtype:<9}{shape:<22} ERROR {row['error'][:60]}")
             continue
         per = f"{row['per_element']:.2f}" if row["per_element"] is not None else "-"
         lines.append(
-            f"{row['kernel']:<28}{_mode(row):<9}{row['target']:<9}{dtype:<9}{shape:<22}{row['registers']:>5}"
+            f"{row['kernel']:<28}{_mode(row):<10}{row['target']:<9}{dtype:<9}{shape:<22}{row['registers']:>5}"
             f"{row['spill_bytes']:>6}{row['shared']:>8}{row['mma']:>9}{grid.get('decode', '-'):>10}{grid.get('batch', '-'):>12}{grid.get('prefill', '-'):>13}{per:>9}"
         )
     return "\n".join(lines)

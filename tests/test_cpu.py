@@ -83,6 +83,6 @@ def test_prepack_auto_packs_only_models_with_dense_experts(checkpoint):
 
     model = load_model(checkpoint, prepack="auto")
     assert type(model.lm_head) is (DirectLinear if native.bf16_dot() else nn.Linear)
-    assert isinstance(model.model.layers[0].mlp.experts, MXFP4Experts) == native.available()
+    assert isinstance(model.model.layers[0].mlp.experts, MXFP4Experts)  # native kernels or torch decoding
     with pytest.raises(ValueError, match="prepack must be True, False or 'auto'"):
         load_model(checkpoint, prepack="yes")

@@ -128,16 +128,25 @@ def test_bad_input(tmp_path, prompts, kwargs, error):
         generate(model, prompts, **kwargs)
 
 
-def test_decode_buffers_made_in_inference_mode_do_not_break_later_no_grad_passes(model):
-    # generate() runs under torch.inference_mode and fills the shared MXFP4 decode buffers; a later
-    # torch.no_grad() forward (the trainer's eval) must not try to write into those inference tensors
-    from gptoss import model as model_module
+@pytest.mark.parametrize("native_on", [True, False])
+def test_decode_buffers_made_in_inference_mode_do_not_break_later_no_grad_passes(tmp_path, monkeypatch, native_on):
+    # generate() runs under torch.inference_mode; a long prompt sends more than FUSED_ROWS rows to an
+    # expert, which the CPU fast path decodes once into a reused buffer (native or torch decoding). A
+    # later torch.no_grad() forward (the trainer's eval) must not try to write into those inference tensors.
+    from gptoss import native
+    from gptoss.cpu import FUSED_ROWS, MXFP4Experts
 
-    for workspace in model_module._WORKSPACE:
-        workspace.clear()  # as in a fresh process: the buffers are first made under inference_mode
-    generate(model, [[1, 2, 3]], max_new_tokens=2, temperature=0.0, stop_tokens=())
+    if not native_on:
+        monkeypatch.setattr(native, "available", lambda: False)
+    folder = write_checkpoint(tmp_path / "c", small_config(max_position_embeddings=256), "hf-mxfp4", seed=1)
+    model = load_model(folder, dequantize=False, prepack="auto")
+    assert isinstance(model.model.layers[0].mlp.experts, MXFP4Experts)
+    prompt = list(range(1, 2 * FUSED_ROWS + 40))  # 7 experts, 3 per token: some expert gets > FUSED_ROWS rows
+    generate(model, [prompt], max_new_tokens=2, temperature=0.0, stop_tokens=())
+    buffers = [b for layer in model.model.layers for b in layer.mlp.experts.buffers["gate_up_proj"].values()]
+    assert buffers and all(b.is_inference() for b in buffers)  # made under inference_mode, as in a fresh process
     with torch.no_grad():
-        assert torch.isfinite(model(torch.tensor([[4, 5, 6]]))).all()
+        assert torch.isfinite(model(torch.tensor([prompt]))).all()
 
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12], [3, 4], list(range(1, 14))]  # ragged; 12 new tokens wrap the 5-slot ring

@@ -129,16 +129,41 @@ def test_bad_adapters(oracle, tmp_path):
         load_model(folder, adapter=tmp_path / "r4")
 
 
-def test_expert_adapters_on_the_triton_backend_say_once_that_they_run_on_torch(tmp_path, capsys):
+def test_expert_adapters_train_on_the_triton_kernels(tmp_path, monkeypatch, capsys):
+    # the adapted layers stay on the kernels (no fallback, nothing said) and give the torch backend's
+    # loss and gradients for every adapter tensor
+    from gptoss.kernels import moe as moe_kernel
+
+    folder = write_checkpoint(tmp_path / "c", small_config(), "hf-mxfp4", seed=2)
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7]])
+    results, calls = {}, []
+    monkeypatch.setattr(moe_kernel, "moe", lambda *a, _f=moe_kernel.moe, **kw: calls.append(1) or _f(*a, **kw))
+    for backend in ("torch", "triton"):
+        model = load_model(folder, backend=backend, dtype=torch.float32)
+        params = apply_lora(model, 4, 8, [1])
+        _randomize(params)
+        calls.clear()
+        loss = model(ids).logsumexp(-1).sum()
+        assert len(calls) == (CONFIG.num_hidden_layers if backend == "triton" else 0)  # every layer, layer 1 too
+        loss.backward()
+        results[backend] = (loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    (loss_t, grads_t), (loss_k, grads_k) = results["torch"], results["triton"]
+    assert abs(loss_k - loss_t) <= 1e-5 * abs(loss_t)
+    assert grads_k.keys() == grads_t.keys() and any("experts.down_proj_lora_B" in n for n in grads_k)
+    for name, want in grads_t.items():  # fp32: summation order only
+        assert (grads_k[name] - want).abs().max() <= 1e-4 * want.abs().max() + 1e-7, name
+    assert "torch path" not in capsys.readouterr().err
+
+
+def test_merged_expert_layers_on_the_triton_backend_say_once_that_they_run_on_torch(tmp_path, capsys):
     from gptoss import model as model_module
 
     folder = write_checkpoint(tmp_path / "c", small_config(), "hf-mxfp4", seed=2)
     model = load_model(folder, backend="triton", dtype=torch.float32)
-    apply_lora(model, 4, 8, [1])
+    _randomize(apply_lora(model, 4, 8, [1]))
+    merge_lora(model)
     model_module._TOLD.clear()
-    ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
-        model(ids)
-        model(ids)
-    err = capsys.readouterr().err
-    assert err.count("expert LoRA adapters run on the torch path") == 1
+        model(torch.tensor([[1, 2, 3, 4]]))
+        model(torch.tensor([[1, 2, 3, 4]]))
+    assert capsys.readouterr().err.count("run on the torch path") == 1

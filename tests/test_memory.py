@@ -35,6 +35,8 @@ def test_the_kernel_removes_the_score_tensors():
     scores = 64 * 2048 * 2048 * 4  # one fp32 [H, T, S] tensor: 1 GiB
     assert before["attention_workspace"] >= 4 * scores and after["attention_workspace"] < 0.05 * GiB
     assert before["peak"] - after["peak"] > 2.9 * GiB
-    # without expert adapters the MoE kernel keeps no decoded weights
+    # the MoE kernels keep no decoded weights, expert adapters or not; the torch path keeps them all
+    decoded = c.num_local_experts * 3 * c.intermediate_size * c.hidden_size * 2
     plain = training_peak(c, 2048, attention="triton", moe="triton", dtype_bytes=2, expert_layers=[])
-    assert plain["moe_workspace"] < 0.2 * after["moe_workspace"]
+    torch_moe = training_peak(c, 2048, attention="triton", moe="torch", dtype_bytes=2)
+    assert plain["moe_workspace"] < after["moe_workspace"] < 0.5 * decoded < torch_moe["moe_workspace"]

@@ -143,7 +143,7 @@ def test_moe_decodes_only_routed_experts(monkeypatch):
     monkeypatch.setattr(moe.experts, "weight", lambda which, e: decoded.append((which, e)) or original(which, e))
     moe(torch.randn(2, 5, config.hidden_size))
     # each matrix of each used expert once, the others never
-    assert decoded == [("gate_up_proj", 2), ("gate_up_proj", 5), ("down_proj", 2), ("down_proj", 5)]
+    assert decoded == [("gate_up_proj", 2), ("down_proj", 2), ("gate_up_proj", 5), ("down_proj", 5)]
 
 
 @pytest.mark.parametrize(

@@ -45,6 +45,16 @@ def _experts(E, D, I, dtype):
     return experts.to(dtype).requires_grad_(False)
 
 
+def _apply(x, weights, routing, experts, scaling=1.0):
+    """MoEFunction on `experts`, with the expert-major factors of whatever adapters they carry."""
+    factors = [t for which in ("gate_up_proj", "down_proj") for t in experts.lora_expert_major(which)]
+    return MoEFunction.apply(
+        x, weights, *factors, routing, experts.gate_up_proj_blocks, experts.gate_up_proj_scales,
+        experts.gate_up_proj_bias, experts.down_proj_blocks, experts.down_proj_scales, experts.down_proj_bias,
+        1.702, 7.0, scaling,
+    )  # fmt: skip
+
+
 def _close(actual, expected, dtype, what):
     tol = TOLERANCES[dtype]
     atol = tol["atol"] if tol["atol"] is not None else tol["rtol"] * expected.abs().max().item()
@@ -76,10 +86,7 @@ def test_moe_forward_and_backward(case, dtype):
     ref.backward(grad_out.float())
 
     x_k, w_k = x.clone().requires_grad_(), weights.clone().requires_grad_()
-    out = MoEFunction.apply(
-        x_k, w_k, routing, experts.gate_up_proj_blocks, experts.gate_up_proj_scales, experts.gate_up_proj_bias,
-        experts.down_proj_blocks, experts.down_proj_scales, experts.down_proj_bias, 1.702, 7.0,
-    )  # fmt: skip
+    out = _apply(x_k, w_k, routing, experts)
     out.backward(grad_out)
     assert out.dtype == dtype and x_k.grad.dtype == dtype
     _close(out, ref, dtype, "output")
@@ -87,14 +94,84 @@ def test_moe_forward_and_backward(case, dtype):
     _close(w_k.grad, w_ref.grad, dtype, "grad of the routing weights")
 
 
+def _with_adapters(experts, which_list, r=3, seed=1):
+    """Random LoRA factors in PEFT's expert layout (A [E*r, in], B [out, r*E], fp32 as the trainer makes
+    them), B non-zero so the update shows; every expert's factors differ."""
+    E, I2 = experts.gate_up_proj_bias.shape
+    D = experts.down_proj_bias.shape[1]
+    g = torch.Generator().manual_seed(seed)
+    for which in which_list:
+        out, inp = (I2, D) if which == "gate_up_proj" else (D, I2 // 2)
+        setattr(experts, which + "_lora_A", torch.nn.Parameter(0.1 * torch.randn(E * r, inp, generator=g)))
+        setattr(experts, which + "_lora_B", torch.nn.Parameter(0.1 * torch.randn(out, r * E, generator=g)))
+    experts.lora_scaling = 2.0
+    return experts
+
+
+ADAPTED = {"gate_up": ("gate_up_proj",), "down": ("down_proj",), "both": ("gate_up_proj", "down_proj")}
+
+
+@pytest.mark.parametrize(
+    "case, adapted, dtype",
+    [
+        *[("prime-experts-ragged-tiles", a, torch.float32) for a in ADAPTED],
+        ("experts-without-tokens", "both", torch.float32),
+        ("all-to-one-expert-top1", "both", torch.float32),
+        ("prime-experts-ragged-tiles", "both", torch.bfloat16),
+    ],
+)
+def test_moe_with_expert_adapters_matches_the_torch_path(case, adapted, dtype):
+    # the frozen MXFP4 matmuls in the kernels, each adapter's low-rank update beside them: output and the
+    # gradients of the input, the routing weights and every factor against the torch path (Experts.lora)
+    c = CASES[case]
+    T, E, k, D, I = c["T"], c["E"], c["k"], c["D"], c["I"]
+    experts = _with_adapters(_experts(E, D, I, dtype), ADAPTED[adapted])
+    logits = torch.randn(T, E)
+    if "force" in c:
+        logits[:, c["force"]] += 100.0
+    routing = route_kernel(logits, k)
+    x = torch.randn(T, D).to(dtype)
+    weights = torch.softmax(torch.randn(T, k), -1)
+    grad_out = torch.randn(T, D).to(dtype)
+
+    reference = copy.deepcopy(experts).float()
+    x_ref, w_ref = x.float().clone().requires_grad_(), weights.clone().requires_grad_()
+    experts_forward(x_ref, w_ref, routing.ids.long(), reference, 1.702, 7.0).backward(grad_out.float())
+
+    x_k, w_k = x.clone().requires_grad_(), weights.clone().requires_grad_()
+    out = _apply(x_k, w_k, routing, experts, scaling=experts.lora_scaling)
+    out.backward(grad_out)
+    _close(out, experts_forward(x.float(), weights, routing.ids.long(), reference, 1.702, 7.0).detach(), dtype, "output")
+    _close(x_k.grad, x_ref.grad, dtype, "grad of the input")
+    _close(w_k.grad, w_ref.grad, dtype, "grad of the routing weights")
+    for which in ADAPTED[adapted]:
+        for factor in "AB":
+            name = f"{which}_lora_{factor}"
+            got, want = getattr(experts, name).grad, getattr(reference, name).grad
+            assert got is not None and got.shape == want.shape, name
+            _close(got, want, dtype, f"grad of {name}")
+
+
+def test_adapter_gradients_without_input_gradient():
+    # only the factors train (the input needs no gradient): the kernels still give A and B theirs
+    experts = _with_adapters(_experts(5, 64, 64, torch.float32), ADAPTED["both"])
+    routing = route_kernel(torch.randn(6, 5), 2)
+    x = torch.randn(6, 64)
+    out = _apply(x, routing.weights, routing, experts, scaling=experts.lora_scaling)
+    out.square().sum().backward()
+    reference = copy.deepcopy(experts)
+    for p in reference.parameters():
+        p.grad = None
+    experts_forward(x, routing.weights, routing.ids.long(), reference, 1.702, 7.0).square().sum().backward()
+    for name in ("gate_up_proj_lora_A", "gate_up_proj_lora_B", "down_proj_lora_A", "down_proj_lora_B"):
+        _close(getattr(experts, name).grad, getattr(reference, name).grad, torch.float32, name)
+
+
 def test_no_saved_activations_without_grad():
     experts = _experts(3, 64, 64, torch.float32)
     routing = route_kernel(torch.randn(5, 3), 2)
     with torch.no_grad():
-        out = MoEFunction.apply(
-            torch.randn(5, 64), routing.weights, routing, experts.gate_up_proj_blocks, experts.gate_up_proj_scales,
-            experts.gate_up_proj_bias, experts.down_proj_blocks, experts.down_proj_scales, experts.down_proj_bias, 1.702, 7.0,
-        )  # fmt: skip
+        out = _apply(torch.randn(5, 64), routing.weights, routing, experts)
     assert out.grad_fn is None and out.shape == (5, 64)
 
 

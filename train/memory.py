@@ -16,9 +16,11 @@ of the softmax input exist beside them, about 4 score tensors at the peak (4 * H
 The Triton kernel keeps q, k, v, the output and a fp32 log-sum-exp per row; its tiles live in
 registers and shared memory.
 
-MoE. The torch path (the CPU, and the layers whose experts carry adapters) keeps every routed
-expert's decoded weights for backward (all E of them once T * k >= E) and its rows; the Triton
-kernel keeps the pre-activation h [T*k, 2I] and the fp32 expert outputs [T*k, D], no weights.
+MoE. The torch path (the CPU) keeps every routed expert's decoded weights for backward (all E of
+them once T * k >= E) and its rows; the Triton kernel keeps the pre-activation h [T*k, 2I] and the
+fp32 expert outputs [T*k, D], no weights. Expert adapters on the kernel path add the SwiGLU output
+[T*k, I] (the down adapter's input), the expert mask and the two rank products [T*k, E*r] in fp32, and
+in backward the fp32 gradients of the adapters' inputs and outputs.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def training_peak(
     """Bytes of each part of one example's training step and the estimated peak.
 
     attention: "torch" (reference, scores materialised) or "triton"; moe: "torch" (decoded experts kept
-    for backward in every layer) or "triton" (kernel in layers without expert adapters)."""
+    for backward in every layer) or "triton" (the kernels, expert adapters beside them)."""
     if expert_layers is None:
         expert_layers = default_expert_layers(c.num_hidden_layers)
     T, D, I, E, k = tokens, c.hidden_size, c.intermediate_size, c.num_local_experts, c.num_experts_per_tok
@@ -86,10 +88,12 @@ def training_peak(
     decoded = min(E, P) * (2 * I * D + D * I) * b  # the routed experts' weights, kept for backward
     moe_rows_torch = P * (2 * D + 3 * I) * b + 2 * P * D * 4  # gathered x, h, act, y; fp32 weighted y, pairs
     moe_rows_triton = P * 2 * I * b + 2 * P * D * 4  # h, fp32 y and the weighted pair outputs
+    # expert adapters beside the kernels: act; mask, z1, z2; backward's fp32 d y, d x and d act rows
+    lora_rows = P * I * b + 3 * P * E * r * 4 + P * (2 * D + I) * 4
     if moe == "torch":
         moe_ws = decoded + moe_rows_torch
-    else:  # the layers with expert adapters still take the torch path, one layer at a time
-        moe_ws = decoded + moe_rows_torch if expert_layers else moe_rows_triton
+    else:
+        moe_ws = moe_rows_triton + (lora_rows if expert_layers else 0)
     parts["layer_backward"] = layer_acts + attn_ws + moe_ws
     parts["attention_workspace"] = attn_ws
     parts["moe_workspace"] = moe_ws
