@@ -1,4 +1,4 @@
-"""Reading gpt-oss checkpoints: the three real on-disk layouts, one name map, strict checks.
+"""gpt-oss checkpoints: the three real on-disk layouts, one layout map read both ways, strict checks.
 
 Layouts (see docs/architecture.md and the spec, section 3):
   "original"  OpenAI `original/`: `block.N.attn.qkv.weight` (q, k, v fused), `mlp1_weight.blocks`, ...
@@ -8,20 +8,26 @@ Layouts (see docs/architecture.md and the spec, section 3):
   "hf-bf16"   Hugging Face dequantized: dense experts `gate_up_proj` [E, in, out] in bf16.
 
 Everything is mapped onto the *canonical* names, which are the HF MXFP4 names and also the names of
-our modules' parameters and buffers. Tensors are memory-mapped by safetensors; MXFP4 experts stay
-packed (uint8) and a bf16 file's experts are transposed lazily (a view), never copied at load.
+our modules' parameters and buffers. `layout_map` lists each layout's tensors with their canonical
+sources; reading (`canonical_from_disk`) and writing (`disk_from_canonical`, `save_checkpoint`, with
+the config.json of each style) both walk it. Tensors are memory-mapped by safetensors; MXFP4 experts
+stay packed (uint8) and a bf16 file's experts are transposed lazily (a view), never copied at load.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+from gptoss import mxfp4
 from gptoss.config import ModelConfig
 
 LAYOUTS = ("original", "hf-mxfp4", "hf-bf16")
@@ -93,45 +99,66 @@ def canonical_spec(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]
     return spec
 
 
-def disk_spec(config: ModelConfig, layout: str) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Every tensor a checkpoint of `layout` holds, in file order: disk name -> (shape, dtype)."""
+@dataclass(frozen=True)
+class DiskTensor:
+    """One tensor of a layout's files and where it comes from in canonical names.
+
+    kind "same": the canonical tensor `sources[0]` as it is; "qkv": q, k and v (`sources`) concatenated
+    row-wise (original layout); "dense": the MXFP4 expert matrix `sources` = (blocks, scales)
+    dequantized, in HF's [E, in, out] orientation (hf-bf16 layout)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    sources: tuple[str, ...]
+    kind: str = "same"
+
+
+def layout_map(config: ModelConfig, layout: str) -> list[DiskTensor]:
+    """Every tensor a checkpoint of `layout` holds, in file order, with its canonical sources: the one
+    map that reading (canonical_from_disk) and writing (disk_from_canonical) both walk."""
     canon = canonical_spec(config)
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
     if layout != "hf-bf16" and not config.mxfp4_compatible:
         raise CheckpointError(
             f"hidden_size={config.hidden_size} and intermediate_size={config.intermediate_size} must be multiples "
             f"of 32 for an MXFP4 layout ({layout}); only the hf-bf16 layout holds other widths"
         )
     if layout == "hf-mxfp4":
-        return canon
+        return [DiskTensor(name, shape, dtype, (name,)) for name, (shape, dtype) in canon.items()]
+    out = []
     if layout == "hf-bf16":  # dense experts in HF's [E, in, out] orientation
         d, E, I = config.hidden_size, config.num_local_experts, config.intermediate_size
         dense = {"gate_up_proj": (E, d, 2 * I), "down_proj": (E, I, d)}
-        spec = {}
         for name, (shape, dtype) in canon.items():
             base = name.rsplit(".", 1)[-1]
             if base.endswith("_scales"):
                 continue
             if base.endswith("_blocks"):
-                spec[name.removesuffix("_blocks")] = (dense[base.removesuffix("_blocks")], FLOAT)
+                matrix = name.removesuffix("_blocks")
+                shape = dense[base.removesuffix("_blocks")]
+                out.append(DiskTensor(matrix, shape, FLOAT, (name, matrix + "_scales"), "dense"))
             else:
-                spec[name] = (shape, dtype)
-        return spec
-    if layout == "original":
-        spec = {}
-        for name, (shape, dtype) in canon.items():
-            m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
-            if m is None:
-                spec[_GLOBAL_TO_ORIGINAL[name]] = (shape, dtype)
-            elif m[2] in ("self_attn.q_proj.weight", "self_attn.q_proj.bias"):
-                kind = m[2].rsplit(".", 1)[1]
-                rows = config.q_dim + 2 * config.kv_dim
-                spec[f"block.{m[1]}.attn.qkv.{kind}"] = ((rows,) + shape[1:], dtype)
-            elif ".k_proj." in m[2] or ".v_proj." in m[2]:
-                continue
-            else:
-                spec[f"block.{m[1]}.{_LAYER_TO_ORIGINAL[m[2]]}"] = (shape, dtype)
-        return spec
-    raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+                out.append(DiskTensor(name, shape, dtype, (name,)))
+        return out
+    for name, (shape, dtype) in canon.items():  # original: renamed, q, k and v fused row-wise
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+        if m is None:
+            out.append(DiskTensor(_GLOBAL_TO_ORIGINAL[name], shape, dtype, (name,)))
+        elif m[2] in ("self_attn.q_proj.weight", "self_attn.q_proj.bias"):
+            kind = m[2].rsplit(".", 1)[1]
+            rows = config.q_dim + 2 * config.kv_dim
+            sources = tuple(f"model.layers.{m[1]}.self_attn.{p}_proj.{kind}" for p in "qkv")
+            out.append(DiskTensor(f"block.{m[1]}.attn.qkv.{kind}", (rows,) + shape[1:], dtype, sources, "qkv"))
+        elif ".k_proj." not in m[2] and ".v_proj." not in m[2]:
+            out.append(DiskTensor(f"block.{m[1]}.{_LAYER_TO_ORIGINAL[m[2]]}", shape, dtype, (name,)))
+    return out
+
+
+def disk_spec(config: ModelConfig, layout: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every tensor a checkpoint of `layout` holds, in file order: disk name -> (shape, dtype)."""
+    return {t.name: (t.shape, t.dtype) for t in layout_map(config, layout)}
 
 
 def canonical_from_disk(
@@ -142,27 +169,249 @@ def canonical_from_disk(
     For "hf-bf16" the experts come out dense as `gate_up_proj` [E, 2I, D] / `down_proj` [E, D, I]
     (our [out, in] orientation; HF stores [E, in, out]), as transposed views.
     """
-    for name in canonical_spec(config):
-        if layout == "hf-mxfp4":
-            yield name, get(name)
-        elif layout == "hf-bf16":
-            if name.endswith("_scales"):
-                continue
-            if name.endswith("_blocks"):
-                dense = name.removesuffix("_blocks")
-                yield dense, get(dense).transpose(1, 2)
-            else:
-                yield name, get(name)
-        else:
-            m = re.fullmatch(r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", name)
-            if m:
-                qkv = get(f"block.{m[1]}.attn.qkv.{m[3]}")
-                q, kv = config.q_dim, config.kv_dim
-                start, size = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[m[2]]
-                yield name, qkv.narrow(0, start, size)
-                continue
-            m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
-            yield name, get(f"block.{m[1]}.{_LAYER_TO_ORIGINAL[m[2]]}" if m else _GLOBAL_TO_ORIGINAL[name])
+    for t in layout_map(config, layout):
+        if t.kind == "same":
+            yield t.sources[0], get(t.name)
+        elif t.kind == "dense":
+            yield t.name, get(t.name).transpose(1, 2)
+        else:  # qkv: rows q, then k, then v
+            qkv, start = get(t.name), 0
+            for source, size in zip(t.sources, (config.q_dim, config.kv_dim, config.kv_dim)):
+                yield source, qkv.narrow(0, start, size)
+                start += size
+
+
+# A producer makes one tensor, or yields it in consecutive chunks along dim 0 (to stream large ones).
+Producer = Callable[[], "torch.Tensor | Iterable[torch.Tensor]"]
+
+
+def disk_from_canonical(config: ModelConfig, layout: str, canon: Mapping[str, Producer]) -> dict[str, Producer]:
+    """The inverse of canonical_from_disk: producers of canonical tensors -> producers of `layout`'s
+    tensors, in file order (dense experts expert by expert, so a large one is never whole in memory)."""
+
+    def convert(t: DiskTensor) -> Producer:
+        if t.kind == "same":
+            return canon[t.sources[0]]
+        if t.kind == "qkv":
+            return lambda: torch.cat([canon[s]() for s in t.sources])
+
+        def dense():  # [1, in, out] bf16 per expert
+            blocks, scales = (canon[s]() for s in t.sources)
+            for e in range(blocks.shape[0]):
+                yield mxfp4.dequantize(blocks[e : e + 1], scales[e : e + 1], torch.bfloat16).transpose(1, 2)
+
+        return dense
+
+    return {t.name: convert(t) for t in layout_map(config, layout)}
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json of each style
+# ---------------------------------------------------------------------------------------------
+
+
+def original_config_json(config: ModelConfig) -> dict:
+    """The key set of OpenAI's `original/config.json`."""
+    return {
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_experts": config.num_local_experts,
+        "experts_per_token": config.num_experts_per_tok,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "swiglu_limit": config.swiglu_limit,
+        "head_dim": config.head_dim,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "sliding_window": config.sliding_window,
+        "initial_context_length": config.initial_context_length,
+        "rope_theta": config.rope_theta,
+        "rope_scaling_factor": config.rope_scaling_factor,
+        "rope_ntk_alpha": config.rope_ntk_alpha,
+        "rope_ntk_beta": config.rope_ntk_beta,
+    }
+
+def hf_config_json(config: ModelConfig, quantized: bool = True) -> dict:
+    """The key set of the Hugging Face `config.json` (transformers 4.55 style, `rope_scaling`)."""
+    cfg = {
+        "architectures": ["GptOssForCausalLM"],
+        "model_type": "gpt_oss",
+        "attention_bias": True,
+        "attention_dropout": 0.0,
+        "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
+        "experts_per_token": config.num_experts_per_tok,
+        "num_experts_per_tok": config.num_experts_per_tok,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "hidden_size": config.hidden_size,
+        "initial_context_length": config.initial_context_length,
+        "initializer_range": 0.02,
+        "intermediate_size": config.intermediate_size,
+        "layer_types": list(config.layer_types),
+        "max_position_embeddings": config.max_position_embeddings,
+        "num_attention_heads": config.num_attention_heads,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_key_value_heads": config.num_key_value_heads,
+        "num_local_experts": config.num_local_experts,
+        "output_router_logits": False,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_scaling": {
+            "rope_type": "yarn",
+            "factor": config.rope_scaling_factor,
+            "beta_fast": config.rope_ntk_beta,
+            "beta_slow": config.rope_ntk_alpha,
+            "original_max_position_embeddings": config.initial_context_length,
+            "truncate": False,
+        },
+        "rope_theta": config.rope_theta,
+        "router_aux_loss_coef": 0.9,
+        "sliding_window": config.sliding_window,
+        "swiglu_limit": config.swiglu_limit,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "vocab_size": config.vocab_size,
+    }
+    for key in ("eos_token_id", "pad_token_id"):  # a test-sized vocabulary has no room for them
+        if cfg[key] >= config.vocab_size:
+            del cfg[key]
+    if quantized:
+        cfg["quantization_config"] = {
+            "quant_method": "mxfp4",
+            "modules_to_not_convert": [
+                "model.layers.*.self_attn",
+                "model.layers.*.mlp.router",
+                "model.embed_tokens",
+                "lm_head",
+            ],
+        }
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing a checkpoint
+# ---------------------------------------------------------------------------------------------
+
+_DTYPES = {"BF16": torch.bfloat16, "U8": torch.uint8, "F32": torch.float32}
+
+
+def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
+    return math.prod(shape) * _DTYPES[dtype].itemsize
+
+
+def write_safetensors(
+    path: Path, spec: Mapping[str, tuple[tuple[int, ...], str]], producers: Mapping[str, Producer], progress=None
+) -> None:
+    """Stream tensors into a safetensors file: header first (from `spec`), then each tensor's bytes.
+
+    Written to `path.tmp` and renamed at the end, so an interrupted write never leaves a file that
+    looks complete.
+    """
+    header, offset = {}, 0
+    for name, (shape, dtype) in spec.items():
+        size = _nbytes(shape, dtype)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for name, (shape, dtype) in spec.items():
+            result = producers[name]()
+            chunks = [result] if isinstance(result, torch.Tensor) else result
+            written = 0
+            for chunk in chunks:
+                chunk = chunk.to(_DTYPES[dtype]).contiguous()
+                f.write(chunk.view(torch.uint8).numpy().data)
+                written += chunk.numel() * chunk.element_size()
+            if written != _nbytes(shape, dtype):
+                raise RuntimeError(
+                    f"{name}: produced {written} bytes, expected {_nbytes(shape, dtype)} for {shape} {dtype}"
+                )
+            if progress is not None:
+                progress.update(written)
+    os.replace(tmp, path)
+
+
+def _shard(spec: dict[str, tuple[tuple[int, ...], str]], max_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, (shape, dtype) in spec.items():
+        n = _nbytes(shape, dtype)
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += n
+    return shards
+
+
+def _shard_names(layout: str, count: int) -> list[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    if layout == "original":  # 120b: model--00001-of-00007.safetensors (double dash, 1-based)
+        return [f"model--{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+    # HF converter's off-by-one: 20b has model-00000..00002-of-00002.safetensors, three files
+    return [f"model-{i:05d}-of-{count - 1:05d}.safetensors" for i in range(count)]
+
+
+def save_checkpoint(
+    folder: str | Path,
+    config: ModelConfig,
+    layout: str,
+    tensors: Mapping[str, torch.Tensor | Producer],
+    *,
+    max_shard_bytes: int | None = None,
+    progress: bool = False,
+) -> Path:
+    """Write the model `tensors` (canonical names: tensors, or producers of them) as a checkpoint of
+    `layout` in `folder`, with its shards, index and config files; return the folder. Shard size
+    defaults to the real checkpoints': HF 4.8 GB; original one file up to 16 GB (20b), else shards of
+    10 GB (120b has seven). Each file is written whole or not at all."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = disk_spec(config, layout)
+    canon = {n: t if callable(t) else (lambda t=t: t) for n, t in tensors.items()}
+    producers = disk_from_canonical(config, layout, canon)
+    total = sum(_nbytes(s, d) for s, d in spec.values())
+    if max_shard_bytes is None:
+        max_shard_bytes = (total if total <= 16e9 else int(10e9)) if layout == "original" else int(4.8e9)
+    shards = _shard(spec, max_shard_bytes)
+    names = _shard_names(layout, len(shards))
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {layout} to {folder}")
+    for file, members in zip(names, shards):
+        write_safetensors(folder / file, {n: spec[n] for n in members}, producers, bar)
+    if bar is not None:
+        bar.close()
+    if len(shards) > 1:
+        weight_map = {n: file for file, members in zip(names, shards) for n in members}
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+    if layout == "original":
+        (folder / "config.json").write_text(json.dumps(original_config_json(config), indent=2) + "\n")
+        labels = {
+            n: ("FP4" if n.endswith(".blocks") else "UE8") if d == UINT8 else "BF16" for n, (_, d) in spec.items()
+        }
+        (folder / "dtypes.json").write_text(json.dumps(labels, indent=2) + "\n")
+    else:
+        hf = hf_config_json(config, quantized=layout == "hf-mxfp4")
+        (folder / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        generation = {
+            "bos_token_id": 199998,
+            "do_sample": True,
+            "eos_token_id": [200002, 199999, 200012],
+            "pad_token_id": 199999,
+        }
+        (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    return folder
 
 
 # ---------------------------------------------------------------------------------------------

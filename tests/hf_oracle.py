@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from gptoss import mxfp4
+from gptoss.checkpoint import hf_config_json
 from gptoss.config import ModelConfig
 
 
@@ -14,7 +15,7 @@ def build_hf_model(config: ModelConfig, seed: int = 0, mxfp4_grid: bool = True):
     experts lie on the MXFP4 grid, so every checkpoint layout represents it without loss."""
     from transformers import GptOssConfig, GptOssForCausalLM
 
-    hf_json = config.to_hf_json(quantized=False)
+    hf_json = hf_config_json(config, quantized=False)
     hf_json.pop("architectures")
     hf_json.pop("model_type")
     for key in ("pad_token_id", "eos_token_id"):  # the special ids lie outside a small test vocabulary

@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 
 import gptoss.load
 from gptoss import get_preset, load_model
-from gptoss.checkpoint import CheckpointError, disk_spec, open_checkpoint
-from gptoss.synthetic import _shard, _shard_names, write_checkpoint
+from gptoss.checkpoint import CheckpointError, _shard, _shard_names, disk_spec, open_checkpoint
+from gptoss.synthetic import write_checkpoint
 from tests.conftest import small_config
 
 
@@ -262,3 +262,30 @@ def test_backend_and_adapter_arguments(checkpoints):
     with pytest.raises(FileNotFoundError, match="adapter folder some/folder does not exist"):
         load_model(checkpoints / "hf-mxfp4", adapter="some/folder")
     assert gptoss.load.resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+@pytest.mark.parametrize("layout", ["original", "hf-mxfp4", "hf-bf16"])
+def test_the_layout_map_read_both_ways_gives_back_every_tensor(layout):
+    # the writer's direction (disk_from_canonical) then the reader's (canonical_from_disk), on the one map
+    from gptoss import mxfp4
+    from gptoss.checkpoint import canonical_from_disk, canonical_spec, disk_from_canonical
+    from gptoss.synthetic import _random_tensor
+
+    config = small_config(hidden_size=64, intermediate_size=96)
+    canon = {n: _random_tensor(n, shape, config, 5) for n, (shape, _) in canonical_spec(config).items()}
+    producers = disk_from_canonical(config, layout, {n: (lambda t=t: t) for n, t in canon.items()})
+    disk = {}
+    for name, producer in producers.items():
+        made = producer()
+        disk[name] = made if isinstance(made, torch.Tensor) else torch.cat(list(made))
+    spec = disk_spec(config, layout)
+    assert list(disk) == list(spec) and all(tuple(disk[n].shape) == spec[n][0] for n in spec)
+    back = dict(canonical_from_disk(config, layout, disk.__getitem__))
+    for name, tensor in canon.items():
+        if layout == "hf-bf16" and name.endswith("_scales"):
+            continue
+        if layout == "hf-bf16" and name.endswith("_blocks"):
+            dense = mxfp4.dequantize(tensor, canon[name.replace("_blocks", "_scales")], torch.bfloat16)
+            assert torch.equal(back[name.removesuffix("_blocks")], dense), name
+        else:
+            assert torch.equal(back[name], tensor), name

@@ -4,8 +4,8 @@ import sys
 import pytest
 import torch
 
+from gptoss.checkpoint import write_safetensors
 from gptoss.cli import build_parser, main
-from gptoss.synthetic import write_safetensors
 
 
 def test_every_subcommand_has_help(capsys):

@@ -462,9 +462,9 @@ class Trainer:
         self.save_checkpoint()
         if self.rank == 0:
             if cfg.full_finetune:  # the whole model, in the HF MXFP4 layout (experts are not trained)
-                from gptoss.synthetic import write_checkpoint
+                from gptoss.checkpoint import save_checkpoint
 
-                write_checkpoint(self.out / "model", self.model.config, "hf-mxfp4", tensors=self.model.state_dict())
+                save_checkpoint(self.out / "model", self.model.config, "hf-mxfp4", self.model.state_dict())
             else:
                 save_adapter(self.model, self.out, base_model=str(cfg.model))
             plot_losses(log_file, self.out / "loss.png")
