@@ -33,7 +33,7 @@ def estimates(tokens: int) -> list[dict]:
     for name in ("gpt-oss-20b", "gpt-oss-120b"):
         c = get_preset(name)
         for label, attention in (("before: torch attention", "torch"), ("after: attention kernel", "triton")):
-            moe = "triton"  # the MoE kernel in both (the layers with expert adapters take the torch path)
+            moe = "triton"  # the MoE kernels in both, expert adapters beside them
             parts = training_peak(c, tokens, attention=attention, moe=moe, dtype_bytes=2)
             rows.append({"config": name, "path": label, **{k: v / GiB for k, v in parts.items()}})
     return rows

@@ -12,7 +12,10 @@ which operand is gathered, which way the weight is read, and the epilogue:
 
 W1's rows interleave gate (2j) and linear (2j+1), so in GATE_UP one dot yields both halves of a tile
 and the epilogue splits the column pairs; DOWN_BWD writes its two gradients back interleaved.
-The combine over the k slots of a token is a torch sum over [T, k, D]. Weights are frozen.
+The combine over the k slots of a token is a torch sum over [T, k, D]. Weights are frozen; LoRA
+adapters on the experts join through ADD: an fp32 [P, N] update (sorted rows) added to the product
+in the epilogue (to h and y forward; to d act before the SwiGLU's backward and to gx), computed by
+torch as one masked rank product for all experts (see "expert LoRA" below).
 
 Weights stay MXFP4: each K step loads [rows, blocks, 16] packed bytes (16-byte vectors along the
 packed dimension) and one scale per 32 values, decodes them in registers (kernels/mxfp4.py:
