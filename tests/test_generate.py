@@ -145,6 +145,7 @@ def test_decode_buffers_made_in_inference_mode_do_not_break_later_no_grad_passes
     generate(model, [prompt], max_new_tokens=2, temperature=0.0, stop_tokens=())
     buffers = [b for layer in model.model.layers for b in layer.mlp.experts.buffers["gate_up_proj"].values()]
     assert buffers and all(b.is_inference() for b in buffers)  # made under inference_mode, as in a fresh process
+    assert len({id(layer.mlp.experts.buffers) for layer in model.model.layers}) == 1  # one set for all layers
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([prompt]))).all()
 

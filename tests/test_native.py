@@ -174,3 +174,20 @@ def test_without_a_compiler_the_model_still_runs_and_says_why_once(tmp_path):
         assert run.stderr.count("native MXFP4 CPU kernels are off") == 1 and why in run.stderr, run.stderr
         sums = [float(v) for v in run.stdout.split()]
         assert len(sums) == 2 and sums[0] == sums[1] and sums[0] > 0
+
+
+@pytest.mark.skipif(not native.bf16_dot(), reason="this CPU or build has no native bf16 product")
+def test_direct_linear_keeps_large_weights_native_up_to_eight_rows(monkeypatch):
+    # F.linear would copy a large weight into oneDNN's layout (gpt-oss-20b's unembedding: 1.16 GB) for
+    # each call; batch-8 decoding stays on the native product for those, smaller weights switch at 4 rows
+    from gptoss import cpu
+
+    calls = []
+    monkeypatch.setattr(native, "bf16_linear", lambda x, w, b=None: calls.append(x.shape[0]) or F.linear(x, w, b))
+    linear = cpu.DirectLinear(torch.nn.Linear(64, 32, dtype=torch.bfloat16))  # 4 KiB of weight
+    for threshold, native_rows in ((64 * 32 * 2 + 1, [1, 4]), (64 * 32 * 2, [1, 4, 5, 8])):  # small, then large
+        monkeypatch.setattr(cpu, "LARGE_WEIGHT", threshold)
+        calls.clear()
+        for rows in (1, 4, 5, 8, 9):
+            linear(torch.randn(rows, 64, dtype=torch.bfloat16))
+        assert calls == native_rows
