@@ -370,9 +370,9 @@ def save_checkpoint(
     `layout` in `folder`, with its shards, index and config files; return the folder. Shard size
     defaults to the real checkpoints': HF 4.8 GB; original one file up to 16 GB (20b), else shards of
     10 GB (120b has seven). Each file is written whole or not at all."""
+    spec = disk_spec(config, layout)  # an unknown layout or width is refused before anything is written
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    spec = disk_spec(config, layout)
     canon = {n: t if callable(t) else (lambda t=t: t) for n, t in tensors.items()}
     producers = disk_from_canonical(config, layout, canon)
     total = sum(_nbytes(s, d) for s, d in spec.values())

@@ -375,13 +375,13 @@ class MoEFunction(torch.autograd.Function):
         T, D = x.shape
         save = any(ctx.needs_input_grad[:6])
         gate = weights.reshape(-1).float().contiguous()
-        rows = routing.sorted_pairs.long() // routing.top_k  # the token of each sorted row
         mask = z1 = z2 = u1 = u2 = None
         if A1 is not None or A2 is not None:
             E = w1_blocks.shape[0]
             A = A1 if A1 is not None else A2
             mask = expert_mask(routing, E, A.shape[0] // E, A.dtype)
         if A1 is not None:
+            rows = routing.sorted_pairs.long() // routing.top_k  # the token of each sorted row
             z1, u1 = lora_update(x.index_select(0, rows), A1, B1, mask, scaling)
         act, h = moe_gate_up_fwd(x, routing, w1_blocks, w1_scales, b1, alpha, limit, save, add=u1)
         if A2 is not None:
@@ -400,7 +400,7 @@ class MoEFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         T, D = grad_out.shape
         grad_out = grad_out.contiguous()
-        rows = routing.sorted_pairs.long() // K
+        rows = routing.sorted_pairs.long() // K if A1 is not None or A2 is not None else None  # sorted row -> token
         grad_x = grad_w = dA1 = dB1 = dA2 = dB2 = d_act = None
         if need[1]:  # d out / d w[t, s] = y[t, s] (the adapter's update included)
             grad_w = torch.einsum("tkd,td->tk", y.view(T, K, D), grad_out.float())

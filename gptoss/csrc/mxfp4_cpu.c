@@ -129,41 +129,16 @@ ROW_KERNEL(8)
 /* bf16 rows of x, in their own order (no split into even and odd elements): per block, the 16 E2M1
    values times the block's scale become a 16-entry bf16 table (exact: a power of two times an E2M1
    value), each byte's two codes index it into one 32-bit lane holding its element pair, and
-   vdpbf16ps multiplies pairs with the matching pair of x and adds both products into fp32 lanes. */
-#define ROW_KERNEL_BF16(R, U)                                                                              \
+   vdpbf16ps multiplies pairs with the matching pair of x and adds both products into fp32 lanes.
+   AFTER (a constant, for one row): building each block's scaled table costs more than the product,
+   so one unscaled table serves every block and the block's scale (a power of two: exact) multiplies
+   its fp32 dot product instead: 0.34 against 0.40 ms for a 5760 x 2880 expert at one row on a 2-core
+   AVX-512 VM; with more rows the extra multiply per row loses. */
+#define ROW_KERNEL_BF16(R, U, AFTER)                                                                       \
     static inline void row_kernel_bf16_##R(const uint8_t *b, const uint8_t *sc, int64_t G,                 \
                                            const uint16_t *x, int64_t in, float *sums) {                  \
         const __m512 lut = _mm512_loadu_ps(FP4);                                                          \
-        const __m512i nibbles = _mm512_set1_epi32(0x000f000f);                                            \
-        __m512 acc[R * U]; /* U independent sums per row: a dot product's latency is hidden behind U */   \
-        for (int a = 0; a < R * U; a++) acc[a] = _mm512_setzero_ps();                                     \
-        for (int64_t g0 = 0; g0 < G; g0 += U) {                                                           \
-            for (int u = 0; u < U && g0 + u < G; u++) {                                                   \
-                const int64_t g = g0 + u;                                                                 \
-                const __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b + g * 16)));    \
-                /* word 2i: the low code of byte i, word 2i + 1: its high code */                          \
-                const __m512i idx = _mm512_ternarylogic_epi32(w, _mm512_slli_epi32(w, 12), nibbles, 0xa8); \
-                const __m256bh table = _mm512_cvtneps_pbh(_mm512_mul_ps(lut, _mm512_set1_ps(SCALE[sc[g]]))); \
-                const __m512bh wp = (__m512bh)_mm512_permutexvar_epi16(idx, _mm512_castsi256_si512((__m256i)table)); \
-                for (int r = 0; r < R; r++)                                                               \
-                    acc[r * U + u] = _mm512_dpbf16_ps(acc[r * U + u], wp,                                 \
-                                                      (__m512bh)_mm512_loadu_si512(x + r * in + g * 32));  \
-            }                                                                                             \
-        }                                                                                                 \
-        for (int r = 0; r < R; r++) {                                                                     \
-            __m512 t = acc[r * U];                                                                        \
-            for (int u = 1; u < U; u++) t = _mm512_add_ps(t, acc[r * U + u]);                              \
-            sums[r] = _mm512_reduce_add_ps(t);                                                            \
-        }                                                                                                 \
-    }
-/* The same for one row, where building each block's scaled table costs more than the product: one
-   unscaled table for every block, and the block's scale (a power of two: exact) multiplies its fp32
-   dot product. 16% faster at one row on a 2-core AVX-512 VM (0.34 against 0.40 ms for a 5760 x 2880
-   expert); with more rows the extra multiply per row loses. */
-#define ROW_KERNEL_BF16_SCALE_AFTER(R, U)                                                                  \
-    static inline void row_kernel_bf16_##R(const uint8_t *b, const uint8_t *sc, int64_t G,                 \
-                                           const uint16_t *x, int64_t in, float *sums) {                  \
-        const __m512i table = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(FP4))); \
+        const __m512i unscaled = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(lut));                \
         const __m512 zero = _mm512_setzero_ps();                                                          \
         const __m512i nibbles = _mm512_set1_epi32(0x000f000f);                                            \
         __m512 acc[R * U]; /* U independent sums per row: a dot product's latency is hidden behind U */   \
@@ -175,10 +150,14 @@ ROW_KERNEL(8)
                 /* word 2i: the low code of byte i, word 2i + 1: its high code */                          \
                 const __m512i idx = _mm512_ternarylogic_epi32(w, _mm512_slli_epi32(w, 12), nibbles, 0xa8); \
                 const __m512 s = _mm512_set1_ps(SCALE[sc[g]]);                                            \
-                const __m512bh wp = (__m512bh)_mm512_permutexvar_epi16(idx, table); \
-                for (int r = 0; r < R; r++)                                                               \
-                    acc[r * U + u] = _mm512_fmadd_ps(_mm512_dpbf16_ps(zero, wp,                           \
-                        (__m512bh)_mm512_loadu_si512(x + r * in + g * 32)), s, acc[r * U + u]);           \
+                const __m512i table = AFTER ? unscaled                                                    \
+                    : _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(lut, s)));         \
+                const __m512bh wp = (__m512bh)_mm512_permutexvar_epi16(idx, table);                       \
+                for (int r = 0; r < R; r++) {                                                             \
+                    const __m512bh xr = (__m512bh)_mm512_loadu_si512(x + r * in + g * 32);                \
+                    acc[r * U + u] = AFTER ? _mm512_fmadd_ps(_mm512_dpbf16_ps(zero, wp, xr), s, acc[r * U + u]) \
+                                           : _mm512_dpbf16_ps(acc[r * U + u], wp, xr);                    \
+                }                                                                                         \
             }                                                                                             \
         }                                                                                                 \
         for (int r = 0; r < R; r++) {                                                                     \
@@ -187,10 +166,10 @@ ROW_KERNEL(8)
             sums[r] = _mm512_reduce_add_ps(t);                                                            \
         }                                                                                                 \
     }
-ROW_KERNEL_BF16_SCALE_AFTER(1, 4)
-ROW_KERNEL_BF16(2, 4)
-ROW_KERNEL_BF16(4, 2)
-ROW_KERNEL_BF16(8, 1)
+ROW_KERNEL_BF16(1, 4, 1)
+ROW_KERNEL_BF16(2, 4, 0)
+ROW_KERNEL_BF16(4, 2, 0)
+ROW_KERNEL_BF16(8, 1, 0)
 #endif
 
 int gptoss_mxfp4_bf16_dot(void) {
