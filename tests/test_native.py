@@ -66,6 +66,28 @@ def test_linear_equals_dequantize_then_matmul(rows, dtype):
         assert ((got - ref).abs() <= tol).all()
 
 
+@pytest.mark.parametrize("groups", [1, 2, 3, 4, 5, 16, 17, 21])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_linear_reads_every_block_count_and_every_scale(groups, rows):
+    # the bf16 kernel takes four blocks per step, the last step partial (G not a multiple of 4), and
+    # sixteen scales per load; scales 0 .. 160: 2^-127 (subnormal in fp32) up to 2^33. Output row 0 has
+    # only scale 0, so its true values are about 1e-38: a kernel that drops or flushes that scale
+    # fails the tolerance there (1e-5 of sum |x| |w|, itself about 1e-38).
+    out_features = 9
+    blocks, scales = _codes(out_features, groups, seed=groups, lo=0, hi=160)
+    scales[0] = 0
+    scales[1, 0] = 0
+    g = torch.Generator().manual_seed(groups)
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(rows, groups * 32, generator=g).to(dtype)
+        w = mxfp4.dequantize(blocks, scales, torch.float32)
+        want = F.linear(x.float(), w)
+        tol = 1e-5 * F.linear(x.float().abs(), w.abs()) + (2**-8 * want.abs() if dtype == torch.bfloat16 else 0)
+        got = native.linear(x, blocks, scales).float()
+        assert ((got - want).abs() <= tol).all(), (got - want).abs().max()
+        assert (got[:, 0] != 0).any()
+
+
 @pytest.mark.skipif(not native.bf16_dot(), reason="this CPU has no AVX512-BF16")
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 7])
 def test_bf16_linear_reads_a_plain_weight_in_place(rows):

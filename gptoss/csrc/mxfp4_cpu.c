@@ -126,50 +126,80 @@ ROW_KERNEL(8)
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #define HAVE_BF16_DOT 1
-/* bf16 rows of x, in their own order (no split into even and odd elements): per block, the 16 E2M1
-   values times the block's scale become a 16-entry bf16 table (exact: a power of two times an E2M1
-   value), each byte's two codes index it into one 32-bit lane holding its element pair, and
-   vdpbf16ps multiplies pairs with the matching pair of x and adds both products into fp32 lanes.
-   AFTER (a constant, for one row): building each block's scaled table costs more than the product,
-   so one unscaled table serves every block and the block's scale (a power of two: exact) multiplies
-   its fp32 dot product instead: 0.34 against 0.40 ms for a 5760 x 2880 expert at one row on a 2-core
-   AVX-512 VM; with more rows the extra multiply per row loses. */
-#define ROW_KERNEL_BF16(R, U, AFTER)                                                                       \
+/* bf16 rows of x, 64 bytes of codes (four blocks, 128 elements) per step. Read as 32 16-bit words,
+   word w holds the codes of elements 4w .. 4w + 3 of the step, one per nibble; the word shifted right
+   by 0, 4, 8 and 12 bits indexes (through its low 5 bits) a 32-entry table of the unscaled E2M1
+   values in bf16, the 16 values twice, so the bits above each nibble do not matter: four vpermw give
+   the step's 128 weights, element 4w + k in word w of the k-th vector. x is reordered to match once
+   per call (`permute_x`), so four vdpbf16ps multiply them with x; each 32-bit lane m of their sums
+   holds products of block m / 4 only, and one multiply by the vector of the four blocks' scales (a
+   power of two each: exact) adds the step into the fp32 total. Per 128 weights: 3 shifts, 4
+   permutes, 1 permute of the scales, and 4 dot products and 1 multiply-add per row of x. */
+static const int32_t STEP_SCALE[4][16] = {
+    {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3},
+    {4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7},
+    {8, 8, 8, 8, 9, 9, 9, 9, 10, 10, 10, 10, 11, 11, 11, 11},
+    {12, 12, 12, 12, 13, 13, 13, 13, 14, 14, 14, 14, 15, 15, 15, 15}};
+
+/* x [n, in] bf16 -> xp [n, P] with P = 128 * ceil(G / 4): step c's element 4w + k at 128 c + 32 k + w,
+   zeros past `in` (so the padded blocks of the last step add nothing). */
+static void permute_x(const uint16_t *x, int64_t n, int64_t in, int64_t P, uint16_t *xp) {
+    for (int64_t r = 0; r < n; r++)
+        for (int64_t c = 0; c < P / 128; c++)
+            for (int k = 0; k < 4; k++)
+                for (int w = 0; w < 32; w++) {
+                    const int64_t e = 128 * c + 4 * w + k;
+                    xp[r * P + 128 * c + 32 * k + w] = e < in ? x[r * in + e] : 0;
+                }
+}
+
+/* 16 E8M0 bytes -> the fp32 powers of two 2^(s - 127): the byte shifted into the exponent field, and
+   s = 0 (2^-127, below fp32's normal range) as its subnormal bit pattern. */
+static inline __m512 scales16(const uint8_t *sc, int64_t count) {
+    const __m512i s = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8((__mmask16)((1u << count) - 1u), sc));
+    const __m512i bits = _mm512_slli_epi32(s, 23);
+    return _mm512_castsi512_ps(_mm512_mask_mov_epi32(bits, _mm512_testn_epi32_mask(s, s), _mm512_set1_epi32(0x00400000)));
+}
+
+#define ROW_KERNEL_BF16(R)                                                                                 \
     static inline void row_kernel_bf16_##R(const uint8_t *b, const uint8_t *sc, int64_t G,                 \
-                                           const uint16_t *x, int64_t in, float *sums) {                  \
+                                           const uint16_t *xp, int64_t P, float *sums) {                  \
         const __m512 lut = _mm512_loadu_ps(FP4);                                                          \
-        const __m512i unscaled = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(lut));                \
+        const __m256i half = (__m256i)_mm512_cvtneps_pbh(lut);                                            \
+        const __m512i table = _mm512_inserti64x4(_mm512_castsi256_si512(half), half, 1);                  \
         const __m512 zero = _mm512_setzero_ps();                                                          \
-        const __m512i nibbles = _mm512_set1_epi32(0x000f000f);                                            \
-        __m512 acc[R * U]; /* U independent sums per row: a dot product's latency is hidden behind U */   \
-        for (int a = 0; a < R * U; a++) acc[a] = _mm512_setzero_ps();                                     \
-        for (int64_t g0 = 0; g0 < G; g0 += U) {                                                           \
-            for (int u = 0; u < U && g0 + u < G; u++) {                                                   \
-                const int64_t g = g0 + u;                                                                 \
-                const __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b + g * 16)));    \
-                /* word 2i: the low code of byte i, word 2i + 1: its high code */                          \
-                const __m512i idx = _mm512_ternarylogic_epi32(w, _mm512_slli_epi32(w, 12), nibbles, 0xa8); \
-                const __m512 s = _mm512_set1_ps(SCALE[sc[g]]);                                            \
-                const __m512i table = AFTER ? unscaled                                                    \
-                    : _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(lut, s)));         \
-                const __m512bh wp = (__m512bh)_mm512_permutexvar_epi16(idx, table);                       \
+        __m512 acc[R];                                                                                    \
+        for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();                                         \
+        for (int64_t g0 = 0; g0 < G; g0 += 16) {                                                          \
+            const int64_t left = G - g0 < 16 ? G - g0 : 16;                                               \
+            const __m512 s16 = scales16(sc + g0, left);                                                   \
+            for (int64_t q = 0; 4 * q < left; q++) {                                                      \
+                const int64_t blocks = left - 4 * q < 4 ? left - 4 * q : 4;                               \
+                const uint8_t *at = b + (g0 + 4 * q) * 16;                                                \
+                const __m512i v = blocks == 4 ? _mm512_loadu_si512(at)                                    \
+                    : _mm512_maskz_loadu_epi8((__mmask64)((1ull << (16 * blocks)) - 1ull), at);           \
+                const __m512bh w0 = (__m512bh)_mm512_permutexvar_epi16(v, table);                          \
+                const __m512bh w1 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table);    \
+                const __m512bh w2 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), table);    \
+                const __m512bh w3 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), table);   \
+                const __m512 s = _mm512_permutexvar_ps(_mm512_loadu_si512(STEP_SCALE[q]), s16);            \
+                const uint16_t *xc = xp + (g0 + 4 * q) * 32;                                              \
                 for (int r = 0; r < R; r++) {                                                             \
-                    const __m512bh xr = (__m512bh)_mm512_loadu_si512(x + r * in + g * 32);                \
-                    acc[r * U + u] = AFTER ? _mm512_fmadd_ps(_mm512_dpbf16_ps(zero, wp, xr), s, acc[r * U + u]) \
-                                           : _mm512_dpbf16_ps(acc[r * U + u], wp, xr);                    \
+                    const uint16_t *xr = xc + r * P;                                                      \
+                    __m512 t = _mm512_dpbf16_ps(zero, w0, (__m512bh)_mm512_loadu_si512(xr));              \
+                    t = _mm512_dpbf16_ps(t, w1, (__m512bh)_mm512_loadu_si512(xr + 32));                   \
+                    t = _mm512_dpbf16_ps(t, w2, (__m512bh)_mm512_loadu_si512(xr + 64));                   \
+                    t = _mm512_dpbf16_ps(t, w3, (__m512bh)_mm512_loadu_si512(xr + 96));                   \
+                    acc[r] = _mm512_fmadd_ps(t, s, acc[r]);                                               \
                 }                                                                                         \
             }                                                                                             \
         }                                                                                                 \
-        for (int r = 0; r < R; r++) {                                                                     \
-            __m512 t = acc[r * U];                                                                        \
-            for (int u = 1; u < U; u++) t = _mm512_add_ps(t, acc[r * U + u]);                              \
-            sums[r] = _mm512_reduce_add_ps(t);                                                            \
-        }                                                                                                 \
+        for (int r = 0; r < R; r++) sums[r] = _mm512_reduce_add_ps(acc[r]);                              \
     }
-ROW_KERNEL_BF16(1, 4, 1)
-ROW_KERNEL_BF16(2, 4, 0)
-ROW_KERNEL_BF16(4, 2, 0)
-ROW_KERNEL_BF16(8, 1, 0)
+ROW_KERNEL_BF16(1)
+ROW_KERNEL_BF16(2)
+ROW_KERNEL_BF16(4)
+ROW_KERNEL_BF16(8)
 #endif
 
 int gptoss_mxfp4_bf16_dot(void) {
@@ -242,6 +272,10 @@ int gptoss_mxfp4_linear(const void *x, int x_bf16, int64_t n, int64_t in, const 
     const int64_t G = in / 32, H = in / 2;
 #ifdef HAVE_BF16_DOT
     if (x_bf16) {
+        const int64_t P = 128 * ((G + 3) / 4);
+        uint16_t *xp = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(n * P + 1));
+        if (xp == NULL) return -1;
+        permute_x((const uint16_t *)x, n, in, P, xp);
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t o = 0; o < out; o++) {
             const uint8_t *b = blocks + o * G * 16, *sc = scales + o * G;
@@ -250,15 +284,16 @@ int gptoss_mxfp4_linear(const void *x, int x_bf16, int64_t n, int64_t in, const 
             for (int64_t r0 = 0; r0 < n;) {
                 const int64_t left = n - r0;
                 const int R = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
-                const uint16_t *xr = (const uint16_t *)x + r0 * in;
-                if (R == 8) row_kernel_bf16_8(b, sc, G, xr, in, sums);
-                else if (R == 4) row_kernel_bf16_4(b, sc, G, xr, in, sums);
-                else if (R == 2) row_kernel_bf16_2(b, sc, G, xr, in, sums);
-                else row_kernel_bf16_1(b, sc, G, xr, in, sums);
+                const uint16_t *xr = xp + r0 * P;
+                if (R == 8) row_kernel_bf16_8(b, sc, G, xr, P, sums);
+                else if (R == 4) row_kernel_bf16_4(b, sc, G, xr, P, sums);
+                else if (R == 2) row_kernel_bf16_2(b, sc, G, xr, P, sums);
+                else row_kernel_bf16_1(b, sc, G, xr, P, sums);
                 for (int r = 0; r < R; r++) ((uint16_t *)y)[(r0 + r) * out + o] = f32_to_bf16(sums[r] + add);
                 r0 += R;
             }
         }
+        free(xp);
         return 0;
     }
 #endif
