@@ -180,6 +180,13 @@ class MXFP4Experts(_InferenceOnly):
         return F.linear(x, weight, bias)
 
     def forward(self, x_TD: torch.Tensor, weights_Tk: torch.Tensor, ids_Tk: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+        """experts_forward; up to FUSED_ROWS bf16 tokens (decoding, short prompts) in one native call
+        (gptoss.native.moe), where the loop over experts costs a few dozen torch operations each."""
+        from gptoss import native
+
+        if x_TD.dtype == torch.bfloat16 and x_TD.shape[0] <= FUSED_ROWS and native.bf16_dot():
+            gate_up = (*self.codes["gate_up_proj"], self.gate_up_proj_bias)
+            return native.moe(x_TD, weights_Tk, ids_Tk, gate_up, (*self.codes["down_proj"], self.down_proj_bias), alpha, limit)
         return experts_forward(x_TD, weights_Tk, ids_Tk, self, alpha, limit)
 
 

@@ -7,6 +7,7 @@ Without a compiler (or with GPTOSS_NATIVE=0) nothing breaks: `available()` is Fa
 path stays off and says so once on stderr, and MXFP4 experts are decoded with torch operations.
 
     linear(x, blocks, scales, bias)   x [n, in] @ W^T + bias, W read as MXFP4 (fp32 sums)
+    moe(x, weights, ids, ...)         a few tokens' mixture of MXFP4 experts in one call (bf16)
     dequantize(blocks, scales, dtype) W in bf16 or fp32, bit for bit gptoss.mxfp4.dequantize
 """
 
@@ -102,6 +103,9 @@ def _library() -> ctypes.CDLL | None:
     lib.gptoss_mxfp4_bf16_dot.restype = i32
     lib.gptoss_bf16_linear.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i32]
     lib.gptoss_bf16_linear.restype = i32
+    f32 = ctypes.c_float
+    lib.gptoss_mxfp4_moe.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, f32, f32, ptr, i32]
+    lib.gptoss_mxfp4_moe.restype = i32
     return lib
 
 
@@ -215,4 +219,54 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return y
 
 
-__all__ = ["bf16_linear", "bf16_dot", "available", "dequantize", "linear", "reason", "simd", "tell_once"]
+def moe(
+    x_TD: torch.Tensor,
+    weights_Tk: torch.Tensor,
+    ids_Tk: torch.Tensor,
+    gate_up: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    down: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    alpha: float,
+    limit: float,
+) -> torch.Tensor:
+    """gptoss.model.experts_forward for bf16 x [T, D] and MXFP4 experts, in one call: gate_up and
+    down are (codes [E, out, in/32, 16], scales [E, out, in/32], bias [E, out]); weights [T, k] fp32
+    and ids [T, k] from the router. Each expert product as `linear` makes it (fp32 sums, one rounding),
+    the SwiGLU rounded to bf16 step by step as torch does, the slots summed in fp32: equal to the
+    reference but for the order of the products' sums and sigmoid's last bit. Needs bf16_dot()."""
+    lib = _library()
+    if lib is None or not bf16_dot():
+        raise RuntimeError(f"the native MoE is not available here: {_reason or 'no AVX512-BF16'}")
+    (b1, s1, bias1), (b2, s2, bias2) = gate_up, down
+    if x_TD.dim() != 2 or s1.dim() != 3:
+        raise ValueError(f"expected x [T, D] and gate_up scales [E, 2I, D/32], got {tuple(x_TD.shape)} and {tuple(s1.shape)}")
+    for codes, scales in (gate_up[:2], down[:2]):
+        _check(codes.flatten(0, 1), scales.flatten(0, 1))
+    T, D = x_TD.shape
+    E, I2 = s1.shape[0], s1.shape[1]
+    expected = {"gate_up codes": (b1, (E, I2, D // 32, 16)), "down codes": (b2, (E, D, I2 // 64, 16)),
+                "gate_up bias": (bias1, (E, I2)), "down bias": (bias2, (E, D)), "gate_up scales": (s1, (E, I2, D // 32)),
+                "down scales": (s2, (E, D, I2 // 64))}  # fmt: skip
+    for name, (t, shape) in expected.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"expected {name} {shape} for x [{T}, {D}], got {tuple(t.shape)}")
+    if x_TD.dtype != torch.bfloat16 or bias1.dtype != torch.bfloat16 or bias2.dtype != torch.bfloat16:
+        raise TypeError(f"x and the biases must be bf16, got {x_TD.dtype}, {bias1.dtype}, {bias2.dtype}")
+    if ids_Tk.shape != weights_Tk.shape or ids_Tk.shape[0] != T or weights_Tk.dtype != torch.float32:
+        raise ValueError(f"expected ids and fp32 weights [{T}, k], got {tuple(ids_Tk.shape)} and {tuple(weights_Tk.shape)} {weights_Tk.dtype}")
+    if D % 32 or I2 % 64:
+        raise ValueError(f"hidden size {D} and intermediate size {I2 // 2} must be multiples of 32")
+    args = [t.contiguous() for t in (x_TD, ids_Tk.long(), weights_Tk, b1, s1, bias1, b2, s2, bias2)]
+    out = torch.empty(T, D, dtype=torch.bfloat16)
+    x, ids, w, b1, s1, bias1, b2, s2, bias2 = args
+    status = lib.gptoss_mxfp4_moe(
+        x.data_ptr(), T, D, ids.shape[1], ids.data_ptr(), w.data_ptr(), E, I2 // 2, b1.data_ptr(), s1.data_ptr(),
+        bias1.data_ptr(), b2.data_ptr(), s2.data_ptr(), bias2.data_ptr(), alpha, limit, out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    if status != 0:
+        if not bool(((ids >= 0) & (ids < E)).all()):
+            raise ValueError(f"expert ids must be in 0 .. {E - 1}, got {ids.min().item()} .. {ids.max().item()}")
+        raise MemoryError("the native MoE could not allocate its scratch memory")
+    return out
+
+
+__all__ = ["moe", "bf16_linear", "bf16_dot", "available", "dequantize", "linear", "reason", "simd", "tell_once"]

@@ -124,6 +124,77 @@ def test_linear_refuses_what_it_cannot_read():
         native.dequantize(blocks, scales, out=torch.empty(8, 63))
 
 
+def _experts(hidden=96, inter=160, experts=8, seed=0):
+    """MXFP4 experts with random codes, scales near 2^-5 and bf16 biases (hidden 96: a partial last
+    step of four blocks; intermediate 160: five blocks)."""
+    from gptoss.model import Experts
+
+    layer = Experts(small_config(hidden_size=hidden, intermediate_size=inter, num_local_experts=experts))
+    g = torch.Generator().manual_seed(seed)
+    for name, t in layer.named_buffers():
+        t.copy_(torch.randint(0, 256, t.shape, generator=g, dtype=torch.uint8) if "blocks" in name
+                else torch.randint(118, 126, t.shape, generator=g, dtype=torch.uint8))  # fmt: skip
+    with torch.no_grad():
+        for p in (layer.gate_up_proj_bias, layer.down_proj_bias):
+            p.copy_(torch.randn(p.shape, generator=g))
+    return layer.bfloat16()
+
+
+@pytest.mark.skipif(not native.bf16_dot(), reason="this CPU has no AVX512-BF16")
+@pytest.mark.parametrize("tokens", [1, 2, 5, 24])
+def test_moe_in_one_call_is_the_expert_loop(tokens):
+    # against gptoss.model.experts_forward running one expert at a time through native.linear: the same
+    # products in the same order, the same bf16 rounding of every SwiGLU step, the slots summed in fp32
+    # in slot order, so equal bit for bit (the one operation that could differ, sigmoid, rounds C's expf
+    # and torch's exp to the same bf16 here). And against the torch reference (dequantized experts,
+    # bf16 matmuls): within the rounding of a different summation order carried through SwiGLU, 2% of
+    # the largest output. 24 tokens over 8 experts: runs of 8 rows and more, and of 1.
+    from gptoss.cpu import MXFP4Experts
+    from gptoss.model import experts_forward, route
+
+    reference = _experts()
+    fast = MXFP4Experts(reference)
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, 96, generator=g).bfloat16()
+    weights, ids = route(torch.randn(tokens, 8, generator=g), 4)
+    got = native.moe(x, weights, ids, (*fast.codes["gate_up_proj"], fast.gate_up_proj_bias),
+                     (*fast.codes["down_proj"], fast.down_proj_bias), 1.702, 7.0)  # fmt: skip
+    assert got.dtype == torch.bfloat16 and got.shape == (tokens, 96)
+    assert torch.equal(got, experts_forward(x, weights, ids, fast, 1.702, 7.0))
+    assert torch.equal(got, fast(x, weights, ids, 1.702, 7.0))  # what the model calls
+    with torch.no_grad():
+        want = reference(x, weights, ids, 1.702, 7.0).float()
+    assert (got.float() - want).abs().max() <= 0.02 * want.abs().max()
+    # NaN where the reference has it, and only there
+    x[0, 5] = float("nan")
+    assert torch.equal(fast(x, weights, ids, 1.702, 7.0).isnan(), reference(x, weights, ids, 1.702, 7.0).isnan())
+
+
+@pytest.mark.skipif(not native.bf16_dot(), reason="this CPU has no AVX512-BF16")
+def test_moe_refuses_what_it_cannot_read():
+    layer = _experts()
+    gate_up = (layer.gate_up_proj_blocks, layer.gate_up_proj_scales, layer.gate_up_proj_bias)
+    down = (layer.down_proj_blocks, layer.down_proj_scales, layer.down_proj_bias)
+    x, weights, ids = torch.randn(2, 96).bfloat16(), torch.full((2, 4), 0.25), torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
+    native.moe(x, weights, ids, gate_up, down, 1.702, 7.0)
+    with pytest.raises(ValueError, match=r"expert ids must be in 0 \.\. 7, got 0 \.\. 8"):
+        native.moe(x, weights, ids + (ids == 7).long(), gate_up, down, 1.702, 7.0)
+    with pytest.raises(ValueError, match="expert ids must be"):
+        native.moe(x, weights, ids - 1, gate_up, down, 1.702, 7.0)
+    with pytest.raises(TypeError, match="must be bf16"):
+        native.moe(x.float(), weights, ids, gate_up, down, 1.702, 7.0)
+    with pytest.raises(ValueError, match="fp32 weights"):
+        native.moe(x, weights.bfloat16(), ids, gate_up, down, 1.702, 7.0)
+    with pytest.raises(ValueError, match="fp32 weights"):
+        native.moe(x, weights[:, :3], ids, gate_up, down, 1.702, 7.0)
+    with pytest.raises(ValueError, match="expected gate_up codes"):
+        native.moe(x[:, :64], weights, ids, gate_up, down, 1.702, 7.0)
+    with pytest.raises(ValueError, match="expected down bias"):
+        native.moe(x, weights, ids, gate_up, (*down[:2], down[2][:, :5]), 1.702, 7.0)
+    with pytest.raises(TypeError, match="uint8"):
+        native.moe(x, weights, ids, (gate_up[0].int(), *gate_up[1:]), down, 1.702, 7.0)
+
+
 def _models(tmp_path, dtype):
     from gptoss import load_model
     from gptoss.synthetic import write_checkpoint
@@ -138,7 +209,7 @@ def _models(tmp_path, dtype):
 def test_model_on_the_native_kernels_matches_the_reference_path(tmp_path, dtype, tol, monkeypatch):
     from gptoss.cpu import MXFP4Experts
 
-    calls = {"linear": 0, "dequantize": 0}
+    calls = {"linear": 0, "dequantize": 0, "moe": 0}
 
     def counting(name, f):
         def counted(*args, **kwargs):
@@ -166,7 +237,10 @@ def test_model_on_the_native_kernels_matches_the_reference_path(tmp_path, dtype,
         with torch.no_grad():
             want, got = reference(ids).float(), fast(ids).float()
         difference = (got - want).abs().max()
-        if fused:
+        if fused and dtype == torch.bfloat16 and native.bf16_dot():  # a whole MoE layer per native call
+            assert calls["moe"] == before["moe"] + len(fast.model.layers)
+            assert calls["linear"] == before["linear"] and calls["dequantize"] == before["dequantize"]
+        elif fused:
             assert calls["linear"] > before["linear"] and calls["dequantize"] == before["dequantize"]
         else:  # the busiest experts take the decode-once path (the others still the fused kernel)
             assert calls["dequantize"] > before["dequantize"]

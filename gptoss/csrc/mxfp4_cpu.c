@@ -330,3 +330,128 @@ int gptoss_mxfp4_linear(const void *x, int x_bf16, int64_t n, int64_t in, const 
     free(xe);
     return 0;
 }
+
+/* bf16 rounding of each step of gptoss.model.swiglu as torch runs it on bf16 tensors (every operation
+   computes in fp32 and rounds its result): the gate clamped from above, the linear part on both sides,
+   gate * sigmoid(alpha * gate) * (linear + 1). NaN stays NaN through the clamps, as in torch. */
+static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+static inline float swiglu_bf16(float gate, float lin, float alpha, float limit) {
+    gate = gate > limit ? limit : gate;
+    lin = lin > limit ? limit : lin < -limit ? -limit : lin;
+    const float a = round_bf16(alpha * gate);
+    const float sig = round_bf16(1.0f / (1.0f + expf(-a)));
+    const float gs = round_bf16(gate * sig);
+    return round_bf16(gs * round_bf16(lin + 1.0f));
+}
+
+/* The mixture of experts of a few tokens, MXFP4 experts, bf16 activations, in one call (gptoss.cpu
+   MXFP4Experts, decoding): the twin of gptoss.model.experts_forward. x [T, D]; ids [T, k] and weights
+   [T, k] fp32 from the router; gate_up codes [E, 2I, D/32, 16] + scales [E, 2I, D/32] + bias [E, 2I];
+   down codes [E, D, I/32, 16] + scales [E, D, I/32] + bias [E, D]; out [T, D]. The (token, slot) pairs
+   are grouped by expert; gate_up rows go out in pairs (gate 2i, linear 2i + 1), so each thread makes
+   its own SwiGLU outputs, written straight into the order the down product reads; then down; then
+   per token the weighted outputs summed in fp32 in slot order and rounded once. Two barriers in all,
+   where a torch loop launches a few dozen operations and two parallel regions per expert. Returns 0;
+   -1 where this build has no bf16 dot product, D or I is not a multiple of 32, an id is out of range,
+   or scratch memory could not be allocated. */
+int gptoss_mxfp4_moe(const uint16_t *x, int64_t T, int64_t D, int64_t k, const int64_t *ids, const float *weights,
+                     int64_t E, int64_t I, const uint8_t *b1, const uint8_t *s1, const uint16_t *bias1,
+                     const uint8_t *b2, const uint8_t *s2, const uint16_t *bias2, float alpha, float limit,
+                     uint16_t *out, int threads) {
+#ifdef HAVE_BF16_DOT
+    if (D % 32 != 0 || I % 32 != 0 || T < 1 || k < 1) return -1;
+    init_scales();
+    const int64_t n = T * k, G1 = D / 32, G2 = I / 32;
+    const int64_t P1 = 128 * ((G1 + 3) / 4), P2 = 128 * ((G2 + 3) / 4);
+    for (int64_t p = 0; p < n; p++)
+        if (ids[p] < 0 || ids[p] >= E) return -1;
+    /* pairs sorted by expert (ascending), token order within one: row r of the sorted list is pair[r] */
+    int64_t *pair = (int64_t *)malloc(sizeof(int64_t) * (size_t)(3 * n + 2 * E + 1));
+    uint16_t *xp = (uint16_t *)calloc((size_t)(n * (P1 + P2)), sizeof(uint16_t));
+    float *y = (float *)malloc(sizeof(float) * (size_t)(n * D));
+    if (pair == NULL || xp == NULL || y == NULL) {
+        free(pair); free(xp); free(y);
+        return -1;
+    }
+    int64_t *row_of = pair + n, *first = pair + 2 * n, *count = first + E, *runs = count + E;
+    memset(count, 0, sizeof(int64_t) * (size_t)E);
+    for (int64_t p = 0; p < n; p++) count[ids[p]]++;
+    int64_t used = 0;
+    for (int64_t e = 0, at = 0; e < E; e++) {
+        first[e] = at;
+        at += count[e];
+        if (count[e] > 0) runs[used++] = e;
+        count[e] = 0;
+    }
+    for (int64_t p = 0; p < n; p++) {
+        const int64_t e = ids[p], r = first[e] + count[e]++;
+        pair[r] = p;
+        row_of[p] = r;
+    }
+    uint16_t *act = xp + n * P1; /* SwiGLU outputs, [n, P2], in the order the down product reads */
+    for (int64_t r = 0; r < n; r++) permute_x(x + (pair[r] / k) * D, 1, D, P1, xp + r * P1);
+#pragma omp parallel num_threads(threads)
+    {
+        float sums[2][8];
+#pragma omp for schedule(dynamic, 64)
+        for (int64_t job = 0; job < used * I; job++) {
+            const int64_t e = runs[job / I], i = job % I, rows = count[e];
+            for (int64_t r0 = 0; r0 < rows;) {
+                const int64_t left = rows - r0;
+                const int R = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+                const uint16_t *xr = xp + (first[e] + r0) * P1;
+                for (int h = 0; h < 2; h++) {
+                    const int64_t o = e * 2 * I + 2 * i + h;
+                    const uint8_t *b = b1 + o * G1 * 16, *sc = s1 + o * G1;
+                    if (R == 8) row_kernel_bf16_8(b, sc, G1, xr, P1, sums[h]);
+                    else if (R == 4) row_kernel_bf16_4(b, sc, G1, xr, P1, sums[h]);
+                    else if (R == 2) row_kernel_bf16_2(b, sc, G1, xr, P1, sums[h]);
+                    else row_kernel_bf16_1(b, sc, G1, xr, P1, sums[h]);
+                    const float add = bf16_to_f32(bias1[o]);
+                    for (int r = 0; r < R; r++) sums[h][r] = round_bf16(sums[h][r] + add);
+                }
+                /* element i of the down product's input sits where permute_x puts it */
+                const int64_t at = 128 * (i / 128) + 32 * (i % 4) + (i % 128) / 4;
+                for (int r = 0; r < R; r++)
+                    act[(first[e] + r0 + r) * P2 + at] = f32_to_bf16(swiglu_bf16(sums[0][r], sums[1][r], alpha, limit));
+                r0 += R;
+            }
+        }
+#pragma omp for schedule(dynamic, 64)
+        for (int64_t job = 0; job < used * D; job++) {
+            const int64_t e = runs[job / D], d = job % D, rows = count[e];
+            const int64_t o = e * D + d;
+            const uint8_t *b = b2 + o * G2 * 16, *sc = s2 + o * G2;
+            const float add = bf16_to_f32(bias2[o]);
+            for (int64_t r0 = 0; r0 < rows;) {
+                const int64_t left = rows - r0;
+                const int R = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+                const uint16_t *ar = act + (first[e] + r0) * P2;
+                if (R == 8) row_kernel_bf16_8(b, sc, G2, ar, P2, sums[0]);
+                else if (R == 4) row_kernel_bf16_4(b, sc, G2, ar, P2, sums[0]);
+                else if (R == 2) row_kernel_bf16_2(b, sc, G2, ar, P2, sums[0]);
+                else row_kernel_bf16_1(b, sc, G2, ar, P2, sums[0]);
+                for (int r = 0; r < R; r++) y[(first[e] + r0 + r) * D + d] = round_bf16(sums[0][r] + add);
+                r0 += R;
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t d = 0; d < D; d++)
+            for (int64_t t = 0; t < T; t++) {
+                float total = 0.0f;
+                for (int64_t s = 0; s < k; s++) {
+                    const float weighted = y[row_of[t * k + s] * D + d] * weights[t * k + s];
+                    total += weighted;
+                }
+                out[t * D + d] = f32_to_bf16(total);
+            }
+    }
+    free(pair); free(xp); free(y);
+    return 0;
+#else
+    (void)x; (void)T; (void)D; (void)k; (void)ids; (void)weights; (void)E; (void)I; (void)b1; (void)s1;
+    (void)bias1; (void)b2; (void)s2; (void)bias2; (void)alpha; (void)limit; (void)out; (void)threads;
+    return -1;
+#endif
+}
