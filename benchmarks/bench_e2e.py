@@ -15,7 +15,10 @@ batch 1 and batch 8 (each implementation's own KV-cache generation), and peak re
 HF MXFP4 layout, in ~/.cache/gptoss; transformers reads them with its MXFP4 loader (on the CPU it
 dequantizes the experts to bf16). An implementation that cannot fit a config in this machine's
 memory is reported as such. It also measures the memory read bandwidth and prints the decode rate
-that bandwidth allows for the gpt-oss-20b shape (bytes read per token from the config).
+that bandwidth allows for the gpt-oss-20b shape (bytes read per token from the config). On a shared
+CPU machine that bandwidth moves with the neighbours' load (35 to 70 GB/s within minutes on the 2-core
+VM), so on the CPU the gpt-oss-20b batch-1 runs (three) are each bracketed by bandwidth probes, and
+each run's decode rate is printed against the bound of its own moment (`decode_runs` in the JSON).
 """
 
 from __future__ import annotations
@@ -99,16 +102,28 @@ def run_ours(folder, config, backend, prompt_len, new_tokens, device, repeats, f
         for batch in (prompt[:1], prompt) if device == "cuda" else (prompt[:1],):
             generate(model, batch, max_new_tokens=new_tokens if device == "cuda" else 2, temperature=0.0, stop_tokens=())
 
-        def run(batch):
+        def run(batch, probe=False):
             stats = {}
+            if probe:  # this machine's bandwidth moves with its neighbours' load: probed around each run
+                with mem.pause():
+                    before = read_bandwidth_gbs(device)
             generate(model, batch, max_new_tokens=new_tokens, temperature=0.0, stop_tokens=(), stats=stats)
+            if probe:
+                with mem.pause():
+                    stats["bandwidth_gb_s"] = max(before, read_bandwidth_gbs(device))
             return stats
 
-        s1, s8 = [run(prompt[:1]) for _ in range(repeats)], [run(prompt) for _ in range(repeats)]
+        probe = device == "cpu" and config.hidden_size >= 2880  # the full-size shapes
+        s1 = [run(prompt[:1], probe) for _ in range(max(repeats, 3 if probe else 1))]
+        s8 = [run(prompt) for _ in range(repeats)]
+    best = max(s1, key=lambda s: s["decode_tokens"] / s["decode_s"])
     return {
         "load_s": load_s,
         "prefill_tok_s": max(s["prefill_tokens"] / s["prefill_s"] for s in s1),  # the forward pass over the prompt
-        "decode_tok_s": max(s["decode_tokens"] / s["decode_s"] for s in s1),
+        "decode_tok_s": best["decode_tokens"] / best["decode_s"],
+        # the fastest batch-1 run's own bandwidth (the higher of the probes just before and after it)
+        **({"bandwidth_gb_s": best["bandwidth_gb_s"]} if "bandwidth_gb_s" in best else {}),
+        "decode_runs": [[s["decode_tokens"] / s["decode_s"], s.get("bandwidth_gb_s")] for s in s1],
         "decode_b8_tok_s": max(s["decode_tokens"] / s["decode_s"] for s in s8),
         "graph_setup_s": s1[-1]["graph_setup_s"],  # CUDA graph mode: the first step's warm-up and recording
         "peak_rss_gb": mem.gb,
@@ -183,7 +198,7 @@ def main() -> None:
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
     names = (args.configs or ("tiny" if args.quick else "tiny,mid,gpt-oss-20b")).split(",")
-    shape = {"tiny": (64, 32), "mid": (64, 16), "gpt-oss-20b": (16, 3)}  # prompt tokens, new tokens
+    shape = {"tiny": (64, 32), "mid": (64, 16), "gpt-oss-20b": (16, 9)}  # prompt tokens, new tokens
     if gpu:  # the decode step is a replayed CUDA graph there: enough steps to time it
         shape["gpt-oss-20b"] = (16, 64)
     if args.quick:
@@ -256,6 +271,11 @@ def main() -> None:
     if "gpt-oss-20b" in ours and "decode_tok_s" in ours["gpt-oss-20b"]:
         line += f"; ours {ours['gpt-oss-20b']['decode_tok_s']:.3f} tok/s = {ours['gpt-oss-20b']['decode_tok_s'] / bound:.1%} of it"
     print(line)
+    for r in rows:  # runs that probed their own bandwidth: each decode run against the bound of its moment
+        for rate, gbs in r.get("decode_runs") or []:
+            if gbs:
+                run_bound = gbs * 1e9 / bytes_per_token(get_preset(r["config"]))
+                print(f"{r['config']} {r['impl']} decode run: {rate:.2f} tok/s at {gbs:.1f} GB/s (bound {run_bound:.2f}) = {rate / run_bound:.1%}")
     if not gpu:
         print("no CUDA device: CPU figures only; the Triton path's GPU figures were not taken")
     print(f"machine: {machine()}")
@@ -273,9 +293,11 @@ def main() -> None:
     results = []
     for r in rows:
         result = {k: r.get(k) for k in keys}
-        if "decode_tok_s" in r:  # the decode bound of this config at this run's bandwidth, beside the rate
-            result["bandwidth_gb_s"] = bw
-            result["bound_tok_s"] = bw * 1e9 / bytes_per_token(get_preset(r["config"]))
+        if "decode_tok_s" in r:  # the decode bound of this config at the bandwidth of its run, beside the rate
+            result["bandwidth_gb_s"] = r.get("bandwidth_gb_s", bw)
+            result["bound_tok_s"] = result["bandwidth_gb_s"] * 1e9 / bytes_per_token(get_preset(r["config"]))
+            if r.get("decode_runs"):
+                result["decode_runs"] = r["decode_runs"]
         results.append(result)
     print(json.dumps({"bench": "e2e", "results": results}))
 

@@ -160,13 +160,29 @@ class PeakRSS:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except OSError:
             pass
-        self.peak, self.peak_anon, self._stop = 0, 0, threading.Event()
+        self.peak, self.peak_anon, self._stop, self._paused = 0, 0, threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
         return self
 
+    def pause(self):
+        """A block whose memory is not the measured code's (a bandwidth probe between timed runs)."""
+        watcher = self
+
+        class Paused:
+            def __enter__(self):
+                watcher._paused.set()
+
+            def __exit__(self, *exc):
+                watcher._paused.clear()
+
+        return Paused()
+
     def _watch(self):
         while not self._stop.is_set():
+            if self._paused.is_set():
+                time.sleep(0.01)
+                continue
             fields = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith("Rss"))
             kib = {k: int(v.split()[0]) for k, v in fields.items()}
             self.peak = max(
