@@ -8,7 +8,9 @@
    gptoss_mxfp4_linear: y [n, out] = x [n, in] W^T (+ bias) with W decoded block by block in registers,
    never stored; products and sums in fp32, one rounding to the output dtype at the end. Rows of x
    are taken up to 8 at a time, so each decoded block is used by all of them. Output rows are split
-   between threads (OpenMP). AVX-512 where the compiler targets it, otherwise portable C. */
+   between threads (OpenMP). AVX-512 where the compiler targets it, otherwise portable C.
+   gptoss_mxfp4_moe: a few tokens through a whole MoE layer (experts, SwiGLU, weighted sum) in one
+   call, on the bf16 product (AVX512-BF16 only). gptoss_bf16_linear: a plain bf16 weight, read in place. */
 
 #include <math.h>
 #include <stdint.h>
@@ -200,7 +202,19 @@ ROW_KERNEL_BF16(1)
 ROW_KERNEL_BF16(2)
 ROW_KERNEL_BF16(4)
 ROW_KERNEL_BF16(8)
+
+/* One weight row against R (1, 2, 4 or 8) reordered rows of x. */
+static inline void rows_bf16(int R, const uint8_t *b, const uint8_t *sc, int64_t G, const uint16_t *xp, int64_t P,
+                             float *sums) {
+    if (R == 8) row_kernel_bf16_8(b, sc, G, xp, P, sums);
+    else if (R == 4) row_kernel_bf16_4(b, sc, G, xp, P, sums);
+    else if (R == 2) row_kernel_bf16_2(b, sc, G, xp, P, sums);
+    else row_kernel_bf16_1(b, sc, G, xp, P, sums);
+}
 #endif
+
+/* How many of `left` rows of x the next kernel call takes: 8, 4, 2 or 1. */
+static inline int take_rows(int64_t left) { return left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1; }
 
 int gptoss_mxfp4_bf16_dot(void) {
 #ifdef HAVE_BF16_DOT
@@ -283,12 +297,9 @@ int gptoss_mxfp4_linear(const void *x, int x_bf16, int64_t n, int64_t in, const 
             float sums[8];
             for (int64_t r0 = 0; r0 < n;) {
                 const int64_t left = n - r0;
-                const int R = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+                const int R = take_rows(left);
                 const uint16_t *xr = xp + r0 * P;
-                if (R == 8) row_kernel_bf16_8(b, sc, G, xr, P, sums);
-                else if (R == 4) row_kernel_bf16_4(b, sc, G, xr, P, sums);
-                else if (R == 2) row_kernel_bf16_2(b, sc, G, xr, P, sums);
-                else row_kernel_bf16_1(b, sc, G, xr, P, sums);
+                rows_bf16(R, b, sc, G, xr, P, sums);
                 for (int r = 0; r < R; r++) ((uint16_t *)y)[(r0 + r) * out + o] = f32_to_bf16(sums[r] + add);
                 r0 += R;
             }
@@ -313,7 +324,7 @@ int gptoss_mxfp4_linear(const void *x, int x_bf16, int64_t n, int64_t in, const 
         float sums[8];
         for (int64_t r0 = 0; r0 < n;) {
             const int64_t left = n - r0;
-            const int R = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+            const int R = take_rows(left);
             const float *e = xe + r0 * H, *d = xo + r0 * H;
             if (R == 8) row_kernel_8(b, sc, G, e, d, H, sums);
             else if (R == 4) row_kernel_4(b, sc, G, e, d, H, sums);
@@ -399,15 +410,12 @@ int gptoss_mxfp4_moe(const uint16_t *x, int64_t T, int64_t D, int64_t k, const i
             const int64_t e = runs[job / I], i = job % I, rows = count[e];
             for (int64_t r0 = 0; r0 < rows;) {
                 const int64_t left = rows - r0;
-                const int R = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+                const int R = take_rows(left);
                 const uint16_t *xr = xp + (first[e] + r0) * P1;
                 for (int h = 0; h < 2; h++) {
                     const int64_t o = e * 2 * I + 2 * i + h;
                     const uint8_t *b = b1 + o * G1 * 16, *sc = s1 + o * G1;
-                    if (R == 8) row_kernel_bf16_8(b, sc, G1, xr, P1, sums[h]);
-                    else if (R == 4) row_kernel_bf16_4(b, sc, G1, xr, P1, sums[h]);
-                    else if (R == 2) row_kernel_bf16_2(b, sc, G1, xr, P1, sums[h]);
-                    else row_kernel_bf16_1(b, sc, G1, xr, P1, sums[h]);
+                    rows_bf16(R, b, sc, G1, xr, P1, sums[h]);
                     const float add = bf16_to_f32(bias1[o]);
                     for (int r = 0; r < R; r++) sums[h][r] = round_bf16(sums[h][r] + add);
                 }
@@ -426,12 +434,9 @@ int gptoss_mxfp4_moe(const uint16_t *x, int64_t T, int64_t D, int64_t k, const i
             const float add = bf16_to_f32(bias2[o]);
             for (int64_t r0 = 0; r0 < rows;) {
                 const int64_t left = rows - r0;
-                const int R = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+                const int R = take_rows(left);
                 const uint16_t *ar = act + (first[e] + r0) * P2;
-                if (R == 8) row_kernel_bf16_8(b, sc, G2, ar, P2, sums[0]);
-                else if (R == 4) row_kernel_bf16_4(b, sc, G2, ar, P2, sums[0]);
-                else if (R == 2) row_kernel_bf16_2(b, sc, G2, ar, P2, sums[0]);
-                else row_kernel_bf16_1(b, sc, G2, ar, P2, sums[0]);
+                rows_bf16(R, b, sc, G2, ar, P2, sums[0]);
                 for (int r = 0; r < R; r++) y[(first[e] + r0 + r) * D + d] = round_bf16(sums[0][r] + add);
                 r0 += R;
             }
