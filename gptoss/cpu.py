@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptoss import mxfp4
-from gptoss.model import Experts, GptOss, experts_forward, swiglu
+from gptoss.model import Experts, GptOss, swiglu
 
 
 def available() -> bool:
@@ -107,13 +107,12 @@ class PackedExperts(_InferenceOnly):
         return packed_linear(x, self.packed[which][e], getattr(self, which + "_bias")[e])
 
     def forward(self, x_TD: torch.Tensor, weights_Tk: torch.Tensor, ids_Tk: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
-        """gptoss.model.experts_forward; with small experts, those in use run as one batched matmul per
-        matrix: the (token, slot) pairs sorted by expert, run j's rows at rows j*width .. of a
+        """gptoss.model.experts_forward on rows sorted by expert (sorted_forward); with small experts,
+        those in use run as one batched matmul per matrix: run j's rows at rows j*width .. of a
         zero-padded [runs, width, in] batch (width: the busiest expert's count)."""
-        T, k = ids_Tk.shape
         order, runs = sorted_runs(ids_Tk, self.gate_up_proj_bias.shape[0])
         if not self.small or len(runs) < BATCH_FROM:
-            return experts_forward(x_TD, weights_Tk, ids_Tk, self, alpha, limit)
+            return sorted_forward(self, x_TD, weights_Tk, order, runs, alpha, limit)
         width = max(b - a for _, a, b in runs)
         slots = torch.tensor([j * width + i for j, (_, a, b) in enumerate(runs) for i in range(b - a)])
         ids = [e for e, _, _ in runs]
@@ -126,10 +125,24 @@ class PackedExperts(_InferenceOnly):
             out = torch.baddbmm(bias.unsqueeze(1), padded.view(len(runs), width, -1), weight.transpose(1, 2))
             return out.view(len(runs) * width, -1)[slots]
 
-        h = batched("gate_up_proj", x_TD.index_select(0, order // k))  # [T*k, 2I]
-        y = batched("down_proj", swiglu(h, alpha, limit)).float() * weights_Tk.flatten()[order].unsqueeze(-1)
-        out = torch.empty_like(y).index_copy_(0, order, y)  # back to (token, slot) order
-        return out.view(T, k, -1).sum(dim=1).to(x_TD.dtype)
+        return sorted_forward(self, x_TD, weights_Tk, order, runs, alpha, limit, batched)
+
+
+def sorted_forward(experts, x_TD, weights_Tk, order, runs, alpha, limit, matmul=None) -> torch.Tensor:
+    """gptoss.model.experts_forward with the (token, slot) pairs sorted by expert (sorted_runs): each
+    used expert's rows are one run, multiplied by `experts.linear` (or `matmul(which, rows)` for all
+    runs at once), and one SwiGLU covers every row, where the reference loops over experts with a few
+    dozen operations each. Bit for bit the reference on the same products (a run keeps token order)."""
+    T, k = weights_Tk.shape
+
+    def per_run(which: str, rows: torch.Tensor) -> torch.Tensor:
+        return torch.cat([experts.linear(which, e, rows[a:b]) for e, a, b in runs])
+
+    matmul = matmul or per_run
+    h = matmul("gate_up_proj", x_TD.index_select(0, order // k))  # [T*k, 2I]
+    y = matmul("down_proj", swiglu(h, alpha, limit)).float() * weights_Tk.flatten()[order].unsqueeze(-1)
+    out = torch.empty_like(y).index_copy_(0, order, y)  # back to (token, slot) order
+    return out.view(T, k, -1).sum(dim=1).to(x_TD.dtype)
 
 
 # Up to this many rows per expert, the native kernel reads the MXFP4 weight directly for every row
@@ -180,14 +193,15 @@ class MXFP4Experts(_InferenceOnly):
         return F.linear(x, weight, bias)
 
     def forward(self, x_TD: torch.Tensor, weights_Tk: torch.Tensor, ids_Tk: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
-        """experts_forward; up to FUSED_ROWS bf16 tokens (decoding, short prompts) in one native call
+        """sorted_forward; up to FUSED_ROWS bf16 tokens (decoding, short prompts) in one native call
         (gptoss.native.moe), where the loop over experts costs a few dozen torch operations each."""
         from gptoss import native
 
         if x_TD.dtype == torch.bfloat16 and x_TD.shape[0] <= FUSED_ROWS and native.bf16_dot():
             gate_up = (*self.codes["gate_up_proj"], self.gate_up_proj_bias)
             return native.moe(x_TD, weights_Tk, ids_Tk, gate_up, (*self.codes["down_proj"], self.down_proj_bias), alpha, limit)
-        return experts_forward(x_TD, weights_Tk, ids_Tk, self, alpha, limit)
+        order, runs = sorted_runs(ids_Tk, self.gate_up_proj_bias.shape[0])
+        return sorted_forward(self, x_TD, weights_Tk, order, runs, alpha, limit)
 
 
 # Up to this many rows, DirectLinear reads its bf16 weight in place with the native kernel; above, F.linear.
@@ -256,4 +270,4 @@ def prepack(model: GptOss, linears: bool = True) -> GptOss:
     return model
 
 
-__all__ = ["DirectLinear", "MXFP4Experts", "PackedExperts", "PackedLinear", "available", "pack_weight", "packed_linear", "prepack", "sorted_runs"]
+__all__ = ["DirectLinear", "MXFP4Experts", "PackedExperts", "PackedLinear", "available", "pack_weight", "packed_linear", "prepack", "sorted_forward", "sorted_runs"]
