@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptoss import mxfp4
-from gptoss.model import Experts, GptOss, experts_forward, swiglu
+from gptoss.model import Attention, Experts, GptOss, experts_forward, swiglu
 
 
 def available() -> bool:
@@ -236,6 +236,26 @@ class DirectLinear(_InferenceOnly):
         return native.bf16_linear(rows, self.weight, self.bias).view(*x.shape[:-1], self.out_features)
 
 
+class DecodeAttention(Attention):
+    """An Attention whose one-token steps (decoding on the fp32 CPU cache) run the native kernel
+    (gptoss.native.decode_attention: one call where the reference takes about 15 torch operations);
+    prompts take the reference. It is the prepacked model's own Attention, re-classed: the same
+    parameters and submodules, not copies."""
+
+    @classmethod
+    def of(cls, attention: Attention) -> DecodeAttention:
+        fast = cls.__new__(cls)
+        fast.__dict__ = attention.__dict__  # nn.Module keeps its parameters, buffers and children there
+        return fast
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        from gptoss import native
+
+        if q.shape[1] == 1 and k.dtype == torch.float32 and self.backend == "torch" and native.available():
+            return native.decode_attention(q, k, v, self.sinks, q_pos, k_pos, self.window)
+        return super().attend(q, k, v, q_pos, k_pos)
+
+
 def prepack(model: GptOss, linears: bool = True) -> GptOss:
     """Prepack `model`'s weights for CPU inference, in place (module by module, so the peak memory
     is the model plus one layer's experts); returns it. MXFP4 experts go to the native kernels
@@ -261,6 +281,8 @@ def prepack(model: GptOss, linears: bool = True) -> GptOss:
                 setattr(parent, name, PackedLinear(child))
             elif type(child) is nn.Linear and direct and child.in_features % 32 == 0:
                 setattr(parent, name, DirectLinear(child))
+            elif type(child) is Attention:
+                setattr(parent, name, DecodeAttention.of(child))
             elif isinstance(child, Experts) and not child.quantized and not child.has_lora:
                 setattr(parent, name, PackedExperts(child))
             elif isinstance(child, Experts) and child.quantized and not child.has_lora and model.dtype != torch.float16:
@@ -271,4 +293,4 @@ def prepack(model: GptOss, linears: bool = True) -> GptOss:
     return model
 
 
-__all__ = ["DirectLinear", "MXFP4Experts", "PackedExperts", "PackedLinear", "available", "pack_weight", "packed_linear", "prepack", "sorted_forward", "sorted_runs"]
+__all__ = ["DecodeAttention", "DirectLinear", "MXFP4Experts", "PackedExperts", "PackedLinear", "available", "pack_weight", "packed_linear", "prepack", "sorted_forward", "sorted_runs"]

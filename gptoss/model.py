@@ -175,11 +175,16 @@ class Attention(nn.Module):
         k_pos = positions
         if cache is not None:  # earlier keys (after RoPE) and values, plus these: see gptoss/generate.py
             k, v, k_pos = cache.update(k, v, positions)  # [B, S, K, Dh] x 2, [B, S]
+        out = self.attend(q, k, v, positions, k_pos)  # [B, T, K, G, Dh]
+        return self.o_proj(out.reshape(B, T, K * G * Dh))  # [B, T, D]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """Attention proper on rotated queries and every key and value seen: attention_with_sinks,
+        or on the triton backend the same math in gptoss.kernels.attention."""
         attend = attention_with_sinks
         if self.backend == "triton":
             from gptoss.kernels.attention import attention_with_sinks as attend
-        out = attend(q, k, v, self.sinks, positions, k_pos, self.window)  # [B, T, K, G, Dh]
-        return self.o_proj(out.reshape(B, T, K * G * Dh))  # [B, T, D]
+        return attend(q, k, v, self.sinks, q_pos, k_pos, self.window)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ path stays off and says so once on stderr, and MXFP4 experts are decoded with to
 
     linear(x, blocks, scales, bias)   x [n, in] @ W^T + bias, W read as MXFP4 (fp32 sums)
     moe(x, weights, ids, ...)         a few tokens' mixture of MXFP4 experts in one call (bf16)
+    decode_attention(q, k, v, ...)    one new token's attention with sinks over the fp32 KV cache
     dequantize(blocks, scales, dtype) W in bf16 or fp32, bit for bit gptoss.mxfp4.dequantize
 """
 
@@ -106,6 +107,8 @@ def _library() -> ctypes.CDLL | None:
     f32 = ctypes.c_float
     lib.gptoss_mxfp4_moe.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, f32, f32, ptr, i32]
     lib.gptoss_mxfp4_moe.restype = i32
+    lib.gptoss_decode_attention.argtypes = [ptr, i32, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, ptr, i32]
+    lib.gptoss_decode_attention.restype = i32
     return lib
 
 
@@ -269,4 +272,47 @@ def moe(
     return out
 
 
-__all__ = ["moe", "bf16_linear", "bf16_dot", "available", "dequantize", "linear", "reason", "simd", "tell_once"]
+def decode_attention(
+    q: torch.Tensor,  # [B, 1, K, G, Dh] rotated, bf16 or fp32
+    k: torch.Tensor,  # [B, S, K, Dh] fp32, the cache's transposed view (rows of Dh contiguous)
+    v: torch.Tensor,  # [B, S, K, Dh] fp32, laid out as k
+    sinks: torch.Tensor,  # [K*G]
+    q_pos: torch.Tensor,  # [1] or [B, 1]
+    k_pos: torch.Tensor,  # [S] or [B, S]; negative: padding
+    window: int | None,
+) -> torch.Tensor:
+    """gptoss.model.attention_with_sinks for one query token per sequence (decoding), in one call:
+    fp32 throughout (the reference's order of sums aside), the output in q's dtype."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"the native kernels are off: {_reason}")
+    if q.dim() != 5 or q.shape[1] != 1 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"expected q [B, 1, K, G, Dh] and k, v [B, S, K, Dh], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, _, K, G, Dh = q.shape
+    S = k.shape[1]
+    if k.shape[0] != B or k.shape[2] != K or k.shape[3] != Dh:
+        raise ValueError(f"k and v [B, S, K, Dh] must match q [{B}, 1, {K}, {G}, {Dh}], got {tuple(k.shape)}")
+    if q.dtype not in (torch.bfloat16, torch.float32) or k.dtype != torch.float32 or v.dtype != torch.float32:
+        raise TypeError(f"expected q in bf16 or fp32 and an fp32 cache, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.stride() != v.stride() or k.stride(1) != Dh or k.stride(3) != 1:  # to the cache's [B, K, S, Dh] layout
+        k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
+    q_pos = q_pos.reshape(-1, 1).expand(B, 1).reshape(B).contiguous()
+    k_pos = k_pos.reshape(-1, S).expand(B, S)
+    if k_pos.stride(1) != 1:
+        k_pos = k_pos.contiguous()
+    sinks = sinks.detach().float().contiguous()
+    if sinks.shape != (K * G,):
+        raise ValueError(f"expected sinks [{K * G}], got {tuple(sinks.shape)}")
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    status = lib.gptoss_decode_attention(
+        q.data_ptr(), int(q.dtype == torch.bfloat16), B, K, G, Dh, k.data_ptr(), v.data_ptr(), S, k.stride(0),
+        k.stride(2), k_pos.data_ptr(), k_pos.stride(0), q_pos.data_ptr(), sinks.data_ptr(),
+        -1 if window is None else window, out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    if status != 0:
+        raise MemoryError("the native decode attention could not allocate its scratch memory")
+    return out
+
+
+__all__ = ["decode_attention", "moe", "bf16_linear", "bf16_dot", "available", "dequantize", "linear", "reason", "simd", "tell_once"]

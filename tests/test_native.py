@@ -287,3 +287,48 @@ def test_direct_linear_keeps_large_weights_native_up_to_eight_rows(monkeypatch):
         for rows in (1, 4, 5, 8, 9):
             linear(torch.randn(rows, 64, dtype=torch.bfloat16))
         assert calls == native_rows
+
+
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_attention_is_the_reference_at_one_token(window, dtype):
+    # one query per sequence against a cache laid out as gptoss.generate keeps it ([B, K, slots, Dh]
+    # fp32, read through its [B, S, K, Dh] view, a prefix of the slots): left padding (position -1),
+    # a ring whose positions are out of order, a window, sinks large enough to matter. fp32 sums in
+    # another order than the reference's matmuls: 1e-5 of the largest output, plus one rounding in bf16.
+    from gptoss.model import attention_with_sinks
+
+    g = torch.Generator().manual_seed(0 if window is None else window)
+    B, K, G, Dh, slots, S = 2, 2, 3, 16, 9, 7
+    cache_k, cache_v = torch.randn(B, K, slots, Dh, generator=g), torch.randn(B, K, slots, Dh, generator=g)
+    k, v = cache_k[:, :, :S].transpose(1, 2), cache_v[:, :, :S].transpose(1, 2)  # [B, S, K, Dh], strided
+    k_pos = torch.tensor([[-1, -1, 0, 1, 2, 3, 4], [5, 6, 0, 1, 2, 3, 4]])  # padding; a ring (slot = pos % 7)
+    q_pos = torch.tensor([[4], [6]])
+    q = (3 * torch.randn(B, 1, K, G, Dh, generator=g)).to(dtype)
+    sinks = torch.randn(K * G, generator=g) * 2
+    want = attention_with_sinks(q, k, v, sinks, q_pos, k_pos, window).float()
+    got = native.decode_attention(q, k, v, sinks, q_pos, k_pos, window)
+    assert got.dtype == dtype and got.shape == q.shape
+    tol = 1e-5 * want.abs().max() + (2**-8 * want.abs() if dtype == torch.bfloat16 else 0)
+    assert ((got.float() - want).abs() <= tol).all(), (got.float() - want).abs().max()
+    # positions shared by the batch ([S] and [1]) and a contiguous cache give the same
+    shared = native.decode_attention(q[:1], k[:1].contiguous(), v[:1].contiguous(), sinks, q_pos[0], k_pos[0], window)
+    assert torch.equal(shared, got[:1])
+    # NaN in a query: that head's output is NaN, as in the reference, and no other head's
+    q[0, 0, 1, 2, 5] = float("nan")
+    nan = native.decode_attention(q, k, v, sinks, q_pos, k_pos, window).isnan()
+    assert torch.equal(nan, attention_with_sinks(q, k, v, sinks, q_pos, k_pos, window).isnan())
+
+
+def test_decode_attention_refuses_what_it_cannot_read():
+    q, k = torch.randn(1, 1, 2, 3, 16), torch.randn(1, 5, 2, 16)
+    pos, sinks = torch.arange(5), torch.zeros(6)
+    native.decode_attention(q, k, k, sinks, torch.tensor([4]), pos, None)
+    with pytest.raises(ValueError, match=r"expected q \[B, 1, K, G, Dh\]"):
+        native.decode_attention(torch.randn(1, 2, 2, 3, 16), k, k, sinks, torch.tensor([4]), pos, None)
+    with pytest.raises(ValueError, match="must match q"):
+        native.decode_attention(q, torch.randn(1, 5, 1, 16), torch.randn(1, 5, 1, 16), sinks, torch.tensor([4]), pos, None)
+    with pytest.raises(TypeError, match="fp32 cache"):
+        native.decode_attention(q, k.bfloat16(), k.bfloat16(), sinks, torch.tensor([4]), pos, None)
+    with pytest.raises(ValueError, match="sinks"):
+        native.decode_attention(q, k, k, torch.zeros(5), torch.tensor([4]), pos, None)

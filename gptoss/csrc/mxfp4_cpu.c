@@ -20,6 +20,9 @@
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 static const float FP4[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
                               -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
@@ -459,4 +462,68 @@ int gptoss_mxfp4_moe(const uint16_t *x, int64_t T, int64_t D, int64_t k, const i
     (void)bias1; (void)b2; (void)s2; (void)bias2; (void)alpha; (void)limit; (void)out; (void)threads;
     return -1;
 #endif
+}
+
+/* One new token's attention for every head (decoding), the twin of gptoss.model.attention_with_sinks
+   at T = 1: q [B, K, G, Dh] (bf16 or fp32, rotated), keys and values fp32 [B, S, K, Dh] with element
+   (b, j, h, d) at b * sb + h * sk + j * Dh + d (the KV cache's own layout), key positions at
+   k_pos[b * pb + j] (negative: padding), q_pos [B]. The query is scaled by 1/sqrt(Dh) (rounded to fp32 as
+   torch does), a key is seen when q_pos - window < its position <= q_pos (window < 0: no window), the
+   head's sink joins the softmax as one more logit with no value; all in fp32, the output rounded once
+   to q's dtype. Heads are split between threads. */
+int gptoss_decode_attention(const void *q, int q_bf16, int64_t B, int64_t K, int64_t G, int64_t Dh, const float *k,
+                            const float *v, int64_t S, int64_t sb, int64_t sk, const int64_t *k_pos, int64_t pb,
+                            const int64_t *q_pos, const float *sinks, int64_t window, void *out, int threads) {
+    float *scratch = (float *)malloc(sizeof(float) * (size_t)(threads * (S + 2 * Dh) + 1));
+    if (scratch == NULL) return -1;
+    const float scale = (float)sqrt((double)Dh);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t head = 0; head < B * K * G; head++) {
+        int thread = 0;
+#ifdef _OPENMP
+        thread = omp_get_thread_num();
+#endif
+        float *p = scratch + thread * (S + 2 * Dh), *qs = p + S, *acc = qs + Dh;
+        const int64_t b = head / (K * G), h = (head / G) % K;
+        for (int64_t d = 0; d < Dh; d++) {
+            const float x = q_bf16 ? bf16_to_f32(((const uint16_t *)q)[head * Dh + d]) : ((const float *)q)[head * Dh + d];
+            qs[d] = x / scale;
+        }
+        const int64_t now = q_pos[b], oldest = window < 0 ? -1 : (now - window < -1 ? -1 : now - window);
+        const float sink = sinks[head % (K * G)];
+        float top = sink;
+        for (int64_t j = 0; j < S; j++) {
+            const int64_t at = k_pos[b * pb + j];
+            if (at <= oldest || at > now) {
+                p[j] = -INFINITY;
+                continue;
+            }
+            const float *kj = k + b * sb + h * sk + j * Dh;
+            float part[16] = {0};
+            int64_t d = 0;
+            for (; d + 16 <= Dh; d += 16)
+                for (int i = 0; i < 16; i++) part[i] += qs[d + i] * kj[d + i];
+            float s = 0.0f;
+            for (; d < Dh; d++) s += qs[d] * kj[d];
+            for (int i = 0; i < 16; i++) s += part[i];
+            p[j] = s;
+            if (s > top) top = s;
+        }
+        float total = expf(sink - top);
+        for (int64_t j = 0; j < S; j++) {
+            p[j] = p[j] == -INFINITY ? 0.0f : expf(p[j] - top);
+            total += p[j];
+        }
+        for (int64_t d = 0; d < Dh; d++) acc[d] = 0.0f;
+        for (int64_t j = 0; j < S; j++) {
+            const float w = p[j] / total, *vj = v + b * sb + h * sk + j * Dh;
+            for (int64_t d = 0; d < Dh; d++) acc[d] += w * vj[d];
+        }
+        for (int64_t d = 0; d < Dh; d++) {
+            if (q_bf16) ((uint16_t *)out)[head * Dh + d] = f32_to_bf16(acc[d]);
+            else ((float *)out)[head * Dh + d] = acc[d];
+        }
+    }
+    free(scratch);
+    return 0;
 }
