@@ -408,7 +408,7 @@ int gptoss_mxfp4_moe(const uint16_t *x, int64_t T, int64_t D, int64_t k, const i
 #pragma omp parallel num_threads(threads)
     {
         float sums[2][8];
-#pragma omp for schedule(dynamic, 64)
+#pragma omp for schedule(guided, 64)
         for (int64_t job = 0; job < used * I; job++) {
             const int64_t e = runs[job / I], i = job % I, rows = count[e];
             for (int64_t r0 = 0; r0 < rows;) {
@@ -429,7 +429,7 @@ int gptoss_mxfp4_moe(const uint16_t *x, int64_t T, int64_t D, int64_t k, const i
                 r0 += R;
             }
         }
-#pragma omp for schedule(dynamic, 64)
+#pragma omp for schedule(guided, 64)
         for (int64_t job = 0; job < used * D; job++) {
             const int64_t e = runs[job / D], d = job % D, rows = count[e];
             const int64_t o = e * D + d;
