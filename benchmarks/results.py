@@ -3,6 +3,7 @@ with the machine, versions and date, appended to benchmarks/results/<bench>.json
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -165,18 +166,14 @@ class PeakRSS:
         self._thread.start()
         return self
 
+    @contextlib.contextmanager
     def pause(self):
         """A block whose memory is not the measured code's (a bandwidth probe between timed runs)."""
-        watcher = self
-
-        class Paused:
-            def __enter__(self):
-                watcher._paused.set()
-
-            def __exit__(self, *exc):
-                watcher._paused.clear()
-
-        return Paused()
+        self._paused.set()
+        try:
+            yield
+        finally:
+            self._paused.clear()
 
     def _watch(self):
         while not self._stop.is_set():

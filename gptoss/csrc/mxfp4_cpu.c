@@ -10,7 +10,8 @@
    are taken up to 8 at a time, so each decoded block is used by all of them. Output rows are split
    between threads (OpenMP). AVX-512 where the compiler targets it, otherwise portable C.
    gptoss_mxfp4_moe: a few tokens through a whole MoE layer (experts, SwiGLU, weighted sum) in one
-   call, on the bf16 product (AVX512-BF16 only). gptoss_bf16_linear: a plain bf16 weight, read in place. */
+   call, on the bf16 product (AVX512-BF16 only). gptoss_bf16_linear: a plain bf16 weight, read in place.
+   gptoss_decode_attention: one new token's attention with sinks over the fp32 KV cache. */
 
 #include <math.h>
 #include <stdint.h>
@@ -375,7 +376,6 @@ int gptoss_mxfp4_moe(const uint16_t *x, int64_t T, int64_t D, int64_t k, const i
                      uint16_t *out, int threads) {
 #ifdef HAVE_BF16_DOT
     if (D % 32 != 0 || I % 32 != 0 || T < 1 || k < 1) return -1;
-    init_scales();
     const int64_t n = T * k, G1 = D / 32, G2 = I / 32;
     const int64_t P1 = 128 * ((G1 + 3) / 4), P2 = 128 * ((G2 + 3) / 4);
     for (int64_t p = 0; p < n; p++)
