@@ -1,14 +1,18 @@
 # Set-up is part of each target: a fresh clone needs only Python 3.11+, pip and the package registries.
+# The versions come from constraints.txt, the lock the suite last passed with (`make lock` refreshes it);
+# pyproject.toml keeps open ranges for users. Without constraints.txt, the latest releases are taken.
 PY ?= python3
 VENV := .venv
-STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+LOCK := $(wildcard constraints.txt)
+PIP := $(VENV)/bin/pip install --quiet --disable-pip-version-check $(if $(LOCK),-c $(LOCK))
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | cksum | cut -d' ' -f1)
 
-.PHONY: demo test lint bench-load bench-gpu gate
+.PHONY: demo test lint lock bench-load bench-gpu gate
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check torch==2.13.0  # the CPU build; see README
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test,bench,dev]'
+	$(PIP) torch==2.13.0 'setuptools>=68'  # the CPU build of torch (see README); setuptools builds the package below
+	$(PIP) --no-build-isolation -e '.[test,bench,dev]'
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)
@@ -19,6 +23,18 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gptoss kernels train tests benchmarks
+
+# A deliberate refresh of the lock: the extras resolved afresh (the latest releases) in a scratch venv,
+# frozen into constraints.txt. Commit it when `make test` passes with it; CI then installs exactly that.
+lock:
+	rm -rf .venv-lock && $(PY) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet --disable-pip-version-check torch==2.13.0 'setuptools>=68'
+	.venv-lock/bin/pip install --quiet --disable-pip-version-check --no-build-isolation -e '.[test,bench,dev]'
+	{ echo "# The exact versions \`make test\` last passed with (pip constraints; refresh: make lock)."; \
+	  echo "# pyproject.toml keeps open ranges for users; this file only pins what CI and make install."; \
+	  .venv-lock/bin/pip freeze --all --exclude-editable --disable-pip-version-check | grep -v -i '^pip==' | sed 's/+cpu$$//'; \
+	} > constraints.txt.tmp && mv constraints.txt.tmp constraints.txt
+	rm -rf .venv-lock
 
 bench-load: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench_load.py

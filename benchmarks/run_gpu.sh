@@ -19,11 +19,11 @@ if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
 fi
 # kernels/ and train/ are mapped into the gptoss package at install time, so the checkout must be installed;
 # --no-index: never reach a package index; --no-deps: use the torch and Triton already here.
-# Where that cannot build offline (setuptools < 70.1 without `wheel`), a path hook maps the same names
-# onto the checkout instead (benchmarks/checkout/sitecustomize.py); nothing is installed then.
+# Where that cannot build offline (setuptools < 70.1 without `wheel`), the checkout is imported in place:
+# with the root on PYTHONPATH, gptoss/__init__.py maps kernels/ and train/ into the package itself.
 if ! $PY -m pip install --quiet --no-index --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1; then
     echo "pip could not install the checkout offline (see $OUT/install.log); importing it in place"
-    export PYTHONPATH="$PWD/benchmarks/checkout${PYTHONPATH:+:$PYTHONPATH}"
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 if ! $PY -c "import gptoss.kernels.moe, gptoss.train.trainer" >>"$OUT/install.log" 2>&1; then
     echo "run_gpu.sh: gptoss does not import; see $OUT/install.log" >&2

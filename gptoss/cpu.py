@@ -24,6 +24,8 @@ A prepacked model is for inference on the CPU only: the packed weights are opaqu
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,9 +34,19 @@ from gptoss import mxfp4
 from gptoss.model import Attention, Experts, GptOss, experts_forward, swiglu
 
 
-def available() -> bool:
-    """Whether this PyTorch build has the oneDNN (mkldnn) ops the fast path needs."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+@functools.cache
+def available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this PyTorch build has the oneDNN (mkldnn) ops the fast path needs, and this CPU runs its
+    prepacked product in `dtype`: oneDNN's bf16 one needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, which
+    many AVX2-only CPUs lack. Tried once on a 32 x 32 weight."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    try:
+        with torch.no_grad():
+            packed_linear(torch.ones(1, 32, dtype=dtype), pack_weight(torch.ones(32, 32, dtype=dtype)), None)
+    except RuntimeError:
+        return False
+    return True
 
 
 def pack_weight(w: torch.Tensor) -> torch.Tensor:
@@ -271,6 +283,12 @@ def prepack(model: GptOss, linears: bool = True) -> GptOss:
         raise ValueError(f"prepacking is for models on the CPU; this one is on {model.device}")
     if model.dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"prepacking supports bf16 and fp32 models, this one is {model.dtype}")
+    packable = available(model.dtype)  # oneDNN's product in the model's dtype runs on this CPU
+    if linears and not packable:
+        raise RuntimeError(
+            f"oneDNN's prepacked {model.dtype} product needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, which this CPU "
+            "lacks: load with prepack='auto' (which leaves those weights as they are) or dtype=torch.float32"
+        )
     direct = not linears and model.dtype == torch.bfloat16 and native.bf16_dot()
     buffers: dict[str, dict] = {"gate_up_proj": {}, "down_proj": {}}  # the decode buffers of every layer
     for parent in list(model.modules()):
@@ -283,7 +301,7 @@ def prepack(model: GptOss, linears: bool = True) -> GptOss:
                 setattr(parent, name, DirectLinear(child))
             elif type(child) is Attention:
                 setattr(parent, name, DecodeAttention.of(child))
-            elif isinstance(child, Experts) and not child.quantized and not child.has_lora:
+            elif isinstance(child, Experts) and not child.quantized and not child.has_lora and packable:
                 setattr(parent, name, PackedExperts(child))
             elif isinstance(child, Experts) and child.quantized and not child.has_lora and model.dtype != torch.float16:
                 if not native.available():

@@ -162,7 +162,7 @@ def load_model(
             # dense experts: everything prepacked; MXFP4 experts: those on the native kernels, the rest
             # read in place (copying it, 2.4 GB for gpt-oss-20b, would cost memory the model needs)
             dense = not any(layer.mlp.experts.quantized for layer in model.model.layers)
-            prepack_weights(model, linears=dense)
+            prepack_weights(model, linears=dense and available(model.dtype))
     elif prepack not in (True, False):
         raise ValueError(f"prepack must be True, False or 'auto', got {prepack!r}")
     elif prepack:

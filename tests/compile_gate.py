@@ -19,8 +19,9 @@ the per-thread cost; H100 issues 128 thread-instructions per SM per cycle and it
 FP4 elements per SM per cycle, so ~4 per element is what keeps up with memory.
 
 Fails on: a compile error, a spill in a bf16 variant, shared memory over the target's per-block
-limit (227 KiB), a kernel that escapes the workloads. Results are cached by compile hash
-(~/.cache/gptoss/compile_gate.json, or $GPTOSS_CACHE) with Triton's own cache underneath.
+limit (227 KiB), a kernel that escapes the workloads. Results are cached by compile hash, keyed by the
+Triton and ptxas versions too (~/.cache/gptoss/compile_gate.json, or $GPTOSS_CACHE), with Triton's own
+cache underneath.
 """
 
 from __future__ import annotations
@@ -127,7 +128,20 @@ class Variant:
 
     @property
     def key(self) -> str:
-        return hashlib.sha256(f"{self.src.hash()}-{sorted(self.options.items())}-{self.target}".encode()).hexdigest()
+        """The cache key: the kernel, its options and target, and the compiler (a tile that compiles clean on
+        one Triton or ptxas can fail to lower or spill on another, so no cached row outlives its compiler)."""
+        text = f"{compiler_id(self.target)}-{self.src.hash()}-{sorted(self.options.items())}-{self.target}"
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def compiler_id(target: int) -> str:
+    """Triton's version and source hash, and what its backend for `target` hashes (for CUDA: the ptxas
+    version and the architecture)."""
+    try:
+        from triton.runtime.cache import triton_key  # Triton >= 3.3
+    except ImportError:
+        from triton.compiler.compiler import triton_key
+    return f"triton {triton.__version__} {triton_key()} {make_backend(GPUTarget('cuda', target, 32)).hash()}"
 
 
 @contextlib.contextmanager

@@ -132,3 +132,30 @@ def test_attention_uses_tensor_cores_without_spills(gate):
     for r in bf16:
         expected = {"_attn_decode_kernel": "mma.sync", "_attn_decode_merge_kernel": "FMA"}.get(r["kernel"], "wgmma")
         assert r["mma"] == expected, (r["kernel"], r["mma"])
+
+
+def test_a_cached_row_never_outlives_its_compiler(tmp_path):
+    # a tile that compiled clean on Triton 3.9 failed to lower on 3.6: the cache key names Triton and ptxas
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import json, sys, types, triton\n"
+        f"sys.path.insert(0, {str(GATE.parent)!r})\n"
+        "import compile_gate\n"
+        "from triton.backends.compiler import GPUTarget\n"
+        "from triton.compiler import make_backend\n"
+        "variant = compile_gate.Variant('k', {}, {}, (1,), 90, types.SimpleNamespace(hash=lambda: 'src'), {'num_warps': 4})\n"
+        "keys = {'first': variant.key, 'again': variant.key}\n"
+        "version, triton.__version__ = triton.__version__, '0.0.1'\n"
+        "keys['other_triton'] = variant.key\n"
+        "triton.__version__ = version\n"
+        "# Triton's CUDA backend hashes `ptxas --version` and the architecture\n"
+        "type(make_backend(GPUTarget('cuda', 90, 32))).hash = lambda self: 'Cuda compilation tools, release 12.8'\n"
+        "keys['other_ptxas'] = variant.key\n"
+        "print(json.dumps(keys))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    keys = json.loads(done.stdout.strip().splitlines()[-1])
+    assert keys["first"] == keys["again"]
+    assert len({keys["first"], keys["other_triton"], keys["other_ptxas"]}) == 3

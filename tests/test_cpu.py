@@ -1,5 +1,7 @@
 """The CPU fast path (gptoss.cpu): prepacked weights give the same outputs and refuse what they cannot do."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -10,6 +12,9 @@ from gptoss.synthetic import write_checkpoint
 from tests.conftest import small_config
 
 pytestmark = pytest.mark.skipif(not available(), reason="this PyTorch build has no oneDNN")
+bf16_packs = pytest.mark.skipif(
+    not available(torch.bfloat16), reason="oneDNN's bf16 product needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, not on this CPU"
+)
 
 
 @pytest.fixture(scope="module")
@@ -17,6 +22,7 @@ def checkpoint(tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("cpu"), small_config(), "hf-mxfp4", seed=3)
 
 
+@bf16_packs
 @pytest.mark.parametrize("dequantize", [False, True])
 def test_prepacked_bf16_model_gives_bitwise_the_same_logits_and_tokens(checkpoint, dequantize):
     plain = load_model(checkpoint, dequantize=dequantize)
@@ -42,6 +48,7 @@ def test_prepacked_fp32_model_matches(checkpoint):
     torch.testing.assert_close(packed(ids), plain(ids), rtol=1e-5, atol=1e-5)
 
 
+@bf16_packs
 def test_prepacked_model_is_inference_only(checkpoint):
     model = load_model(checkpoint, prepack=True)
     x = torch.randn(2, 96, dtype=torch.bfloat16, requires_grad=True)
@@ -55,6 +62,7 @@ def test_prepacked_model_is_inference_only(checkpoint):
         prepack(load_model(checkpoint, dtype=torch.float16))
 
 
+@bf16_packs
 def test_lora_wrapped_modules_are_left_alone(checkpoint):
     from gptoss.adapter import apply_lora
 
@@ -74,6 +82,7 @@ def test_lora_wrapped_modules_are_left_alone(checkpoint):
     assert torch.equal(model(ids), expected)
 
 
+@bf16_packs
 def test_prepack_auto_packs_only_models_with_dense_experts(checkpoint):
     assert isinstance(load_model(checkpoint, dequantize=True, prepack="auto").lm_head, PackedLinear)
     # MXFP4 experts (memory is short): nothing copied; experts on the native kernels, the other bf16
@@ -86,3 +95,27 @@ def test_prepack_auto_packs_only_models_with_dense_experts(checkpoint):
     assert isinstance(model.model.layers[0].mlp.experts, MXFP4Experts)  # native kernels or torch decoding
     with pytest.raises(ValueError, match="prepack must be True, False or 'auto'"):
         load_model(checkpoint, prepack="yes")
+
+
+def test_a_cpu_without_the_bf16_product_keeps_those_weights_as_they_are(checkpoint, monkeypatch):
+    # AVX2-only CPUs: oneDNN packs fp32 but refuses bf16 ("needs avx_ne_convert or avx512bw, avx512vl and avx512dq")
+    import gptoss.cpu as cpu
+
+    monkeypatch.setattr(cpu, "available", lambda dtype=torch.float32: dtype == torch.float32)
+    plain = load_model(checkpoint, dequantize=True)
+    auto = load_model(checkpoint, dequantize=True, prepack="auto")  # dense experts, but nothing bf16 packed
+    assert type(auto.lm_head) is not PackedLinear and not isinstance(auto.model.layers[0].mlp.experts, PackedExperts)
+    ids = torch.randint(0, 300, (2, 9))
+    assert torch.equal(auto(ids), plain(ids))
+    with pytest.raises(RuntimeError, match="prepacked torch.bfloat16 product needs AVX-512"):
+        load_model(checkpoint, dequantize=True, prepack=True)
+    packed = load_model(checkpoint, dtype=torch.float32, dequantize=True, prepack="auto")  # fp32 still packs
+    assert isinstance(packed.lm_head, PackedLinear)
+
+
+def test_available_tells_what_this_cpu_packs():
+    assert available(torch.float32)
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
+    if "avx2" in flags and {"avx512bw", "avx512vl", "avx512dq"} - flags and "avx_ne_convert" not in flags:
+        assert not available(torch.bfloat16)  # the probe says so up front, instead of a crash at the first product

@@ -384,7 +384,9 @@ def test_resume_continues_and_the_log_has_each_step_once(fx, tmp_path, capsys):
 def test_overwrite_replaces_a_run(fx, tmp_path):
     run = copy(fx.finished, tmp_path, "run")
     (run / "notes.txt").write_text("mine")
+    (run / "report.png").write_bytes(b"the previous run's plot")  # written by train/report.py beside report.md
     assert main(train_args(fx, run, "--max-steps", "1", "--overwrite")) == 0
+    assert not (run / "report.png").exists()  # --report-prompts 0: no report this time, and none left from before
     assert [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()] == [1]
     assert (run / "notes.txt").read_text() == "mine"  # only the run's own files are replaced
 

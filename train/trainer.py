@@ -41,7 +41,7 @@ CHECKPOINT = "checkpoint.safetensors"  # trainable tensors + optimizer state; st
 LEGACY_CHECKPOINT = "checkpoint.pt"  # a pickle (older gptoss): refused, never loaded
 # what a run writes into its --output folder: present means the folder holds a run
 RUN_FILES = (CHECKPOINT, LEGACY_CHECKPOINT, "adapter_model.safetensors", "adapter_config.json", "train_log.jsonl",
-             "loss.png", "report.md", "report.json", "model")  # fmt: skip
+             "loss.png", "report.md", "report.json", "report.png", "model")  # fmt: skip
 # settings a resume must share with the saved run (the others, such as eval_every, may change)
 RESUME_SETTINGS = ("max_steps", "epochs", "lr", "warmup_ratio", "min_lr_ratio", "weight_decay", "max_grad_norm",
                    "lora_r", "lora_alpha", "lora_expert_layers", "full_finetune", "batch_size", "grad_accum",

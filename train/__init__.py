@@ -1,1 +1,0 @@
-"""The minimal LoRA trainer (installed as `gptoss.train`)."""
