@@ -188,15 +188,16 @@ def test_parquet_and_hub_dataset_ids(tmp_path, monkeypatch):
         load_dataset("missing/file.jsonl")
 
 
+@pytest.mark.parametrize("chunk", [1, 5, 256])  # one row, a ragged last chunk, all rows at once
 @pytest.mark.parametrize("weight_grad", [False, True])  # LoRA (frozen unembedding) and full fine-tuning
-def test_linear_cross_entropy_equals_the_unfused_loss_and_gradients(weight_grad):
+def test_linear_cross_entropy_equals_the_unfused_loss_and_gradients(weight_grad, chunk):
     from gptoss.train.loss import linear_cross_entropy
 
     N, D, V = 37, 24, 1000
     h = torch.randn(N, D, requires_grad=True)
     weight = (torch.randn(V, D) / D**0.5).requires_grad_(weight_grad)
     target = torch.randint(0, V, (N,))
-    ours = linear_cross_entropy(h, weight, target)
+    ours = linear_cross_entropy(h, weight, target, chunk)
     (ours * 0.5).backward()  # a non-unit upstream gradient
     grads = (h.grad.clone(), weight.grad.clone() if weight_grad else None)
     h.grad = None
@@ -209,3 +210,65 @@ def test_linear_cross_entropy_equals_the_unfused_loss_and_gradients(weight_grad)
         torch.testing.assert_close(grads[1], weight.grad, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"need h \[N, D\] and target \[N\]"):
         linear_cross_entropy(h, weight, target[:-1])
+    with pytest.raises(ValueError, match="chunk must be at least 1 row, got 0"):
+        linear_cross_entropy(h, weight, target, 0)
+
+
+def test_the_loss_keeps_a_chunk_of_logits_not_all_of_them(tmp_path):
+    # 2,048 targets over the real vocabulary (201,088): the unchunked fp32 logits alone are 1.65 GB. The
+    # peak of the process's resident memory over the loss's forward and backward, in a fresh process
+    # (a narrow hidden size keeps it quick; the logits' size does not depend on it)
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import json, resource, torch\n"
+        "from gptoss.train.loss import linear_cross_entropy\n"
+        "torch.manual_seed(0)\n"
+        "h = torch.randn(2048, 64, requires_grad=True)\n"
+        "weight = torch.randn(201088, 64) / 8\n"
+        "target = torch.randint(0, 201088, (2048,))\n"
+        "linear_cross_entropy(h[:8], weight, target[:8]).backward()  # warm the allocator and the kernels\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+        "linear_cross_entropy(h, weight, target).backward()\n"
+        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+        "print(json.dumps(dict(peak=after - before)))\n"
+    )
+    done = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    peak = json.loads(done.stdout.strip().splitlines()[-1])["peak"]
+    assert peak <= 0.5e9, f"the loss at 2,048 targets grew the process by {peak / 1e9:.2f} GB"
+
+
+def test_a_known_target_count_picks_the_supervised_rows_without_asking_the_device():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from gptoss.train.loss import next_token_loss
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    class Toy(torch.nn.Module):  # the two things the loss reads of a model
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(50, 16)
+            self.lm_head = torch.nn.Linear(16, 50, bias=False)
+
+        def hidden(self, ids):
+            return self.embed(ids)
+
+    model = Toy()
+    ids = torch.randint(0, 50, (3, 11))
+    mask = torch.rand(3, 11) < 0.6
+    count = int(mask[:, 1:].sum())
+    plain, n = next_token_loss(model, ids, mask)
+    with Ops() as ops:
+        counted, m = next_token_loss(model, ids, mask, count)
+    assert n == m == count and torch.equal(counted, plain)
+    assert not ops.seen & {"_local_scalar_dense", "nonzero", "item"}, ops.seen  # no host synchronisation
+    expected = F.cross_entropy(model.lm_head(model.embed(ids[:, :-1]))[mask[:, 1:]], ids[:, 1:][mask[:, 1:]], reduction="sum")
+    torch.testing.assert_close(plain, expected, rtol=1e-5, atol=1e-4)

@@ -4,9 +4,10 @@ A LoRA step with per-layer activation checkpointing holds, all the time: the fro
 adapters with their gradients and AdamW moments (fp32, 16 bytes per trainable number) and each
 layer's input (the checkpoint, [T, D]). On top of that, one of two moments is the peak:
 
-* the loss: `linear_cross_entropy` keeps the fp32 logits of the supervised positions, [N, V]
-  (torch.logsumexp makes one more [N, V] temporary beside them), and turns them into their gradient
-  in place;
+* the loss: `linear_cross_entropy` takes the supervised positions CHUNK_ROWS at a time, one fp32
+  [chunk, V] logits tensor alive (under bf16 autocast the bf16 product it is copied from beside it),
+  exponentiated and turned into its gradient in place, with the gathered rows and their gradient
+  [N, D] in fp32;
 * the backward of one layer, recomputed: its attention and MoE activations.
 
 Attention. The torch reference materialises fp32 scores [H, T, S] per example: autograd keeps the
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 from gptoss.adapter import default_expert_layers
 from gptoss.config import ModelConfig
+from gptoss.train.loss import CHUNK_ROWS
 
 GiB = 1 << 30
 
@@ -75,8 +77,8 @@ def training_peak(
         "weights": weight_bytes(c, b),
         "lora_state": 16 * lora_numbers(c, r, expert_layers),
         "checkpoints": c.num_hidden_layers * T * D * b,
-        # fp32 logits, and beside them logsumexp's (logits - max) temporary; backward works in place
-        "logits": 2 * N * c.vocab_size * 4 + N * D * 4,
+        # one chunk's fp32 logits (and the bf16 product they are copied from), the rows and their gradient
+        "logits": min(N, CHUNK_ROWS) * c.vocab_size * (4 + (b if b < 4 else 0)) + 2 * N * D * 4,
     }
     # one layer recomputed: its projections and rotations (q, k, v before and after RoPE, the output,
     # and their gradients), each [T, q_dim] or [T, kv_dim]

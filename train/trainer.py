@@ -156,14 +156,14 @@ class Objective(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return next_token_loss(self.model, ids, mask)[0]
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, count: int | None = None) -> torch.Tensor:
+        return next_token_loss(self.model, ids, mask, count)[0]
 
 
 def sum_loss(model, examples: list[Example], device) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over the supervised tokens of a batch, and their count."""
     ids, mask = collate(examples)
-    return next_token_loss(model, ids.to(device), mask.to(device))
+    return next_token_loss(model, ids.to(device), mask.to(device), int(mask[:, 1:].sum()))  # counted on the host
 
 
 @torch.no_grad()
@@ -365,7 +365,8 @@ class Trainer:
             ids, mask = collate(examples[i : i + cfg.batch_size])
             with quiet:
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-                    loss = self.objective(ids.to(self.device), mask.to(self.device))
+                    # the targets counted on the host, where the mask is built: the device is not asked
+                    loss = self.objective(ids.to(self.device), mask.to(self.device), int(mask[:, 1:].sum()))
                 (loss * self.world / total_tokens).backward()  # DDP averages over the ranks: this makes the sum
             loss_sum += loss.detach().double()
         if self.world > 1:
