@@ -239,9 +239,8 @@ def test_the_loss_keeps_a_chunk_of_logits_not_all_of_them(tmp_path):
 
 
 def test_a_known_target_count_picks_the_supervised_rows_without_asking_the_device():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from gptoss.train.loss import next_token_loss
+    from torch.utils._python_dispatch import TorchDispatchMode
 
     class Ops(TorchDispatchMode):
         def __init__(self):
