@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps (default: 50)")
     p.add_argument("--seed", type=int, default=0, help="seed for adapter init and data order")
     p.add_argument(
-        "--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 autocast on CUDA, fp32 on CPU"
+        "--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 weights and autocast on CUDA (every Triton kernel on its bf16 path), fp32 on CPU; fp32 for parity runs"
     )
     p.add_argument(
         "--report-prompts", type=int, default=8, help="held-out prompts generated before/after (default: 8; 0: none)"

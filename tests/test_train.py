@@ -271,3 +271,61 @@ def test_a_known_target_count_picks_the_supervised_rows_without_asking_the_devic
     assert not ops.seen & {"_local_scalar_dense", "nonzero", "item"}, ops.seen  # no host synchronisation
     expected = F.cross_entropy(model.lm_head(model.embed(ids[:, :-1]))[mask[:, 1:]], ids[:, 1:][mask[:, 1:]], reduction="sum")
     torch.testing.assert_close(plain, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_auto_trains_in_bf16_on_a_gpu_and_fp32_on_the_cpu():
+    from gptoss.train.trainer import train_dtype
+
+    from gptoss.errors import UsageError
+
+    assert train_dtype("auto", torch.device("cuda", 0)) == (torch.bfloat16, True)
+    assert train_dtype("auto", torch.device("cpu")) == (torch.float32, False)
+    assert train_dtype("fp32", torch.device("cuda", 0)) == (torch.float32, False)  # parity runs
+    assert train_dtype("bf16", torch.device("cpu")) == (torch.bfloat16, False)
+    with pytest.raises(UsageError, match="--dtype must be auto, bf16 or fp32, found 'fp16'"):
+        train_dtype("fp16", torch.device("cpu"))
+
+
+def test_under_the_gpu_settings_every_triton_kernel_takes_bf16_operands(tmp_path, monkeypatch):
+    # what `gptoss train` builds on a GPU with the default --dtype auto, run here on the interpreter: the
+    # operand each kernel multiplies (MoE: x / act / grad_out / gh; attention: q, k, v, dO) is never fp32
+    from gptoss.train.loss import next_token_loss
+    from gptoss.train.trainer import train_dtype
+    from triton.runtime.autotuner import Autotuner, Heuristics
+    from triton.runtime.jit import KernelInterface
+
+    from gptoss import load_model
+    from gptoss.adapter import apply_lora
+    from tests.conftest import small_config
+
+    dtype, _ = train_dtype("auto", torch.device("cuda", 0))
+    operands = {"a_ptr", "q_ptr", "k_ptr", "v_ptr", "do_ptr"}
+    seen: dict[str, set] = {}
+    launch = KernelInterface.__getitem__
+
+    def recording(kernel, grid):
+        run = launch(kernel, grid)
+
+        def call(*args, **kwargs):
+            fn = kernel
+            while isinstance(fn, (Autotuner, Heuristics)):  # they wrap the jit function
+                fn = fn.fn
+            for name, value in [*zip(fn.arg_names, args), *kwargs.items()]:
+                if name in operands and isinstance(value, torch.Tensor):
+                    seen.setdefault(f"{fn.__name__}.{name}", set()).add(value.dtype)
+            return run(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(KernelInterface, "__getitem__", recording)
+    folder = write_checkpoint(tmp_path / "c", small_config(), "hf-mxfp4", seed=2)
+    model = load_model(folder, backend="triton", dtype=dtype)
+    apply_lora(model, 4, 8, [1])  # q/k/v/o everywhere, the experts of layer 1
+    model.gradient_checkpointing = True
+    model.train()
+    ids = torch.randint(0, 300, (1, 12))
+    loss, _ = next_token_loss(model, ids)
+    loss.backward()
+    assert {"_moe_matmul_kernel.a_ptr", "_attn_fwd_kernel.q_ptr", "_attn_bwd_dkdv_kernel.do_ptr"} <= seen.keys(), seen
+    fp32 = sorted(name for name, dtypes in seen.items() if dtypes != {torch.bfloat16})
+    assert not fp32, {name: seen[name] for name in fp32}

@@ -77,7 +77,7 @@ class TrainConfig:
     save_every: int = 50
     eval_every: int = 50
     eval_batches: int = 4
-    dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU
+    dtype: str = "auto"  # auto: bf16 weights (and autocast) on CUDA, fp32 on the CPU
     gradient_checkpointing: bool = True
     seed: int = 0
     resume: bool = False
@@ -148,6 +148,18 @@ def batch_order(n: int, step: int, per_step: int, seed: int) -> list[int]:
     return out
 
 
+def train_dtype(choice: str, device: torch.device) -> tuple[torch.dtype, bool]:
+    """--dtype -> (the weights' dtype, bf16 autocast or not). auto: bf16 weights on a GPU, so that every
+    Triton kernel takes its bf16 tensor-core path and no frozen weight is cast per call (fp32 weights
+    under autocast sent the residual stream, and with it every MoE and attention kernel, down the fp32
+    path); fp32 on the CPU. fp32 stays available for parity runs. The adapters are fp32 either way."""
+    if choice not in ("auto", "bf16", "fp32"):
+        raise UsageError(f"--dtype must be auto, bf16 or fp32, found {choice!r}")
+    cuda = device.type == "cuda"
+    bf16 = choice == "bf16" or (choice == "auto" and cuda)
+    return (torch.bfloat16 if bf16 else torch.float32), cuda and bf16
+
+
 class Objective(torch.nn.Module):
     """The summed next-token loss of `model` on (ids, mask) as a module's forward: the call
     DistributedDataParallel wraps, so that its hooks see the parameters the backward pass reaches."""
@@ -187,8 +199,7 @@ class Trainer:
         self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if cuda else "gloo")
-        dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
-        self.autocast = cuda and cfg.dtype in ("auto", "bf16")
+        dtype, self.autocast = train_dtype(cfg.dtype, self.device)
         self.data = load_dataset(
             cfg.dataset, cfg.max_length, skip_long=cfg.skip_long, skip_malformed=cfg.skip_malformed
         )
