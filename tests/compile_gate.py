@@ -454,7 +454,8 @@ def main(argv=None) -> int:
     rows, problems = run_gate(args.targets, args.jobs)
     print(table(rows))
     print(f"\n{len(rows)} variants, {sum('error' not in r for r in rows)} compiled, "
-          f"{sum(bool(r.get('spill_bytes')) for r in rows)} spilling, {time.perf_counter() - start:.0f} s")  # fmt: skip
+          f"{sum(bool(r.get('spill_bytes')) for r in rows)} spilling, {time.perf_counter() - start:.0f} s, "
+          f"on Triton {triton.__version__} ({Path(triton.__file__).parent})")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1, default=str))
     for problem in problems:
