@@ -6,13 +6,13 @@ import shutil
 
 import pytest
 import torch
+from conftest import small_config
 from safetensors.torch import save_file
 
 import gptoss.load
 from gptoss import get_preset, load_model
 from gptoss.checkpoint import CheckpointError, _shard, _shard_names, disk_spec, open_checkpoint
 from gptoss.synthetic import write_checkpoint
-from tests.conftest import small_config
 
 
 def test_tensor_counts_and_shapes_of_the_real_checkpoints():

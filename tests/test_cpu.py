@@ -4,12 +4,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import small_config
 from torch import nn
 
 from gptoss import generate, load_model
 from gptoss.cpu import PackedExperts, PackedLinear, available, prepack
 from gptoss.synthetic import write_checkpoint
-from tests.conftest import small_config
 
 pytestmark = pytest.mark.skipif(not available(), reason="this PyTorch build has no oneDNN")
 bf16_packs = pytest.mark.skipif(

@@ -3,11 +3,11 @@ batches equal single prompts, stop tokens, bad input."""
 
 import pytest
 import torch
+from conftest import small_config
 
 from gptoss import load_model
 from gptoss.generate import KVCache, generate
 from gptoss.synthetic import write_checkpoint
-from tests.conftest import small_config
 
 CONFIG = small_config(sliding_window=5)  # sequences below are more than three windows long
 

@@ -5,12 +5,12 @@ import json
 
 import pytest
 import torch
+from conftest import small_config
+from hf_oracle import build_hf_model, canonical_tensors
 
 from gptoss import load_model
 from gptoss.adapter import apply_lora, default_expert_layers, merge_lora, save_adapter
 from gptoss.synthetic import write_checkpoint
-from tests.conftest import small_config
-from tests.hf_oracle import build_hf_model, canonical_tensors
 
 peft = pytest.importorskip("peft")
 CONFIG = small_config()  # intermediate (64) != hidden (96): a transposed expert factor cannot pass unnoticed

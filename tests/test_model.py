@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from conftest import small_config
 
 from gptoss.config import get_preset
 from gptoss.model import GptOss, MoE, apply_rotary, attention_with_sinks, route, swiglu, yarn_inv_freq
-from tests.conftest import small_config
 
 
 def test_yarn_inv_freq_values():

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from conftest import small_config
 from gptoss.kernels import moe as moe_kernel
 from gptoss.kernels.moe import MoEFunction
 from gptoss.kernels.routing import route as route_kernel
@@ -13,7 +14,6 @@ from gptoss.kernels.routing import route as route_kernel
 from gptoss import load_model
 from gptoss.model import Experts, experts_forward
 from gptoss.synthetic import write_checkpoint
-from tests.conftest import small_config
 
 CASES = {
     # D = 96 and I = 160 are not multiples of the 64-wide N/K tiles; 13 x 3 pairs leave ragged 16-row tiles

@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import small_config
 
 from gptoss import mxfp4, native
-from tests.conftest import small_config
 
 # skipped only where the kernels are off by choice or for want of a compiler: a build that fails on a
 # machine with one is a failure (test_the_kernels_build_where_there_is_a_compiler), not a skip
@@ -254,16 +254,16 @@ def test_without_a_compiler_the_model_still_runs_and_says_why_once(tmp_path):
         "import torch\n"
         "from gptoss import load_model\n"
         "from gptoss.synthetic import write_checkpoint\n"
-        "from tests.conftest import small_config\n"
+        "from conftest import small_config\n"
         f"folder = write_checkpoint({str(tmp_path / 'c')!r}, small_config(), 'hf-mxfp4', seed=1)\n"
         "for _ in range(2):\n"
         "    model = load_model(folder, dequantize=False, prepack='auto')\n"
         "    print(float(model(torch.tensor([[1, 2, 3]])).float().abs().sum()))\n"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.abspath(__file__))  # the tests folder: conftest imports from there
     for env, why in ((dict(CC="/nonexistent/cc"), "no C compiler found"), (dict(GPTOSS_NATIVE="0"), "GPTOSS_NATIVE=0")):
         run = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+            [sys.executable, "-c", code], capture_output=True, text=True, cwd=here,
             env=dict(os.environ, GPTOSS_CACHE=str(tmp_path / f"cache-{len(why)}"), **env),
         )  # fmt: skip
         assert run.returncode == 0, run.stderr

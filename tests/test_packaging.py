@@ -121,3 +121,16 @@ def test_the_wheel_holds_every_module_inside_gptoss_and_imports_from_anywhere(tm
     found = run_python("-c", code, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(target)))
     assert Path(found["moe"]) == target / "gptoss" / "kernels" / "moe.py"
     assert Path(found["trainer"]) == target / "gptoss" / "train" / "trainer.py"
+
+
+def test_bare_pytest_and_python_m_pytest_both_collect_and_pass():
+    # bare `pytest` puts its script's folder first on sys.path, `python -m pytest` the working folder: the
+    # tests must need neither (they import their helpers as `conftest`, which pytest puts on the path)
+    script = Path(sys.executable).with_name("pytest")
+    bare = [str(script)] if script.exists() else [sys.executable, "-P", "-m", "pytest"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
+    for command in (bare, [sys.executable, "-m", "pytest"]):
+        done = subprocess.run([*command, "-q", "-p", "no:cacheprovider", "tests/test_memory.py", "tests/test_config.py"],
+                              cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+        assert done.returncode == 0, f"{command}: " + done.stdout[-3000:]
+        assert " passed" in done.stdout and "error" not in done.stdout.lower(), done.stdout[-2000:]

@@ -8,11 +8,11 @@ import copy
 
 import pytest
 import torch
+from conftest import small_config
+from hf_oracle import build_hf_model, canonical_tensors
 
 from gptoss import load_model
 from gptoss.synthetic import write_checkpoint
-from tests.conftest import small_config
-from tests.hf_oracle import build_hf_model, canonical_tensors
 
 pytest.importorskip("transformers")
 

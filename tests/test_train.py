@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROW, TRAIN_CONFIG
 from gptoss.train import data as train_data
 from gptoss.train.data import MalformedRowError, load_dataset, render_example
 from gptoss.train.trainer import TrainConfig, Trainer, lr_at, read_checkpoint_header
@@ -15,7 +16,6 @@ from safetensors.torch import load_file
 
 from gptoss import harmony
 from gptoss.synthetic import write_checkpoint
-from tests.conftest import ROW, TRAIN_CONFIG
 
 
 def test_loss_mask_covers_exactly_the_assistant_turn():
@@ -289,6 +289,7 @@ def test_auto_trains_in_bf16_on_a_gpu_and_fp32_on_the_cpu():
 def test_under_the_gpu_settings_every_triton_kernel_takes_bf16_operands(tmp_path, monkeypatch):
     # what `gptoss train` builds on a GPU with the default --dtype auto, run here on the interpreter: the
     # operand each kernel multiplies (MoE: x / act / grad_out / gh; attention: q, k, v, dO) is never fp32
+    from conftest import small_config
     from gptoss.train.loss import next_token_loss
     from gptoss.train.trainer import train_dtype
     from triton.runtime.autotuner import Autotuner, Heuristics
@@ -296,7 +297,6 @@ def test_under_the_gpu_settings_every_triton_kernel_takes_bf16_operands(tmp_path
 
     from gptoss import load_model
     from gptoss.adapter import apply_lora
-    from tests.conftest import small_config
 
     dtype, _ = train_dtype("auto", torch.device("cuda", 0))
     operands = {"a_ptr", "q_ptr", "k_ptr", "v_ptr", "do_ptr"}
