@@ -16,6 +16,7 @@ import functools
 import hashlib
 import os
 import struct
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,9 +79,16 @@ def find_vocab_dir() -> Path:
     data = vocab_from_quicktok()
     if data is not None and hashlib.sha256(data).hexdigest() == VOCAB_SHA256:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(cached.name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, cached)
+        # a name of this writer's own, renamed into place: concurrent first runs each write whole files
+        fd, tmp = tempfile.mkstemp(prefix=cached.name + ".", suffix=".tmp", dir=cached.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, cached)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         return cached.parent
     raise VocabularyError(
         f"the o200k_base vocabulary was not found: set TIKTOKEN_ENCODINGS_BASE to a folder holding {VOCAB_FILE} "

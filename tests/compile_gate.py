@@ -367,9 +367,10 @@ def run_gate(targets=(90, 100), jobs: int = 2) -> tuple[list[dict], list[str]]:
                 print(f"  compiled {len(cache)}: {row['kernel']} {row['target']} {row['config']} {row.get('error', '')}",
                       file=sys.stderr, flush=True)  # fmt: skip
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cache))
-        tmp.replace(cache_path)
+        fd, tmp = tempfile.mkstemp(prefix=cache_path.name + ".", suffix=".tmp", dir=cache_path.parent)  # a name of its own
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(cache))
+        os.replace(tmp, cache_path)
     rows = []
     for key in unique:
         row = dict(cache[key])

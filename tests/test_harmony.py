@@ -1,6 +1,7 @@
 """Harmony rendering and parsing, checked against openai-harmony's own API and the published format."""
 
 import hashlib
+from pathlib import Path
 
 import pytest
 from openai_harmony import (
@@ -36,6 +37,27 @@ def test_wrong_vocabulary_file_is_refused(tmp_path, monkeypatch):
             harmony.find_vocab_dir()
     finally:
         harmony.find_vocab_dir.cache_clear()
+
+
+def _first_run(_):
+    return str(harmony.find_vocab_dir.__wrapped__() / harmony.VOCAB_FILE)  # uncached: each process writes
+
+
+def test_concurrent_first_runs_each_get_the_whole_vocabulary(tmp_path, monkeypatch):
+    # twelve processes with an empty cache at once: each writes the file under a name of its own and renames
+    # it into place (a shared temporary name let one process read another's half-written file)
+    import multiprocessing
+
+    if harmony.vocab_from_quicktok() is None:
+        pytest.skip("quicktok-v1 is not installed")
+    monkeypatch.delenv("TIKTOKEN_ENCODINGS_BASE", raising=False)
+    monkeypatch.delenv("GPTOSS_VOCAB_DIR", raising=False)
+    monkeypatch.setenv("GPTOSS_CACHE", str(tmp_path))
+    with multiprocessing.get_context("fork").Pool(12) as pool:
+        paths = pool.map(_first_run, range(12))
+    assert set(paths) == {str(tmp_path / "vocab" / harmony.VOCAB_FILE)}
+    assert hashlib.sha256(Path(paths[0]).read_bytes()).hexdigest() == harmony.VOCAB_SHA256
+    assert sorted(p.name for p in (tmp_path / "vocab").iterdir()) == [harmony.VOCAB_FILE]  # no temporary left
 
 
 def test_missing_vocabulary_says_what_to_set(tmp_path, monkeypatch):
