@@ -486,6 +486,12 @@ class TensorIndex:
                     raise TypeError("weight_map is not an object of tensor name -> file name")
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index} is not a valid safetensors index ({e}); re-download it") from None
+            for file in set(weight_map.values()):  # shards sit beside the index: never a path out of the folder
+                if Path(file).name != file or file in ("", ".", "..") or "\\" in file:
+                    raise CheckpointError(
+                        f"{index} names shard {file!r}, which is not a file name inside {folder}: an index lists the "
+                        "shards beside it; re-download the index"
+                    )
             self.files = {name: folder / file for name, file in weight_map.items()}
             shards = sorted(set(self.files.values()))
             for file in shards:

@@ -160,6 +160,21 @@ def misplace(folder: Path, name: str) -> Path:
     return folder
 
 
+def point_outside(tmp: Path, how: str) -> Path:
+    """Move the shard holding lm_head.weight out of a copy of the checkpoint and point the index at it by
+    an absolute path, a ../ path or a subfolder."""
+    folder = copy_hf(tmp)
+    weight_map = index_of(folder)
+    shard = weight_map["lm_head.weight"]
+    where = {"absolute": tmp / "elsewhere.safetensors", "parent": folder.parent / "elsewhere.safetensors",
+             "subfolder": folder / "sub" / "elsewhere.safetensors"}[how]  # fmt: skip
+    where.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(folder / shard, where)
+    named = {"absolute": str(where), "parent": "../elsewhere.safetensors", "subfolder": "sub/elsewhere.safetensors"}[how]
+    edit_json(folder / "model.safetensors.index.json", weight_map={n: named if f == shard else f for n, f in weight_map.items()})
+    return folder
+
+
 def shard_of(folder: Path, name: str) -> Path:
     return folder / index_of(folder)[name]
 
@@ -201,6 +216,9 @@ CASES = [
     ("index-wrong-shard", lambda t: info(misplace(copy_hf(t), "model.norm.weight")), 1, "model.norm.weight"),
     ("index-missing-shard", lambda t: (shard_of(c := copy_hf(t), "lm_head.weight").unlink(), info(c))[1], 1,
      "is missing"),
+    ("index-absolute-path", lambda t: info(point_outside(t, "absolute")), 1, "which is not a file name inside"),
+    ("index-parent-path", lambda t: info(point_outside(t, "parent")), 1, "'../elsewhere.safetensors', which is not a file name"),
+    ("index-subfolder-path", lambda t: info(point_outside(t, "subfolder")), 1, "which is not a file name inside"),
     ("index-invalid", lambda t: ((c := copy_hf(t)) / "model.safetensors.index.json").write_text("{") and info(c), 1,
      "not a valid safetensors index"),
     ("wrong-dtype", lambda t: (edit_tensor(shard_of(c := copy_hf(t), n := "model.layers.0.mlp.experts.down_proj_scales"),
