@@ -238,6 +238,15 @@ def load_adapter(model: GptOss, folder: str | Path) -> GptOss:
             )
         if not tensors[key].is_floating_point() or not bool(torch.isfinite(tensors[key]).all()):
             raise AdapterError(f"{file}: tensor {key} holds NaN, infinite or non-float values; the adapter is corrupt")
+        # the rank side of every factor against r, before anything of r's size is allocated: A [rank, in],
+        # B [out, rank]; the experts' factors hold all E experts' ranks side by side (rank E * r)
+        rank = r if m[3] else r * model.config.num_local_experts
+        t = tensors[key]
+        if t.dim() != 2 or t.shape[0 if key.endswith("lora_A.weight") else 1] != rank:
+            raise AdapterError(
+                f"{file}: {key} has shape {list(t.shape)}, while r={r} (adapter_config.json) gives it a rank side of "
+                f"{rank}: the adapter and its config disagree; re-save the adapter"
+            )
         if m[3]:
             targets.add(m[3])
         else:

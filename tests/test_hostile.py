@@ -249,6 +249,8 @@ CASES = [
      "r must be an integer"),
     ("adapter-alpha-nan", lambda t: gen(FX.hf, "--adapter", str(adapter_with(t, {"lora_alpha": float("nan")}))), 1,
      "lora_alpha"),
+    ("adapter-r-huge", lambda t: gen(FX.hf, "--adapter", str(adapter_with(t, {"r": 2_000_000}))), 1, "r=2000000"),
+    ("adapter-r-enormous", lambda t: gen(FX.hf, "--adapter", str(adapter_with(t, {"r": 10**9}))), 1, "r=1000000000"),
     ("adapter-rank-mismatch", lambda t: gen(FX.hf, "--adapter", str(adapter_with(t, {"r": 8}))), 1, "r=8"),
     ("adapter-other-peft-type", lambda t: gen(FX.hf, "--adapter", str(adapter_with(t, {"peft_type": "IA3"}))), 1,
      "peft_type"),
