@@ -532,3 +532,25 @@ def test_chat_honours_every_sampling_flag(fx, monkeypatch, capsys):
     assert code == 0
     kw = calls[0][1]
     assert (kw["top_k"], kw["top_p"], kw["temperature"], kw["seed"], kw["max_new_tokens"]) == (3, 0.5, 0.7, 11, 2)
+
+
+@pytest.mark.parametrize(
+    "env, culprit",
+    [
+        ({"RANK": "1"}, "RANK=1 set without a launcher"),  # a single process that wrote nothing and said done
+        ({"WORLD_SIZE": "2"}, "RANK and WORLD_SIZE come together"),  # waited 30 minutes for a peer
+        ({"RANK": "0", "WORLD_SIZE": "2"}, "needs MASTER_ADDR and MASTER_PORT"),
+        ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}, "expected 0 <= RANK < WORLD_SIZE"),
+        ({"RANK": "one", "WORLD_SIZE": "2"}, "must be integers"),
+        ({"RANK": "0", "WORLD_SIZE": "0"}, "expected 0 <= RANK < WORLD_SIZE"),
+    ],
+)
+def test_a_lone_process_with_launcher_variables_stops_up_front(fx, tmp_path, monkeypatch, capsys, env, culprit):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(train_args(fx, tmp_path / "o")) == 1
+    err = capsys.readouterr().err
+    assert culprit in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()  # refused before anything was written

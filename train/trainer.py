@@ -148,6 +148,29 @@ def batch_order(n: int, step: int, per_step: int, seed: int) -> list[int]:
     return out
 
 
+def launch_ranks(env) -> tuple[int, int]:
+    """(WORLD_SIZE, RANK) of this process. torchrun sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT
+    together; one of them left over in a shell (RANK=1 alone made a single process skip every write and
+    still report success; WORLD_SIZE=2 alone waited 30 minutes for a peer) stops the run up front."""
+    names = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    present = [n for n in names if env.get(n)]
+    if not present:
+        return 1, 0
+    lone = f"{', '.join(f'{n}={env[n]}' for n in present)} set without a launcher"
+    fix = "unset it for a single-process run, or start the run with torchrun (which sets all four)"
+    if not env.get("RANK") or not env.get("WORLD_SIZE"):
+        raise TrainError(f"{lone}: RANK and WORLD_SIZE come together; {fix}")
+    try:
+        world, rank = int(env["WORLD_SIZE"]), int(env["RANK"])
+    except ValueError:
+        raise TrainError(f"RANK={env['RANK']!r} and WORLD_SIZE={env['WORLD_SIZE']!r} must be integers; {fix}") from None
+    if not (world >= 1 and 0 <= rank < world):
+        raise TrainError(f"RANK={rank} with WORLD_SIZE={world}: expected 0 <= RANK < WORLD_SIZE; {fix}")
+    if world > 1 and not (env.get("MASTER_ADDR") and env.get("MASTER_PORT")):
+        raise TrainError(f"{lone}: WORLD_SIZE={world} needs MASTER_ADDR and MASTER_PORT to find its peers; {fix}")
+    return world, rank
+
+
 def train_dtype(choice: str, device: torch.device) -> tuple[torch.dtype, bool]:
     """--dtype -> (the weights' dtype, bf16 autocast or not). auto: bf16 weights on a GPU, so that every
     Triton kernel takes its bf16 tensor-core path and no frozen weight is cast per call (fp32 weights
@@ -191,8 +214,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.out = Path(cfg.output)
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
+        self.world, self.rank = launch_ranks(os.environ)
         # before anything slow, so a refused run costs nothing; on --resume, the saved checkpoint's header
         self.resume_header = self._check_output()
         cuda = torch.cuda.is_available()
