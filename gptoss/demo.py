@@ -73,6 +73,7 @@ def _demo_training(folder: Path, args: argparse.Namespace) -> int:
     five languages, then report before/after on all held-out prompts, two unseen languages included."""
     import hashlib
     import json
+    import shutil
 
     from gptoss.train.make_dataset import base_rows, write_jsonl
     from gptoss.train.trainer import TrainConfig, Trainer
@@ -99,6 +100,8 @@ def _demo_training(folder: Path, args: argparse.Namespace) -> int:
         print("      what each language's name means (captions '(Dutch) ...', users asking 'Answer in Dutch.'); never")
         print("      the instruction 'reasoning language: X'")
         write_jsonl(work / "base_rows.jsonl", rows)
+        if stamp.exists():  # a base this demo pre-trained on another recipe (older runs kept no run manifest)
+            shutil.rmtree(base / "model")
         Trainer(TrainConfig(**base_cfg, overwrite=True)).run()  # the demo's folder: an unfinished attempt is replaced
         stamp.write_text(recipe + "\n")
     lora = work / "lora"

@@ -554,3 +554,25 @@ def test_a_lone_process_with_launcher_variables_stops_up_front(fx, tmp_path, mon
     err = capsys.readouterr().err
     assert culprit in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_overwrite_never_deletes_the_base_model_or_a_model_folder_it_did_not_write(fx, tmp_path, capsys):
+    run = copy(fx.finished, tmp_path, "run")
+    mine = copy(fx.hf, run, "model")  # the user keeps a model in the run's folder
+    assert main(train_args(fx, run, "--max-steps", "1", "--overwrite")) == 1
+    assert "holds model/, which this trainer did not write" in capsys.readouterr().err
+    assert (mine / "config.json").exists()
+    args = train_args(fx, run, "--max-steps", "1", "--overwrite")
+    args[args.index("--model") + 1] = str(mine)  # ... and trains from it
+    assert main(args) == 1
+    assert "lies inside --output" in capsys.readouterr().err and (mine / "config.json").exists()
+
+
+def test_a_run_lists_what_it_wrote_and_overwrite_removes_only_that(fx, tmp_path):
+    run = tmp_path / "run"
+    assert main(train_args(fx, run, "--max-steps", "1")) == 0
+    listed = json.loads((run / "gptoss_run.json").read_text())["files"]
+    assert "adapter_model.safetensors" in listed and "model" not in listed
+    (run / "keep.txt").write_text("mine")
+    assert main(train_args(fx, run, "--max-steps", "1", "--overwrite")) == 0
+    assert (run / "keep.txt").read_text() == "mine" and (run / "adapter_model.safetensors").exists()

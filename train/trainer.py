@@ -40,8 +40,9 @@ from gptoss.load import load_model
 CHECKPOINT = "checkpoint.safetensors"  # trainable tensors + optimizer state; step and settings as JSON metadata
 LEGACY_CHECKPOINT = "checkpoint.pt"  # a pickle (older gptoss): refused, never loaded
 # what a run writes into its --output folder: present means the folder holds a run
+MANIFEST = "gptoss_run.json"  # the names this trainer wrote into the folder: all that --overwrite may remove
 RUN_FILES = (CHECKPOINT, LEGACY_CHECKPOINT, "adapter_model.safetensors", "adapter_config.json", "train_log.jsonl",
-             "loss.png", "report.md", "report.json", "report.png", "model")  # fmt: skip
+             "loss.png", "report.md", "report.json", "report.png", "model", MANIFEST)  # fmt: skip
 # settings a resume must share with the saved run (the others, such as eval_every, may change)
 RESUME_SETTINGS = ("max_steps", "epochs", "lr", "warmup_ratio", "min_lr_ratio", "weight_decay", "max_grad_norm",
                    "lora_r", "lora_alpha", "lora_expert_layers", "full_finetune", "batch_size", "grad_accum",
@@ -291,7 +292,31 @@ class Trainer:
                 f"--output {out} already holds a training run ({', '.join(present)}): pass --resume to continue it "
                 "or --overwrite to replace it, or choose another folder"
             )
+        if cfg.overwrite and present:
+            model = Path(cfg.model).expanduser()
+            if model.exists() and model.resolve().is_relative_to(out.resolve()):
+                raise TrainError(
+                    f"--model {cfg.model} lies inside --output {out}: --overwrite would delete the model being "
+                    "trained from; choose another --output"
+                )
+            if (out / "model").exists() and "model" not in self._owned():
+                raise TrainError(
+                    f"--output {out} holds model/, which this trainer did not write (no full fine-tune of this folder "
+                    "lists it): --overwrite removes only a run's own files; move model/ or choose another folder"
+                )
         return None
+
+    def _owned(self) -> list[str]:
+        """What an earlier run wrote into the output folder, as its manifest lists it (runs from before the
+        manifest: the run files, without model/)."""
+        path = self.out / MANIFEST
+        try:
+            names = json.loads(path.read_text(encoding="utf-8"))["files"]
+            if isinstance(names, list) and all(isinstance(n, str) for n in names):
+                return [n for n in names if n in RUN_FILES]  # never a name outside the run's own
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            pass
+        return [n for n in RUN_FILES if n != "model"]
 
     def _settings(self) -> dict:
         """What a resume must match: the hyper-parameters, the processes, the data and the model."""
@@ -430,10 +455,14 @@ class Trainer:
         if self.rank != 0:
             return
         if self.cfg.overwrite:
-            for name in RUN_FILES:
+            for name in self._owned():
                 path = self.out / name
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         self.out.mkdir(parents=True, exist_ok=True)
+        if not self.cfg.resume:  # what this run may write: what a later --overwrite may remove
+            names = [n for n in RUN_FILES if n not in (LEGACY_CHECKPOINT, "model")] + (["model"] if self.cfg.full_finetune else [])
+            with replacing(self.out / MANIFEST) as tmp:
+                tmp.write_text(json.dumps({"files": names}, indent=1) + "\n", encoding="utf-8")
         if self.cfg.resume and log_file.exists():
             kept = []
             for line in log_file.read_text(encoding="utf-8", errors="replace").splitlines():
