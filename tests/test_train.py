@@ -139,6 +139,15 @@ def test_resume_continues_exactly(base, tmp_path, monkeypatch):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=0)
 
 
+def free_port() -> str:
+    """A port nothing listens on now (a fixed one collided when two suites ran on one machine)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
+
+
 def test_torchrun_two_processes_equal_one(base, tmp_path):
     common = ["-m", "gptoss", "train", "--model", str(base), "--max-steps", "2", "--lr", "1e-2", "--eval-dataset", "",
               "--report-prompts", "0", "--lora-expert-layers", "1", "--save-every", "100"]  # fmt: skip
@@ -147,8 +156,8 @@ def test_torchrun_two_processes_equal_one(base, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
     runs = {
         "one": [sys.executable, *common, "--batch-size", "2", "--grad-accum", "2"],
-        "two": [*torchrun, "29533", *common, "--batch-size", "2", "--grad-accum", "1"],
-        "two-accum": [*torchrun, "29534", *common, "--batch-size", "1", "--grad-accum", "2"],
+        "two": [*torchrun, free_port(), *common, "--batch-size", "2", "--grad-accum", "1"],
+        "two-accum": [*torchrun, free_port(), *common, "--batch-size", "1", "--grad-accum", "2"],
     }
     losses, adapters = {}, {}
     for name, cmd in runs.items():
