@@ -45,11 +45,19 @@ def side_triton(version: str) -> Path:
     return side
 
 
+def compiling(*args: str, path: Path | None = None) -> subprocess.CompletedProcess:
+    """`python *args` in a fresh process that compiles (the suite imports the kernels under
+    TRITON_INTERPRET=1) with no pinned MoE config; `path` goes first on PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "GPTOSS_MOE_CONFIG")}
+    if path is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(path), *filter(None, [env.get("PYTHONPATH")])])
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env)
+
+
 @pytest.fixture(scope="module")
 def gate(tmp_path_factory):
     out = tmp_path_factory.mktemp("gate") / "rows.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "GPTOSS_MOE_CONFIG")}
-    done = subprocess.run([sys.executable, str(GATE), "--json", str(out)], capture_output=True, text=True, env=env)
+    done = compiling(str(GATE), "--json", str(out))
     print(done.stdout)  # the table, shown with pytest -s
     return done, json.loads(out.read_text()) if out.exists() else []
 
@@ -102,8 +110,7 @@ def test_a_kernel_outside_the_workloads_fails_the_gate(tmp_path):
         "routing._orphan_kernel = _orphan_kernel\n"
         "print(compile_gate.escaped(compile_gate.discover(), compile_gate.run_workloads()))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, env=env)
+    done = compiling(str(probe))
     assert done.stdout.strip() == "['routing._orphan_kernel']", done.stdout + done.stderr[-2000:]
 
 
@@ -140,8 +147,7 @@ def test_hostile_arguments_are_refused_in_one_line():
         "    out.append([code, err.getvalue()])\n"
         "print(json.dumps(out))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    done = compiling("-c", script)
     results = json.loads(done.stdout.strip().splitlines()[-1])
     for (argv, message), (code, err) in zip(HOSTILE_ARGS, results):
         assert code == 2, (argv, code, err)
@@ -180,8 +186,7 @@ def test_a_cached_row_never_outlives_its_compiler(tmp_path):
         "keys['other_ptxas'] = variant.key\n"
         "print(json.dumps(keys))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, env=env)
+    done = compiling(str(probe))
     assert done.returncode == 0, done.stderr[-2000:]
     keys = json.loads(done.stdout.strip().splitlines()[-1])
     assert keys["first"] == keys["again"]
@@ -192,10 +197,7 @@ def test_every_kernel_compiles_without_spills_on_the_gpu_machines_triton(tmp_pat
     # sm_90a only: the GPU those machines have (H100, H200)
     side = side_triton(GPU_TRITON)
     out = tmp_path / "rows.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "GPTOSS_MOE_CONFIG")}
-    env["PYTHONPATH"] = os.pathsep.join([str(side), *filter(None, [env.get("PYTHONPATH")])])
-    done = subprocess.run([sys.executable, str(GATE), "--targets", "90", "--json", str(out)], capture_output=True,
-                          text=True, env=env)  # fmt: skip
+    done = compiling(str(GATE), "--targets", "90", "--json", str(out), path=side)
     assert f"on Triton {GPU_TRITON} ({side / 'triton'})" in done.stdout, done.stdout[-1000:] + done.stderr[-2000:]
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads(out.read_text())
