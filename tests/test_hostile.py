@@ -576,3 +576,14 @@ def test_a_run_lists_what_it_wrote_and_overwrite_removes_only_that(fx, tmp_path)
     (run / "keep.txt").write_text("mine")
     assert main(train_args(fx, run, "--max-steps", "1", "--overwrite")) == 0
     assert (run / "keep.txt").read_text() == "mine" and (run / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("manifest", ["{", "[]", '{"files": "adapter_config.json"}', '{"files": ["../outside.txt", "keep.txt", 7]}'])
+def test_a_broken_or_hostile_run_manifest_never_widens_what_overwrite_removes(fx, tmp_path, manifest):
+    run = copy(fx.finished, tmp_path, "run")
+    (run / "gptoss_run.json").write_text(manifest)
+    (run / "keep.txt").write_text("mine")
+    (tmp_path / "outside.txt").write_text("mine too")
+    assert main(train_args(fx, run, "--max-steps", "1", "--overwrite")) == 0
+    assert (run / "keep.txt").read_text() == "mine" and (tmp_path / "outside.txt").read_text() == "mine too"
+    assert json.loads((run / "gptoss_run.json").read_text())["files"]  # the new run's own manifest
