@@ -72,7 +72,11 @@ def training_rows(shapes, device, dtype, providers) -> list[dict]:
                 row["tflops"] = flops / (t["ms"] / 1e3) / 1e12
                 rows.append(row)
     for row in rows:  # the same row of FlashAttention-2, measured above
-        fa2 = [r for r in rows if r["provider"].startswith("fa2") and (r["B"], r["T"], r["what"]) == (row["B"], row["T"], row["what"])]
+        fa2 = [
+            r
+            for r in rows
+            if r["provider"].startswith("fa2") and (r["B"], r["T"], r["what"]) == (row["B"], row["T"], row["what"])
+        ]
         if fa2 and row["window"] == "full":
             row["vs_fa2"] = row["tflops"] / fa2[0]["tflops"]
     return rows
@@ -127,7 +131,9 @@ def main() -> None:
     print(table(decode, ["B", "S", "provider", "ms", "ms_p20", "ms_p80", "gbs", "copy_pct"]))
     print(f"copy bandwidth measured in this run: {copy:.0f} GB/s")
     if not gpu:
-        print("no CUDA device: timed the torch reference on the CPU (fp32); the Triton kernels' GPU figures were not taken")
+        print(
+            "no CUDA device: timed the torch reference on the CPU (fp32); the Triton kernels' GPU figures were not taken"
+        )
     print(f"machine: {machine()}")
     record("attention", train + decode, copy_bandwidth_gbs=copy)
     print(f"results appended to {RESULTS_DIR / 'attention.jsonl'}")

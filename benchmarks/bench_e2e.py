@@ -36,7 +36,7 @@ from gptoss.config import ModelConfig
 from gptoss.cpu import PackedLinear
 from gptoss.generate import generate
 from gptoss.load import available_memory
-from gptoss.synthetic import cached_checkpoint
+from gptoss.synthetic import cached_checkpoint, random_model
 
 
 def read_bandwidth_gbs(device: str = "cpu") -> float:
@@ -65,7 +65,7 @@ def read_bandwidth_gbs(device: str = "cpu") -> float:
 
 # each figure is the best of this many runs (a shared machine: the best run is the least disturbed);
 # 3 by default, 5 for the tiny shape (runs of milliseconds), once for gpt-oss-20b (runs of minutes)
-REPEATS = {"tiny": 5, "gpt-oss-20b": 1}
+REPEATS = {"tiny": 5, "gpt-oss-20b": 1, "gpt-oss-120b": 1}
 
 
 def bytes_per_token(c: ModelConfig) -> float:
@@ -87,7 +87,10 @@ def run_ours(folder, config, backend, prompt_len, new_tokens, device, repeats, f
     with PeakRSS() as mem:
         start = time.perf_counter()
         options = dict(dequantize="auto", prepack="auto") if fast_cpu else {}
-        model = load_model(folder, device=device, backend=backend, **options)
+        if folder is None:  # --random-weights: drawn on the device, no checkpoint
+            model = random_model(config, device=device, backend=backend)
+        else:
+            model = load_model(folder, device=device, backend=backend, **options)
         kind = type(model.model.layers[0].mlp.experts).__name__
         experts = ("dense bf16" if not model.model.layers[0].mlp.experts.quantized
                    else "MXFP4, native CPU kernels" if kind == "MXFP4Experts" else "MXFP4, decoded per use")  # fmt: skip
@@ -100,7 +103,9 @@ def run_ours(folder, config, backend, prompt_len, new_tokens, device, repeats, f
         # compiles new kernel variants, 1.5 s of a 16-token prefill on an H100): autotuning and
         # compilation happen here, never inside a timed prefill or decode. The CPU compiles nothing.
         for batch in (prompt[:1], prompt) if device == "cuda" else (prompt[:1],):
-            generate(model, batch, max_new_tokens=new_tokens if device == "cuda" else 2, temperature=0.0, stop_tokens=())
+            generate(
+                model, batch, max_new_tokens=new_tokens if device == "cuda" else 2, temperature=0.0, stop_tokens=()
+            )
 
         def run(batch, probe=False):
             stats = {}
@@ -189,7 +194,13 @@ def main() -> None:
         "--quick", action="store_true", help="tiny config only, short prompts (about a minute on 2 cores)"
     )
     parser.add_argument("--configs", default=None, help="comma-separated presets (default: tiny,mid,gpt-oss-20b)")
-    parser.add_argument("--impls", default=None, help="comma-separated implementations to run (default: all of this device's)")
+    parser.add_argument(
+        "--impls", default=None, help="comma-separated implementations to run (default: all of this device's)"
+    )
+    parser.add_argument("--random-weights", action="store_true",
+                        help="our implementations draw the model on the device (gptoss.synthetic.random_model) "
+                        "instead of loading a checkpoint: no disk (gpt-oss-120b's is 65 GB), load_s is the draw; "
+                        "transformers is not run")  # fmt: skip
     parser.add_argument("--prompt-tokens", type=int, default=None, metavar="N",
                         help="prompt length for every config (default: 64 for tiny and mid, 16 for gpt-oss-20b; "
                         "a chat's Harmony system prompt is about 100)")  # fmt: skip
@@ -198,9 +209,9 @@ def main() -> None:
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
     names = (args.configs or ("tiny" if args.quick else "tiny,mid,gpt-oss-20b")).split(",")
-    shape = {"tiny": (64, 32), "mid": (64, 16), "gpt-oss-20b": (16, 9)}  # prompt tokens, new tokens
+    shape = {"tiny": (64, 32), "mid": (64, 16), "gpt-oss-20b": (16, 9), "gpt-oss-120b": (16, 9)}  # prompt, new
     if gpu:  # the decode step is a replayed CUDA graph there: enough steps to time it
-        shape["gpt-oss-20b"] = (16, 64)
+        shape["gpt-oss-20b"] = shape["gpt-oss-120b"] = (16, 64)
     if args.quick:
         shape = {n: (32, 8) for n in names}
     known = {"gptoss-torch", "gptoss-triton", "gptoss-cpu", "transformers"}
@@ -213,7 +224,7 @@ def main() -> None:
     rows = []
     for name in names:
         config = get_preset(name)
-        folder = cached_checkpoint(name, "hf-mxfp4", progress=True)
+        folder = None if args.random_weights else cached_checkpoint(name, "hf-mxfp4", progress=True)
         prompt_len, new_tokens = shape.get(name, (32, 8))
         repeats = REPEATS.get(name, 3)
         impls = {"gptoss-torch": lambda: run_ours(folder, config, "torch", prompt_len, new_tokens, device, repeats)}
@@ -223,7 +234,8 @@ def main() -> None:
             )
         else:
             impls["gptoss-triton"] = lambda: run_ours(folder, config, "triton", prompt_len, new_tokens, device, repeats)
-        impls["transformers"] = lambda: run_transformers(folder, config, prompt_len, new_tokens, device, repeats)
+        if folder is not None:
+            impls["transformers"] = lambda: run_transformers(folder, config, prompt_len, new_tokens, device, repeats)
         for impl, fn in impls.items():
             if args.impls and impl not in args.impls.split(","):
                 continue
@@ -275,7 +287,9 @@ def main() -> None:
         for rate, gbs in r.get("decode_runs") or []:
             if gbs:
                 run_bound = gbs * 1e9 / bytes_per_token(get_preset(r["config"]))
-                print(f"{r['config']} {r['impl']} decode run: {rate:.2f} tok/s at {gbs:.1f} GB/s (bound {run_bound:.2f}) = {rate / run_bound:.1%}")
+                print(
+                    f"{r['config']} {r['impl']} decode run: {rate:.2f} tok/s at {gbs:.1f} GB/s (bound {run_bound:.2f}) = {rate / run_bound:.1%}"
+                )
     if not gpu:
         print("no CUDA device: CPU figures only; the Triton path's GPU figures were not taken")
     print(f"machine: {machine()}")

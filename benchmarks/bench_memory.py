@@ -71,7 +71,9 @@ def main() -> None:
     print(table(rows, cols))
     checks = [measure("tiny", 512)] if args.quick else [measure("tiny", 2048), measure("mid", 2048)]
     print("\nCPU, fp32, torch paths: estimated vs measured peak (GiB)")
-    print(table(checks, ["config", "tokens", "estimate_gib", "measured_gib", "ratio", "measured_anon_gib", "anon_ratio"]))
+    print(
+        table(checks, ["config", "tokens", "estimate_gib", "measured_gib", "ratio", "measured_anon_gib", "anon_ratio"])
+    )
     print(f"machine: {machine()}")
     record("memory", rows + checks)
     print(f"results appended to {RESULTS_DIR / 'memory.jsonl'}")

@@ -100,6 +100,17 @@ def time_ms(fn, warmup: int = 2, reps: int = 10) -> dict:
     return {"ms": statistics.median(samples), "ms_p20": q[1], "ms_p80": q[7]}
 
 
+def time_graph_ms(fn) -> float | None:
+    """fn() captured once in a CUDA graph and replayed (triton.testing.do_bench_cudagraph, median): the
+    GPU's time without Python or the launch path, what a decode step inside one graph pays. fn must not
+    synchronise with the host. None off CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    import triton.testing
+
+    return float(triton.testing.do_bench_cudagraph(fn, return_mode="median"))
+
+
 def copy_bandwidth_gbs(device: str, nbytes: int = 1 << 30) -> float:
     """Device-memory bandwidth measured now: bytes read plus written by a plain copy of `nbytes`
     (1 GiB on a GPU, far larger than its L2), per second. The figure the MoE decode rows are judged by."""

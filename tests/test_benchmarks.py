@@ -59,5 +59,67 @@ def test_e2e_prompt_tokens_refuses_nonsense(value):
 
 @pytest.mark.parametrize("value", ["", "gptoss-gpu", "gptoss-cpu,"])
 def test_e2e_impls_refuses_unknown_names(value):
-    done = subprocess.run([sys.executable, str(BENCH / "bench_e2e.py"), "--impls", value], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "bench_e2e.py"), "--impls", value], capture_output=True, text=True
+    )
     assert done.returncode == 2 and "--impls" in done.stderr
+
+
+def _bench_train(tmp_path, *flags):
+    env = dict(os.environ, GPTOSS_RESULTS_DIR=str(tmp_path))
+    return subprocess.run(
+        [sys.executable, str(BENCH / "bench_train.py"), *flags], capture_output=True, text=True, env=env, timeout=600
+    )
+
+
+def test_the_recipe_step_at_real_size_runs_in_its_tiny_form(tmp_path):
+    """`bench_train.py --config` (what `make bench-gpu` runs for gpt-oss-20b and -120b): the model drawn
+    on the device, a packed Harmony row, ours against transformers + PEFT, one row each with step time,
+    throughput, FLOPs and MFU, recorded."""
+    out = _bench_train(tmp_path, "--config", "tiny", "--compare", "tiny", "--seq", "96", "--steps", "1", "--no-profile")
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])["results"]
+    assert [r["impl"] for r in rows] == ["gptoss", "transformers+peft"]
+    for r in rows:
+        assert r["tokens"] == 96 and 0 < r["supervised"] < 96 and r["step_s"] > 0 and r["step_tflop"] > 0
+        assert r["tokens_per_s"] == pytest.approx(96 / r["step_s"]) and 0 < r["mfu"] < 1
+    assert "transformers+peft step / ours" in out.stdout
+    assert (tmp_path / "train.jsonl").read_text().count("\n") == 2
+
+
+def test_the_step_flop_count_is_the_analysis_count():
+    # gpt-oss-20b, one 2,048-token row, every position supervised: experts 29.4 TFLOP, q/k/v/o 7.8,
+    # unembedding 4.7, attention core 2.1 (docs: gpu-decode-analysis, section 5), counted by hand there
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_train
+    finally:
+        sys.path.remove(str(BENCH))
+    from gptoss import get_preset
+
+    parts = bench_train.lora_step_flops(get_preset("gpt-oss-20b"), 2048, 2048, 8, [7, 15, 23])
+    tf = {k: v / 1e12 for k, v in parts.items()}
+    assert tf["experts"] == pytest.approx(29.4, abs=0.05) and tf["attention_projections"] == pytest.approx(
+        7.8, abs=0.05
+    )
+    assert tf["unembedding"] == pytest.approx(4.74, abs=0.01) and tf["attention_core"] == pytest.approx(2.1, abs=0.05)
+    assert tf["total"] == pytest.approx(44.1, abs=0.1)
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--config", "tiny", "--steps", "0"], "--steps must be a positive whole number, found 0"),
+        (["--config", "tiny", "--seq", "-5"], "--seq must be a positive whole number, found -5"),
+        (["--config", "tiny", "--peak-tflops", "nan"], "--peak-tflops must be a positive number, found nan"),
+        (["--config", "tiny", "--peak-tflops", "0"], "--peak-tflops must be a positive number, found 0.0"),
+        (["--config", "gpt-oss-7b"], "unknown preset 'gpt-oss-7b'"),
+        (["--config", "tiny", "--compare", "huge"], "unknown preset 'huge'"),
+        (["--config", "tiny", "--steps", "two"], "invalid int value: 'two'"),
+        (["--config", "tiny", "--seq", "99999999"], "the bundled rows hold"),
+    ],
+)
+def test_bench_train_refuses_bad_flags_in_one_line(flags, expected, tmp_path):
+    out = _bench_train(tmp_path, *flags)
+    assert out.returncode != 0 and expected in out.stderr + out.stdout
+    assert "Traceback" not in out.stderr

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 import gptoss.load
 from gptoss import get_preset, load_model
 from gptoss.checkpoint import CheckpointError, _shard, _shard_names, disk_spec, open_checkpoint
-from gptoss.synthetic import write_checkpoint
+from gptoss.synthetic import random_model, write_checkpoint
 
 
 def test_tensor_counts_and_shapes_of_the_real_checkpoints():
@@ -71,6 +71,20 @@ def test_one_seed_is_one_model_in_every_layout(checkpoints):
     logits = [load_model(checkpoints / lay, dtype=torch.float32)(ids) for lay in ("original", "hf-mxfp4", "hf-bf16")]
     assert torch.equal(logits[0], logits[1])
     assert torch.allclose(logits[0], logits[2], atol=1e-5)  # dense experts: another summation order
+
+
+def test_a_model_drawn_in_memory_is_the_checkpoint_of_its_seed(checkpoints):
+    """random_model (what the full-size benchmarks build on the GPU, no checkpoint on disk) holds on the
+    CPU exactly the tensors load_model reads from write_checkpoint's files: names, dtypes and values."""
+    loaded = load_model(checkpoints / "hf-mxfp4").state_dict()
+    drawn = random_model(small_config(), seed=5).state_dict()
+    assert loaded.keys() == drawn.keys()
+    for name, tensor in loaded.items():
+        assert drawn[name].dtype == tensor.dtype and torch.equal(drawn[name], tensor), name
+    other = random_model(small_config(), seed=6).state_dict()
+    assert not torch.equal(
+        other["model.layers.0.mlp.experts.down_proj_blocks"], drawn["model.layers.0.mlp.experts.down_proj_blocks"]
+    )
 
 
 def test_experts_stay_mxfp4_and_bf16_is_not_copied(checkpoints):
