@@ -229,7 +229,8 @@ def ours_real(name, ids, mask, device, dtype, steps_n, profile_step):
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss, n = next_token_loss(model, ids, mask, count)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):  # as the trainer on a GPU
+            loss, n = next_token_loss(model, ids, mask, count)
         (loss / n).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -258,7 +259,7 @@ def theirs_real(name, ids, mask, device, dtype, steps_n):
     _reset(device)
     build = time.perf_counter()
     with torch.device(device):  # dense bf16 experts: what Mxfp4Config(dequantize=True) loads
-        model = GptOssForCausalLM._from_config(hf_config, dtype=dtype)
+        model = GptOssForCausalLM._from_config(hf_config, dtype=dtype, attn_implementation="eager")
     _sync(device)
     build_s = time.perf_counter() - build
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -280,12 +281,14 @@ def theirs_real(name, ids, mask, device, dtype, steps_n):
         opt.step()
 
     step_s = steps(step, device, steps_n)
-    experts = getattr(hf_config, "_experts_implementation", None) or "default"
+    base = model.get_base_model().config
+    attention = getattr(base, "_attn_implementation", None) or "default"
+    experts = getattr(base, "_experts_implementation", None) or "default"
     result = {
         "step_s": step_s,
         "build_s": build_s,
         **_gpu_peak(device),
-        "backend": f"eager attention, {experts} experts",
+        "backend": f"{attention} attention, {experts} experts",
     }
     return result
 
