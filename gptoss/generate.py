@@ -47,7 +47,8 @@ class LayerCache:
         K, Dh = config.num_key_value_heads, config.head_dim
         self.k = torch.zeros(batch, K, slots, Dh, dtype=dtype, device=device)  # [B, K, slots, Dh]
         self.v = torch.zeros_like(self.k)
-        self.pos = torch.full((batch, slots), -1, dtype=torch.long, device=device)  # -1: empty slot
+        # -1: empty slot; int32, the attention kernels' position type (read in place, never converted per step)
+        self.pos = torch.full((batch, slots), -1, dtype=torch.int32, device=device)
         self.ring, self.filled = ring, 0
         self.column = column  # static caches: the column one-token steps write, a 0-d tensor shared by all layers
 
@@ -60,7 +61,7 @@ class LayerCache:
             slot = (self.column % slots).view(1)
             self.k.index_copy_(2, slot, k.transpose(1, 2).to(self.k.dtype))
             self.v.index_copy_(2, slot, v.transpose(1, 2).to(self.v.dtype))
-            self.pos.index_copy_(1, slot, pos)
+            self.pos.index_copy_(1, slot, pos.to(self.pos.dtype))
             return self.k.transpose(1, 2), self.v.transpose(1, 2), self.pos
         if not self.ring:  # full attention: append
             end = self.filled + T
@@ -86,7 +87,7 @@ class LayerCache:
         """Store keys/values [B, (n,) K, Dh] and positions at slot(s) `where` (an int, a slice or indices)."""
         self.k.transpose(1, 2)[:, where] = k.to(self.k.dtype)
         self.v.transpose(1, 2)[:, where] = v.to(self.v.dtype)
-        self.pos[:, where] = pos
+        self.pos[:, where] = pos.to(self.pos.dtype)
 
 
 class KVCache:
@@ -114,12 +115,31 @@ class KVCache:
         return sum(c.k.nbytes + c.v.nbytes for c in self.layers)
 
 
-def decode_step(model: GptOss, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+def decode_step(
+    model: GptOss, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, fused: bool | None = None
+) -> torch.Tensor:
     """One token per sequence through a static cache: ids, positions [B, 1] -> logits [B, V]. No host
-    synchronisation and no shape that depends on the step, so a CUDA graph can capture it."""
-    logits = model(ids, pos, cache, last_only=True, check=False)[:, -1]
+    synchronisation and no shape that depends on the step, so a CUDA graph can capture it.
+
+    `fused` (default: where it applies) runs the layers on gptoss.kernels.decode, seven launches per
+    layer: the triton backend with plain projections and MXFP4 experts without adapters (attached
+    adapters take the plain path; merged ones are plain weights). False: the plain path, the reference."""
+    if fused is None:
+        fused = model.backend == "triton" and _fusable(model) is None
+    if fused:
+        from gptoss.kernels.decode import decode_layers
+
+        logits = model.lm_head(decode_layers(model, ids, pos, cache))  # [B, V]
+    else:
+        logits = model(ids, pos, cache, last_only=True, check=False)[:, -1]
     cache.column += 1
     return logits
+
+
+def _fusable(model: GptOss) -> str | None:
+    from gptoss.kernels.decode import fusable
+
+    return fusable(model)
 
 
 class GraphedStep:

@@ -1,0 +1,144 @@
+"""The fused decode step (gptoss.kernels.decode) against the plain path, under TRITON_INTERPRET=1.
+
+The plain path (decode_step(..., fused=False): gptoss.model on the Triton attention and MoE kernels) is
+the reference. In fp32 the two differ only by summation order (same roundings, every one a no-op), so
+they agree to 1e-5. In bf16 both round every intermediate to bf16, in different summation orders, so
+neither is "the" answer: the fused step must be no further from the fp32 step than the plain bf16 step
+is. The structure is counted: launches per layer within the budget, and no host synchronisation.
+"""
+
+import pytest
+import torch
+from conftest import small_config
+from gptoss.kernels.decode import fusable
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from gptoss.generate import KVCache, decode_step
+from gptoss.synthetic import random_model
+
+LAUNCH_BUDGET = 8  # kernels per layer and token, Triton and PyTorch together
+B, PROMPT = 2, 7  # the second sequence is left-padded by one; the window (5) is shorter than the prompt
+
+
+def _prefilled(model, dtype, slots=16):
+    cache = KVCache(model.config, B, slots, dtype, static=True)
+    ids = torch.randint(0, model.config.vocab_size, (B, PROMPT), generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(PROMPT).expand(B, PROMPT).clone()
+    pos[1, 0], ids[1, 0] = -1, 0
+    model(ids, pos, cache, last_only=True)
+    cache.column.fill_(PROMPT)
+    return cache
+
+
+def _steps(model, dtype, fused, n):
+    """n decode steps from the same prefill, fed the same tokens: logits of each, and the final cache."""
+    cache = _prefilled(model, dtype)
+    tokens = torch.tensor([[11], [222]])
+    pos = torch.full((B, 1), PROMPT)
+    pos[1, 0] = PROMPT - 1  # ragged: the padded sequence is one position behind
+    out = []
+    for _ in range(n):
+        out.append(decode_step(model, tokens, pos, cache, fused=fused).float())
+        tokens, pos = (tokens * 7 + 3) % model.config.vocab_size, pos + 1
+    return out, cache
+
+
+@pytest.fixture(scope="module")
+def models():
+    config = small_config()
+    return {
+        dtype: random_model(config, dtype=dtype, seed=3, backend="triton") for dtype in (torch.float32, torch.bfloat16)
+    }
+
+
+def test_fused_step_is_the_plain_step_in_fp32(models):
+    model = models[torch.float32]
+    assert fusable(model) is None
+    plain, plain_cache = _steps(model, torch.float32, False, 3)  # 3 steps: the sliding ring (5 slots) wraps
+    fused, fused_cache = _steps(model, torch.float32, True, 3)
+    for a, b in zip(plain, fused):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    for p, f in zip(plain_cache.layers, fused_cache.layers):
+        assert torch.equal(p.pos, f.pos)  # the same slots written with the same positions
+        torch.testing.assert_close(f.k, p.k, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(f.v, p.v, rtol=1e-5, atol=1e-5)
+    assert int(fused_cache.column) == PROMPT + 3
+
+
+def test_fused_step_in_bf16_is_as_close_to_fp32_as_the_plain_step(models):
+    exact, _ = _steps(models[torch.float32], torch.float32, False, 2)
+    plain, _ = _steps(models[torch.bfloat16], torch.bfloat16, False, 2)
+    fused, _ = _steps(models[torch.bfloat16], torch.bfloat16, True, 2)
+    for e, p, f in zip(exact, plain, fused):
+        plain_err, fused_err = (p - e).abs().max().item(), (f - e).abs().max().item()
+        assert fused_err <= 1.5 * plain_err + 1e-2, (fused_err, plain_err)
+        assert fused_err <= 0.05 * e.abs().max().item()
+
+
+def test_the_step_stays_within_the_launch_budget_and_never_waits_on_the_host(models, monkeypatch):
+    from triton.runtime.jit import KernelInterface
+
+    model = models[torch.bfloat16]
+    cache = _prefilled(model, torch.bfloat16)
+    launches = []
+    launch = KernelInterface.__getitem__
+
+    inside = []  # the interpreter runs a kernel with PyTorch ops of its own: not the step's
+
+    def counting(kernel, grid):
+        run = launch(kernel, grid)
+
+        def call(*args, **kwargs):
+            launches.append(getattr(kernel, "__name__", type(kernel).__name__))
+            inside.append(True)
+            try:
+                return run(*args, **kwargs)
+            finally:
+                inside.pop()
+
+        return call
+
+    class Ops(TorchDispatchMode):  # PyTorch kernels; views and metadata are not launches
+        FREE = {"view", "_unsafe_view", "transpose", "t", "expand", "select", "slice", "unsqueeze", "squeeze",
+                "as_strided", "detach", "alias", "empty", "empty_like", "reshape", "permute", "lift_fresh",
+                "_to_copy_noop"}  # fmt: skip
+
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            out = func(*args, **(kwargs or {}))
+            if not inside and name not in self.FREE and not (name == "_to_copy" and args[0].dtype == out.dtype):
+                self.ops.append(name)
+            return out
+
+    monkeypatch.setattr(KernelInterface, "__getitem__", counting)
+    tokens, pos = torch.tensor([[5], [6]]), torch.tensor([[PROMPT], [PROMPT - 1]])
+    with Ops() as ops:
+        decode_step(model, tokens, pos, cache, fused=True)
+    layers = model.config.num_hidden_layers
+    assert not {"_local_scalar_dense", "nonzero", "item", "index_put_", "masked_select"} & set(ops.ops), ops.ops
+    triton_per_layer = len(launches) / layers
+    assert len(launches) == 7 * layers, launches  # q/k/v, attention + merge, o_proj, router, gate_up, down
+    # outside the layers: embedding, the rotation's table (one for all layers), positions, final norm,
+    # lm_head, the column's advance: a fixed number per token, the same for 24 or 36 layers
+    outside = len(ops.ops)
+    print(f"per token: {len(launches)} Triton launches, {outside} PyTorch kernels: {ops.ops}")
+    assert outside <= 24, ops.ops
+    per_layer_at_20b = triton_per_layer + outside / 24
+    assert per_layer_at_20b <= LAUNCH_BUDGET, (triton_per_layer, ops.ops)
+
+
+def test_models_the_fused_step_cannot_run_take_the_plain_path(models):
+    from gptoss.adapter import apply_lora
+
+    model = random_model(small_config(), dtype=torch.float32, seed=3, backend="torch")
+    assert fusable(model) == "the torch backend"
+    model.set_backend("triton")
+    apply_lora(model, 2, 4, [1])
+    assert fusable(model) == "adapters on the attention projections"
+    cache = _prefilled(model, torch.float32)
+    logits = decode_step(model, torch.tensor([[1], [2]]), torch.tensor([[PROMPT], [PROMPT - 1]]), cache)
+    assert logits.shape == (B, model.config.vocab_size) and torch.isfinite(logits).all()
