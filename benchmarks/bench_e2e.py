@@ -7,7 +7,10 @@ GPU), Hugging Face transformers' GptOssForCausalLM, and OpenAI's reference when 
 Implementations: `gptoss-torch`, the reference path as loaded by default (MXFP4 experts decoded on
 every use); `gptoss-cpu`, the CPU fast path (`load_model(dequantize="auto", prepack="auto")`: experts
 decoded once at load when they fit in half the free memory, and then weights prepacked for oneDNN; the
-generate/chat commands' default on a CPU); `gptoss-triton` on a GPU; transformers.
+generate/chat commands' default on a CPU); `gptoss-triton` on a GPU (decode steps on the fused kernels
+of gptoss.kernels.decode, seven launches a layer, each step a replayed CUDA graph) and
+`gptoss-triton-plain` (the same without the fused kernels: the model's own path on the Triton attention
+and MoE kernels, about 55 launches a layer); transformers.
 
 Per implementation and config: load time, prefill tokens/s (one prompt), greedy decode tokens/s at
 batch 1 and batch 8 (each implementation's own KV-cache generation), and peak resident memory
@@ -82,7 +85,7 @@ def dense_bf16_bytes(c: ModelConfig) -> float:
     return c.num_params()[0] * 2
 
 
-def run_ours(folder, config, backend, prompt_len, new_tokens, device, repeats, fast_cpu=False):
+def run_ours(folder, config, backend, prompt_len, new_tokens, device, repeats, fast_cpu=False, fused=None):
     """fast_cpu: the CPU fast path (experts dense when they fit in half the free memory, then weights prepacked)."""
     with PeakRSS() as mem:
         start = time.perf_counter()
@@ -104,7 +107,12 @@ def run_ours(folder, config, backend, prompt_len, new_tokens, device, repeats, f
         # compilation happen here, never inside a timed prefill or decode. The CPU compiles nothing.
         for batch in (prompt[:1], prompt) if device == "cuda" else (prompt[:1],):
             generate(
-                model, batch, max_new_tokens=new_tokens if device == "cuda" else 2, temperature=0.0, stop_tokens=()
+                model,
+                batch,
+                max_new_tokens=new_tokens if device == "cuda" else 2,
+                temperature=0.0,
+                stop_tokens=(),
+                fused=fused,
             )
 
         def run(batch, probe=False):
@@ -112,7 +120,7 @@ def run_ours(folder, config, backend, prompt_len, new_tokens, device, repeats, f
             if probe:  # this machine's bandwidth moves with its neighbours' load: probed around each run
                 with mem.pause():
                     before = read_bandwidth_gbs(device)
-            generate(model, batch, max_new_tokens=new_tokens, temperature=0.0, stop_tokens=(), stats=stats)
+            generate(model, batch, max_new_tokens=new_tokens, temperature=0.0, stop_tokens=(), stats=stats, fused=fused)
             if probe:
                 with mem.pause():
                     stats["bandwidth_gb_s"] = max(before, read_bandwidth_gbs(device))
@@ -133,7 +141,9 @@ def run_ours(folder, config, backend, prompt_len, new_tokens, device, repeats, f
         "graph_setup_s": s1[-1]["graph_setup_s"],  # CUDA graph mode: the first step's warm-up and recording
         "peak_rss_gb": mem.gb,
         "peak_anon_gb": mem.anon_gb,
-        "note": f"experts {experts}" + (", weights prepacked" if packed else ""),
+        "note": f"experts {experts}"
+        + (", weights prepacked" if packed else "")
+        + (", plain decode" if fused is False else ""),
     }
 
 
@@ -214,7 +224,7 @@ def main() -> None:
         shape["gpt-oss-20b"] = shape["gpt-oss-120b"] = (16, 64)
     if args.quick:
         shape = {n: (32, 8) for n in names}
-    known = {"gptoss-torch", "gptoss-triton", "gptoss-cpu", "transformers"}
+    known = {"gptoss-torch", "gptoss-triton", "gptoss-triton-plain", "gptoss-cpu", "transformers"}
     if args.impls is not None and (not args.impls or not set(args.impls.split(",")) <= known):
         parser.error(f"--impls takes a comma-separated list from {', '.join(sorted(known))}, got {args.impls!r}")
     if args.prompt_tokens is not None:
@@ -234,6 +244,10 @@ def main() -> None:
             )
         else:
             impls["gptoss-triton"] = lambda: run_ours(folder, config, "triton", prompt_len, new_tokens, device, repeats)
+            # the same without the fused decode kernels (gptoss.kernels.decode): the plain path, ~55 kernels a layer
+            impls["gptoss-triton-plain"] = lambda: run_ours(
+                folder, config, "triton", prompt_len, new_tokens, device, repeats, fused=False
+            )
         if folder is not None:
             impls["transformers"] = lambda: run_transformers(folder, config, prompt_len, new_tokens, device, repeats)
         for impl, fn in impls.items():

@@ -219,7 +219,9 @@ def load_adapter(model: GptOss, folder: str | Path) -> GptOss:
     try:
         tensors = load_file(str(file))
     except (SafetensorError, OSError) as e:
-        raise AdapterError(f"cannot read {file}: {e} -- the file is truncated or corrupt; re-save the adapter") from None
+        raise AdapterError(
+            f"cannot read {file}: {e} -- the file is truncated or corrupt; re-save the adapter"
+        ) from None
     layers = model.config.num_hidden_layers
     targets, expert_layers = set(), set()
     for key in sorted(tensors):
@@ -228,9 +230,7 @@ def load_adapter(model: GptOss, folder: str | Path) -> GptOss:
             key,
         )
         if m is None or (m[3] and m[3] not in ATTENTION):
-            raise AdapterError(
-                f"{file}: unexpected tensor {key}; expected LoRA weights of q/k/v/o_proj or mlp.experts"
-            )
+            raise AdapterError(f"{file}: unexpected tensor {key}; expected LoRA weights of q/k/v/o_proj or mlp.experts")
         if int(m[1]) >= layers:
             raise AdapterError(
                 f"{file}: tensor {key} is for layer {m[1]}, the model has {layers} layers (0..{layers - 1}): "

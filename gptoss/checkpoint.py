@@ -231,6 +231,7 @@ def original_config_json(config: ModelConfig) -> dict:
         "rope_ntk_beta": config.rope_ntk_beta,
     }
 
+
 def hf_config_json(config: ModelConfig, quantized: bool = True) -> dict:
     """The key set of the Hugging Face `config.json` (transformers 4.55 style, `rope_scaling`)."""
     cfg = {

@@ -346,13 +346,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue the run in OUTPUT from its checkpoint, with the same settings"
     )
     p.add_argument(
-        "--overwrite", action="store_true", help="replace the run already in OUTPUT (without it, such a folder is refused)"
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in OUTPUT (without it, such a folder is refused)",
     )
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (default: 50)")
     p.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps (default: 50)")
     p.add_argument("--seed", type=int, default=0, help="seed for adapter init and data order")
     p.add_argument(
-        "--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 weights and autocast on CUDA (every Triton kernel on its bf16 path), fp32 on CPU; fp32 for parity runs"
+        "--dtype",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="auto: bf16 weights and autocast on CUDA (every Triton kernel on its bf16 path), fp32 on CPU; fp32 for parity runs",
     )
     p.add_argument(
         "--report-prompts", type=int, default=8, help="held-out prompts generated before/after (default: 8; 0: none)"

@@ -118,7 +118,9 @@ class PackedExperts(_InferenceOnly):
     def linear(self, which: str, e: int, x: torch.Tensor) -> torch.Tensor:
         return packed_linear(x, self.packed[which][e], getattr(self, which + "_bias")[e])
 
-    def forward(self, x_TD: torch.Tensor, weights_Tk: torch.Tensor, ids_Tk: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    def forward(
+        self, x_TD: torch.Tensor, weights_Tk: torch.Tensor, ids_Tk: torch.Tensor, alpha: float, limit: float
+    ) -> torch.Tensor:
         """gptoss.model.experts_forward on rows sorted by expert (sorted_forward); with small experts,
         those in use run as one batched matmul per matrix: run j's rows at rows j*width .. of a
         zero-padded [runs, width, in] batch (width: the busiest expert's count)."""
@@ -181,7 +183,9 @@ class MXFP4Experts(_InferenceOnly):
         self.gate_up_proj_bias = experts.gate_up_proj_bias.detach()
         self.down_proj_bias = experts.down_proj_bias.detach()
         matrices = ("gate_up_proj", "down_proj")
-        self.codes = {which: (getattr(experts, which + "_blocks"), getattr(experts, which + "_scales")) for which in matrices}
+        self.codes = {
+            which: (getattr(experts, which + "_blocks"), getattr(experts, which + "_scales")) for which in matrices
+        }
         self.buffers = {which: {} for which in matrices} if buffers is None else buffers  # one decoded matrix per kind
 
     def linear(self, which: str, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -204,14 +208,18 @@ class MXFP4Experts(_InferenceOnly):
             weight = mxfp4.dequantize(blocks[e], scales[e], x.dtype, buffers)
         return F.linear(x, weight, bias)
 
-    def forward(self, x_TD: torch.Tensor, weights_Tk: torch.Tensor, ids_Tk: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    def forward(
+        self, x_TD: torch.Tensor, weights_Tk: torch.Tensor, ids_Tk: torch.Tensor, alpha: float, limit: float
+    ) -> torch.Tensor:
         """experts_forward; up to FUSED_ROWS bf16 tokens (decoding, short prompts) in one native call
         (gptoss.native.moe), where the loop over experts costs a few dozen torch operations each."""
         from gptoss import native
 
         if x_TD.dtype == torch.bfloat16 and x_TD.shape[0] <= FUSED_ROWS and native.bf16_dot():
             gate_up = (*self.codes["gate_up_proj"], self.gate_up_proj_bias)
-            return native.moe(x_TD, weights_Tk, ids_Tk, gate_up, (*self.codes["down_proj"], self.down_proj_bias), alpha, limit)
+            return native.moe(
+                x_TD, weights_Tk, ids_Tk, gate_up, (*self.codes["down_proj"], self.down_proj_bias), alpha, limit
+            )
         # many tokens (long prompts): expert by expert, each decoded once; sorted_forward would hold
         # every row's gate_up output at once (batch-8 prefill of gpt-oss-20b: peak RSS 14.9 -> 16.0 GB)
         return experts_forward(x_TD, weights_Tk, ids_Tk, self, alpha, limit)
@@ -260,7 +268,9 @@ class DecodeAttention(Attention):
         fast.__dict__ = attention.__dict__  # nn.Module keeps its parameters, buffers and children there
         return fast
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor
+    ) -> torch.Tensor:
         from gptoss import native
 
         if q.shape[1] == 1 and k.dtype == torch.float32 and self.backend == "torch" and native.available():
@@ -311,4 +321,16 @@ def prepack(model: GptOss, linears: bool = True) -> GptOss:
     return model
 
 
-__all__ = ["DecodeAttention", "DirectLinear", "MXFP4Experts", "PackedExperts", "PackedLinear", "available", "pack_weight", "packed_linear", "prepack", "sorted_forward", "sorted_runs"]
+__all__ = [
+    "DecodeAttention",
+    "DirectLinear",
+    "MXFP4Experts",
+    "PackedExperts",
+    "PackedLinear",
+    "available",
+    "pack_weight",
+    "packed_linear",
+    "prepack",
+    "sorted_forward",
+    "sorted_runs",
+]

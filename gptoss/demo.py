@@ -89,7 +89,9 @@ def _demo_training(folder: Path, args: argparse.Namespace) -> int:
         save_every=10**9, gradient_checkpointing=False,  # a 4-layer model: keeping activations is cheap
     )  # fmt: skip
     # the cache key: the pre-training data and settings (a changed recipe pre-trains again)
-    recipe = hashlib.sha256(json.dumps([rows, {k: v for k, v in base_cfg.items() if k != "model"}]).encode()).hexdigest()
+    recipe = hashlib.sha256(
+        json.dumps([rows, {k: v for k, v in base_cfg.items() if k != "model"}]).encode()
+    ).hexdigest()
     stamp = base / "model" / "recipe.sha256"
     if (base / "model" / "config.json").exists() and stamp.exists() and stamp.read_text().strip() == recipe:
         print(f"[4/6] using the cached pre-trained tiny base in {base / 'model'} (same recipe; delete the folder to")
@@ -143,12 +145,16 @@ def _print_demo_report(report: dict) -> None:
         print("      " + f"{label:<22}" + "".join(cells))
     before, after = report["generations"]["before"], report["generations"]["after"]
     for kind in ("seen", "unseen"):
-        pick = next((i for i, e in enumerate(before) if (e["reasoning_language"] in unseen) == (kind == "unseen")), None)
+        pick = next(
+            (i for i, e in enumerate(before) if (e["reasoning_language"] in unseen) == (kind == "unseen")), None
+        )
         if pick is None:
             continue
         e = before[pick]
         article = "an" if kind == "unseen" else "a"
-        print(f"      {article} {kind} language, reasoning requested in {e['reasoning_language']}; the user asks: {e['user']!r}")
+        print(
+            f"      {article} {kind} language, reasoning requested in {e['reasoning_language']}; the user asks: {e['user']!r}"
+        )
         for stage, g in (("before", before[pick]), ("after", after[pick])):
             print(f"        {stage:<6} analysis [{g['analysis_language']}]: {g['analysis'][:110]!r}")
             print(f"        {'':<6} final: {g['final'][:110]!r}")

@@ -146,8 +146,8 @@ class GraphedStep:
     """decode_step captured once as a CUDA graph and replayed: inputs are copied into fixed buffers,
     the logits come back in a fixed buffer (valid until the next call)."""
 
-    def __init__(self, model: GptOss, cache: KVCache, batch: int):
-        self.model, self.cache = model, cache
+    def __init__(self, model: GptOss, cache: KVCache, batch: int, fused: bool | None = None):
+        self.model, self.cache, self.fused = model, cache, fused
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -164,17 +164,19 @@ class GraphedStep:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            logits = decode_step(self.model, self.ids, self.pos, self.cache)
+            logits = decode_step(self.model, self.ids, self.pos, self.cache, self.fused)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = decode_step(self.model, self.ids, self.pos, self.cache)
+            self.logits = decode_step(self.model, self.ids, self.pos, self.cache, self.fused)
         return logits
 
 
-def _step(model: GptOss, cache: KVCache, mode: str, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+def _step(
+    model: GptOss, cache: KVCache, mode: str, fused: bool | None, ids: torch.Tensor, pos: torch.Tensor
+) -> torch.Tensor:
     if mode == "static":
-        return decode_step(model, ids, pos, cache)
+        return decode_step(model, ids, pos, cache, fused)
     return model(ids, pos, cache, last_only=True)[:, -1]
 
 
@@ -252,6 +254,7 @@ def generate(
     on_token: Callable[[int, int], None] | None = None,
     stats: dict | None = None,
     decode: str = "auto",
+    fused: bool | None = None,
 ) -> list[list[int]]:
     """Continue each prompt; return only the new tokens of each (a stop token, when hit, is included).
 
@@ -260,6 +263,8 @@ def generate(
     `seed` seeds sequence i with seed + i. `stats`, if given, receives prefill/decode timings.
     `decode`: "dynamic" (a cache that grows), "static" (fixed shapes, see KVCache), "graph" (static,
     each step replayed as a CUDA graph); "auto" picks "graph" on CUDA with the triton backend.
+    `fused`: static and graph steps on the fused decode kernels (decode_step's default: where they apply);
+    False keeps the plain path.
     """
     _check(model, prompts, max_new_tokens, temperature, top_p, top_k, seed)
     mode = _decode_mode(model, decode)
@@ -286,7 +291,9 @@ def generate(
         )
     if mode != "dynamic":
         cache.column.fill_(longest)  # the prompt filled columns 0 .. longest-1
-    step = GraphedStep(model, cache, B) if mode == "graph" else functools.partial(_step, model, cache, mode)
+    step = (
+        GraphedStep(model, cache, B, fused) if mode == "graph" else functools.partial(_step, model, cache, mode, fused)
+    )
     prefill_s = time.perf_counter() - start
     next_pos = positions[:, -1] + 1  # [B]
     out: list[list[int]] = [[] for _ in range(B)]

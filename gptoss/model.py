@@ -31,7 +31,9 @@ class LayerKV(Protocol):
     """One layer's key/value cache as attention uses it (gptoss.generate.LayerCache): takes this
     step's keys, values and positions, returns every cached key, value and position."""
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
 class ModelKV(Protocol):
@@ -164,7 +166,12 @@ class Attention(nn.Module):
         self.backend = "torch"  # "triton": the same math in gptoss.kernels.attention (tiled, scores never stored)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, cache: LayerKV | None = None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        cache: LayerKV | None = None,
     ) -> torch.Tensor:
         B, T, D = x.shape
         K, G, Dh = self.num_kv_heads, self.group, self.head_dim
@@ -178,7 +185,9 @@ class Attention(nn.Module):
         out = self.attend(q, k, v, positions, k_pos)  # [B, T, K, G, Dh]
         return self.o_proj(out.reshape(B, T, K * G * Dh))  # [B, T, D]
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor
+    ) -> torch.Tensor:
         """Attention proper on rotated queries and every key and value seen: attention_with_sinks,
         or on the triton backend the same math in gptoss.kernels.attention."""
         attend = attention_with_sinks
@@ -268,7 +277,9 @@ class Experts(nn.Module):
         A, B = getattr(self, which + "_lora_A"), getattr(self, which + "_lora_B")
         E = self.gate_up_proj_bias.shape[0]
         r = A.shape[0] // E
-        return self.lora_scaling * torch.einsum("ore,eri->eoi", B.float().view(B.shape[0], r, E), A.float().view(E, r, -1))
+        return self.lora_scaling * torch.einsum(
+            "ore,eri->eoi", B.float().view(B.shape[0], r, E), A.float().view(E, r, -1)
+        )
 
     def lora(self, which: str, e: int, x: torch.Tensor) -> torch.Tensor | float:
         """The low-rank update s * (x A_e^T) B_e^T of expert e's `which`, 0 without an adapter; never
@@ -309,7 +320,9 @@ class Experts(nn.Module):
         y = F.linear(x, self.weight(which, e), getattr(self, which + "_bias")[e])
         return y + self.lora(which, e, x) if self.has_lora else y
 
-    def forward(self, x_TD: torch.Tensor, weights_Tk: torch.Tensor, ids_Tk: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    def forward(
+        self, x_TD: torch.Tensor, weights_Tk: torch.Tensor, ids_Tk: torch.Tensor, alpha: float, limit: float
+    ) -> torch.Tensor:
         return experts_forward(x_TD, weights_Tk, ids_Tk, self, alpha, limit)
 
 
@@ -378,7 +391,12 @@ class DecoderLayer(nn.Module):
         self.mlp = MoE(config, quantized)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, cache: LayerKV | None = None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        cache: LayerKV | None = None,
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -429,7 +447,11 @@ class GptOss(nn.Module):
         return self.set_backend("torch")
 
     def hidden(
-        self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: ModelKV | None = None, check: bool = True
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: ModelKV | None = None,
+        check: bool = True,
     ) -> torch.Tensor:
         """The final-normed hidden states [B, T, D] (the trainer applies lm_head to supervised positions only).
         `check=False` skips the input checks, which read the ids on the host: a CUDA graph step must not."""

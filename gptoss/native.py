@@ -105,9 +105,47 @@ def _library() -> ctypes.CDLL | None:
     lib.gptoss_bf16_linear.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i32]
     lib.gptoss_bf16_linear.restype = i32
     f32 = ctypes.c_float
-    lib.gptoss_mxfp4_moe.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, f32, f32, ptr, i32]
+    lib.gptoss_mxfp4_moe.argtypes = [
+        ptr,
+        i64,
+        i64,
+        i64,
+        ptr,
+        ptr,
+        i64,
+        i64,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+        f32,
+        f32,
+        ptr,
+        i32,
+    ]
     lib.gptoss_mxfp4_moe.restype = i32
-    lib.gptoss_decode_attention.argtypes = [ptr, i32, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, ptr, i32]
+    lib.gptoss_decode_attention.argtypes = [
+        ptr,
+        i32,
+        i64,
+        i64,
+        i64,
+        i64,
+        ptr,
+        ptr,
+        i64,
+        i64,
+        i64,
+        ptr,
+        i64,
+        ptr,
+        ptr,
+        i64,
+        ptr,
+        i32,
+    ]
     lib.gptoss_decode_attention.restype = i32
     return lib
 
@@ -148,12 +186,16 @@ def _check(blocks: torch.Tensor, scales: torch.Tensor) -> None:
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
         raise TypeError(f"MXFP4 blocks and scales must be uint8, got {blocks.dtype} and {scales.dtype}")
     if blocks.dim() != 3 or blocks.shape[-1] != 16 or blocks.shape[:-1] != scales.shape:
-        raise ValueError(f"expected blocks [rows, G, 16] and scales [rows, G], got {tuple(blocks.shape)} and {tuple(scales.shape)}")
+        raise ValueError(
+            f"expected blocks [rows, G, 16] and scales [rows, G], got {tuple(blocks.shape)} and {tuple(scales.shape)}"
+        )
     if blocks.device.type != "cpu" or scales.device.type != "cpu":
         raise ValueError("the native MXFP4 kernels run on the CPU")
 
 
-def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize(
+    blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """[rows, G, 16] codes + [rows, G] scales -> [rows, 32 G] in bf16 or fp32 (into `out` when given)."""
     lib = _library()
     if lib is None:
@@ -167,11 +209,21 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = 
     elif out.shape != (rows, groups * 32) or out.dtype != dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous [{rows}, {groups * 32}] {dtype} tensor")
     blocks, scales = blocks.contiguous(), scales.contiguous()
-    lib.gptoss_mxfp4_dequant(blocks.data_ptr(), scales.data_ptr(), rows, groups, out.data_ptr(), int(dtype == torch.bfloat16), torch.get_num_threads())
+    lib.gptoss_mxfp4_dequant(
+        blocks.data_ptr(),
+        scales.data_ptr(),
+        rows,
+        groups,
+        out.data_ptr(),
+        int(dtype == torch.bfloat16),
+        torch.get_num_threads(),
+    )
     return out
 
 
-def linear(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """F.linear(x, dequantize(blocks, scales), bias) without the dense weight: x [n, in] bf16 or fp32
     -> [n, out] in x's dtype, products and sums in fp32 (the order of the sums differs from a BLAS
     matmul's: equal to it within fp32 rounding, then one rounding to x's dtype)."""
@@ -241,7 +293,9 @@ def moe(
         raise RuntimeError(f"the native MoE is not available here: {_reason or 'no AVX512-BF16'}")
     (b1, s1, bias1), (b2, s2, bias2) = gate_up, down
     if x_TD.dim() != 2 or s1.dim() != 3:
-        raise ValueError(f"expected x [T, D] and gate_up scales [E, 2I, D/32], got {tuple(x_TD.shape)} and {tuple(s1.shape)}")
+        raise ValueError(
+            f"expected x [T, D] and gate_up scales [E, 2I, D/32], got {tuple(x_TD.shape)} and {tuple(s1.shape)}"
+        )
     for codes, scales in (gate_up[:2], down[:2]):
         _check(codes.flatten(0, 1), scales.flatten(0, 1))
     T, D = x_TD.shape
@@ -255,7 +309,9 @@ def moe(
     if x_TD.dtype != torch.bfloat16 or bias1.dtype != torch.bfloat16 or bias2.dtype != torch.bfloat16:
         raise TypeError(f"x and the biases must be bf16, got {x_TD.dtype}, {bias1.dtype}, {bias2.dtype}")
     if ids_Tk.shape != weights_Tk.shape or ids_Tk.shape[0] != T or weights_Tk.dtype != torch.float32:
-        raise ValueError(f"expected ids and fp32 weights [{T}, k], got {tuple(ids_Tk.shape)} and {tuple(weights_Tk.shape)} {weights_Tk.dtype}")
+        raise ValueError(
+            f"expected ids and fp32 weights [{T}, k], got {tuple(ids_Tk.shape)} and {tuple(weights_Tk.shape)} {weights_Tk.dtype}"
+        )
     if D % 32 or I2 % 64:
         raise ValueError(f"hidden size {D} and intermediate size {I2 // 2} must be multiples of 32")
     args = [t.contiguous() for t in (x_TD, ids_Tk.long(), weights_Tk, b1, s1, bias1, b2, s2, bias2)]
@@ -287,7 +343,9 @@ def decode_attention(
     if lib is None:
         raise RuntimeError(f"the native kernels are off: {_reason}")
     if q.dim() != 5 or q.shape[1] != 1 or k.dim() != 4 or k.shape != v.shape:
-        raise ValueError(f"expected q [B, 1, K, G, Dh] and k, v [B, S, K, Dh], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"expected q [B, 1, K, G, Dh] and k, v [B, S, K, Dh], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     B, _, K, G, Dh = q.shape
     S = k.shape[1]
     if k.shape[0] != B or k.shape[2] != K or k.shape[3] != Dh:
@@ -315,4 +373,15 @@ def decode_attention(
     return out
 
 
-__all__ = ["decode_attention", "moe", "bf16_linear", "bf16_dot", "available", "dequantize", "linear", "reason", "simd", "tell_once"]
+__all__ = [
+    "decode_attention",
+    "moe",
+    "bf16_linear",
+    "bf16_dot",
+    "available",
+    "dequantize",
+    "linear",
+    "reason",
+    "simd",
+    "tell_once",
+]

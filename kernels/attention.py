@@ -107,7 +107,9 @@ def _attn_fwd_kernel(
     row_ok = rows < T * G
     t, g = rows // G, rows % G
     d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + b * sq_b + h * sq_h + (t * sq_t + g * sq_g)[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
+    q = tl.load(
+        q_ptr + b * sq_b + h * sq_h + (t * sq_t + g * sq_g)[:, None] + d[None, :], mask=row_ok[:, None], other=0.0
+    )
     qp = tl.load(qpos_ptr + b * sqp_b + t, mask=row_ok, other=-1)
     oldest = tl.maximum(qp - window, -1)
     m_i = tl.load(sinks_ptr + h * G + g, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634  # the sink
@@ -230,7 +232,9 @@ def _attn_decode_kernel(
     row_ok = rows < T * G
     t, g = rows // G, rows % G
     d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + b * sq_b + h * sq_h + (t * sq_t + g * sq_g)[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
+    q = tl.load(
+        q_ptr + b * sq_b + h * sq_h + (t * sq_t + g * sq_g)[:, None] + d[None, :], mask=row_ok[:, None], other=0.0
+    )
     qp = tl.load(qpos_ptr + b * sqp_b + t, mask=row_ok, other=-1)
     oldest = tl.maximum(qp - window, -1)
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
@@ -365,7 +369,6 @@ def tile_ranges(q_pos, k_pos, window: int, G: int, block_m: int, block_n: int, k
 def tile_ranges_reference(q_pos, k_pos, window: int, G: int, block_m: int, block_n: int):
     """tile_ranges in torch operations (about 35 of them): the definition the kernel is tested against."""
 
-
     B, T = q_pos.shape
     S = k_pos.shape[1]
     big = 1 << 40
@@ -480,7 +483,13 @@ def attention_decode(q, k, v, sinks, q_pos, k_pos, window, splits: int | None = 
     bm = max(bm, triton.next_power_of_2(T * G))
     if splits is None:  # about two programs per SM
         kind = q.device.type  # meta: the compile gate, which sizes the grid for an H100's 132 SMs
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if kind == "cuda" else 132 if kind == "meta" else 4
+        sms = (
+            torch.cuda.get_device_properties(q.device).multi_processor_count
+            if kind == "cuda"
+            else 132
+            if kind == "meta"
+            else 4
+        )
         splits = max(1, min(triton.cdiv(S, bn), triton.cdiv(2 * sms, B * K)))
     chunk = triton.cdiv(triton.cdiv(S, splits), bn) * bn  # keys per chunk, whole tiles
     splits = triton.cdiv(S, chunk)

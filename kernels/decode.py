@@ -161,7 +161,7 @@ def _decode_linear_kernel(
 def _decode_router_kernel(
     x_ptr, gain_ptr, w_ptr, bias_ptr,  # x [B, D]; router W [E, D], bias [E]
     logits_ptr,  # [B, E] fp32 out (bf16 values, as the plain path's router output)
-    xn_ptr,  # [B, D] out: the normed x the experts read
+    xn_ptr,  # [B, D] out: the normed x the experts read, its even columns then its odd ones
     D, E, eps,
     BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -175,12 +175,23 @@ def _decode_router_kernel(
         k = k0 + tl.arange(0, BLOCK_K)
         mask = k < D
         xn = _normed(xb, gain_ptr, k, mask, r)
-        if tl.program_id(0) == 0:
-            tl.store(xn_ptr + b * D + k, xn.to(xn_ptr.dtype.element_ty), mask=mask)
+        if tl.program_id(0) == 0:  # even columns first, then odd ones: the experts read each half contiguously
+            tl.store(xn_ptr + b * D + (k % 2) * (D // 2) + k // 2, xn.to(xn_ptr.dtype.element_ty), mask=mask)
         w = tl.load(w_ptr + e[:, None].to(tl.int64) * D + k[None, :], mask=e_mask[:, None] & mask[None, :], other=0.0)
         acc += w.to(tl.float32) * xn[None, :]
     z = _round(tl.sum(acc, 1) + tl.load(bias_ptr + e, mask=e_mask, other=0.0).to(tl.float32), x_ptr)
     tl.store(logits_ptr + b * E + e, z, mask=e_mask)
+
+
+@triton.jit
+def _halves(row_ptr, g, g_mask, HALF, BLOCK_G: tl.constexpr):
+    """A vector stored as its even elements then its odd ones (HALF each): the even and the odd
+    elements of MX blocks g, fp32, [BLOCK_G * 16] each, in mxfp4_tile's column order. Contiguous loads."""
+    at = (g[:, None] * 16 + tl.arange(0, 16)[None, :]).reshape(BLOCK_G * 16)
+    mask = (g_mask[:, None] & (tl.arange(0, 16) < 16)[None, :]).reshape(BLOCK_G * 16)
+    even = tl.load(row_ptr + at, mask=mask, other=0.0).to(tl.float32)
+    odd = tl.load(row_ptr + HALF + at, mask=mask, other=0.0).to(tl.float32)
+    return even, odd
 
 
 @triton.jit
@@ -207,7 +218,7 @@ def _slot_expert(logits_ptr, b, slot, E, TOP_K: tl.constexpr, BLOCK_E: tl.conste
 def _decode_gate_up_kernel(
     logits_ptr, xn_ptr,  # [B, E] fp32, [B, D]
     w_ptr, s_ptr, bias_ptr,  # W1 blocks [E, 2I, D/32, 16], scales [E, 2I, D/32], bias [E, 2I]
-    act_ptr,  # [B, TOP_K, I] out
+    act_ptr,  # [B, TOP_K, I] out, each row's even outputs then its odd ones
     D, I, E, alpha, limit,
     TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
     INTERPRET: tl.constexpr,
@@ -227,18 +238,17 @@ def _decode_gate_up_kernel(
         g = g0 + tl.arange(0, BLOCK_G)
         g_mask = g < G
         even, odd = mxfp4_tile(w_ptr, s_ptr, rows, g, n_mask[:, None] & g_mask[None, :], G, INTERPRET)
-        col = (g[:, None] * 32 + 2 * tl.arange(0, 16)[None, :]).reshape(BLOCK_G * 16)  # even columns
-        c_mask = col < D
-        x_even = tl.load(xn_ptr + b * D + col, mask=c_mask, other=0.0).to(tl.float32)
-        x_odd = tl.load(xn_ptr + b * D + col + 1, mask=c_mask, other=0.0).to(tl.float32)
-        acc += even.to(tl.float32) * x_even[None, :] + odd.to(tl.float32) * x_odd[None, :]
+        x_even, x_odd = _halves(xn_ptr + b * D, g, g_mask, D // 2, BLOCK_G)
+        acc += even.to(tl.float32) * x_even[None, :]  # two fused multiply-adds per pair, no separate add
+        acc += odd.to(tl.float32) * x_odd[None, :]
     h = tl.sum(acc, 1) + tl.load(bias_ptr + expert * 2 * I + n, mask=n_mask, other=0.0).to(tl.float32)
     gate, linear = tl.split(tl.reshape(h, (BLOCK_N // 2, 2)))
     gate = tl.minimum(gate, limit)
     linear = tl.minimum(tl.maximum(linear, -limit), limit)
     act = gate * tl.sigmoid(alpha * gate) * (linear + 1)
     j = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-    tl.store(act_ptr + pair.to(tl.int64) * I + j, act.to(act_ptr.dtype.element_ty), mask=j < I)
+    where = act_ptr + pair.to(tl.int64) * I + (j % 2) * (I // 2) + j // 2  # even outputs first, as xn
+    tl.store(where, act.to(act_ptr.dtype.element_ty), mask=j < I)
 
 
 @triton.jit
@@ -266,11 +276,9 @@ def _decode_down_kernel(
             g = g0 + tl.arange(0, BLOCK_G)
             g_mask = g < G
             even, odd = mxfp4_tile(w_ptr, s_ptr, rows, g, n_mask[:, None] & g_mask[None, :], G, INTERPRET)
-            col = (g[:, None] * 32 + 2 * tl.arange(0, 16)[None, :]).reshape(BLOCK_G * 16)
-            c_mask = col < I
-            a_even = tl.load(a + col, mask=c_mask, other=0.0).to(tl.float32)
-            a_odd = tl.load(a + col + 1, mask=c_mask, other=0.0).to(tl.float32)
-            acc += even.to(tl.float32) * a_even[None, :] + odd.to(tl.float32) * a_odd[None, :]
+            a_even, a_odd = _halves(a, g, g_mask, I // 2, BLOCK_G)
+            acc += even.to(tl.float32) * a_even[None, :]
+            acc += odd.to(tl.float32) * a_odd[None, :]
         y = tl.sum(acc, 1) + tl.load(bias_ptr + expert * D + n, mask=n_mask, other=0.0).to(tl.float32)
         out += weight * y
     x = tl.load(x_ptr + b * D + n, mask=n_mask, other=0.0).to(tl.float32)

@@ -96,7 +96,9 @@ def pinned_config() -> triton.Config | None:
     if not all(v > 0 and v & (v - 1) == 0 for v in (m, n, k, warps)) or stages < 1:
         raise ValueError(f"GPTOSS_MOE_CONFIG {pinned!r}: tiles and warps must be powers of two, stages >= 1")
     if m < 16 or n < 32 or k < 32:
-        raise ValueError(f"GPTOSS_MOE_CONFIG {pinned!r}: needs BLOCK_M >= 16 (the MMA's rows), BLOCK_N >= 32 and BLOCK_K >= 32 (one MX block)")
+        raise ValueError(
+            f"GPTOSS_MOE_CONFIG {pinned!r}: needs BLOCK_M >= 16 (the MMA's rows), BLOCK_N >= 32 and BLOCK_K >= 32 (one MX block)"
+        )
     return _config(m, n, k, warps, stages)
 
 
@@ -144,7 +146,9 @@ def _swiglu_bwd(g, lin, grad, alpha, limit):
 
 
 @triton.autotune(
-    configs=all_configs(), key=["N", "K", "ROWS", "MODE", "UPCAST", "ADD"], prune_configs_by={"early_config_prune": _prune}
+    configs=all_configs(),
+    key=["N", "K", "ROWS", "MODE", "UPCAST", "ADD"],
+    prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
 def _moe_matmul_kernel(
@@ -261,7 +265,9 @@ def _moe_matmul_kernel(
         tl.store(out_ptr + pair[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mn_mask)
 
 
-def _launch(mode, a, blocks, scales, bias, out, aux, gate, routing: Routing, K, N, alpha=1.702, limit=7.0, save=False, add=None):
+def _launch(
+    mode, a, blocks, scales, bias, out, aux, gate, routing: Routing, K, N, alpha=1.702, limit=7.0, save=False, add=None
+):
     E = blocks.shape[0]
     P = routing.sorted_pairs.numel()
     if P == 0:
@@ -293,7 +299,9 @@ def _check_experts(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) 
 
 def _check_add(add, P, N):
     if add is not None and (add.shape != (P, N) or add.dtype != torch.float32 or not add.is_contiguous()):
-        raise ValueError(f"the added update must be a contiguous fp32 [{P}, {N}] tensor, got {add.dtype} {tuple(add.shape)}")
+        raise ValueError(
+            f"the added update must be a contiguous fp32 [{P}, {N}] tensor, got {add.dtype} {tuple(add.shape)}"
+        )
 
 
 def moe_gate_up_fwd(x, routing, blocks, scales, bias, alpha, limit, save, add=None):
@@ -304,7 +312,9 @@ def moe_gate_up_fwd(x, routing, blocks, scales, bias, alpha, limit, save, add=No
     _check_add(add, P, I2)
     act = torch.empty(P, I2 // 2, dtype=x.dtype, device=x.device)
     h = torch.empty(P, I2, dtype=x.dtype, device=x.device) if save else None
-    _launch(GATE_UP, x, blocks, scales, bias, act, h, None, routing, K=D, N=I2, alpha=alpha, limit=limit, save=save, add=add)
+    _launch(
+        GATE_UP, x, blocks, scales, bias, act, h, None, routing, K=D, N=I2, alpha=alpha, limit=limit, save=save, add=add
+    )
     return act, h
 
 

@@ -112,8 +112,9 @@ def mxfp4_tile(blocks_ptr, scales_ptr, r, g, mask, G, INTERPRET: tl.constexpr):
     shuffle interleaves them). bf16 on the GPU, fp32 in the interpreter (which has no bf16
     arithmetic: it would multiply the raw 16-bit patterns)."""
     j = tl.arange(0, 16)
-    byte = tl.load(blocks_ptr + ((r[:, None] * G + g[None, :]) * 16)[:, :, None] + j[None, None, :],
-                   mask=mask[:, :, None], other=0)  # [R, B, 16] uint8, 16 contiguous bytes per block
+    byte = tl.load(
+        blocks_ptr + ((r[:, None] * G + g[None, :]) * 16)[:, :, None] + j[None, None, :], mask=mask[:, :, None], other=0
+    )  # [R, B, 16] uint8, 16 contiguous bytes per block
     scale = tl.load(scales_ptr + r[:, None] * G + g[None, :], mask=mask, other=127)  # [R, B] uint8
     if INTERPRET:
         code = byte.to(tl.int32)
@@ -166,4 +167,3 @@ def mxfp4_dequant_fwd(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.d
         blocks.contiguous(), scales.contiguous(), out, rows, G, INTERPRET=INTERPRET, BLOCK_R=BLOCK_R, BLOCK_G=BLOCK_G
     )
     return out
-

@@ -200,7 +200,9 @@ def run_workloads() -> list[Launch]:
     for workload, T in WORKLOADS.items():  # decode: one token against a 4096-token cache; prefill: training rows
         S = 4096
         for dtype in (torch.bfloat16, torch.float32):
-            with capture(launches, dict(shape="gpt-oss (attention)", workload=workload, tokens=T, dtype=str(dtype)[6:])) as label:
+            with capture(
+                launches, dict(shape="gpt-oss (attention)", workload=workload, tokens=T, dtype=str(dtype)[6:])
+            ) as label:
                 q = torch.empty(1, T, K, G, Dh, dtype=dtype, **meta)
                 kv = torch.empty(1, S, K, Dh, dtype=dtype, **meta)
                 sinks = torch.empty(K * G, dtype=torch.float32, **meta)
@@ -215,6 +217,56 @@ def run_workloads() -> list[Launch]:
                     out, lse = attention.attention_fwd(q, kv, kv, sinks, q_pos, k_pos, window)
                     label["what"] = "backward"
                     attention.attention_bwd(out, q, kv, kv, sinks, out, lse, q_pos, k_pos, window)
+    launches += fused_decode_launches()
+    return launches
+
+
+def fused_decode_launches() -> list[Launch]:
+    """The fused decode step's kernels (gptoss.kernels.decode) at batch 1 and 8, on stand-ins for the
+    modules the launchers read (meta tensors of the real shapes)."""
+    from types import SimpleNamespace
+
+    from gptoss.kernels import decode
+
+    launches: list[Launch] = []
+    meta = dict(device="meta")
+    K, G, Dh = ATTENTION
+    S = 4096
+    for shape, (D, I, E, k) in SHAPES.items():
+        for B in (1, 8):
+            for dtype in (torch.bfloat16, torch.float32):
+                label = dict(shape=shape, workload="decode", tokens=B, dtype=str(dtype)[6:], what="fused decode")
+                with capture(launches, label):
+
+                    def linear(n, m):
+                        return SimpleNamespace(
+                            weight=torch.empty(n, m, dtype=dtype, **meta), bias=torch.empty(n, dtype=dtype, **meta)
+                        )
+
+                    attn = SimpleNamespace(num_kv_heads=K, group=G, head_dim=Dh, q_proj=linear(K * G * Dh, D),
+                              k_proj=linear(K * Dh, D), v_proj=linear(K * Dh, D))  # fmt: skip
+                    cache = SimpleNamespace(k=torch.empty(B, K, S, Dh, dtype=dtype, **meta), v=torch.empty(B, K, S, Dh, dtype=dtype, **meta),
+                               pos=torch.empty(B, S, dtype=torch.int32, **meta))  # fmt: skip
+                    x = torch.empty(B, D, dtype=dtype, **meta)
+                    gain = torch.empty(D, dtype=torch.float32, **meta)
+                    rot = torch.empty(B, Dh // 2, dtype=dtype, **meta)
+                    q = torch.empty(B, 1, K, G, Dh, dtype=dtype, **meta)
+                    pos = torch.empty(B, 1, dtype=torch.int32, **meta)
+                    column = torch.empty((), dtype=torch.long, **meta)
+                    decode.decode_qkv(x, gain, 1e-5, attn, rot, rot, q, cache, pos, column)
+                    decode.decode_linear_residual(
+                        torch.empty(B, K * G * Dh, dtype=dtype, **meta), linear(D, K * G * Dh), x
+                    )
+                    logits, xn = decode.decode_router(x, gain, 1e-5, linear(E, D))
+                    experts = SimpleNamespace(
+                        gate_up_proj_blocks=torch.empty(E, 2 * I, D // 32, 16, dtype=torch.uint8, **meta),
+                        gate_up_proj_scales=torch.empty(E, 2 * I, D // 32, dtype=torch.uint8, **meta),
+                        gate_up_proj_bias=torch.empty(E, 2 * I, dtype=dtype, **meta),
+                        down_proj_blocks=torch.empty(E, D, I // 32, 16, dtype=torch.uint8, **meta),
+                        down_proj_scales=torch.empty(E, D, I // 32, dtype=torch.uint8, **meta),
+                        down_proj_bias=torch.empty(E, D, dtype=dtype, **meta),
+                    )
+                    decode.decode_experts(logits, xn, experts, k, 1.702, 7.0, x)
     return launches
 
 
@@ -310,6 +362,8 @@ def weight_elements(name: str, config: dict) -> int | None:
     """MXFP4 weight elements one iteration of a kernel's main loop decodes (None: it decodes none)."""
     if name == "_moe_matmul_kernel":
         return config["BLOCK_N"] * config["BLOCK_K"]
+    if name in ("_decode_gate_up_kernel", "_decode_down_kernel"):
+        return config["BLOCK_N"] * config["BLOCK_G"] * 32
     if name == "_mxfp4_dequant_fwd_kernel":
         return config["BLOCK_R"] * config["BLOCK_G"] * 32
     return None
@@ -317,13 +371,17 @@ def weight_elements(name: str, config: dict) -> int | None:
 
 def compile_one(variant: Variant) -> dict:
     start = time.perf_counter()
-    row = dict(kernel=variant.name, target=f"sm_{variant.target}a", **variant.label, config=variant.config, grid=variant.grid)
+    row = dict(
+        kernel=variant.name, target=f"sm_{variant.target}a", **variant.label, config=variant.config, grid=variant.grid
+    )
     try:
         compiled = triton.compile(variant.src, target=GPUTarget("cuda", variant.target, 32), options=variant.options)
     except Exception as error:  # noqa: BLE001 - every compile error is a finding of the gate
         first = str(error).strip().splitlines()
         return dict(row, error=f"{type(error).__name__}: {first[0] if first else ''}"[:300])
-    stats = sass_stats(compiled.asm["cubin"], variant.config["num_warps"], weight_elements(variant.name, variant.config))
+    stats = sass_stats(
+        compiled.asm["cubin"], variant.config["num_warps"], weight_elements(variant.name, variant.config)
+    )
     return dict(row, shared=compiled.metadata.shared, seconds=round(time.perf_counter() - start, 2), **stats)
 
 
@@ -367,7 +425,9 @@ def run_gate(targets=(90, 100), jobs: int = 2) -> tuple[list[dict], list[str]]:
                 print(f"  compiled {len(cache)}: {row['kernel']} {row['target']} {row['config']} {row.get('error', '')}",
                       file=sys.stderr, flush=True)  # fmt: skip
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=cache_path.name + ".", suffix=".tmp", dir=cache_path.parent)  # a name of its own
+        fd, tmp = tempfile.mkstemp(
+            prefix=cache_path.name + ".", suffix=".tmp", dir=cache_path.parent
+        )  # a name of its own
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(cache))
         os.replace(tmp, cache_path)
@@ -383,7 +443,9 @@ def run_gate(targets=(90, 100), jobs: int = 2) -> tuple[list[dict], list[str]]:
         dtypes = {launch["dtype"] for launch in row["launches"]}
         if row["spill_bytes"] or row["spill_ops"]:
             if "bfloat16" in dtypes:
-                problems.append(f"{where}: spills {row['spill_bytes']} bytes ({row['spill_ops']} local loads/stores) in bf16")
+                problems.append(
+                    f"{where}: spills {row['spill_bytes']} bytes ({row['spill_ops']} local loads/stores) in bf16"
+                )
         if row["shared"] > SHARED_LIMIT:
             problems.append(f"{where}: {row['shared']} bytes of shared memory > {SHARED_LIMIT}")
     return rows, problems
@@ -401,9 +463,13 @@ def _mode(row) -> str:
 def table(rows: list[dict]) -> str:
     head = f"{'kernel':<28}{'mode':<10}{'target':<9}{'dtype':<9}{'config (M,N,K,w,s)':<22}{'regs':>5}{'spill':>6}{'smem':>8}{'mma':>9}{'grid dec':>10}{'grid bat':>12}{'grid pre':>13}{'instr/el':>9}"
     lines = [head, "-" * len(head)]
-    for row in sorted(rows, key=lambda r: (r["kernel"], _mode(r), r["target"], r["launches"][0]["dtype"], str(r["config"]))):
+    for row in sorted(
+        rows, key=lambda r: (r["kernel"], _mode(r), r["target"], r["launches"][0]["dtype"], str(r["config"]))
+    ):
         c = row["config"]
-        shape = ",".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "BLOCK_G", "BLOCK_P", "BLOCK_E") if k in c)
+        shape = ",".join(
+            str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "BLOCK_G", "BLOCK_P", "BLOCK_E") if k in c
+        )
         shape += f",{c['num_warps']},{c['num_stages']}"
         grids = {}
         for launch in row["launches"]:
@@ -414,7 +480,9 @@ def table(rows: list[dict]) -> str:
         grid = {w: "/".join(str(g) for g in sorted(v)) for w, v in grids.items()}
         dtype = "/".join(sorted({_SHORT[launch["dtype"]] for launch in row["launches"]}))
         if "error" in row:
-            lines.append(f"{row['kernel']:<28}{_mode(row):<10}{row['target']:<9}{dtype:<9}{shape:<22} ERROR {row['error'][:60]}")
+            lines.append(
+                f"{row['kernel']:<28}{_mode(row):<10}{row['target']:<9}{dtype:<9}{shape:<22} ERROR {row['error'][:60]}"
+            )
             continue
         per = f"{row['per_element']:.2f}" if row["per_element"] is not None else "-"
         lines.append(
@@ -425,7 +493,7 @@ def table(rows: list[dict]) -> str:
 
 
 def _targets(text: str) -> tuple[int, ...]:
-    """"90,100" -> (90, 100); only the targets whose table the gate knows (227 KiB shared memory)."""
+    """ "90,100" -> (90, 100); only the targets whose table the gate knows (227 KiB shared memory)."""
     try:
         targets = tuple(int(t) for t in text.split(","))
     except ValueError:
@@ -446,8 +514,15 @@ def _positive(text: str) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--targets", type=_targets, default=(90, 100), help="compute capabilities to compile for, from 90 and 100 (default 90,100)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--targets",
+        type=_targets,
+        default=(90, 100),
+        help="compute capabilities to compile for, from 90 and 100 (default 90,100)",
+    )
     parser.add_argument("--jobs", type=_positive, default=2, help="compiler processes, at least 1 (default 2)")
     parser.add_argument("--json", type=Path, help="also write every row to this JSON file")
     args = parser.parse_args(argv)

@@ -54,21 +54,21 @@ def models():
 def test_fused_step_is_the_plain_step_in_fp32(models):
     model = models[torch.float32]
     assert fusable(model) is None
-    plain, plain_cache = _steps(model, torch.float32, False, 3)  # 3 steps: the sliding ring (5 slots) wraps
-    fused, fused_cache = _steps(model, torch.float32, True, 3)
+    plain, plain_cache = _steps(model, torch.float32, False, 2)  # the sliding ring (5 slots) wraps at once
+    fused, fused_cache = _steps(model, torch.float32, True, 2)
     for a, b in zip(plain, fused):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     for p, f in zip(plain_cache.layers, fused_cache.layers):
         assert torch.equal(p.pos, f.pos)  # the same slots written with the same positions
         torch.testing.assert_close(f.k, p.k, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(f.v, p.v, rtol=1e-5, atol=1e-5)
-    assert int(fused_cache.column) == PROMPT + 3
+    assert int(fused_cache.column) == PROMPT + 2
 
 
 def test_fused_step_in_bf16_is_as_close_to_fp32_as_the_plain_step(models):
-    exact, _ = _steps(models[torch.float32], torch.float32, False, 2)
-    plain, _ = _steps(models[torch.bfloat16], torch.bfloat16, False, 2)
-    fused, _ = _steps(models[torch.bfloat16], torch.bfloat16, True, 2)
+    exact, _ = _steps(models[torch.float32], torch.float32, False, 1)
+    plain, _ = _steps(models[torch.bfloat16], torch.bfloat16, False, 1)
+    fused, _ = _steps(models[torch.bfloat16], torch.bfloat16, True, 1)
     for e, p, f in zip(exact, plain, fused):
         plain_err, fused_err = (p - e).abs().max().item(), (f - e).abs().max().item()
         assert fused_err <= 1.5 * plain_err + 1e-2, (fused_err, plain_err)

@@ -54,7 +54,11 @@ def test_moe_kernel_bf16_at_20b_shape(tokens):
     # through gate_up) terms, bf16 activations between them: each within 2% of its tensor's largest value,
     # as the attention kernel's gradients. The router's gradient (through the routing weights, the expert
     # outputs dotted with the incoming gradient) has the same bound.
-    for name, got, want in (("out", out, reference), ("d x", x.grad, x_ref.grad), ("d logits", logits.grad, logits_ref.grad)):
+    for name, got, want in (
+        ("out", out, reference),
+        ("d x", x.grad, x_ref.grad),
+        ("d logits", logits.grad, logits_ref.grad),
+    ):
         assert torch.isfinite(got).all(), name
         assert (got.float() - want).abs().max() <= 2e-2 * want.abs().max(), name
 
@@ -156,3 +160,30 @@ def test_lora_step_on_cuda_matches_the_cpu(cuda_checkpoint):
         assert ref.norm() > 0, name
         cpu_error, gpu_error = ((got[name] - ref).norm() / ref.norm() for got in (cpu, gpu))
         assert gpu_error <= 2 * cpu_error + 1e-2, (name, float(gpu_error), float(cpu_error))
+
+
+def test_fused_decode_steps_match_the_plain_steps_on_cuda(cuda_checkpoint):
+    # compiled, the fused decode kernels (gptoss.kernels.decode) against the plain path, 40 steps through
+    # a 16-slot ring: fp32 to summation order, bf16 no further from fp32 than the plain bf16 path
+    from gptoss import load_model
+    from gptoss.generate import KVCache, decode_step
+
+    def steps(model, fused):
+        cache = KVCache(model.config, 2, 64, model.dtype, "cuda", static=True)
+        ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(0)).cuda()
+        pos = torch.arange(9, device="cuda").expand(2, 9).clone()
+        model(ids, pos, cache, last_only=True)
+        cache.column.fill_(9)
+        tok, p, out = ids[:, -1:], pos[:, -1:] + 1, []
+        for _ in range(40):
+            out.append(decode_step(model, tok, p, cache, fused=fused).float())
+            tok, p = (tok * 7 + 3) % 1000, p + 1
+        return torch.stack(out)
+
+    fp32 = load_model(cuda_checkpoint, device="cuda", dtype=torch.float32, backend="triton")
+    exact = steps(fp32, False)
+    torch.testing.assert_close(steps(fp32, True), exact, rtol=1e-4, atol=1e-4)
+    bf16 = load_model(cuda_checkpoint, device="cuda", dtype=torch.bfloat16, backend="triton")
+    plain_err = (steps(bf16, False) - exact).abs().amax((1, 2))
+    fused_err = (steps(bf16, True) - exact).abs().amax((1, 2))
+    assert (fused_err <= 1.5 * plain_err + 2e-2).all(), (fused_err, plain_err)
