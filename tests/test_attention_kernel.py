@@ -40,7 +40,16 @@ CASES = {
     "cache-continuation": (1, 9, 49, 2, 4, None, torch.arange(40, 49), torch.arange(49)),
     "cache-continuation-window": (2, 9, 49, 2, 4, 6, torch.arange(40, 49), torch.arange(49)),
     # keys as a ring holds them (unsorted) plus the new ones: positions 30..44 in slots, then 45..50
-    "ring-positions-unsorted": (1, 6, 22, 2, 3, 16, torch.arange(45, 51), torch.cat((_ring(16, 44), torch.arange(45, 51)))),
+    "ring-positions-unsorted": (
+        1,
+        6,
+        22,
+        2,
+        3,
+        16,
+        torch.arange(45, 51),
+        torch.cat((_ring(16, 44), torch.arange(45, 51))),
+    ),
     # every key is padding: each row's output comes from the sink alone (zero)
     "no-visible-key": (1, 5, 18, 1, 3, None, torch.arange(5), torch.full((18,), -1)),
 }
@@ -100,7 +109,9 @@ def test_sink_only_rows_are_zero_and_their_gradients_vanish():
     out = kernel.attention_with_sinks(*leaves, pos, pos, None)
     assert torch.isfinite(out).all() and (out[:, :3] == 0).all()
     out.sum().backward()
-    assert (leaves[0].grad[:, :3] == 0).all() and (leaves[1].grad[:, :3] == 0).all() and (leaves[2].grad[:, :3] == 0).all()
+    assert (
+        (leaves[0].grad[:, :3] == 0).all() and (leaves[1].grad[:, :3] == 0).all() and (leaves[2].grad[:, :3] == 0).all()
+    )
 
 
 @pytest.mark.parametrize("splits", [1, 3, None])
@@ -138,7 +149,9 @@ def test_tile_ranges_cover_every_visible_pair(window, tiles):
     bm, bn = tiles
     G = 3
     q_pos = torch.stack((_ragged(1, 30, [7])[0], torch.arange(30) + 20))
-    k_pos = torch.stack((torch.cat((torch.full((20,), -1), _ragged(1, 30, [7])[0])), torch.cat((_ring(20, 19), torch.arange(20, 50)))))
+    k_pos = torch.stack(
+        (torch.cat((torch.full((20,), -1), _ragged(1, 30, [7])[0])), torch.cat((_ring(20, 19), torch.arange(20, 50))))
+    )
     qk, kq = kernel.tile_ranges(q_pos.int(), k_pos.int(), kernel.NO_WINDOW if window is None else window, G, bm, bn)
     rows = q_pos.repeat_interleave(G, dim=1)  # [B, T * G]
     oldest = -1 if window is None else (rows - window).clamp(min=-1)
@@ -207,7 +220,10 @@ def test_bad_window_is_explained(window):
         kernel.attention_with_sinks(q, k, v, sinks, torch.arange(2, 5), torch.arange(5), window)
 
 
-@pytest.mark.parametrize("q_pos,k_pos", [(torch.arange(4), torch.arange(5)), (torch.arange(3), torch.arange(6)), (torch.zeros(3, 3), torch.arange(5))])
+@pytest.mark.parametrize(
+    "q_pos,k_pos",
+    [(torch.arange(4), torch.arange(5)), (torch.arange(3), torch.arange(6)), (torch.zeros(3, 3), torch.arange(5))],
+)
 def test_bad_positions_are_explained(q_pos, k_pos):
     q, k, v, sinks = _inputs(2, 3, 5, 2, 2, torch.float32)
     with pytest.raises(ValueError, match="positions"):

@@ -37,7 +37,9 @@ def side_triton(version: str) -> Path:
     if done.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        pytest.skip(f"triton=={version} could not be installed into {side} (is the package registry reachable?): {last}")
+        pytest.skip(
+            f"triton=={version} could not be installed into {side} (is the package registry reachable?): {last}"
+        )
     try:
         tmp.rename(side)
     except OSError:  # another run put it there first
@@ -68,7 +70,13 @@ def test_every_kernel_compiles_without_spills(gate):
     assert rows and all("error" not in row for row in rows)
     kernels = {row["kernel"] for row in rows}
     assert {"_moe_matmul_kernel", "_mxfp4_dequant_fwd_kernel", "_topk_softmax_fwd_kernel"} <= kernels
-    assert {"_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel", "_attn_decode_kernel", "_attn_decode_merge_kernel"} <= kernels
+    assert {
+        "_attn_fwd_kernel",
+        "_attn_bwd_dq_kernel",
+        "_attn_bwd_dkdv_kernel",
+        "_attn_decode_kernel",
+        "_attn_decode_merge_kernel",
+    } <= kernels
     assert {row["target"] for row in rows} == {"sm_90a", "sm_100a"}
 
 
@@ -92,7 +100,14 @@ def test_decode_configs_meet_the_instruction_budget(gate):
 
 def test_prefill_configs_use_wgmma(gate):
     _, rows = gate
-    big = [r for r in rows if r["kernel"] == "_moe_matmul_kernel" and r["target"] == "sm_90a" and r["config"]["BLOCK_M"] >= 64 and not r["config"]["UPCAST"]]
+    big = [
+        r
+        for r in rows
+        if r["kernel"] == "_moe_matmul_kernel"
+        and r["target"] == "sm_90a"
+        and r["config"]["BLOCK_M"] >= 64
+        and not r["config"]["UPCAST"]
+    ]
     assert big and all(r["mma"] == "wgmma" for r in big)
 
 
@@ -159,7 +174,12 @@ def test_attention_uses_tensor_cores_without_spills(gate):
     _, rows = gate
     attention = [r for r in rows if r["kernel"].startswith("_attn_") and r["target"] == "sm_90a"]
     bf16 = [r for r in attention if {launch["dtype"] for launch in r["launches"]} == {"bfloat16"}]
-    assert {r["kernel"] for r in bf16} >= {"_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel", "_attn_decode_kernel"}
+    assert {r["kernel"] for r in bf16} >= {
+        "_attn_fwd_kernel",
+        "_attn_bwd_dq_kernel",
+        "_attn_bwd_dkdv_kernel",
+        "_attn_decode_kernel",
+    }
     for r in attention:
         assert r["spill_bytes"] == 0 and r["spill_ops"] == 0, (r["kernel"], r["config"])
     for r in bf16:

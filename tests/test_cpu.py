@@ -13,7 +13,8 @@ from gptoss.synthetic import write_checkpoint
 
 pytestmark = pytest.mark.skipif(not available(), reason="this PyTorch build has no oneDNN")
 bf16_packs = pytest.mark.skipif(
-    not available(torch.bfloat16), reason="oneDNN's bf16 product needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, not on this CPU"
+    not available(torch.bfloat16),
+    reason="oneDNN's bf16 product needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, not on this CPU",
 )
 
 

@@ -36,7 +36,9 @@ def test_every_path_the_docs_name_exists():
     # names a file or folder that is there; a bare `name.py` is a file somewhere in the repository
     tops = ("gptoss/", "kernels/", "train/", "tests/", "benchmarks/", "docs/", ".ci/")
     # folders the repository ignores are where runs write (benchmarks/results/): named, not shipped
-    ignored = tuple(line.strip().lstrip("/") for line in (ROOT / ".gitignore").read_text().splitlines() if "/" in line.strip())
+    ignored = tuple(
+        line.strip().lstrip("/") for line in (ROOT / ".gitignore").read_text().splitlines() if "/" in line.strip()
+    )
     files = {p.name for p in ROOT.rglob("*.py") if ".venv" not in p.parts}
     missing = []
     for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:

@@ -200,7 +200,15 @@ def test_compiled_static_step_gives_the_same_greedy_tokens(model, monkeypatch):
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("decode,error", [("fast", "decode must be one of"), ("graph", "needs a CUDA device"), ("", "decode must be one of"), (None, "decode must be one of")])
+@pytest.mark.parametrize(
+    "decode,error",
+    [
+        ("fast", "decode must be one of"),
+        ("graph", "needs a CUDA device"),
+        ("", "decode must be one of"),
+        (None, "decode must be one of"),
+    ],
+)
 def test_bad_decode_mode_is_explained(model, decode, error):
     with pytest.raises(ValueError, match=error):
         generate(model, [[1, 2]], max_new_tokens=2, decode=decode)

@@ -170,8 +170,13 @@ def point_outside(tmp: Path, how: str) -> Path:
              "subfolder": folder / "sub" / "elsewhere.safetensors"}[how]  # fmt: skip
     where.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(folder / shard, where)
-    named = {"absolute": str(where), "parent": "../elsewhere.safetensors", "subfolder": "sub/elsewhere.safetensors"}[how]
-    edit_json(folder / "model.safetensors.index.json", weight_map={n: named if f == shard else f for n, f in weight_map.items()})
+    named = {"absolute": str(where), "parent": "../elsewhere.safetensors", "subfolder": "sub/elsewhere.safetensors"}[
+        how
+    ]
+    edit_json(
+        folder / "model.safetensors.index.json",
+        weight_map={n: named if f == shard else f for n, f in weight_map.items()},
+    )
     return folder
 
 
@@ -329,7 +334,11 @@ CASES = [
 
 def snapshot(*folders: Path) -> dict[Path, str]:
     return {
-        p: hashlib.sha256(p.read_bytes()).hexdigest() for f in folders if f.exists() for p in f.rglob("*") if p.is_file()
+        p: hashlib.sha256(p.read_bytes()).hexdigest()
+        for f in folders
+        if f.exists()
+        for p in f.rglob("*")
+        if p.is_file()
     }
 
 
@@ -540,7 +549,10 @@ def test_chat_honours_every_sampling_flag(fx, monkeypatch, capsys):
         ({"RANK": "1"}, "RANK=1 set without a launcher"),  # a single process that wrote nothing and said done
         ({"WORLD_SIZE": "2"}, "RANK and WORLD_SIZE come together"),  # waited 30 minutes for a peer
         ({"RANK": "0", "WORLD_SIZE": "2"}, "needs MASTER_ADDR and MASTER_PORT"),
-        ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}, "expected 0 <= RANK < WORLD_SIZE"),
+        (
+            {"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},
+            "expected 0 <= RANK < WORLD_SIZE",
+        ),
         ({"RANK": "one", "WORLD_SIZE": "2"}, "must be integers"),
         ({"RANK": "0", "WORLD_SIZE": "0"}, "expected 0 <= RANK < WORLD_SIZE"),
     ],
@@ -578,7 +590,9 @@ def test_a_run_lists_what_it_wrote_and_overwrite_removes_only_that(fx, tmp_path)
     assert (run / "keep.txt").read_text() == "mine" and (run / "adapter_model.safetensors").exists()
 
 
-@pytest.mark.parametrize("manifest", ["{", "[]", '{"files": "adapter_config.json"}', '{"files": ["../outside.txt", "keep.txt", 7]}'])
+@pytest.mark.parametrize(
+    "manifest", ["{", "[]", '{"files": "adapter_config.json"}', '{"files": ["../outside.txt", "keep.txt", 7]}']
+)
 def test_a_broken_or_hostile_run_manifest_never_widens_what_overwrite_removes(fx, tmp_path, manifest):
     run = copy(fx.finished, tmp_path, "run")
     (run / "gptoss_run.json").write_text(manifest)

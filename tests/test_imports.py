@@ -48,7 +48,7 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
         state[node] = "open"
         for nxt in sorted(edges[node]):
             if state.get(nxt) == "open":
-                found.append(path[path.index(nxt):] + [nxt])
+                found.append(path[path.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt, path + [nxt])
         state[node] = "done"
@@ -61,7 +61,13 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_walk_sees_every_module_and_function_level_imports():
     edges = graph()
-    assert {"gptoss.model", "gptoss.adapter", "gptoss.kernels.moe", "gptoss.train.trainer", "gptoss.cli"} <= edges.keys()
+    assert {
+        "gptoss.model",
+        "gptoss.adapter",
+        "gptoss.kernels.moe",
+        "gptoss.train.trainer",
+        "gptoss.cli",
+    } <= edges.keys()
     assert "gptoss.kernels.moe" in edges["gptoss.model"]  # imported inside MoE.forward
     assert "gptoss.adapter" in edges["gptoss.train.trainer"]
 

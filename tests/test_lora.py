@@ -125,7 +125,10 @@ def test_bad_adapters(oracle, tmp_path):
     config = json.loads((tmp_path / "r4" / "adapter_config.json").read_text())
     config["r"] = 8
     (tmp_path / "r4" / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"experts.base_layer.lora_A.weight has shape \[28, 96\], while r=8 \(adapter_config.json\) gives it a rank side of 56"):
+    with pytest.raises(
+        ValueError,
+        match=r"experts.base_layer.lora_A.weight has shape \[28, 96\], while r=8 \(adapter_config.json\) gives it a rank side of 56",
+    ):
         load_model(folder, adapter=tmp_path / "r4")
 
 

@@ -16,7 +16,9 @@ def test_weight_bytes_equal_the_model_s_parameters_and_buffers():
         layer.input_layernorm.float(), layer.post_attention_layernorm.float()
     model.model.norm.float()
     held = sum(t.numel() * t.element_size() for t in model.parameters()) + sum(
-        b.numel() * b.element_size() for name, b in model.named_buffers() if "proj" in name  # MXFP4, not RoPE tables
+        b.numel() * b.element_size()
+        for name, b in model.named_buffers()
+        if "proj" in name  # MXFP4, not RoPE tables
     )
     assert weight_bytes(config, 2) == held
 

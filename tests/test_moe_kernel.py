@@ -141,7 +141,9 @@ def test_moe_with_expert_adapters_matches_the_torch_path(case, adapted, dtype):
     x_k, w_k = x.clone().requires_grad_(), weights.clone().requires_grad_()
     out = _apply(x_k, w_k, routing, experts, scaling=experts.lora_scaling)
     out.backward(grad_out)
-    _close(out, experts_forward(x.float(), weights, routing.ids.long(), reference, 1.702, 7.0).detach(), dtype, "output")
+    _close(
+        out, experts_forward(x.float(), weights, routing.ids.long(), reference, 1.702, 7.0).detach(), dtype, "output"
+    )
     _close(x_k.grad, x_ref.grad, dtype, "grad of the input")
     _close(w_k.grad, w_ref.grad, dtype, "grad of the routing weights")
     for which in ADAPTED[adapted]:
@@ -208,7 +210,9 @@ def test_triton_backend_needs_mxfp4(tmp_path):
         load_model(folder, backend="triton")
 
 
-@pytest.mark.parametrize("config", sorted({tuple(c.kwargs.values()) + (c.num_warps, c.num_stages) for c in moe_kernel.all_configs()}))
+@pytest.mark.parametrize(
+    "config", sorted({tuple(c.kwargs.values()) + (c.num_warps, c.num_stages) for c in moe_kernel.all_configs()})
+)
 def test_every_autotune_config(config, monkeypatch):
     # each tile shape a GPU launch may pick, pinned through GPTOSS_MOE_CONFIG, on the ragged case
     # (D = 96, I = 160 and 13 x 3 rows are multiples of none of the tiles)

@@ -114,4 +114,6 @@ def test_e8m0_extremes_match_the_reference(scale):
     # interpreter's bf16 handling of subnormals does not enter
     blocks = torch.full((1, 1, 16), 0x21, dtype=torch.uint8)  # codes 1 (0.5) and 2 (1.0)
     scales = torch.full((1, 1), scale, dtype=torch.uint8)
-    assert torch.equal(mxfp4_dequant_fwd(blocks, scales, torch.float32), mxfp4.dequantize(blocks, scales, torch.float32))
+    assert torch.equal(
+        mxfp4_dequant_fwd(blocks, scales, torch.float32), mxfp4.dequantize(blocks, scales, torch.float32)
+    )

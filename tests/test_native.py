@@ -17,7 +17,8 @@ from gptoss import mxfp4, native
 # machine with one is a failure (test_the_kernels_build_where_there_is_a_compiler), not a skip
 OFF = native.reason()
 pytestmark = pytest.mark.skipif(
-    OFF is not None and (OFF.startswith("no C compiler") or OFF == "GPTOSS_NATIVE=0"), reason=f"native kernels off: {OFF}"
+    OFF is not None and (OFF.startswith("no C compiler") or OFF == "GPTOSS_NATIVE=0"),
+    reason=f"native kernels off: {OFF}",
 )
 
 
@@ -175,7 +176,11 @@ def test_moe_refuses_what_it_cannot_read():
     layer = _experts()
     gate_up = (layer.gate_up_proj_blocks, layer.gate_up_proj_scales, layer.gate_up_proj_bias)
     down = (layer.down_proj_blocks, layer.down_proj_scales, layer.down_proj_bias)
-    x, weights, ids = torch.randn(2, 96).bfloat16(), torch.full((2, 4), 0.25), torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
+    x, weights, ids = (
+        torch.randn(2, 96).bfloat16(),
+        torch.full((2, 4), 0.25),
+        torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]]),
+    )
     native.moe(x, weights, ids, gate_up, down, 1.702, 7.0)
     with pytest.raises(ValueError, match=r"expert ids must be in 0 \.\. 7, got 0 \.\. 8"):
         native.moe(x, weights, ids + (ids == 7).long(), gate_up, down, 1.702, 7.0)
@@ -327,7 +332,9 @@ def test_decode_attention_refuses_what_it_cannot_read():
     with pytest.raises(ValueError, match=r"expected q \[B, 1, K, G, Dh\]"):
         native.decode_attention(torch.randn(1, 2, 2, 3, 16), k, k, sinks, torch.tensor([4]), pos, None)
     with pytest.raises(ValueError, match="must match q"):
-        native.decode_attention(q, torch.randn(1, 5, 1, 16), torch.randn(1, 5, 1, 16), sinks, torch.tensor([4]), pos, None)
+        native.decode_attention(
+            q, torch.randn(1, 5, 1, 16), torch.randn(1, 5, 1, 16), sinks, torch.tensor([4]), pos, None
+        )
     with pytest.raises(TypeError, match="fp32 cache"):
         native.decode_attention(q, k.bfloat16(), k.bfloat16(), sinks, torch.tensor([4]), pos, None)
     with pytest.raises(ValueError, match="sinks"):

@@ -278,7 +278,9 @@ def test_a_known_target_count_picks_the_supervised_rows_without_asking_the_devic
         counted, m = next_token_loss(model, ids, mask, count)
     assert n == m == count and torch.equal(counted, plain)
     assert not ops.seen & {"_local_scalar_dense", "nonzero", "item"}, ops.seen  # no host synchronisation
-    expected = F.cross_entropy(model.lm_head(model.embed(ids[:, :-1]))[mask[:, 1:]], ids[:, 1:][mask[:, 1:]], reduction="sum")
+    expected = F.cross_entropy(
+        model.lm_head(model.embed(ids[:, :-1]))[mask[:, 1:]], ids[:, 1:][mask[:, 1:]], reduction="sum"
+    )
     torch.testing.assert_close(plain, expected, rtol=1e-5, atol=1e-4)
 
 
