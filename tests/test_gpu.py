@@ -36,8 +36,9 @@ def test_dequant_kernel_exact_at_20b_shape():
 
 @pytest.mark.parametrize("tokens", [1, 64, 1024])  # decode, small prefill, large prefill (tiles of every size)
 def test_moe_kernel_bf16_at_20b_shape(tokens, monkeypatch):
-    import gptoss.model
     from gptoss.kernels.moe import moe
+
+    import gptoss.model
 
     config = ModelConfig()  # gpt-oss-20b: D = I = 2880, 32 experts, top-4
     experts = _experts(config)
