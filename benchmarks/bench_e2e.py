@@ -7,10 +7,10 @@ GPU), Hugging Face transformers' GptOssForCausalLM, and OpenAI's reference when 
 Implementations: `gptoss-torch`, the reference path as loaded by default (MXFP4 experts decoded on
 every use); `gptoss-cpu`, the CPU fast path (`load_model(dequantize="auto", prepack="auto")`: experts
 decoded once at load when they fit in half the free memory, and then weights prepacked for oneDNN; the
-generate/chat commands' default on a CPU); `gptoss-triton` on a GPU (decode steps on the fused kernels
-of gptoss.kernels.decode, seven launches a layer, each step a replayed CUDA graph) and
-`gptoss-triton-plain` (the same without the fused kernels: the model's own path on the Triton attention
-and MoE kernels, about 55 launches a layer); transformers.
+generate/chat commands' default on a CPU); `gptoss-triton` on a GPU (the model's own path on the Triton
+attention and MoE kernels, about 55 launches a layer, each decode step a replayed CUDA graph) and
+`gptoss-triton-fused` (decode steps on the fused kernels of gptoss.kernels.decode, seven launches a
+layer); transformers.
 
 Per implementation and config: load time, prefill tokens/s (one prompt), greedy decode tokens/s at
 batch 1 and batch 8 (each implementation's own KV-cache generation), and peak resident memory
@@ -141,9 +141,7 @@ def run_ours(folder, config, backend, prompt_len, new_tokens, device, repeats, f
         "graph_setup_s": s1[-1]["graph_setup_s"],  # CUDA graph mode: the first step's warm-up and recording
         "peak_rss_gb": mem.gb,
         "peak_anon_gb": mem.anon_gb,
-        "note": f"experts {experts}"
-        + (", weights prepacked" if packed else "")
-        + (", plain decode" if fused is False else ""),
+        "note": f"experts {experts}" + (", weights prepacked" if packed else "") + (", fused decode" if fused else ""),
     }
 
 
@@ -224,7 +222,7 @@ def main() -> None:
         shape["gpt-oss-20b"] = shape["gpt-oss-120b"] = (16, 64)
     if args.quick:
         shape = {n: (32, 8) for n in names}
-    known = {"gptoss-torch", "gptoss-triton", "gptoss-triton-plain", "gptoss-cpu", "transformers"}
+    known = {"gptoss-torch", "gptoss-triton", "gptoss-triton-fused", "gptoss-cpu", "transformers"}
     if args.impls is not None and (not args.impls or not set(args.impls.split(",")) <= known):
         parser.error(f"--impls takes a comma-separated list from {', '.join(sorted(known))}, got {args.impls!r}")
     if args.prompt_tokens is not None:
@@ -243,10 +241,12 @@ def main() -> None:
                 folder, config, "torch", prompt_len, new_tokens, device, repeats, True
             )
         else:
-            impls["gptoss-triton"] = lambda: run_ours(folder, config, "triton", prompt_len, new_tokens, device, repeats)
-            # the same without the fused decode kernels (gptoss.kernels.decode): the plain path, ~55 kernels a layer
-            impls["gptoss-triton-plain"] = lambda: run_ours(
+            impls["gptoss-triton"] = lambda: run_ours(
                 folder, config, "triton", prompt_len, new_tokens, device, repeats, fused=False
+            )
+            # the same on the fused decode kernels (gptoss.kernels.decode): seven launches a layer, not ~55
+            impls["gptoss-triton-fused"] = lambda: run_ours(
+                folder, config, "triton", prompt_len, new_tokens, device, repeats, fused=True
             )
         if folder is not None:
             impls["transformers"] = lambda: run_transformers(folder, config, prompt_len, new_tokens, device, repeats)

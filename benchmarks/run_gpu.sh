@@ -63,7 +63,7 @@ else
     status=1
 fi
 # decode at batch 1 and 8, each step one CUDA-graph replay: gpt-oss-20b and -120b, fused kernels and the plain path
-step bench_e2e 150 $PY benchmarks/bench_e2e.py --configs gpt-oss-20b,gpt-oss-120b --impls gptoss-triton,gptoss-triton-plain --random-weights
+step bench_e2e 150 $PY benchmarks/bench_e2e.py --configs gpt-oss-20b,gpt-oss-120b --impls gptoss-triton,gptoss-triton-fused --random-weights
 # the MoE layer from 1 to 16,384 tokens (decode rows also graph-timed), attention, then the GPU tests
 step bench_moe 80 $PY benchmarks/bench_moe.py
 step bench_attention 45 $PY benchmarks/bench_attention.py

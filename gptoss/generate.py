@@ -115,10 +115,15 @@ class KVCache:
         return sum(c.k.nbytes + c.v.nbytes for c in self.layers)
 
 
-# The fused kernels read the weights once per sequence (one program per row): on an H200 (2026-12-04,
-# gpt-oss-20b) they decode 252 tok/s at batch 1 against 181 for the plain path, but 670 against 878 at
-# batch 8, so by default they run one sequence at a time.
-FUSED_MAX_BATCH = 1
+# Off by default until a GPU run passes tests/test_gpu.py's fused-step twin. On an H200 (2026-12-04,
+# gpt-oss-20b, random weights) the fused kernels decoded 252 tok/s at batch 1 against 181 for the plain
+# path (670 against 878 at batch 8: they read the weights once per sequence), but a check in the same
+# session found the down kernel's output wrong there (right under the interpreter; the other kernels
+# right on the GPU, stage by stage). The cause was not established; the down kernel now takes the two
+# things that differed from gate_up's, which was right: its tile shape (16 rows x 4 MX blocks, not
+# 8 x 8) and a run-time slot loop (not an unrolled one). Not yet run on a GPU. Pass fused=True (or raise
+# this to 1) to use them.
+FUSED_MAX_BATCH = 0
 
 
 def decode_step(

@@ -44,7 +44,7 @@ QKV = (128, 4)  # BLOCK_K, warps; BLOCK_N is half a head (RoPE pairs the halves)
 LINEAR = (8, 256, 4)
 ROUTER = (8, 256, 4)
 GATE_UP = (32, 4, 4)  # 32 rows = 16 SwiGLU outputs; 4 MX blocks = 128 values per step
-DOWN = (8, 8, 4)
+DOWN = (16, 4, 4)  # gate_up's tile shape (see FUSED_MAX_BATCH in gptoss/generate.py)
 
 
 @triton.jit
@@ -266,7 +266,7 @@ def _decode_down_kernel(
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < D
     out = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for slot in tl.static_range(TOP_K):
+    for slot in range(TOP_K):  # a run-time slot, as gate_up's (pair % TOP_K), not an unrolled constant
         expert, weight = _slot_expert(logits_ptr, b, slot, E, TOP_K, BLOCK_E)
         expert = expert.to(tl.int64)
         rows = expert * D + n

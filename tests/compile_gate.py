@@ -52,6 +52,8 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.autotuner import Autotuner, Heuristics  # noqa: E402
 from triton.runtime.jit import JITFunction, KernelInterface, create_function_from_signature  # noqa: E402
 
+# what a cached row holds: a new format recompiles rather than read a row short of a field
+ROW_FORMAT = 3  # 2: loop_shared_ops; 3: the main loop is the largest innermost loop
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 and sm_100 (227 KiB)
 SHAPES = {  # hidden D, intermediate I, experts E, top-k
     "gpt-oss-20b": (2880, 2880, 32, 4),
@@ -130,7 +132,7 @@ class Variant:
     def key(self) -> str:
         """The cache key: the kernel, its options and target, and the compiler (a tile that compiles clean on
         one Triton or ptxas can fail to lower or spill on another, so no cached row outlives its compiler)."""
-        text = f"{compiler_id(self.target)}-{self.src.hash()}-{sorted(self.options.items())}-{self.target}"
+        text = f"{ROW_FORMAT}-{compiler_id(self.target)}-{self.src.hash()}-{sorted(self.options.items())}-{self.target}"
         return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -342,19 +344,27 @@ def sass_stats(cubin: bytes, num_warps: int, elements_per_iteration: int | None)
             mma = kind
             break
     # loops: backward branches; the main loop is the largest one
-    loops = []
+    spans = []
     for address, op, rest in code:
         target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
         if target and int(target.group(1), 16) < address:
             start = int(target.group(1), 16)
-            loops.append(sum(start <= a <= address for a, _, _ in code))
+            spans.append((start, address))
+    # the main loop: the largest innermost loop (one holding no other; with nested loops, such as the
+    # fused decode's loop over the k experts around its K loop, the K loop)
+    inner = [sp for sp in spans if not any(o != sp and sp[0] <= o[0] and o[1] <= sp[1] for o in spans)]
+    main = max(inner, key=lambda se: sum(se[0] <= a <= se[1] for a, _, _ in code)) if inner else None
+    main_size = sum(main[0] <= a <= main[1] for a, _, _ in code) if main else None
     per_element = None
     if elements_per_iteration:
-        body = max(loops) if loops else len(code)  # no loop: the whole kernel is one iteration
+        body = main_size or len(code)  # no loop: the whole kernel is one iteration
         per_element = body * 32 * num_warps / elements_per_iteration
+    # the main loop's barriers and shared-memory moves: a layout conversion (or a pipelined copy) inside it
+    loop_ops = [op for a, op, _ in code if main[0] <= a <= main[1]] if main else []
+    loop_sync = sum(op.startswith(("BAR", "LDS", "STS", "STSM", "LDSM")) for op in loop_ops)
     return dict(
         registers=regs, spill_bytes=stack + local, spill_ops=spill_ops, mma=mma,
-        instructions=len(code), main_loop=max(loops) if loops else None, per_element=per_element,
+        instructions=len(code), main_loop=main_size, per_element=per_element, loop_shared_ops=loop_sync,
     )  # fmt: skip
 
 
