@@ -267,6 +267,7 @@ def generate(
     stats: dict | None = None,
     decode: str = "auto",
     fused: bool | None = None,
+    read_every: int = 16,
 ) -> list[list[int]]:
     """Continue each prompt; return only the new tokens of each (a stop token, when hit, is included).
 
@@ -276,9 +277,14 @@ def generate(
     `decode`: "dynamic" (a cache that grows), "static" (fixed shapes, see KVCache), "graph" (static,
     each step replayed as a CUDA graph); "auto" picks "graph" on CUDA with the triton backend.
     `fused`: static and graph steps on the fused decode kernels (decode_step's default: where they apply);
-    False keeps the plain path.
+    False keeps the plain path. Greedy static and graph decoding picks each token on the device and the
+    host reads the new tokens every `read_every` steps (one synchronisation per `read_every` tokens, not
+    one per token; on_token is then called in bursts); a sequence that stops inside such a stretch runs
+    on to its end (its extra tokens are dropped; rows never see each other, so the others' tokens are
+    the same). Sampling reads every step.
     """
     _check(model, prompts, max_new_tokens, temperature, top_p, top_k, seed)
+    check_int("read_every", read_every, 1)
     mode = _decode_mode(model, decode)
     device = model.device
     B, longest = len(prompts), max(len(p) for p in prompts)
@@ -312,7 +318,14 @@ def generate(
     done = [False] * B
     setup = None
     start = time.perf_counter()
-    for _ in range(max_new_tokens):
+    on_device = temperature == 0.0 and mode != "dynamic"  # greedy: tokens picked on the device, read in stretches
+    if on_device:
+        setup_s, start = _greedy_on_device(
+            logits, step, next_pos, max_new_tokens, read_every, stop, on_token, out, mode
+        )
+        if setup_s is not None:  # the recording step made token 1 of every sequence that got that far
+            setup = (setup_s, sum(len(o) >= 2 for o in out))
+    for _ in range(0 if on_device else max_new_tokens):
         step_ids = torch.full((B, 1), PAD, dtype=torch.long, device=device)
         step_pos = torch.full((B, 1), -1, dtype=torch.long, device=device)
         # one call for the batch, in fp32: argmax over a bf16 row is several times slower on the CPU
@@ -347,6 +360,41 @@ def generate(
             graph_setup_s=setup[0] if setup else 0.0,
         )
     return out
+
+
+def _greedy_on_device(logits, step, next_pos, max_new_tokens, read_every, stop, on_token, out, mode):
+    """Greedy decoding with the argmax on the device: ids [B, n] collect there and the host reads them
+    every `read_every` steps (or when the last is made), so no step waits for the host. Fills `out`;
+    returns the graph's set-up seconds (None outside graph mode) and the time the timed steps began."""
+    B = logits.shape[0]
+    made = torch.empty(B, max_new_tokens, dtype=torch.long, device=logits.device)
+    ids = logits.float().argmax(dim=-1, keepdim=True)  # [B, 1]; fp32 as the host path (faster on a CPU)
+    pos = next_pos.view(B, 1).clone()
+    done = [False] * B
+    setup, began, read = None, time.perf_counter(), 0
+    for t in range(max_new_tokens):
+        made[:, t : t + 1] = ids
+        if t + 1 == max_new_tokens or (t + 1 - read) == read_every:  # read the stretch: one synchronisation
+            for b, row in enumerate(made[:, read : t + 1].tolist()):
+                for token in row:
+                    if done[b]:
+                        break
+                    out[b].append(token)
+                    if on_token is not None:
+                        on_token(b, token)
+                    done[b] = token in stop or len(out[b]) == max_new_tokens
+            read = t + 1
+            if all(done):
+                break
+        if t + 1 == max_new_tokens:
+            break
+        logits = step(ids, pos)
+        ids, pos = logits.float().argmax(dim=-1, keepdim=True), pos + 1
+        if mode == "graph" and setup is None:  # the first step warms up and records the graph: timed apart
+            torch.cuda.synchronize()
+            setup = time.perf_counter() - began
+            began = time.perf_counter()
+    return setup, began
 
 
 def speed_line(stats: dict) -> str:

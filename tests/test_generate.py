@@ -110,10 +110,43 @@ def test_cache_memory_matches_the_documented_figure():
     assert cache.nbytes() == 12 * 1000 * 2048 + 12 * 128 * 2048
 
 
+@pytest.mark.parametrize("read_every", [1, 3, 16])
+def test_greedy_on_the_device_reads_the_host_once_per_stretch(model, monkeypatch, read_every):
+    """Static (and graph) greedy decoding picks tokens on the device and reads them every `read_every`
+    steps: the same tokens, stops and on_token calls as the per-token host loop (dynamic), with
+    ceil(n / read_every) reads of the device instead of n."""
+    prompts = [[1, 2, 3], [40, 50]]
+    free = generate(model, prompts, max_new_tokens=10, temperature=0.0, stop_tokens=(), decode="dynamic")
+    stop = free[0][4]  # inside the first stretch of 16, in the second of 3
+    assert stop not in free[1] and stop not in free[0][:4], "pick another seed: the stop token is ambiguous"
+    host, seen_host = [], []
+    host = generate(model, prompts, max_new_tokens=10, temperature=0.0, stop_tokens=(stop,), decode="dynamic",
+                    on_token=lambda b, t: seen_host.append((b, t)))  # fmt: skip
+    reads, seen = [], []
+    tolist = torch.Tensor.tolist
+
+    def counted(t):
+        reads.append(tuple(t.shape))
+        return tolist(t)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    got = generate(model, prompts, max_new_tokens=10, temperature=0.0, stop_tokens=(stop,), decode="static",
+                   read_every=read_every, on_token=lambda b, t: seen.append((b, t)))  # fmt: skip
+    assert got == host and got[0] == free[0][:5] and got[1] == free[1]
+    assert sorted(seen) == sorted(seen_host)
+    # the token reads ([B, n] blocks; the torch backend's MoE also reads its expert counts, 1-D, which the
+    # Triton backend does on the device): sequence 1 runs to 10, so every stretch is read, once
+    token_reads = [r for r in reads if r[0] == len(prompts) and len(r) == 2]
+    assert len(token_reads) == -(-10 // read_every), reads
+
+
 @pytest.mark.parametrize(
     "prompts, kwargs, error",
     [
         ([[1] * 60], dict(max_new_tokens=10), "exceeds the context of 64"),
+        ([[1]], dict(max_new_tokens=4, read_every=0), "read_every"),
+        ([[1]], dict(max_new_tokens=4, read_every=-3), "read_every"),
+        ([[1]], dict(max_new_tokens=4, read_every=2.5), "read_every"),
         ([[1, 2], []], dict(max_new_tokens=4), "prompt 1 is empty"),
         ([[1, 300]], dict(max_new_tokens=4), r"outside \[0, 300\)"),
         ([], dict(max_new_tokens=4), "non-empty list"),
