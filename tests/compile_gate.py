@@ -523,6 +523,60 @@ def _positive(text: str) -> int:
     return value
 
 
+DECODE_MXFP4 = ("_moe_matmul_kernel", "_decode_gate_up_kernel", "_decode_down_kernel")
+SMS = 132  # H100 and H200 SXM
+MAX_WARPS_PER_SM, REGISTERS_PER_SM, BLOCKS_PER_SM = 64, 65536, 32
+
+
+def decode_launch_table(rows: list[dict]) -> list[dict]:
+    """The static cost of each decode launch of an MXFP4 kernel at one token (gpt-oss-20b, sm_90a, bf16):
+    programs, the weight bytes each reads, resident warps per SM (what the registers and shared memory
+    allow, and what the grid fills), the K loop's trips and SASS instructions per trip (their product:
+    the serial instructions of one warp), instructions per decoded weight element, and whether the main
+    loop moves data through shared memory (a layout conversion: every trip waits on a barrier)."""
+    out = []
+    for row in rows:
+        if "error" in row or row["target"] != "sm_90a" or row["kernel"] not in DECODE_MXFP4:
+            continue
+        for launch in row["launches"]:
+            if launch["workload"] != "decode" or launch["dtype"] != "bfloat16" or launch["shape"] != "gpt-oss-20b":
+                continue
+            if launch["tokens"] != 1:
+                continue
+            c, warps = row["config"], row["config"]["num_warps"]
+            programs = 1
+            for g in launch["grid"]:
+                programs *= g
+            by_registers = REGISTERS_PER_SM // max(1, row["registers"] * 32 * warps)
+            by_shared = SHARED_LIMIT // row["shared"] if row["shared"] else BLOCKS_PER_SM
+            blocks = min(by_registers, by_shared, BLOCKS_PER_SM, MAX_WARPS_PER_SM // warps)
+            filled = min(blocks, -(-programs // SMS)) * warps
+            if row["kernel"] == "_moe_matmul_kernel":
+                per_trip, k = c["BLOCK_N"] * c["BLOCK_K"], 2880  # D = I = 2880 for both products
+                trips = -(-k // c["BLOCK_K"])
+            else:  # the fused decode kernels: BLOCK_G MX blocks of 32 per trip; down loops over the k slots too
+                per_trip = c["BLOCK_N"] * c["BLOCK_G"] * 32
+                trips = -(-90 // c["BLOCK_G"]) * (c["TOP_K"] if row["kernel"] == "_decode_down_kernel" else 1)
+            out.append(dict(
+                kernel=row["kernel"], mode=_mode(row), config=c, programs=programs,
+                bytes_per_program=int(trips * per_trip * 17 / 32), resident_warps=filled,
+                trips=trips, per_trip=row["main_loop"], serial=trips * row["main_loop"],
+                per_element=row["per_element"], loop_shared_ops=row.get("loop_shared_ops"),
+            ))  # fmt: skip
+    return out
+
+
+def decode_table(rows: list[dict]) -> str:
+    head = f"{'kernel (decode, 20b, sm_90a)':<28}{'mode':<10}{'programs':>9}{'KB/prog':>9}{'warps/SM':>9}{'trips':>6}{'instr/trip':>11}{'serial':>8}{'instr/el':>9}{'shared in loop':>15}"
+    lines = [head, "-" * len(head)]
+    for r in decode_launch_table(rows):
+        lines.append(
+            f"{r['kernel']:<28}{r['mode']:<10}{r['programs']:>9}{r['bytes_per_program'] / 1024:>9.1f}{r['resident_warps']:>9}"
+            f"{r['trips']:>6}{r['per_trip']:>11}{r['serial']:>8}{r['per_element']:>9.2f}{r['loop_shared_ops'] or 0:>15}"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -539,6 +593,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     rows, problems = run_gate(args.targets, args.jobs)
     print(table(rows))
+    print("\n" + decode_table(rows))
     print(f"\n{len(rows)} variants, {sum('error' not in r for r in rows)} compiled, "
           f"{sum(bool(r.get('spill_bytes')) for r in rows)} spilling, {time.perf_counter() - start:.0f} s, "
           f"on Triton {triton.__version__} ({Path(triton.__file__).parent})")  # fmt: skip
