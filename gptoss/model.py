@@ -124,6 +124,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 # ---------------------------------------------------------------------------------------------
 
 
+SCORE_ELEMENTS = 1 << 24  # scores one torch attention call holds at most (64 MB in fp32; see Attention.attend)
+
+
 def attention_with_sinks(
     q: torch.Tensor,  # [B, T, K, G, Dh] rotated queries
     k: torch.Tensor,  # [B, S, K, Dh] rotated keys
@@ -189,11 +192,22 @@ class Attention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor
     ) -> torch.Tensor:
         """Attention proper on rotated queries and every key and value seen: attention_with_sinks,
-        or on the triton backend the same math in gptoss.kernels.attention."""
-        attend = attention_with_sinks
+        or on the triton backend the same math in gptoss.kernels.attention (tiled: scores never stored).
+        The torch path takes the queries in chunks of at most SCORE_ELEMENTS scores each (each query's
+        softmax is its own), so a long prompt's workspace grows with its length, not its square."""
         if self.backend == "triton":
-            from gptoss.kernels.attention import attention_with_sinks as attend
-        return attend(q, k, v, self.sinks, q_pos, k_pos, self.window)
+            from gptoss.kernels.attention import attention_with_sinks as kernel
+
+            return kernel(q, k, v, self.sinks, q_pos, k_pos, self.window)
+        B, T, K, G, _ = q.shape
+        rows = max(1, SCORE_ELEMENTS // (B * K * G * k.shape[1]))
+        if T <= rows:
+            return attention_with_sinks(q, k, v, self.sinks, q_pos, k_pos, self.window)
+        chunks = [
+            attention_with_sinks(q[:, i : i + rows], k, v, self.sinks, q_pos[..., i : i + rows], k_pos, self.window)
+            for i in range(0, T, rows)
+        ]
+        return torch.cat(chunks, dim=1)
 
 
 # ---------------------------------------------------------------------------------------------
