@@ -216,7 +216,14 @@ def main() -> None:
 
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
+    from gptoss.config import PRESETS
+
+    if args.configs is not None and not args.configs.strip():
+        parser.error("--configs is empty: name presets, comma-separated, from " + ", ".join(PRESETS))
     names = (args.configs or ("tiny" if args.quick else "tiny,mid,gpt-oss-20b")).split(",")
+    for name in names:
+        if name not in PRESETS:
+            parser.error(f"unknown preset {name!r} in --configs: choose from {', '.join(PRESETS)}")
     shape = {"tiny": (64, 32), "mid": (64, 16), "gpt-oss-20b": (16, 9), "gpt-oss-120b": (16, 9)}  # prompt, new
     if gpu:  # the decode step is a replayed CUDA graph there: enough steps to time it
         shape["gpt-oss-20b"] = shape["gpt-oss-120b"] = (16, 64)
@@ -225,6 +232,9 @@ def main() -> None:
     known = {"gptoss-torch", "gptoss-triton", "gptoss-triton-fused", "gptoss-cpu", "transformers"}
     if args.impls is not None and (not args.impls or not set(args.impls.split(",")) <= known):
         parser.error(f"--impls takes a comma-separated list from {', '.join(sorted(known))}, got {args.impls!r}")
+    here = {"gptoss-torch", "transformers"} | ({"gptoss-triton", "gptoss-triton-fused"} if gpu else {"gptoss-cpu"})
+    if args.impls is not None and not set(args.impls.split(",")) & here:
+        parser.error(f"--impls {args.impls} measures nothing on this {device} (it runs {', '.join(sorted(here))})")
     if args.prompt_tokens is not None:
         if not 1 <= args.prompt_tokens <= 100_000:
             parser.error(f"--prompt-tokens must be between 1 and 100000, got {args.prompt_tokens}")

@@ -84,6 +84,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer token counts")
     parser.add_argument("--presets", default=None, help="comma-separated expert shapes (default: 20b,120b on GPU)")
     args = parser.parse_args()
+    if args.presets is not None:
+        from gptoss.config import PRESETS
+
+        for name in args.presets.split(","):
+            if name not in PRESETS:
+                parser.error(f"unknown preset {name!r} in --presets: choose from {', '.join(PRESETS)}")
 
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"

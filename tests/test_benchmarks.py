@@ -123,3 +123,23 @@ def test_bench_train_refuses_bad_flags_in_one_line(flags, expected, tmp_path):
     out = _bench_train(tmp_path, *flags)
     assert out.returncode != 0 and expected in out.stderr + out.stdout
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    "script, flags, expected",
+    [
+        ("bench_e2e.py", ["--configs", ""], "--configs is empty"),
+        ("bench_e2e.py", ["--configs", "tiny,huge"], "unknown preset 'huge' in --configs"),
+        ("bench_e2e.py", ["--impls", "gptoss-triton"], "measures nothing on this cpu"),
+        ("bench_e2e.py", ["--impls", ""], "--impls takes a comma-separated list"),
+        ("bench_e2e.py", ["--prompt-tokens", "0"], "--prompt-tokens must be between 1 and 100000"),
+        ("bench_moe.py", ["--presets", "gpt-oss-7b"], "unknown preset 'gpt-oss-7b' in --presets"),
+    ],
+)
+def test_benchmark_flags_are_refused_in_one_line_before_any_work(script, flags, expected, tmp_path):
+    env = dict(os.environ, GPTOSS_RESULTS_DIR=str(tmp_path))
+    done = subprocess.run(
+        [sys.executable, str(BENCH / script), *flags], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 2 and expected in done.stderr, done.stderr[-1000:]
+    assert "Traceback" not in done.stderr and not list(tmp_path.iterdir())  # nothing measured, nothing written
