@@ -52,14 +52,14 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         try:  # types and ranges first, field by field: the structural checks below rely on them
-            for name, minimum in _INT_FIELDS.items():
-                check_int(name, getattr(self, name), minimum, 100_000 if name == "num_hidden_layers" else None)
-            for name, (minimum, above) in _FLOAT_FIELDS.items():
-                setattr(self, name, check_float(name, getattr(self, name), minimum, above=above))
+            for name, (minimum, maximum) in _INT_FIELDS.items():
+                check_int(name, getattr(self, name), minimum, maximum)
+            for name, (minimum, above, maximum) in _FLOAT_FIELDS.items():
+                setattr(self, name, check_float(name, getattr(self, name), minimum, maximum, above=above))
             if not isinstance(self.layer_types, list) or not all(isinstance(t, str) for t in self.layer_types):
                 raise UsageError(f"layer_types must be a list of strings, found {self.layer_types!r:.60}")
         except UsageError as e:
-            raise UsageError(f"invalid ModelConfig: {e}") from None
+            raise UsageError(f"invalid ModelConfig: {e} ({_BOUNDS_WHY})") from None
         if not self.layer_types:
             self.layer_types = [SLIDING if i % 2 == 0 else FULL for i in range(self.num_hidden_layers)]
         problems = []
@@ -184,18 +184,25 @@ class ModelConfig:
 
 
 # the smallest value of each integer field; 0 where zero is a real choice (token ids)
+# (lowest, highest) of each integer field. The highest are far beyond any gpt-oss shape (20b and 120b
+# use 2880 wide, 24-36 layers, 128 experts, 201,088 tokens, 131,072 positions): a checkpoint asking for
+# more is corrupt or not gpt-oss, and would only fail later, out of memory or overflowing int32 indices.
 _INT_FIELDS = {
-    "num_hidden_layers": 1, "hidden_size": 1, "intermediate_size": 1, "num_attention_heads": 1,
-    "num_key_value_heads": 1, "head_dim": 2, "num_local_experts": 1, "num_experts_per_tok": 1, "vocab_size": 1,
-    "sliding_window": 1, "initial_context_length": 1, "max_position_embeddings": 1, "eos_token_id": 0,
-    "pad_token_id": 0,
+    "num_hidden_layers": (1, 1024), "hidden_size": (1, 65536), "intermediate_size": (1, 262144),
+    "num_attention_heads": (1, 1024), "num_key_value_heads": (1, 1024), "head_dim": (2, 1024),
+    "num_local_experts": (1, 4096), "num_experts_per_tok": (1, 4096), "vocab_size": (1, 1 << 24),
+    "sliding_window": (1, 1 << 24), "initial_context_length": (1, 1 << 24), "max_position_embeddings": (1, 1 << 24),
+    "eos_token_id": (0, 1 << 24), "pad_token_id": (0, 1 << 24),
 }  # fmt: skip
-# (lower bound, exclusive): every float must also be finite
+# (lower bound, exclusive, upper bound): every float must also be finite. gpt-oss: theta 150,000, YaRN factor
+# 32 with betas 32 and 1, eps 1e-5, limit 7, alpha 1.702; beyond these bounds the rotary angles, the
+# clamp or the sigmoid lose all precision (a limit of 1e-300 clamps every activation to zero).
 _FLOAT_FIELDS = {
-    "rope_theta": (1.0, True), "rope_scaling_factor": (1.0, False), "rope_ntk_alpha": (0.0, True),
-    "rope_ntk_beta": (0.0, True), "rms_norm_eps": (0.0, True), "swiglu_limit": (0.0, True),
-    "swiglu_alpha": (0.0, True),
+    "rope_theta": (1.0, True, 1e9), "rope_scaling_factor": (1.0, False, 1024.0),
+    "rope_ntk_alpha": (0.0, True, 1024.0), "rope_ntk_beta": (0.0, True, 1024.0),
+    "rms_norm_eps": (1e-12, False, 0.1), "swiglu_limit": (1e-3, False, 1e4), "swiglu_alpha": (1e-3, False, 100.0),
 }  # fmt: skip
+_BOUNDS_WHY = "bounds far beyond any gpt-oss model: a checkpoint outside them is corrupt or another architecture"
 
 PRESETS: dict[str, ModelConfig] = {
     "gpt-oss-20b": ModelConfig(num_hidden_layers=24, num_local_experts=32),

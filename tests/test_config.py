@@ -78,6 +78,20 @@ def test_yarn_correction_range_is_not_rounded():
         (dict(ORIGINAL_20B, experts_per_token=33), "num_experts_per_tok"),
         (dict(HF_20B, layer_types=["sliding_attention"]), "layer_types has 1 entries"),
         (dict(HF_20B, rope_scaling=dict(HF_20B["rope_scaling"], truncate=True)), "truncate"),
+        # every field bounded, with the reason: huge, tiny and absurd values a corrupt file may carry
+        (dict(HF_20B, rope_theta=1e308), "rope_theta must be at most 1000000000.0, found 1e.308"),
+        (dict(HF_20B, rope_scaling=dict(HF_20B["rope_scaling"], factor=1e300)), "rope_scaling_factor must be at most"),
+        (dict(HF_20B, swiglu_limit=1e-300), "swiglu_limit must be at least 0.001"),
+        (dict(HF_20B, sliding_window=10**18), "sliding_window must be at most 16777216"),
+        (dict(HF_20B, num_hidden_layers=10**6), "num_hidden_layers must be at most 1024"),
+        (dict(HF_20B, hidden_size=2**40), "hidden_size must be at most 65536"),
+        (dict(HF_20B, vocab_size=2**31), "vocab_size must be at most"),
+        (dict(HF_20B, max_position_embeddings=2**40), "max_position_embeddings must be at most"),
+        (dict(HF_20B, rms_norm_eps=0.5), "rms_norm_eps must be at most 0.1"),
+        (dict(HF_20B, num_local_experts=10**6), "num_local_experts must be at most 4096"),
+        (dict(HF_20B, eos_token_id=2**40), "eos_token_id must be at most"),
+        (dict(HF_20B, rope_theta=float("nan")), "rope_theta must be a finite number"),
+        (dict(HF_20B, swiglu_limit=1e-300), "corrupt or another architecture"),
     ],
 )
 def test_bad_configs_are_explained(tmp_path, raw, message):
