@@ -193,6 +193,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         turn = {"role": "user", "content": text}
         prompt = chat_prompt(history + [turn], args.developer, args.reasoning_effort)
+        context = model.config.max_position_embeddings
+        if len(prompt) + args.max_new_tokens > context:  # refuse this turn; the session and its history go on
+            print(f"gptoss chat: with the history this turn is {len(prompt)} tokens, and a reply of up to "
+                  f"{args.max_new_tokens} more would pass the model's context of {context}: not sent; /reset "
+                  "clears the history (or restart with a smaller --max-new-tokens)", file=sys.stderr, flush=True)  # fmt: skip
+            continue
         stats: dict = {}
         try:
             tokens = generate(

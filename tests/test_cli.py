@@ -132,3 +132,26 @@ def test_chat_history_follows_the_harmony_rules(tiny_checkpoint, monkeypatch, ca
     assert "<|start|>assistant<|channel|>final<|message|>Four.<|end|><|start|>user<|message|>2 + 3?<|end|>" in second
     assert "SECRET" not in second and "<|return|>" not in second  # analysis dropped, <|return|> stored as <|end|>
     assert "reasoning language: French" in second and second.endswith("<|start|>assistant")
+
+
+def test_a_chat_turn_past_the_context_is_refused_and_the_session_goes_on(tiny_checkpoint, monkeypatch, capsys):
+    import io
+    import sys
+
+    from gptoss import harmony
+
+    sent = []
+
+    def scripted_generate(model, batch, **kwargs):
+        sent.append(len(batch[0]))
+        kwargs["stats"].update(prefill_tokens=len(batch[0]), prefill_s=0.1, decode_tokens=1, decode_s=0.1)
+        return [[200005, 17196, 200008, *harmony.encode("Ok."), 200002]]
+
+    monkeypatch.setattr(sys.modules["gptoss.generate"], "generate", scripted_generate)
+    long_line = "word " * 140_000  # past the tiny model's 131,072-token context
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"hello\n{long_line}\nstill here?\n/exit\n"))
+    assert main(["chat", "--model", str(tiny_checkpoint)]) == 0
+    captured = capsys.readouterr()
+    assert "would pass the model's context of 131072: not sent; /reset clears the history" in captured.err
+    assert len(sent) == 2 and captured.out.count("Ok.") == 2  # the turns before and after it were answered
+    assert "Traceback" not in captured.err
