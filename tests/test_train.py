@@ -2,6 +2,7 @@
 torchrun equal to one process with the same global batch."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -340,3 +341,37 @@ def test_under_the_gpu_settings_every_triton_kernel_takes_bf16_operands(tmp_path
     assert {"_moe_matmul_kernel.a_ptr", "_attn_fwd_kernel.q_ptr", "_attn_bwd_dkdv_kernel.do_ptr"} <= seen.keys(), seen
     fp32 = sorted(name for name, dtypes in seen.items() if dtypes != {torch.bfloat16})
     assert not fp32, {name: seen[name] for name in fp32}
+
+
+@pytest.mark.parametrize("holder", ["alive", "other-host", "unreadable"])
+def test_a_second_run_on_a_locked_output_is_refused_naming_the_holder(base, tmp_path, holder):
+    import socket
+
+    from gptoss.train.trainer import LOCK, TrainError, train
+
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = {"alive": {"pid": os.getpid(), "host": socket.gethostname(), "started": "today"},
+            "other-host": {"pid": 1, "host": "elsewhere.example", "started": "today"}}.get(holder)  # fmt: skip
+    (out / LOCK).write_text(json.dumps(lock) if lock else "\x00garbage")
+    with pytest.raises(TrainError, match="is in use by another run") as refused:
+        train(_cfg(base, out, max_steps=1))
+    if lock:
+        assert f"pid {lock['pid']} on {lock['host']}" in str(refused.value)
+    assert sorted(p.name for p in out.iterdir()) == [LOCK]  # nothing written, the holder's lock kept
+
+
+def test_a_lock_left_by_a_dead_run_is_taken_over_and_released(base, tmp_path, capsys):
+    import socket
+    import subprocess
+
+    from gptoss.train.trainer import LOCK, train
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that no longer runs
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK).write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname(), "started": "yesterday"}))
+    train(_cfg(base, out, max_steps=1))
+    assert f"locked by a run that is gone (pid {gone.pid}" in capsys.readouterr().err
+    assert not (out / LOCK).exists() and (out / "adapter_model.safetensors").exists()

@@ -338,6 +338,7 @@ class Trainer:
         before = saved.get("settings", {})
         differ = [k for k in self.settings if before.get(k) != self.settings[k]]
         if differ:
+
             def show(v):
                 return "a different config" if isinstance(v, dict) else json.dumps(v)
 
@@ -460,7 +461,9 @@ class Trainer:
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         self.out.mkdir(parents=True, exist_ok=True)
         if not self.cfg.resume:  # what this run may write: what a later --overwrite may remove
-            names = [n for n in RUN_FILES if n not in (LEGACY_CHECKPOINT, "model")] + (["model"] if self.cfg.full_finetune else [])
+            names = [n for n in RUN_FILES if n not in (LEGACY_CHECKPOINT, "model")] + (
+                ["model"] if self.cfg.full_finetune else []
+            )
             with replacing(self.out / MANIFEST) as tmp:
                 tmp.write_text(json.dumps({"files": names}, indent=1) + "\n", encoding="utf-8")
         if self.cfg.resume and log_file.exists():
@@ -586,5 +589,82 @@ def plot_losses(log_file: Path, png: Path) -> Path | None:
     return png
 
 
+LOCK = "gptoss_run.lock"  # held while a run writes into its --output folder (never part of a run's files)
+
+
+class RunLock:
+    """An advisory lock on an output folder: a file created exclusively, holding the owner's pid and
+    host. A second run on the folder is refused with the holder named; a lock whose process is gone (same
+    host, no such pid) is taken over, and said. Released (and a folder it created, if still empty,
+    removed) when the run ends, however it ends."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.path = folder, folder / LOCK
+        self.created = False
+        self.held = False
+
+    def __enter__(self) -> RunLock:
+        import socket
+
+        if self.folder.exists() and not self.folder.is_dir():
+            return self  # the trainer's own check names this case
+        self.created = not self.folder.exists()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None or not self._gone(holder, me["host"]):
+                    who = (f"pid {holder['pid']} on {holder['host']}, since {holder.get('started', '?')}" if holder
+                           else "a run whose lock file is unreadable")  # fmt: skip
+                    raise TrainError(
+                        f"--output {self.folder} is in use by another run ({who}): wait for it to end or choose "
+                        f"another folder; if no such run exists, delete {self.path}"
+                    ) from None
+                print(f"gptoss train: {self.folder} was locked by a run that is gone (pid {holder['pid']} on "
+                      f"{holder['host']}); taking it over", file=sys.stderr, flush=True)  # fmt: skip
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise TrainError(f"--output {self.folder}: could not take its lock {self.path}; try again")
+
+    def _holder(self) -> dict | None:
+        try:
+            holder = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        ok = isinstance(holder, dict) and isinstance(holder.get("pid"), int) and isinstance(holder.get("host"), str)
+        return holder if ok else None
+
+    @staticmethod
+    def _gone(holder: dict, host: str) -> bool:
+        if holder["host"] != host:
+            return False  # another machine's process cannot be looked up from here
+        try:
+            os.kill(holder["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False  # alive, another user's
+        return False
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+        if self.created:
+            with contextlib.suppress(OSError):
+                self.folder.rmdir()  # only if the run left it empty (refused before writing anything)
+
+
 def train(cfg: TrainConfig) -> list[dict]:
-    return Trainer(cfg).run()
+    _, rank = launch_ranks(os.environ)
+    if rank != 0:  # rank 0 writes the folder and holds its lock
+        return Trainer(cfg).run()
+    with RunLock(Path(cfg.output)):
+        return Trainer(cfg).run()
