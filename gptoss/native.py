@@ -53,12 +53,47 @@ def _compile(cc: str, out: Path) -> str | None:
                 done = subprocess.run([*base, *extra, "-o", str(built)], capture_output=True, text=True, timeout=120)
             except (OSError, subprocess.TimeoutExpired) as e:
                 return f"{cc} did not run ({e})"
-            if done.returncode == 0:
-                os.replace(built, out)  # whole or not at all: a concurrent build never reads half a file
+            if done.returncode == 0 and built.is_file() and built.stat().st_size > 0:
+                # its digest first, then the library: whole or not at all (a concurrent build never reads
+                # half a file), and never loaded unless the file is still what was built
+                digest = out.with_name(out.name + ".sha256")
+                (Path(tmp) / digest.name).write_text(_sha256(built))
+                os.replace(Path(tmp) / digest.name, digest)
+                os.replace(built, out)
                 return None
+            if done.returncode == 0:
+                return f"{cc} exited 0 but wrote no library"
             lines = [ln for ln in done.stderr.splitlines() if "error" in ln] or done.stderr.splitlines() or [""]
             error = lines[0].strip()
     return f"{cc} failed: {error}"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _verified(path: Path) -> bool:
+    """The cached library is the file this process's build wrote: its sha256 matches the one recorded
+    beside it (a truncated, replaced or planted file does not, and is rebuilt, never loaded)."""
+    digest = path.with_name(path.name + ".sha256")
+    try:
+        return path.is_file() and digest.read_text().strip() == _sha256(path)
+    except OSError:
+        return False
+
+
+def _unsafe_folder(folder: Path) -> str | None:
+    """Why a cache folder may not hold code this process loads: another user owns it, or others can write it."""
+    st = folder.stat()
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return f"{folder} belongs to another user (uid {st.st_uid})"
+    if st.st_mode & 0o022:
+        return f"{folder} can be written by other users (mode {st.st_mode & 0o777:o}); chmod go-w it"
+    return None
+
+
+SYMBOLS = ("gptoss_mxfp4_linear", "gptoss_mxfp4_dequant", "gptoss_mxfp4_simd", "gptoss_mxfp4_bf16_dot",
+           "gptoss_bf16_linear", "gptoss_mxfp4_moe", "gptoss_decode_attention")  # fmt: skip
 
 
 @functools.cache
@@ -81,12 +116,15 @@ def _library() -> ctypes.CDLL | None:
     key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + _cpu_flags().encode()).hexdigest()[:16]
     folder = cache_dir() / "native"
     path = folder / f"libgptoss_mxfp4_{key}.so"
-    if not path.exists():
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            _reason = f"cannot write {folder} ({e.strerror})"
-            return None
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o755)
+    except OSError as e:
+        _reason = f"cannot write {folder} ({e.strerror})"
+        return None
+    if (unsafe := _unsafe_folder(folder)) is not None:
+        _reason = unsafe
+        return None
+    if not _verified(path):  # missing, or not the file a build here wrote: build it again
         _reason = _compile(cc, path)
         if _reason is not None:
             return None
@@ -94,6 +132,9 @@ def _library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
         _reason = f"could not load {path} ({e})"
+        return None
+    if missing := [name for name in SYMBOLS if not hasattr(lib, name)]:
+        _reason = f"{path} lacks {', '.join(missing)}: not this version's library"
         return None
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.gptoss_mxfp4_linear.argtypes = [ptr, i32, i64, i64, ptr, ptr, ptr, i64, ptr, i32]

@@ -339,3 +339,62 @@ def test_decode_attention_refuses_what_it_cannot_read():
         native.decode_attention(q, k.bfloat16(), k.bfloat16(), sinks, torch.tensor([4]), pos, None)
     with pytest.raises(ValueError, match="sinks"):
         native.decode_attention(q, k, k, torch.zeros(5), torch.tensor([4]), pos, None)
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """An empty cache folder for the native library, and a fresh look-up of it (restored afterwards)."""
+    monkeypatch.setenv("GPTOSS_CACHE", str(tmp_path))
+    native._library.cache_clear()
+    yield tmp_path / "native"
+    native._library.cache_clear()
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler here")
+@pytest.mark.parametrize("damage", ["truncated", "replaced"])
+def test_a_damaged_cached_library_is_rebuilt_never_loaded(fresh_cache, damage):
+    # a truncated library used to kill every later run with SIGBUS; a planted one was loaded and its
+    # constructor ran: the sha256 recorded at build time no longer matches, so a later run builds it again
+    import subprocess
+    import sys
+
+    assert native._library() is not None
+    (lib,) = fresh_cache.glob("*.so")
+    built = lib.read_bytes()
+    bad = fresh_cache / "bad"
+    bad.write_bytes(built[: len(built) // 2] if damage == "truncated" else b"\x7fELF" + b"\0" * 4096)
+    os.replace(bad, lib)  # a new file: the library this process mapped stays intact
+    later = "from gptoss import native; import sys; sys.exit(0 if native.available() else 3)"
+    done = subprocess.run([sys.executable, "-c", later], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.returncode, done.stderr[-1000:])  # -7 was SIGBUS
+    assert lib.read_bytes() == built  # the same build again
+
+
+def test_a_library_without_the_kernels_is_refused_with_the_reason(fresh_cache):
+    import hashlib
+    import shutil
+    import subprocess
+    import sys
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler here")
+    native._library.cache_clear()
+    native._library()  # builds the real one: its name is the cache key
+    (lib,) = fresh_cache.glob("*.so")
+    src = fresh_cache / "other.c"
+    src.write_text("int gptoss_other(void) { return 1; }\n")
+    subprocess.run([cc, "-shared", "-fPIC", str(src), "-o", str(lib)], check=True)
+    (fresh_cache / (lib.name + ".sha256")).write_text(hashlib.sha256(lib.read_bytes()).hexdigest())
+    # a later run (this process keeps the library it loaded under that name)
+    later = "from gptoss import native; print(native.reason())"
+    done = subprocess.run([sys.executable, "-c", later], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "lacks gptoss_mxfp4_linear" in done.stdout, done.stdout + done.stderr[-1000:]
+
+
+def test_a_cache_folder_others_can_write_is_not_loaded_from(fresh_cache):
+    fresh_cache.mkdir(parents=True)
+    fresh_cache.chmod(0o777)
+    assert native._library() is None
+    assert "can be written by other users" in native.reason() and "chmod go-w" in native.reason()
+    assert not list(fresh_cache.glob("*.so"))  # nothing built there either
