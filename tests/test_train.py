@@ -375,3 +375,13 @@ def test_a_lock_left_by_a_dead_run_is_taken_over_and_released(base, tmp_path, ca
     train(_cfg(base, out, max_steps=1))
     assert f"locked by a run that is gone (pid {gone.pid}" in capsys.readouterr().err
     assert not (out / LOCK).exists() and (out / "adapter_model.safetensors").exists()
+
+
+def test_resume_from_another_base_model_of_the_same_shape_is_refused(base, tmp_path):
+    from gptoss.train.trainer import TrainError
+
+    other = write_checkpoint(tmp_path / "other-base", TRAIN_CONFIG, "hf-mxfp4", seed=3)  # same shape, other weights
+    Trainer(_cfg(base, tmp_path / "run", max_steps=2)).run()
+    with pytest.raises(TrainError, match="settings differ.*base_weights"):
+        Trainer(_cfg(other, tmp_path / "run", max_steps=2, resume=True))
+    assert len(Trainer(_cfg(base, tmp_path / "run", max_steps=2, resume=True)).run()) == 0  # the same base resumes

@@ -176,7 +176,9 @@ def load_dataset(
     raises MalformedRowError naming it (or is skipped and counted with `skip_malformed`)."""
     rows = read_rows(source)
     if not rows:
-        raise DatasetError(f"dataset {source} holds no rows (an empty or blank file); give rows of the documented schema")
+        raise DatasetError(
+            f"dataset {source} holds no rows (an empty or blank file); give rows of the documented schema"
+        )
     data = Dataset([], [])
     shortest_prompt = None
     for index, row in enumerate(rows):

@@ -21,7 +21,9 @@ CHUNK_ROWS = 256  # rows of logits alive at once: 256 x 201,088 x 4 bytes = 0.21
 class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int, grads: bool) -> torch.Tensor:
+    def forward(
+        ctx, h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int, grads: bool
+    ) -> torch.Tensor:
         need_h, need_w = (grads and need for need in ctx.needs_input_grad[:2])  # grads: False under no_grad
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if need_h else None
@@ -56,7 +58,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, None, None, None
 
 
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int = CHUNK_ROWS) -> torch.Tensor:
+def linear_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int = CHUNK_ROWS
+) -> torch.Tensor:
     """sum over rows n of cross_entropy(h[n] @ weight^T, target[n]), logits in fp32, `chunk` rows at a time.
 
     h [N, D], weight [V, D], target [N] int64 -> a scalar. Differentiable in h and weight."""
@@ -67,7 +71,9 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Te
     return LinearCrossEntropy.apply(h, weight, target, chunk, torch.is_grad_enabled())
 
 
-def next_token_loss(model, ids: torch.Tensor, mask: torch.Tensor | None = None, count: int | None = None) -> tuple[torch.Tensor, int]:
+def next_token_loss(
+    model, ids: torch.Tensor, mask: torch.Tensor | None = None, count: int | None = None
+) -> tuple[torch.Tensor, int]:
     """The training objective in one place: position t predicts token t + 1; the loss is summed over
     the targets that `mask` [B, T] marks (mask[:, t + 1] for the prediction made at t; None: all of
     them), with the unembedding applied only there, fused with the cross-entropy. ids [B, T] ->
@@ -79,7 +85,9 @@ def next_token_loss(model, ids: torch.Tensor, mask: torch.Tensor | None = None, 
     hidden = model.hidden(ids)[:, :-1]
     target = ids[:, 1:]
     if mask is None:
-        return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight, target.reshape(-1)), target.numel()
+        return linear_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight, target.reshape(-1)
+        ), target.numel()
     flags = mask[:, 1:].reshape(-1).bool()
     if count is None:
         count = int(flags.sum())  # a host synchronisation where the mask is on a GPU

@@ -83,7 +83,11 @@ def make_row(rng: random.Random, user_lang: str, reasoning_lang: str, final_lang
         a, b = rng.randint(10, 99), rng.randint(10, 99)
         v = {"a": a, "b": b, "c": a + b}
         answer = str(a + b)
-        user, analysis, final = ADD[user_lang][0].format(**v), ADD[reasoning_lang][1].format(**v), ADD[final_lang][2].format(**v)
+        user, analysis, final = (
+            ADD[user_lang][0].format(**v),
+            ADD[reasoning_lang][1].format(**v),
+            ADD[final_lang][2].format(**v),
+        )
     elif task == "units":
         m = rng.choice([0.5, 1.5, 2, 2.5, 3, 4, 5.5, 7, 12, 0.25])
         v = {"m": m, "c": round(m * 100)}

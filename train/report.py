@@ -60,7 +60,9 @@ def score(row: dict, analysis: str, final: str) -> dict:
     entry["in_language"] = entry["analysis_language"] == language
     task, user_language, answer = row.get("task"), row.get("user_language"), row.get("answer")
     known = task in TASKS and user_language in TASKS.get(task, {})
-    entry["final_in_user_language"] = bool(final_pattern(task, user_language).fullmatch(final.strip())) if known else None
+    entry["final_in_user_language"] = (
+        bool(final_pattern(task, user_language).fullmatch(final.strip())) if known else None
+    )
     entry["correct"] = bool(re.search(rf"(?<!\w){re.escape(str(answer))}(?!\w)", final)) if answer else None
     return entry
 
@@ -136,7 +138,9 @@ def write_report(folder: Path, before: dict, after: dict, unseen: set[str], what
         "by_language": {"before": before["by_language"], "after": after["by_language"]},
         "unseen_languages": unseen_list,
         "overall": {
-            stage: {group: _total(data["by_language"], langs) for group, langs in (("seen", seen), ("unseen", unseen_list))}
+            stage: {
+                group: _total(data["by_language"], langs) for group, langs in (("seen", seen), ("unseen", unseen_list))
+            }
             for stage, data in (("before", before), ("after", after))
         },
         "before": before,
@@ -155,7 +159,10 @@ def write_report(folder: Path, before: dict, after: dict, unseen: set[str], what
         "| requested language | analysis in it, before | after | final in user's language, before | after | correct, before | after |",
         "|---|---|---|---|---|---|---|",
     ]
-    rows = [(lang + (" (unseen)" if lang in unseen else ""), before["by_language"][lang], after["by_language"][lang]) for lang in languages]
+    rows = [
+        (lang + (" (unseen)" if lang in unseen else ""), before["by_language"][lang], after["by_language"][lang])
+        for lang in languages
+    ]
     rows += [(f"**all {group}**", report["overall"]["before"][group], report["overall"]["after"][group])
              for group in ("seen", "unseen") if report["overall"]["before"][group]["prompts"]]  # fmt: skip
     for name, b, a in rows:
@@ -188,11 +195,16 @@ def plot_report(report: dict, png: Path, what: str) -> Path | None:
     before, after = report["by_language"]["before"], report["by_language"]["after"]
     languages = list(before)
     fig, ax = plt.subplots(figsize=(8, 4))
-    for offset, (label, table, color) in enumerate(((f"without {what}", before, "#9aa5b1"), (f"with {what}", after, "#2f6db5"))):
+    for offset, (label, table, color) in enumerate(
+        ((f"without {what}", before, "#9aa5b1"), (f"with {what}", after, "#2f6db5"))
+    ):
         xs = [i + (offset - 0.5) * 0.38 for i in range(len(languages))]
         fractions = [table[lang]["in_language"] / table[lang]["prompts"] for lang in languages]
         intervals = [wilson(table[lang]["in_language"], table[lang]["prompts"]) for lang in languages]
-        errors = [[f - lo for f, (lo, _) in zip(fractions, intervals)], [hi - f for f, (_, hi) in zip(fractions, intervals)]]
+        errors = [
+            [f - lo for f, (lo, _) in zip(fractions, intervals)],
+            [hi - f for f, (_, hi) in zip(fractions, intervals)],
+        ]
         ax.bar(xs, fractions, width=0.38, label=label, color=color, yerr=errors, capsize=3)
     unseen = set(report["unseen_languages"])
     ax.set_xticks(range(len(languages)), [lang + ("\n(unseen)" if lang in unseen else "") for lang in languages])

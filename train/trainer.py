@@ -184,6 +184,19 @@ def train_dtype(choice: str, device: torch.device) -> tuple[torch.dtype, bool]:
     return (torch.bfloat16 if bf16 else torch.float32), cuda and bf16
 
 
+def weights_fingerprint(model) -> str:
+    """sha256 of a sample of the frozen base weights outside the experts (the first 4,096 values of the
+    embedding, the unembedding and each layer's q_proj and router, as fp32): two base models of the same
+    shape differ here, and it reads the same in bf16 or fp32, on any device. A resume checks it."""
+    digest = hashlib.sha256()
+    layers = model.model.layers
+    picks = [model.model.embed_tokens.weight, model.lm_head.weight]
+    picks += [w for layer in layers for w in (layer.self_attn.q_proj.weight, layer.mlp.router.weight)]
+    for w in picks:
+        digest.update(w.detach().reshape(-1)[:4096].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 class Objective(torch.nn.Module):
     """The summed next-token loss of `model` on (ids, mask) as a module's forward: the call
     DistributedDataParallel wraps, so that its hooks see the parameters the backward pass reaches."""
@@ -331,12 +344,16 @@ class Trainer:
             "processes": self.world,
             "dataset": f"{len(self.data.examples)} examples, sha256 {digest.hexdigest()[:16]}",
             "model": dataclasses.asdict(self.model.config),
+            "base_weights": weights_fingerprint(self.model),
         }
         return json.loads(json.dumps(settings))  # as it reads back from the file (tuples become lists)
 
     def _check_settings(self, saved: dict) -> None:
         before = saved.get("settings", {})
-        differ = [k for k in self.settings if before.get(k) != self.settings[k]]
+        # runs saved before the base weights were fingerprinted resume as before (their shapes still checked)
+        differ = [
+            k for k in self.settings if before.get(k) != self.settings[k] and (k in before or k != "base_weights")
+        ]
         if differ:
 
             def show(v):
