@@ -12,6 +12,8 @@ from gptoss.checkpoint import LAYOUTS
 from gptoss.errors import UsageError, check_float, check_int
 from gptoss.generate import speed_line
 
+SYNTH_FILES = ("config.json", "generation_config.json", "dtypes.json", "model.safetensors.index.json")
+
 
 def cmd_synth(args: argparse.Namespace) -> int:
     from gptoss.config import get_preset
@@ -25,15 +27,24 @@ def cmd_synth(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file, not a folder: give a new folder")
-    held = sorted(p.name for p in out.glob("*") if p.suffix == ".safetensors" or p.name == "config.json")
+    from gptoss.train.trainer import MANIFEST, RUN_FILES
+
+    run = sorted(name for name in (*RUN_FILES, MANIFEST) if (out / name).exists())
+    if run:  # a training run's adapter and checkpoint are the user's work: never replaced by random weights
+        raise FileExistsError(
+            f"--out {out} holds a training run ({', '.join(run[:3])}): synth never writes over one, not even with "
+            "--overwrite; choose another folder"
+        )
+    # what synth itself writes: the shards, the index and the config files of the three layouts
+    held = sorted(p.name for p in out.glob("*") if p.is_file() and p.name in SYNTH_FILES or
+                  (p.name.startswith("model") and p.name.endswith(".safetensors")))  # fmt: skip
     if held and not args.overwrite:
         raise FileExistsError(
             f"--out {out} already holds a checkpoint ({', '.join(held[:3])}): pass --overwrite to replace it, "
             "or choose another folder"
         )
-    if held:  # only the checkpoint's own files: anything else the user keeps there stays
-        for name in held + ["model.safetensors.index.json", "dtypes.json"]:
-            (out / name).unlink(missing_ok=True)
+    for name in held:  # only the checkpoint's own files: anything else the user keeps there stays
+        (out / name).unlink(missing_ok=True)
     start = time.perf_counter()
     write_checkpoint(args.out, config, args.layout, args.seed, max_shard_bytes=max_bytes, progress=True)
     print(
@@ -239,7 +250,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         records = train(cfg)
     except KeyboardInterrupt:
         return 130
-    if records:
+    from gptoss.train.trainer import launch_ranks
+
+    if records and launch_ranks(os.environ)[1] == 0:  # rank 0 writes the adapter; the others only say so there
         print(f"trained {records[-1]['step']} steps; last loss {records[-1]['loss']:.4f}; adapter in {args.output}")
     return 0
 

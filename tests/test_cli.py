@@ -155,3 +155,13 @@ def test_a_chat_turn_past_the_context_is_refused_and_the_session_goes_on(tiny_ch
     assert "would pass the model's context of 131072: not sent; /reset clears the history" in captured.err
     assert len(sent) == 2 and captured.out.count("Ok.") == 2  # the turns before and after it were answered
     assert "Traceback" not in captured.err
+
+
+def test_synth_overwrite_replaces_only_the_files_synth_writes(tmp_path):
+    out = tmp_path / "ckpt"
+    assert main(["synth", "--preset", "tiny", "--out", str(out)]) == 0
+    (out / "embeddings.safetensors").write_bytes(b"the user's own")  # not a checkpoint file synth writes
+    (out / "notes.txt").write_text("mine")
+    assert main(["synth", "--preset", "tiny", "--out", str(out), "--overwrite", "--seed", "1"]) == 0
+    assert (out / "embeddings.safetensors").read_bytes() == b"the user's own" and (out / "notes.txt").exists()
+    assert (out / "config.json").exists()

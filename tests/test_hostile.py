@@ -238,6 +238,11 @@ CASES = [
     ("synth-shard-nan", lambda t: ["synth", "--out", str(t / "s"), "--max-shard-gb", "nan"], 2, "--max-shard-gb"),
     ("synth-seed-negative", lambda t: ["synth", "--out", str(t / "s"), "--seed=-1"], 2, "--seed"),
     ("synth-over-a-checkpoint", lambda t: ["synth", "--out", str(copy_hf(t))], 1, "already holds a checkpoint"),
+    ("synth-overwrite-a-training-run", lambda t: (t / "run").mkdir() or (t / "run" / "adapter_model.safetensors").write_bytes(b"w")
+     and ["synth", "--out", str(t / "run"), "--overwrite"], 1, "holds a training run (adapter_model.safetensors): synth never writes over one"),
+    ("synth-overwrite-a-run-checkpoint", lambda t: (t / "run").mkdir() or (t / "run" / "checkpoint.safetensors").write_bytes(b"c")
+     and ["synth", "--out", str(t / "run"), "--overwrite"], 1, "holds a training run (checkpoint.safetensors)"),
+    ("synth-unknown-preset", lambda t: ["synth", "--out", str(t / "s2"), "--preset", "no-such-preset"], 2, "--preset"),
     ("synth-out-is-a-file", lambda t: (t / "s").write_text("x") and ["synth", "--out", str(t / "s")], 1, "is a file"),
     ("demo-tokens-zero", lambda t: ["demo", "--dir", str(t / "d"), "--tokens", "0"], 2, "--tokens"),
     ("demo-tokens-huge", lambda t: ["demo", "--dir", str(t / "d"), "--tokens", str(10**9)], 2, "--tokens"),
