@@ -18,6 +18,8 @@ from gptoss.config import cache_dir
 from gptoss.errors import check_int
 from gptoss.generate import speed_line
 
+DEMO_MARK = "gptoss_demo_run"  # in the demo's lora/ folder: the run there is the demo's own
+
 
 def run(args: argparse.Namespace) -> int:
     """`gptoss demo`: the tiny model end to end (see the module docstring)."""
@@ -31,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
     check_int("--base-steps", args.base_steps, 1)
     check_int("--lora-steps", args.lora_steps, 1)
     folder = Path(args.dir) if args.dir else cache_dir() / "tiny-hf-mxfp4"
+    if not args.no_train:
+        _check_work(_work(folder, args))  # before any work: a run the demo did not write is never replaced
     config = get_preset("tiny")
     if not (folder / "config.json").exists():
         print(f"[1/6] writing a random tiny checkpoint (HF MXFP4 layout) to {folder}")
@@ -68,6 +72,24 @@ def run(args: argparse.Namespace) -> int:
     return _demo_training(folder, args)
 
 
+def _work(folder: Path, args: argparse.Namespace) -> Path:
+    return Path(args.work) if args.work else folder.parent / "demo-run"
+
+
+def _check_work(work: Path) -> list[str]:
+    """The run files in the demo's lora/ folder; refused (before any work) if the demo did not write them."""
+    from gptoss.train.trainer import MANIFEST, RUN_FILES, TrainError
+
+    lora = work / "lora"
+    theirs = [name for name in (*RUN_FILES, MANIFEST) if (lora / name).exists()]
+    if theirs and not (lora / DEMO_MARK).exists():  # the mark is written beside the demo's own LoRA run
+        raise TrainError(
+            f"--work {work}: {lora} holds a training run the demo did not write ({', '.join(theirs[:3])}); the demo "
+            "replaces only its own: choose another --work"
+        )
+    return theirs
+
+
 def _demo_training(folder: Path, args: argparse.Namespace) -> int:
     """Pre-train the random tiny base (cached), LoRA-train it to reason in the requested language on
     five languages, then report before/after on all held-out prompts, two unseen languages included."""
@@ -78,7 +100,10 @@ def _demo_training(folder: Path, args: argparse.Namespace) -> int:
     from gptoss.train.make_dataset import base_rows, write_jsonl
     from gptoss.train.trainer import TrainConfig, Trainer
 
-    work = Path(args.work) if args.work else folder.parent / "demo-run"
+    work = _work(folder, args)
+    lora = work / "lora"
+    ours = lora / DEMO_MARK
+    theirs = _check_work(work)
     work.mkdir(parents=True, exist_ok=True)
     base = work / "base"
     steps_base, steps_lora = (4, 3) if args.quick else (args.base_steps, args.lora_steps)
@@ -106,7 +131,8 @@ def _demo_training(folder: Path, args: argparse.Namespace) -> int:
             shutil.rmtree(base / "model")
         Trainer(TrainConfig(**base_cfg, overwrite=True)).run()  # the demo's folder: an unfinished attempt is replaced
         stamp.write_text(recipe + "\n")
-    lora = work / "lora"
+    if theirs:
+        print(f"      (replacing the demo's previous LoRA run in {lora})")
     print(f"[5/6] LoRA fine-tuning for {steps_lora} steps on the bundled set: 'reasoning language: X' in the developer")
     print("      message for five languages (Portuguese and Dutch never), analysis in X, answer in the user's language")
     trainer = Trainer(TrainConfig(
@@ -115,6 +141,7 @@ def _demo_training(folder: Path, args: argparse.Namespace) -> int:
         report_prompts=7 if args.quick else 84, report_tokens=24 if args.quick else 96, overwrite=True,
     ))  # fmt: skip
     records = trainer.run()
+    ours.write_text("the gptoss demo wrote this run; the next demo replaces it\n")
     print(f"      loss {records[0]['loss']:.3f} -> {records[-1]['loss']:.3f}; adapter, log, loss.png in {lora}")
     report = trainer.report or {}
     _print_demo_report(report)

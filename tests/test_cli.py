@@ -57,7 +57,8 @@ def test_demo_runs_a_forward_pass(tmp_path, capsys):
     for name in ("adapter_config.json", "adapter_model.safetensors", "report.md", "report.json", "report.png"):
         assert (tmp_path / "demo-run" / "lora" / name).exists(), name
     assert main(["demo", "--dir", str(tmp_path / "tiny"), "--tokens", "8", "--quick"]) == 0  # the base is cached
-    assert "using the cached pre-trained tiny base" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "using the cached pre-trained tiny base" in out and "replacing the demo's previous LoRA run" in out
 
 
 def test_errors_are_one_line(tmp_path, capsys):

@@ -245,6 +245,8 @@ CASES = [
     ("synth-unknown-preset", lambda t: ["synth", "--out", str(t / "s2"), "--preset", "no-such-preset"], 2, "--preset"),
     ("synth-out-is-a-file", lambda t: (t / "s").write_text("x") and ["synth", "--out", str(t / "s")], 1, "is a file"),
     ("demo-tokens-zero", lambda t: ["demo", "--dir", str(t / "d"), "--tokens", "0"], 2, "--tokens"),
+    ("demo-work-holds-a-users-run", lambda t: (t / "w" / "lora").mkdir(parents=True) or (t / "w" / "lora" / "adapter_model.safetensors").write_bytes(b"a")
+     and ["demo", "--dir", str(t / "d"), "--work", str(t / "w")], 1, "holds a training run the demo did not write (adapter_model.safetensors)"),
     ("demo-tokens-huge", lambda t: ["demo", "--dir", str(t / "d"), "--tokens", str(10**9)], 2, "--tokens"),
     ("demo-lora-steps-zero", lambda t: ["demo", "--dir", str(t / "d"), "--lora-steps", "0"], 2, "--lora-steps"),
     # adapters
