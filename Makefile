@@ -23,6 +23,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gptoss kernels train tests benchmarks
+	$(VENV)/bin/ruff format --check gptoss kernels train tests benchmarks
 
 # A deliberate refresh of the lock: the extras resolved afresh (the latest releases) in a scratch venv,
 # frozen into constraints.txt. Commit it when `make test` passes with it; CI then installs exactly that.

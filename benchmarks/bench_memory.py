@@ -18,14 +18,14 @@ import argparse
 import json
 
 import torch
-from gptoss.train.loss import next_token_loss
-from gptoss.train.memory import GiB, training_peak
 from results import RESULTS_DIR, PeakRSS, machine, record, table
 
 from gptoss import load_model
 from gptoss.adapter import apply_lora
 from gptoss.config import get_preset
 from gptoss.synthetic import cached_checkpoint
+from gptoss.train.loss import next_token_loss
+from gptoss.train.memory import GiB, training_peak
 
 
 def estimates(tokens: int) -> list[dict]:

@@ -42,15 +42,15 @@ import traceback
 from pathlib import Path
 
 import torch
-from gptoss.train.data import collate, load_dataset
-from gptoss.train.loss import next_token_loss
-from gptoss.train.trainer import sum_loss
 from results import PeakRSS, machine, record, table
 
 from gptoss import get_preset, load_model
 from gptoss.adapter import apply_lora, default_expert_layers
 from gptoss.config import ModelConfig
 from gptoss.synthetic import cached_checkpoint
+from gptoss.train.data import collate, load_dataset
+from gptoss.train.loss import next_token_loss
+from gptoss.train.trainer import sum_loss
 
 DATA = Path(__file__).resolve().parents[1] / "train" / "data" / "multilingual_reasoning_train.jsonl"
 

@@ -47,6 +47,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+
 from gptoss.kernels.mxfp4 import INTERPRET
 
 LOG2E = 1.4426950408889634

@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from gptoss.kernels.attention import NO_WINDOW, attention_decode
 from gptoss.kernels.mxfp4 import INTERPRET, mxfp4_tile
 

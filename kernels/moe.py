@@ -38,6 +38,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+
 from gptoss.kernels.mxfp4 import INTERPRET, mxfp4_tile
 from gptoss.kernels.routing import Routing, route
 

@@ -4,8 +4,8 @@ q, k, v and the sinks, on shapes and positions chosen to break tiling, masking a
 
 import pytest
 import torch
-from gptoss.kernels import attention as kernel
 
+from gptoss.kernels import attention as kernel
 from gptoss.model import attention_with_sinks as reference
 
 

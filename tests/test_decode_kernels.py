@@ -10,10 +10,10 @@ is. The structure is counted: launches per layer within the budget, and no host 
 import pytest
 import torch
 from conftest import small_config
-from gptoss.kernels.decode import fusable
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gptoss.generate import KVCache, decode_step
+from gptoss.kernels.decode import fusable
 from gptoss.synthetic import random_model
 
 LAUNCH_BUDGET = 8  # kernels per layer and token, Triton and PyTorch together

@@ -36,9 +36,8 @@ def test_dequant_kernel_exact_at_20b_shape():
 
 @pytest.mark.parametrize("tokens", [1, 64, 1024])  # decode, small prefill, large prefill (tiles of every size)
 def test_moe_kernel_bf16_at_20b_shape(tokens, monkeypatch):
-    from gptoss.kernels.moe import moe
-
     import gptoss.model
+    from gptoss.kernels.moe import moe
 
     config = ModelConfig()  # gpt-oss-20b: D = I = 2880, 32 experts, top-4
     experts = _experts(config)
@@ -77,7 +76,6 @@ def test_moe_kernel_bf16_at_20b_shape(tokens, monkeypatch):
 def test_attention_kernel_bf16_at_gpt_oss_shape(window):
     # training rows: 2048 tokens, 8 KV heads x 8 query heads, head dim 64; forward and every gradient
     from gptoss.kernels.attention import attention_with_sinks
-
     from gptoss.model import attention_with_sinks as reference
 
     T, K, G, Dh = 2048, 8, 8, 64
@@ -102,7 +100,6 @@ def test_attention_kernel_bf16_at_gpt_oss_shape(window):
 
 def test_attention_decode_kernel_against_a_full_cache():
     from gptoss.kernels.attention import attention_with_sinks
-
     from gptoss.model import attention_with_sinks as reference
 
     S, K, G, Dh = 4096, 8, 8, 64
@@ -144,10 +141,9 @@ def test_lora_step_on_cuda_matches_the_cpu(cuda_checkpoint):
     # layers): the loss and every adapter's gradient in bf16 on the GPU (Triton kernels) against fp32 on
     # the CPU, held to the error bf16 itself makes there (the CPU's torch path in bf16; about 9% in norm
     # on these random weights). Gradients, not updated weights: AdamW's first step is lr * sign(g).
-    from gptoss.train.loss import next_token_loss
-
     from gptoss import load_model
     from gptoss.adapter import apply_lora
+    from gptoss.train.loss import next_token_loss
 
     ids = torch.randint(0, 1000, (2, 97), generator=torch.Generator().manual_seed(0))
     runs = []

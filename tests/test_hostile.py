@@ -23,14 +23,14 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROW, TRAIN_CONFIG
-from gptoss.train import trainer as trainer_module
-from gptoss.train.trainer import Trainer, read_checkpoint_header
 from safetensors.torch import load_file, save_file
 
 from gptoss.adapter import apply_lora, save_adapter
 from gptoss.cli import main
 from gptoss.load import load_model
 from gptoss.synthetic import write_checkpoint
+from gptoss.train import trainer as trainer_module
+from gptoss.train.trainer import Trainer, read_checkpoint_header
 
 
 @dataclass

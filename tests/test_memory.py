@@ -2,11 +2,11 @@
 
 import torch
 from conftest import small_config
-from gptoss.train.memory import GiB, lora_numbers, training_peak, weight_bytes
 
 from gptoss import get_preset
 from gptoss.adapter import apply_lora
 from gptoss.model import GptOss
+from gptoss.train.memory import GiB, lora_numbers, training_peak, weight_bytes
 
 
 def test_weight_bytes_equal_the_model_s_parameters_and_buffers():

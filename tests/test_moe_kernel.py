@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 from conftest import small_config
+
+from gptoss import load_model
 from gptoss.kernels import moe as moe_kernel
 from gptoss.kernels.moe import MoEFunction
 from gptoss.kernels.routing import route as route_kernel
-
-from gptoss import load_model
 from gptoss.model import Experts, experts_forward
 from gptoss.synthetic import write_checkpoint
 

@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
-from gptoss.kernels.mxfp4 import mxfp4_dequant_fwd
 
 from gptoss import mxfp4
+from gptoss.kernels.mxfp4 import mxfp4_dequant_fwd
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

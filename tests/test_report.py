@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+
 from gptoss.train.data import BUNDLED_HELDOUT, BUNDLED_TRAIN, read_rows, row_fields
 from gptoss.train.langid import identify
 from gptoss.train.make_dataset import HELDOUT_ONLY, TASKS, TRAIN_REASONING, USER_LANGUAGES, base_rows

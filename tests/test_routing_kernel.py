@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from gptoss.kernels.routing import route as route_kernel
 
+from gptoss.kernels.routing import route as route_kernel
 from gptoss.model import route
 
 

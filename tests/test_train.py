@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ROW, TRAIN_CONFIG
-from gptoss.train import data as train_data
-from gptoss.train.data import MalformedRowError, load_dataset, render_example
-from gptoss.train.trainer import TrainConfig, Trainer, lr_at, read_checkpoint_header
 from safetensors.torch import load_file
 
 from gptoss import harmony
 from gptoss.synthetic import write_checkpoint
+from gptoss.train import data as train_data
+from gptoss.train.data import MalformedRowError, load_dataset, render_example
+from gptoss.train.trainer import TrainConfig, Trainer, lr_at, read_checkpoint_header
 
 
 def test_loss_mask_covers_exactly_the_assistant_turn():
@@ -249,8 +249,9 @@ def test_the_loss_keeps_a_chunk_of_logits_not_all_of_them(tmp_path):
 
 
 def test_a_known_target_count_picks_the_supervised_rows_without_asking_the_device():
-    from gptoss.train.loss import next_token_loss
     from torch.utils._python_dispatch import TorchDispatchMode
+
+    from gptoss.train.loss import next_token_loss
 
     class Ops(TorchDispatchMode):
         def __init__(self):
@@ -286,9 +287,8 @@ def test_a_known_target_count_picks_the_supervised_rows_without_asking_the_devic
 
 
 def test_auto_trains_in_bf16_on_a_gpu_and_fp32_on_the_cpu():
-    from gptoss.train.trainer import train_dtype
-
     from gptoss.errors import UsageError
+    from gptoss.train.trainer import train_dtype
 
     assert train_dtype("auto", torch.device("cuda", 0)) == (torch.bfloat16, True)
     assert train_dtype("auto", torch.device("cpu")) == (torch.float32, False)
@@ -302,13 +302,13 @@ def test_under_the_gpu_settings_every_triton_kernel_takes_bf16_operands(tmp_path
     # what `gptoss train` builds on a GPU with the default --dtype auto, run here on the interpreter: the
     # operand each kernel multiplies (MoE: x / act / grad_out / gh; attention: q, k, v, dO) is never fp32
     from conftest import small_config
-    from gptoss.train.loss import next_token_loss
-    from gptoss.train.trainer import train_dtype
     from triton.runtime.autotuner import Autotuner, Heuristics
     from triton.runtime.jit import KernelInterface
 
     from gptoss import load_model
     from gptoss.adapter import apply_lora
+    from gptoss.train.loss import next_token_loss
+    from gptoss.train.trainer import train_dtype
 
     dtype, _ = train_dtype("auto", torch.device("cuda", 0))
     operands = {"a_ptr", "q_ptr", "k_ptr", "v_ptr", "do_ptr"}

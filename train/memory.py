@@ -26,10 +26,9 @@ in backward the fp32 gradients of the adapters' inputs and outputs.
 
 from __future__ import annotations
 
-from gptoss.train.loss import CHUNK_ROWS
-
 from gptoss.adapter import default_expert_layers
 from gptoss.config import ModelConfig
+from gptoss.train.loss import CHUNK_ROWS
 
 GiB = 1 << 30
 

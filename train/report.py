@@ -20,12 +20,12 @@ import sys
 from pathlib import Path
 
 import torch
-from gptoss.train.data import row_fields
-from gptoss.train.langid import identify
-from gptoss.train.make_dataset import DAYS, TASKS
 
 from gptoss import harmony
 from gptoss.generate import generate
+from gptoss.train.data import row_fields
+from gptoss.train.langid import identify
+from gptoss.train.make_dataset import DAYS, TASKS
 
 METRICS = ("in_language", "final_in_user_language", "correct")
 

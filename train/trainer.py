@@ -28,14 +28,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from gptoss.train.data import BUNDLED_HELDOUT, BUNDLED_TRAIN, Example, collate, load_dataset
-from gptoss.train.loss import next_token_loss
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from gptoss.adapter import apply_lora, default_expert_layers, lora_parameters, replacing, save_adapter
 from gptoss.errors import UsageError, check_float, check_int
 from gptoss.load import load_model
+from gptoss.train.data import BUNDLED_HELDOUT, BUNDLED_TRAIN, Example, collate, load_dataset
+from gptoss.train.loss import next_token_loss
 
 CHECKPOINT = "checkpoint.safetensors"  # trainable tensors + optimizer state; step and settings as JSON metadata
 LEGACY_CHECKPOINT = "checkpoint.pt"  # a pickle (older gptoss): refused, never loaded
