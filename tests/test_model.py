@@ -208,26 +208,3 @@ def test_long_prompts_take_the_queries_in_chunks_with_the_same_logits(monkeypatc
     torch.testing.assert_close(
         model(ids, pos, KVCache(model.config, 2, 40, torch.float32)), whole_cached, rtol=1e-6, atol=1e-6
     )
-
-
-def test_an_8k_token_prompt_on_the_tiny_model_stays_under_1_5_gb():
-    # before the chunking a 2k-token prompt peaked at 1.07 GB, 4k at 2.29 GB and 8k was killed at 6.5 GB
-    import json
-    import subprocess
-    import sys
-
-    code = (
-        "import json, resource, torch\n"
-        "from gptoss import get_preset\n"
-        "from gptoss.synthetic import random_model\n"
-        "model = random_model(get_preset('tiny'), dtype=torch.float32)\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "with torch.no_grad():\n"
-        "    out = model(torch.randint(0, 1000, (1, 8192)), last_only=True)\n"
-        "print(json.dumps({'peak_gb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 'shape': list(out.shape)}))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["shape"] == [1, 1, 201088]
-    assert result["peak_gb"] < 1.5, result
