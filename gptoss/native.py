@@ -146,47 +146,9 @@ def _library() -> ctypes.CDLL | None:
     lib.gptoss_bf16_linear.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i32]
     lib.gptoss_bf16_linear.restype = i32
     f32 = ctypes.c_float
-    lib.gptoss_mxfp4_moe.argtypes = [
-        ptr,
-        i64,
-        i64,
-        i64,
-        ptr,
-        ptr,
-        i64,
-        i64,
-        ptr,
-        ptr,
-        ptr,
-        ptr,
-        ptr,
-        ptr,
-        f32,
-        f32,
-        ptr,
-        i32,
-    ]
+    lib.gptoss_mxfp4_moe.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, f32, f32, ptr, i32]  # fmt: skip
     lib.gptoss_mxfp4_moe.restype = i32
-    lib.gptoss_decode_attention.argtypes = [
-        ptr,
-        i32,
-        i64,
-        i64,
-        i64,
-        i64,
-        ptr,
-        ptr,
-        i64,
-        i64,
-        i64,
-        ptr,
-        i64,
-        ptr,
-        ptr,
-        i64,
-        ptr,
-        i32,
-    ]
+    lib.gptoss_decode_attention.argtypes = [ptr, i32, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, ptr, i32]  # fmt: skip
     lib.gptoss_decode_attention.restype = i32
     return lib
 
