@@ -116,13 +116,12 @@ class KVCache:
 
 
 # Off by default until a GPU run passes tests/test_gpu.py's fused-step twin. On an H200 (2026-12-04,
-# gpt-oss-20b, random weights) the fused kernels decoded 252 tok/s at batch 1 against 181 for the plain
-# path (670 against 878 at batch 8: they read the weights once per sequence), but a check in the same
-# session found the down kernel's output wrong there (right under the interpreter; the other kernels
-# right on the GPU, stage by stage). The cause was not established; the down kernel now takes the two
-# things that differed from gate_up's, which was right: its tile shape (16 rows x 4 MX blocks, not
-# 8 x 8) and a run-time slot loop (not an unrolled one). Not yet run on a GPU. Pass fused=True (or raise
-# this to 1) to use them.
+# gpt-oss-20b, random weights) the first fused kernels decoded 252 tok/s at batch 1 against 181 for the
+# plain path (670 against 878 at batch 8), but a check in the same session found the down kernel's output
+# wrong there (right under the interpreter; the other kernels right on the GPU, stage by stage). The
+# expert kernels have since been rewritten (kernels/decode.py: fp32 E2M1 decode, words carried to the
+# next trip, every slot's rows in one tile instead of a loop over slots) and have not run on a GPU yet.
+# Pass fused=True (or raise this to 1) to use them.
 FUSED_MAX_BATCH = 0
 
 

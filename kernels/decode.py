@@ -16,14 +16,25 @@ a layer is:
   _decode_router_kernel  x, norm gain, router W, b          RMSNorm; router logits; the normed x for the
                                                             experts (the first program)
   _decode_gate_up_kernel logits, normed x, W1 (MXFP4), b1   top-k of the logits on the device (no sort),
-                                                            the slot's expert's gate_up rows, SwiGLU
-  _decode_down_kernel    logits, act, W2 (MXFP4), b2, x     for each of the k slots: the expert's down rows,
+                                                            the slot's expert's gate_up rows, SwiGLU;
+                                                            each slot's expert id and weight
+  _decode_down_kernel    act, W2 (MXFP4), b2, x             every slot's expert's down rows in one tile,
                                                             bias, routing weight; summed, x += it, in place
 
 Grids put thousands of warps on the weights: one program per (head, sequence) for q/k/v, per 8 output
-rows for the dense products, per (32 rows, slot) for gate_up. Products run on CUDA cores (fp32
-accumulation): at one token a 16-row MMA would be 15/16 padding. MXFP4 tiles are decoded in registers
-by the helper the prefill kernels use (kernels/mxfp4.py: mxfp4_tile).
+rows for the dense products, per (16 rows, slot) for gate_up, per (4 rows x k slots) for down. Products
+run on CUDA cores (fp32 accumulation): at one token a 16-row MMA would be 15/16 padding.
+
+How the expert kernels stream MXFP4 (_mx_matvec): a thread owns one 16-byte MX block of one or more rows
+per trip, loaded as four int32 words; kernels/mxfp4.py's E2M1_F32_PTX turns each word into eight fp32
+values E2M1 * 2^-126 with integer instructions (no bf16 -> fp32 conversion, no per-value scale
+multiply); the 32 products of a block are summed and multiplied by 2^126 and the block's scale once. The
+activation vector is stored in eight strided parts (_eighths) so that the values one thread needs for
+its words come from eight 16-byte loads at constant offsets. The next trip's words are loaded before this
+trip's arithmetic. Blocks and rows past the end read the last one (a cache hit) with scale 0 or are not
+stored, so no weight load carries a mask. The compile gate (tests/compile_gate.py) prints their static
+cost per launch: 20b at one token, sm_90a: 4.75 and 4.91 SASS instructions per weight element, 28 and 16
+resident warps per SM, 1,824 and 1,884 serial instructions per warp.
 
 Every intermediate is rounded where the plain path rounds it (bf16 after the norm, after each product
 and bias, after RoPE's products, after each residual add), so the two agree to bf16 rounding of
@@ -38,14 +49,14 @@ import triton
 import triton.language as tl
 
 from gptoss.kernels.attention import NO_WINDOW, attention_decode
-from gptoss.kernels.mxfp4 import INTERPRET, mxfp4_tile
+from gptoss.kernels.mxfp4 import INTERPRET, TWO_POW_126, e2m1_f32_words
 
 # (BLOCK_N rows, BLOCK_K columns or BLOCK_G MX blocks of 32, num_warps) per kernel
 QKV = (128, 4)  # BLOCK_K, warps; BLOCK_N is half a head (RoPE pairs the halves)
 LINEAR = (8, 256, 4)
 ROUTER = (8, 256, 4)
-GATE_UP = (32, 4, 4)  # 32 rows = 16 SwiGLU outputs; 4 MX blocks = 128 values per step
-DOWN = (16, 4, 4)  # gate_up's tile shape (see FUSED_MAX_BATCH in gptoss/generate.py)
+GATE_UP = (16, 16, 4)  # 16 rows = 8 SwiGLU outputs; 16 MX blocks = 512 values per trip (2 rows a thread)
+DOWN = (4, 32, 4)  # a warp a row: the k slots run one after another, so a program's K is split 32 ways
 
 
 @triton.jit
@@ -162,7 +173,7 @@ def _decode_linear_kernel(
 def _decode_router_kernel(
     x_ptr, gain_ptr, w_ptr, bias_ptr,  # x [B, D]; router W [E, D], bias [E]
     logits_ptr,  # [B, E] fp32 out (bf16 values, as the plain path's router output)
-    xn_ptr,  # [B, D] out: the normed x the experts read, its even columns then its odd ones
+    xn_ptr,  # [B, D] fp32 out: the normed x the experts read, in _eighths' order
     D, E, eps,
     BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -176,8 +187,8 @@ def _decode_router_kernel(
         k = k0 + tl.arange(0, BLOCK_K)
         mask = k < D
         xn = _normed(xb, gain_ptr, k, mask, r)
-        if tl.program_id(0) == 0:  # even columns first, then odd ones: the experts read each half contiguously
-            tl.store(xn_ptr + b * D + (k % 2) * (D // 2) + k // 2, xn.to(xn_ptr.dtype.element_ty), mask=mask)
+        if tl.program_id(0) == 0:  # in _eighths' order, the one the expert kernels read
+            tl.store(xn_ptr + b * D + _eighths(k, D), xn, mask=mask)
         w = tl.load(w_ptr + e[:, None].to(tl.int64) * D + k[None, :], mask=e_mask[:, None] & mask[None, :], other=0.0)
         acc += w.to(tl.float32) * xn[None, :]
     z = _round(tl.sum(acc, 1) + tl.load(bias_ptr + e, mask=e_mask, other=0.0).to(tl.float32), x_ptr)
@@ -185,14 +196,69 @@ def _decode_router_kernel(
 
 
 @triton.jit
-def _halves(row_ptr, g, g_mask, HALF, BLOCK_G: tl.constexpr):
-    """A vector stored as its even elements then its odd ones (HALF each): the even and the odd
-    elements of MX blocks g, fp32, [BLOCK_G * 16] each, in mxfp4_tile's column order. Contiguous loads."""
-    at = (g[:, None] * 16 + tl.arange(0, 16)[None, :]).reshape(BLOCK_G * 16)
-    mask = (g_mask[:, None] & (tl.arange(0, 16) < 16)[None, :]).reshape(BLOCK_G * 16)
-    even = tl.load(row_ptr + at, mask=mask, other=0.0).to(tl.float32)
-    odd = tl.load(row_ptr + HALF + at, mask=mask, other=0.0).to(tl.float32)
-    return even, odd
+def _mx_words(w_ptr, s_ptr, base, g, G: tl.constexpr):
+    """MX blocks g [BLOCK_G] of the rows whose first block is at `base` [BLOCK_N] (row * G): the codes as
+    int32 words [BLOCK_N, BLOCK_G, 4] (one 16-byte load per block) and the scale bytes [BLOCK_N, BLOCK_G].
+    Blocks past the row's end read its last block (a cache hit; _mx_trip gives them scale 0), so no load
+    needs a mask."""
+    at = base[:, None] + tl.minimum(g, G - 1)[None, :]
+    words = w_ptr.to(tl.pointer_type(tl.int32)) + (at * 4)[:, :, None] + tl.arange(0, 4)[None, None, :]
+    return tl.load(words), tl.load(s_ptr + at)
+
+
+@triton.jit
+def _eighths(k, N):
+    """Where element k of a length-N vector (N a multiple of 32) is stored for _mx_matvec: as eight
+    strided parts, part t holding element 8 w + e(t) of every MX block's word w (e2m1_f32_words' order)."""
+    e = k % 8
+    return ((e % 2) * 4 + e // 2) * (N // 8) + (k // 32) * 4 + (k % 32) // 8
+
+
+@triton.jit
+def _mx_trip(word, scale, valid, v, PART: tl.constexpr, INTERPRET: tl.constexpr):
+    """One trip of a product with an MXFP4 weight: the words [BLOCK_N, BLOCK_G, 4] and scale bytes [BLOCK_N,
+    BLOCK_G] of BLOCK_G blocks (those not `valid` [BLOCK_G] count 0), dot the vector at pointers v ([BLOCK_G, 4] for one vector, [BLOCK_N,
+    BLOCK_G, 4] for one per row; its first eighth, the others PART further each: _eighths' order)
+    -> [BLOCK_N, BLOCK_G] fp32: each block's 32 products summed from the values E2M1 * 2^-126
+    (e2m1_f32_words: no conversion, no per-value scale multiply), then times 2^126 and the scale once."""
+    d0, d1, d2, d3, d4, d5, d6, d7 = e2m1_f32_words(word, INTERPRET)  # [BLOCK_N, BLOCK_G, 4] each
+    products = d0 * tl.load(v)
+    products += d1 * tl.load(v + PART)
+    products += d2 * tl.load(v + 2 * PART)
+    products += d3 * tl.load(v + 3 * PART)
+    products += d4 * tl.load(v + 4 * PART)
+    products += d5 * tl.load(v + 5 * PART)
+    products += d6 * tl.load(v + 6 * PART)
+    products += d7 * tl.load(v + 7 * PART)
+    factor = tl.maximum(scale.to(tl.int32) << 23, 0x400000).to(tl.float32, bitcast=True)  # 2^(s-127); s=0: 2^-127
+    return tl.sum(products, 2) * TWO_POW_126 * tl.where(valid[None, :], factor, 0.0)
+
+
+@triton.jit
+def _mx_matvec(w_ptr, s_ptr, rows, G: tl.constexpr, v_ptr, BLOCK_G: tl.constexpr, INTERPRET: tl.constexpr):
+    """Rows `rows` [BLOCK_N] of an MXFP4 weight with G blocks per row, dot a fp32 vector stored in
+    _eighths' order -> [BLOCK_N] fp32. v_ptr: the vector (a pointer), or one per row ([BLOCK_N] pointers).
+
+    A thread holds one 16-byte block of one or more rows, so with one vector the 32 values it loads serve
+    them all. The next trip's codes and scales are loaded before this trip's arithmetic (carried in
+    registers as words), so the weight stream is never waited on in the trip that issues it. G is a
+    compile-time constant: the eight vector loads of a trip are one address plus constant offsets."""
+    base = rows * G
+    g = tl.arange(0, BLOCK_G)
+    word, scale = _mx_words(w_ptr, s_ptr, base, g, G)
+    acc = tl.zeros([rows.shape[0], BLOCK_G], dtype=tl.float32)
+    for g0 in range(BLOCK_G, G + BLOCK_G, BLOCK_G):  # the trip for blocks g0 - BLOCK_G ...; loads blocks g0 ...
+        at = tl.minimum(g, G - 1)[:, None] * 4 + tl.arange(0, 4)[None, :]  # [BLOCK_G, 4]; past the end: scale 0
+        if len(v_ptr.shape) == 0:
+            v = (v_ptr + at)[None, :, :]
+        else:
+            v = v_ptr[:, None, None] + at[None, :, :]
+        valid = g < G
+        g = g0 + tl.arange(0, BLOCK_G)
+        word_next, scale_next = _mx_words(w_ptr, s_ptr, base, g, G)
+        acc += _mx_trip(word, scale, valid, v, G * 4, INTERPRET)
+        word, scale = word_next, scale_next
+    return tl.sum(acc, 1)
 
 
 @triton.jit
@@ -217,73 +283,64 @@ def _slot_expert(logits_ptr, b, slot, E, TOP_K: tl.constexpr, BLOCK_E: tl.conste
 
 @triton.jit
 def _decode_gate_up_kernel(
-    logits_ptr, xn_ptr,  # [B, E] fp32, [B, D]
+    logits_ptr, xn_ptr,  # [B, E] fp32; [B, D] fp32 in _eighths' order
     w_ptr, s_ptr, bias_ptr,  # W1 blocks [E, 2I, D/32, 16], scales [E, 2I, D/32], bias [E, 2I]
-    act_ptr,  # [B, TOP_K, I] out, each row's even outputs then its odd ones
-    D, I, E, alpha, limit,
-    TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+    act_ptr,  # [B, TOP_K, I] fp32 out (values of the model's dtype), in _eighths' order
+    route_ptr,  # [B, TOP_K, 2] fp32 out: each slot's expert id and weight, for the down kernel
+    I, E, alpha, limit,
+    D: tl.constexpr, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):  # fmt: skip
     """Program (rows, pair): the slot's expert's gate_up rows n (gate 2j, linear 2j + 1) . normed x,
     plus bias, then the clamped SwiGLU: act[j] for the BLOCK_N / 2 outputs of those rows."""
     pair = tl.program_id(1)
     b = (pair // TOP_K).to(tl.int64)
-    expert, _ = _slot_expert(logits_ptr, b, pair % TOP_K, E, TOP_K, BLOCK_E)
+    expert, weight = _slot_expert(logits_ptr, b, pair % TOP_K, E, TOP_K, BLOCK_E)
+    if tl.program_id(0) == 0:
+        tl.store(route_ptr + pair * 2, expert.to(tl.float32))  # exact: expert ids are far below 2^24
+        tl.store(route_ptr + pair * 2 + 1, weight)
     expert = expert.to(tl.int64)
-    G = D // 32
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < 2 * I
-    rows = expert * 2 * I + n
-    acc = tl.zeros([BLOCK_N, BLOCK_G * 16], dtype=tl.float32)
-    for g0 in range(0, G, BLOCK_G):
-        g = g0 + tl.arange(0, BLOCK_G)
-        g_mask = g < G
-        even, odd = mxfp4_tile(w_ptr, s_ptr, rows, g, n_mask[:, None] & g_mask[None, :], G, INTERPRET)
-        x_even, x_odd = _halves(xn_ptr + b * D, g, g_mask, D // 2, BLOCK_G)
-        acc += even.to(tl.float32) * x_even[None, :]  # two fused multiply-adds per pair, no separate add
-        acc += odd.to(tl.float32) * x_odd[None, :]
-    h = tl.sum(acc, 1) + tl.load(bias_ptr + expert * 2 * I + n, mask=n_mask, other=0.0).to(tl.float32)
+    rows = expert * 2 * I + tl.minimum(n, 2 * I - 1)  # rows past the end read the last one, not stored
+    h = _mx_matvec(w_ptr, s_ptr, rows, D // 32, xn_ptr + b * D, BLOCK_G, INTERPRET)
+    h += tl.load(bias_ptr + expert * 2 * I + n, mask=n_mask, other=0.0).to(tl.float32)  # fp32, as the plain kernel's
     gate, linear = tl.split(tl.reshape(h, (BLOCK_N // 2, 2)))
     gate = tl.minimum(gate, limit)
     linear = tl.minimum(tl.maximum(linear, -limit), limit)
-    act = gate * tl.sigmoid(alpha * gate) * (linear + 1)
+    act = _round(gate * tl.sigmoid(alpha * gate) * (linear + 1), bias_ptr)  # stored as the plain kernel's bf16 act
     j = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-    where = act_ptr + pair.to(tl.int64) * I + (j % 2) * (I // 2) + j // 2  # even outputs first, as xn
-    tl.store(where, act.to(act_ptr.dtype.element_ty), mask=j < I)
+    tl.store(act_ptr + pair.to(tl.int64) * I + _eighths(j, I), act, mask=j < I)  # the order xn is stored in
 
 
 @triton.jit
 def _decode_down_kernel(
-    logits_ptr, act_ptr,  # [B, E] fp32, [B, TOP_K, I]
+    route_ptr, act_ptr,  # [B, TOP_K, 2] fp32 (expert, weight); [B, TOP_K, I] fp32 in _eighths' order
     w_ptr, s_ptr, bias_ptr,  # W2 blocks [E, D, I/32, 16], scales [E, D, I/32], bias [E, D]
     x_ptr,  # [B, D] residual stream, updated in place
-    D, I, E,
-    TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+    D,
+    I: tl.constexpr, TOP_K: tl.constexpr, SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    """Program (rows, b): x[b, n] += sum over the k slots of weight * (act . W2_e[n] + b2_e[n])."""
+    """Program (rows, b): x[b, n] += the sum over the k slots of weight * (act[b, slot] . W2_e[n] + b2_e[n]),
+    rounded to x's dtype as the plain path rounds it.
+
+    The tile's rows are the k experts' rows n (SLOTS = k rounded up to a power of two; a padding slot reads
+    expert 0 with weight 0), each against its own slot's act, so one K loop streams all k experts and
+    nothing else runs inside it."""
     b = tl.program_id(1).to(tl.int64)
-    G = I // 32
+    r = tl.arange(0, SLOTS * BLOCK_N)
+    slot = tl.minimum(r // BLOCK_N, TOP_K - 1)
+    n = tl.program_id(0) * BLOCK_N + r % BLOCK_N
+    expert = tl.load(route_ptr + (b * TOP_K + slot) * 2).to(tl.int64)  # [SLOTS * BLOCK_N]
+    weight = tl.where(r // BLOCK_N < TOP_K, tl.load(route_ptr + (b * TOP_K + slot) * 2 + 1), 0.0)
+    rows = expert * D + tl.minimum(n, D - 1)  # rows past the end read the last one, not stored
+    y = _mx_matvec(w_ptr, s_ptr, rows, I // 32, act_ptr + (b * TOP_K + slot) * I, BLOCK_G, INTERPRET)
+    y += tl.load(bias_ptr + expert * D + n, mask=n < D, other=0.0).to(tl.float32)
+    out = tl.sum(tl.reshape(weight * y, (SLOTS, BLOCK_N)), 0)  # slot 0 first
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = n < D
-    out = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for slot in range(TOP_K):  # a run-time slot, as gate_up's (pair % TOP_K), not an unrolled constant
-        expert, weight = _slot_expert(logits_ptr, b, slot, E, TOP_K, BLOCK_E)
-        expert = expert.to(tl.int64)
-        rows = expert * D + n
-        a = act_ptr + (b * TOP_K + slot) * I
-        acc = tl.zeros([BLOCK_N, BLOCK_G * 16], dtype=tl.float32)
-        for g0 in range(0, G, BLOCK_G):
-            g = g0 + tl.arange(0, BLOCK_G)
-            g_mask = g < G
-            even, odd = mxfp4_tile(w_ptr, s_ptr, rows, g, n_mask[:, None] & g_mask[None, :], G, INTERPRET)
-            a_even, a_odd = _halves(a, g, g_mask, I // 2, BLOCK_G)
-            acc += even.to(tl.float32) * a_even[None, :]
-            acc += odd.to(tl.float32) * a_odd[None, :]
-        y = tl.sum(acc, 1) + tl.load(bias_ptr + expert * D + n, mask=n_mask, other=0.0).to(tl.float32)
-        out += weight * y
-    x = tl.load(x_ptr + b * D + n, mask=n_mask, other=0.0).to(tl.float32)
-    tl.store(x_ptr + b * D + n, (x + _round(out, x_ptr)).to(x_ptr.dtype.element_ty), mask=n_mask)
+    x = tl.load(x_ptr + b * D + n, mask=n < D, other=0.0).to(tl.float32)
+    tl.store(x_ptr + b * D + n, (x + _round(out, x_ptr)).to(x_ptr.dtype.element_ty), mask=n < D)
 
 
 # --- launchers ---------------------------------------------------------------------------------------------
@@ -312,11 +369,12 @@ def decode_linear_residual(a, linear, x):
 
 
 def decode_router(x, gain, eps, router):
-    """-> router logits [B, E] fp32 and the normed x [B, D] (x's dtype)."""
+    """-> router logits [B, E] fp32 and the normed x [B, D] (fp32 holding values of x's dtype, in
+    _eighths' order: the layout the expert kernels read)."""
     B, D = x.shape
     E = router.weight.shape[0]
     logits = torch.empty(B, E, dtype=torch.float32, device=x.device)
-    xn = torch.empty_like(x)
+    xn = torch.empty(B, D, dtype=torch.float32, device=x.device)
     block_e, block_k, warps = ROUTER
     _decode_router_kernel[(triton.cdiv(E, block_e), B)](
         x, gain, router.weight, router.bias, logits, xn, D, E, eps, BLOCK_E=block_e, BLOCK_K=block_k, num_warps=warps
@@ -329,18 +387,18 @@ def decode_experts(logits, xn, experts, top_k, alpha, limit, x):
     B, D = xn.shape
     E = logits.shape[1]
     I = experts.down_proj_blocks.shape[2] * 32
-    act = torch.empty(B, top_k, I, dtype=xn.dtype, device=xn.device)
-    block_e = triton.next_power_of_2(E)
+    act = torch.empty(B, top_k, I, dtype=torch.float32, device=xn.device)
+    route = torch.empty(B, top_k, 2, dtype=torch.float32, device=xn.device)
     block_n, block_g, warps = GATE_UP
     _decode_gate_up_kernel[(triton.cdiv(2 * I, block_n), B * top_k)](
-        logits, xn, experts.gate_up_proj_blocks, experts.gate_up_proj_scales, experts.gate_up_proj_bias, act,
-        D, I, E, alpha, limit, TOP_K=top_k, BLOCK_E=block_e, BLOCK_N=block_n, BLOCK_G=block_g,
+        logits, xn, experts.gate_up_proj_blocks, experts.gate_up_proj_scales, experts.gate_up_proj_bias, act, route,
+        I, E, alpha, limit, D=D, TOP_K=top_k, BLOCK_E=triton.next_power_of_2(E), BLOCK_N=block_n, BLOCK_G=block_g,
         INTERPRET=INTERPRET, num_warps=warps,
     )  # fmt: skip
     block_n, block_g, warps = DOWN
     _decode_down_kernel[(triton.cdiv(D, block_n), B)](
-        logits, act, experts.down_proj_blocks, experts.down_proj_scales, experts.down_proj_bias, x,
-        D, I, E, TOP_K=top_k, BLOCK_E=block_e, BLOCK_N=block_n, BLOCK_G=block_g, INTERPRET=INTERPRET,
+        route, act, experts.down_proj_blocks, experts.down_proj_scales, experts.down_proj_bias, x, D, I=I,
+        TOP_K=top_k, SLOTS=triton.next_power_of_2(top_k), BLOCK_N=block_n, BLOCK_G=block_g, INTERPRET=INTERPRET,
         num_warps=warps,
     )  # fmt: skip
 

@@ -59,8 +59,39 @@ E2M1_PTX = (
 )
 
 
+# E2M1 -> fp32 for products on CUDA cores (the fused decode kernels, kernels/decode.py): four packed
+# bytes in ($8) -> the low-nibble values of bytes 0..3 ($0..$3) and the high-nibble values ($4..$7), one
+# fp32 per register, each E2M1 * 2^-126 (the block's scale and 2^126 are applied once per block to the
+# fp32 partial sum, not per element). The same gather and nibble masks as E2M1_PTX; then per value one
+# multiply that places two copies of its nibble: the magnitude at bits 22-24 (the low exponent bits and
+# the top mantissa bit of fp32) and the sign at 31, the other value of the 16-bit pair shifted out of the
+# register or into bits the mask drops. 2.75 integer instructions per value, no bf16 -> fp32 conversion.
+E2M1_F32_PTX = (
+    ("prmt", "t0", "$8", 0x4140),
+    ("prmt", "t1", "$8", 0x4342),
+    ("and", "u0", "t0", 0x000F000F),
+    ("and", "u1", "t1", 0x000F000F),
+    ("and", "u2", "t0", 0x00F000F0),
+    ("and", "u3", "t1", 0x00F000F0),
+    *(
+        step
+        for dst, src, factor in (
+            ("$0", "u0", (64 + 4096) << 16),  # byte 0's low nibble (bits 0-3): x 2^22 and x 2^28
+            ("$1", "u0", 64 + 4096),  # byte 1's (bits 16-19): x 2^6 and x 2^12
+            ("$2", "u1", (64 + 4096) << 16),
+            ("$3", "u1", 64 + 4096),
+            ("$4", "u2", (4 + 256) << 16),  # byte 0's high nibble (bits 4-7): x 2^18 and x 2^24
+            ("$5", "u2", 4 + 256),  # byte 1's (bits 20-23): x 2^2 and x 2^8
+            ("$6", "u3", (4 + 256) << 16),
+            ("$7", "u3", 4 + 256),
+        )
+        for step in (("mul", "p", src, factor), ("and", dst, "p", 0x81C00000))
+    ),
+)
+
+
 def _ptx(program) -> str:
-    lines = ["{", ".reg .b32 t0, t1, u0, u1, u2, u3, zero, k;", "mov.b32 zero, 0;"]
+    lines = ["{", ".reg .b32 t0, t1, u0, u1, u2, u3, p, zero, k;", "mov.b32 zero, 0;"]
     for op, dst, src, imm in program:
         if op == "prmt":
             lines.append(f"prmt.b32 {dst}, {src}, zero, {imm:#x};")
@@ -76,6 +107,9 @@ def _ptx(program) -> str:
 
 
 _E2M1_ASM = tl.constexpr(_ptx(E2M1_PTX))
+_E2M1_F32_ASM = tl.constexpr(_ptx(E2M1_F32_PTX))
+TWO_POW_M126 = tl.constexpr(2.0**-126)  # what E2M1_F32_PTX's values are scaled by
+TWO_POW_126 = tl.constexpr(2.0**126)
 
 
 @triton.jit
@@ -93,6 +127,26 @@ def e2m1_pairs(byte):
     """uint8 codes -> (low-nibble values, high-nibble values) in bf16, each shaped like `byte` (GPU only)."""
     return tl.inline_asm_elementwise(
         _E2M1_ASM, "=r,=r,=r,=r,r", [byte], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4
+    )
+
+
+@triton.jit
+def e2m1_f32_words(word, INTERPRET: tl.constexpr):
+    """int32 words of four code bytes -> eight fp32 tensors shaped like `word`, each value E2M1 * 2^-126:
+    the low-nibble values of bytes 0..3, then the high-nibble values of bytes 0..3 (so output t holds
+    element 8 w + e of its block for word w, e = 0, 2, 4, 6, 1, 3, 5, 7). On the GPU the integer program
+    E2M1_F32_PTX; in the interpreter the same values by arithmetic (fp32 keeps them exactly: the
+    smallest, 0.5 * 2^-126, is a subnormal, which numpy and the GPU's non-flushing fp32 arithmetic keep)."""
+    if INTERPRET:
+        b0, b1, b2, b3 = word & 0xFF, (word >> 8) & 0xFF, (word >> 16) & 0xFF, (word >> 24) & 0xFF
+        return (
+            _e2m1_interpret(b0 & 15) * TWO_POW_M126, _e2m1_interpret(b1 & 15) * TWO_POW_M126,
+            _e2m1_interpret(b2 & 15) * TWO_POW_M126, _e2m1_interpret(b3 & 15) * TWO_POW_M126,
+            _e2m1_interpret(b0 >> 4) * TWO_POW_M126, _e2m1_interpret(b1 >> 4) * TWO_POW_M126,
+            _e2m1_interpret(b2 >> 4) * TWO_POW_M126, _e2m1_interpret(b3 >> 4) * TWO_POW_M126,
+        )  # fmt: skip
+    return tl.inline_asm_elementwise(
+        _E2M1_F32_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [word], dtype=(tl.float32,) * 8, is_pure=True, pack=1
     )
 
 

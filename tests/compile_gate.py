@@ -53,7 +53,7 @@ from triton.runtime.autotuner import Autotuner, Heuristics  # noqa: E402
 from triton.runtime.jit import JITFunction, KernelInterface, create_function_from_signature  # noqa: E402
 
 # what a cached row holds: a new format recompiles rather than read a row short of a field
-ROW_FORMAT = 3  # 2: loop_shared_ops; 3: the main loop is the largest innermost loop
+ROW_FORMAT = 4  # 2: loop_shared_ops; 3: the main loop is the largest innermost loop; 4: loop loads, ftz_ops
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 and sm_100 (227 KiB)
 SHAPES = {  # hidden D, intermediate I, experts E, top-k
     "gpt-oss-20b": (2880, 2880, 32, 4),
@@ -360,20 +360,47 @@ def sass_stats(cubin: bytes, num_warps: int, elements_per_iteration: int | None)
         body = main_size or len(code)  # no loop: the whole kernel is one iteration
         per_element = body * 32 * num_warps / elements_per_iteration
     # the main loop's barriers and shared-memory moves: a layout conversion (or a pipelined copy) inside it
-    loop_ops = [op for a, op, _ in code if main[0] <= a <= main[1]] if main else []
-    loop_sync = sum(op.startswith(("BAR", "LDS", "STS", "STSM", "LDSM")) for op in loop_ops)
+    body = [(op, rest) for a, op, rest in code if main[0] <= a <= main[1]] if main else []
+    loop_sync = sum(op.startswith(("BAR", "LDS", "STS", "STSM", "LDSM")) for op, _ in body)
+    loads, waited = _loop_loads(body)
     return dict(
         registers=regs, spill_bytes=stack + local, spill_ops=spill_ops, mma=mma,
         instructions=len(code), main_loop=main_size, per_element=per_element, loop_shared_ops=loop_sync,
+        loop_loads=loads, loop_loads_waited=waited, ftz_ops=sum(".FTZ" in op for op in ops),
     )  # fmt: skip
+
+
+_REGISTER = re.compile(r"\bR(\d+)\b")
+
+
+def _loop_loads(body) -> tuple[int, int]:
+    """The main loop's global loads, and how many of them are waited on in the trip that issues them: a
+    later instruction of the same trip reads a register the load writes (a load carried to the next trip
+    is read only before it, in program order)."""
+    loads = waited = 0
+    for i, (op, rest) in enumerate(body):
+        if not op.startswith("LDG"):
+            continue
+        loads += 1
+        first = _REGISTER.search(rest.split(",")[0])
+        width = {"128": 4, "64": 2}.get(op.rsplit(".", 1)[-1], 1)
+        written = {int(first.group(1)) + k for k in range(width)} if first else set()
+        for _, later in body[i + 1 :]:
+            sources = later.split(",")[1:] if "," in later else []
+            if any(int(r) in written for source in sources for r in _REGISTER.findall(source)):
+                waited += 1
+                break
+    return loads, waited
 
 
 def weight_elements(name: str, config: dict) -> int | None:
     """MXFP4 weight elements one iteration of a kernel's main loop decodes (None: it decodes none)."""
     if name == "_moe_matmul_kernel":
         return config["BLOCK_N"] * config["BLOCK_K"]
-    if name in ("_decode_gate_up_kernel", "_decode_down_kernel"):
+    if name == "_decode_gate_up_kernel":
         return config["BLOCK_N"] * config["BLOCK_G"] * 32
+    if name == "_decode_down_kernel":  # the rows of every slot's expert in one tile
+        return config["SLOTS"] * config["BLOCK_N"] * config["BLOCK_G"] * 32
     if name == "_mxfp4_dequant_fwd_kernel":
         return config["BLOCK_R"] * config["BLOCK_G"] * 32
     return None
@@ -554,25 +581,27 @@ def decode_launch_table(rows: list[dict]) -> list[dict]:
             if row["kernel"] == "_moe_matmul_kernel":
                 per_trip, k = c["BLOCK_N"] * c["BLOCK_K"], 2880  # D = I = 2880 for both products
                 trips = -(-k // c["BLOCK_K"])
-            else:  # the fused decode kernels: BLOCK_G MX blocks of 32 per trip; down loops over the k slots too
-                per_trip = c["BLOCK_N"] * c["BLOCK_G"] * 32
-                trips = -(-90 // c["BLOCK_G"]) * (c["TOP_K"] if row["kernel"] == "_decode_down_kernel" else 1)
+            else:  # the fused decode kernels: BLOCK_G MX blocks of 32 per trip (down: of every slot's rows)
+                per_trip = weight_elements(row["kernel"], c)
+                trips = -(-90 // c["BLOCK_G"])
             out.append(dict(
                 kernel=row["kernel"], mode=_mode(row), config=c, programs=programs,
                 bytes_per_program=int(trips * per_trip * 17 / 32), resident_warps=filled,
                 trips=trips, per_trip=row["main_loop"], serial=trips * row["main_loop"],
                 per_element=row["per_element"], loop_shared_ops=row.get("loop_shared_ops"),
+                loop_loads=row.get("loop_loads"), loop_loads_waited=row.get("loop_loads_waited"),
             ))  # fmt: skip
     return out
 
 
 def decode_table(rows: list[dict]) -> str:
-    head = f"{'kernel (decode, 20b, sm_90a)':<28}{'mode':<10}{'programs':>9}{'KB/prog':>9}{'warps/SM':>9}{'trips':>6}{'instr/trip':>11}{'serial':>8}{'instr/el':>9}{'shared in loop':>15}"
+    head = f"{'kernel (decode, 20b, sm_90a)':<28}{'mode':<10}{'programs':>9}{'KB/prog':>9}{'warps/SM':>9}{'trips':>6}{'instr/trip':>11}{'serial':>8}{'instr/el':>9}{'shared in loop':>15}{'loads waited':>14}"
     lines = [head, "-" * len(head)]
     for r in decode_launch_table(rows):
         lines.append(
             f"{r['kernel']:<28}{r['mode']:<10}{r['programs']:>9}{r['bytes_per_program'] / 1024:>9.1f}{r['resident_warps']:>9}"
             f"{r['trips']:>6}{r['per_trip']:>11}{r['serial']:>8}{r['per_element']:>9.2f}{r['loop_shared_ops'] or 0:>15}"
+            f"{r['loop_loads_waited']:>8} of {r['loop_loads']:<3}"
         )
     return "\n".join(lines)
 

@@ -44,7 +44,8 @@ def test_bad_inputs():
 
 def _run_e2m1_program(program, word: int) -> dict[str, int]:
     """Each PTX instruction of the decode, modelled bit for bit on 32-bit registers."""
-    regs = {"$4": word}
+    # the input operand: $4 after E2M1_PTX's four outputs, $8 after the eight of E2M1_F32_PTX
+    regs = {"$4": word, "$8": word}
     for op, dst, src, imm in program:
         x = regs[src]
         if op == "prmt":  # prmt.b32 d, a, 0, selector: byte i of d is byte (selector nibble i) of the pair {0, a}
@@ -106,6 +107,48 @@ def test_e2m1_ptx_model_catches_a_mutation(mutation):
     op, old, new = mutation
     mutated = tuple((o, d, s, new if (o, imm) == (op, old) else imm) for o, d, s, imm in E2M1_PTX)
     assert mutated != E2M1_PTX and _wrong_values(mutated) > 0
+
+
+def _wrong_f32_values(program) -> int:
+    """E2M1_F32_PTX: how many of 256 x 86 byte pairs' fp32 outputs differ from FP4_VALUES * 2^-126 (their
+    bit patterns, so the sign of -0 and the subnormal 0.5 * 2^-126 count)."""
+    import struct
+
+    wrong = 0
+    for b0 in range(256):
+        for b1 in range(0, 256, 3):
+            word = (b0, b1, (7 * b0 + 3) % 256, (13 * b1 + 5) % 256)
+            regs = _run_e2m1_program(program, int.from_bytes(bytes(word), "little"))
+            for i, b in enumerate(word):
+                for out, code in ((f"${i}", b & 15), (f"${i + 4}", b >> 4)):
+                    want = struct.unpack("<I", struct.pack("<f", mxfp4.FP4_VALUES[code] * 2.0**-126))[0]
+                    wrong += regs[out] != want
+    return wrong
+
+
+def test_e2m1_f32_ptx_program_decodes_every_byte_pair():
+    # The fused decode kernels' E2M1 -> fp32 program, modelled exactly: every value of every byte pair,
+    # as the bits of fp32 E2M1 * 2^-126
+    from gptoss.kernels.mxfp4 import E2M1_F32_PTX
+
+    assert _wrong_f32_values(E2M1_F32_PTX) == 0
+
+
+@pytest.mark.parametrize(
+    "mutation",
+    [
+        ("mul", (64 + 4096) << 16, (64 + 2048) << 16),  # the sign of byte 0's low nibble on the wrong bit
+        ("mul", 4 + 256, 8 + 256),  # byte 1's high-nibble magnitude one bit too high
+        ("and", 0x81C00000, 0x83C00000),  # a stray bit kept: the sign copy's neighbour
+        ("prmt", 0x4342, 0x4341),  # the wrong byte gathered
+    ],
+)
+def test_e2m1_f32_ptx_model_catches_a_mutation(mutation):
+    from gptoss.kernels.mxfp4 import E2M1_F32_PTX
+
+    op, old, new = mutation
+    mutated = tuple((o, d, s, new if (o, imm) == (op, old) else imm) for o, d, s, imm in E2M1_F32_PTX)
+    assert mutated != E2M1_F32_PTX and _wrong_f32_values(mutated) > 0
 
 
 @pytest.mark.parametrize("scale", [0, 1, 127, 254, 255])
