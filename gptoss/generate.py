@@ -206,22 +206,57 @@ def _decode_mode(model: GptOss, decode: str) -> str:
     return decode
 
 
-def sample(
-    logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator: torch.Generator | None
-) -> int:
-    """One token id from logits [V]: greedy at temperature 0, else top-k / nucleus sampling."""
+_WORD = 0xFFFFFFFF
+
+
+def _mix(x):
+    """A bijection of 32-bit values held in int64 tensors or Python ints (a murmur-style finalizer): every
+    product of a value below 2^32 by a constant below 2^31 stays below 2^63, so it is the same integer on
+    every device."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _WORD
+    x = x ^ (x >> 15)
+    x = (x * 0x5BD1E995) & _WORD
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+    """Gumbel noise [B, vocab] in fp32 for row seeds [B] (int64) at decode step `step`: a counter-based
+    generator (hashes of seed, step and token id), so the noise of a row and step is the same whichever
+    device or batch draws it and whenever it is drawn, and drawing it never waits for the host."""
+    key = _mix(_mix(seeds & _WORD) ^ ((seeds >> 32) & _WORD)) ^ _mix(
+        step & _WORD
+    )  # a Python int: no copy to the device
+    bits = _mix(_mix(key)[:, None] ^ torch.arange(vocab, device=seeds.device)[None, :])
+    uniform = ((bits >> 8).float() + 0.5) * 2.0**-24  # (0, 1), exact in fp32
+    return -torch.log(-torch.log(uniform))
+
+
+def sample_rows(
+    logits: torch.Tensor, temperature: float, top_p: float, top_k: int, seeds: torch.Tensor, step: int
+) -> torch.Tensor:
+    """Token ids [B, 1] from logits [B, V], on the logits' device with no host synchronisation: greedy at
+    temperature 0, else the Gumbel-max draw (argmax of logits / temperature + Gumbel noise, which picks
+    token i with probability softmax(logits / temperature)_i) over the top-k logits and the smallest set
+    of tokens whose probability reaches top_p. Seeds [B] int64, one per row (gumbel_noise)."""
     if temperature == 0.0:
-        return int(logits.argmax())
-    logits = logits.float() / temperature
+        return logits.float().argmax(dim=-1, keepdim=True)  # fp32: argmax over a bf16 row is slow on a CPU
+    z = logits.float() / temperature
     if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+        kth = torch.topk(z, min(top_k, z.shape[-1]), dim=-1).values[:, -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        drop = sorted_probs.cumsum(0) - sorted_probs > top_p  # keep the smallest set reaching top_p
-        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
-    return int(torch.multinomial(probs, 1, generator=generator))
+        probs, order = torch.softmax(z, dim=-1).sort(dim=-1, descending=True)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest set reaching top_p
+        z = z.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return (z + gumbel_noise(seeds, step, z.shape[-1])).argmax(dim=-1, keepdim=True)
+
+
+def row_seeds(seed: int | None, batch: int, device) -> torch.Tensor:
+    """Sequence b's seed: seed + b; without a seed, a base drawn from torch's generator (torch.manual_seed
+    makes it repeat)."""
+    base = int(torch.randint(0, 2**62, (1,))) if seed is None else seed
+    return torch.tensor([(base + b) % 2**63 for b in range(batch)], dtype=torch.long, device=device)
 
 
 def _check(model: GptOss, prompts, max_new_tokens, temperature, top_p, top_k, seed) -> None:
@@ -276,11 +311,13 @@ def generate(
     `decode`: "dynamic" (a cache that grows), "static" (fixed shapes, see KVCache), "graph" (static,
     each step replayed as a CUDA graph); "auto" picks "graph" on CUDA with the triton backend.
     `fused`: static and graph steps on the fused decode kernels (decode_step's default: where they apply);
-    False keeps the plain path. Greedy static and graph decoding picks each token on the device and the
-    host reads the new tokens every `read_every` steps (one synchronisation per `read_every` tokens, not
-    one per token; on_token is then called in bursts); a sequence that stops inside such a stretch runs
-    on to its end (its extra tokens are dropped; rows never see each other, so the others' tokens are
-    the same). Sampling reads every step.
+    False keeps the plain path. Static and graph decoding pick each token on the device (greedy or
+    sampled: sample_rows) and the host reads the new tokens every `read_every` steps (one
+    synchronisation per `read_every` tokens, not one per token; on_token is then called in bursts); a
+    sequence that stops inside such a stretch runs on to its end (its extra tokens are dropped; rows
+    never see each other, so the others' tokens are the same). Dynamic decoding reads every step. For a
+    given seed the tokens are the same in every mode: sampling draws counter-based noise per (sequence,
+    step), not from a stateful generator.
     """
     _check(model, prompts, max_new_tokens, temperature, top_p, top_k, seed)
     check_int("read_every", read_every, 1)
@@ -296,7 +333,7 @@ def generate(
     # step (they hold bf16 numbers either way: the outputs do not change); the model's dtype on a GPU
     cache_dtype = torch.float32 if device.type == "cpu" else model.dtype
     cache = KVCache(model.config, B, longest + max_new_tokens, cache_dtype, device, static=mode != "dynamic")
-    generators = [None if seed is None else torch.Generator().manual_seed(seed + b) for b in range(B)]
+    seeds = row_seeds(seed, B, device)
     stop = set(stop_tokens)
 
     start = time.perf_counter()
@@ -317,22 +354,20 @@ def generate(
     done = [False] * B
     setup = None
     start = time.perf_counter()
-    on_device = temperature == 0.0 and mode != "dynamic"  # greedy: tokens picked on the device, read in stretches
+    pick = functools.partial(sample_rows, temperature=temperature, top_p=top_p, top_k=top_k, seeds=seeds)
+    on_device = mode != "dynamic"  # tokens picked on the device, read in stretches
     if on_device:
-        setup_s, start = _greedy_on_device(
-            logits, step, next_pos, max_new_tokens, read_every, stop, on_token, out, mode
-        )
+        setup_s, start = _on_device(logits, step, pick, next_pos, max_new_tokens, read_every, stop, on_token, out, mode)
         if setup_s is not None:  # the recording step made token 1 of every sequence that got that far
             setup = (setup_s, sum(len(o) >= 2 for o in out))
-    for _ in range(0 if on_device else max_new_tokens):
+    for t in range(0 if on_device else max_new_tokens):
         step_ids = torch.full((B, 1), PAD, dtype=torch.long, device=device)
         step_pos = torch.full((B, 1), -1, dtype=torch.long, device=device)
-        # one call for the batch, in fp32: argmax over a bf16 row is several times slower on the CPU
-        greedy = logits.float().argmax(dim=-1).tolist() if temperature == 0.0 else None
+        picked = pick(logits, step=t).view(B).tolist()  # one read for the batch
         for b in range(B):
             if done[b]:
                 continue
-            token = greedy[b] if greedy is not None else sample(logits[b], temperature, top_p, top_k, generators[b])
+            token = picked[b]
             out[b].append(token)
             if on_token is not None:
                 on_token(b, token)
@@ -361,13 +396,14 @@ def generate(
     return out
 
 
-def _greedy_on_device(logits, step, next_pos, max_new_tokens, read_every, stop, on_token, out, mode):
-    """Greedy decoding with the argmax on the device: ids [B, n] collect there and the host reads them
-    every `read_every` steps (or when the last is made), so no step waits for the host. Fills `out`;
-    returns the graph's set-up seconds (None outside graph mode) and the time the timed steps began."""
+def _on_device(logits, step, pick, next_pos, max_new_tokens, read_every, stop, on_token, out, mode):
+    """Decoding with each token picked on the device (pick: sample_rows with the settings bound): ids
+    [B, n] collect there and the host reads them every `read_every` steps (or when the last is made), so
+    no step waits for the host. Fills `out`; returns the graph's set-up seconds (None outside graph mode)
+    and the time the timed steps began."""
     B = logits.shape[0]
     made = torch.empty(B, max_new_tokens, dtype=torch.long, device=logits.device)
-    ids = logits.float().argmax(dim=-1, keepdim=True)  # [B, 1]; fp32 as the host path (faster on a CPU)
+    ids = pick(logits, step=0)  # [B, 1]
     pos = next_pos.view(B, 1).clone()
     done = [False] * B
     setup, began, read = None, time.perf_counter(), 0
@@ -388,7 +424,7 @@ def _greedy_on_device(logits, step, next_pos, max_new_tokens, read_every, stop, 
         if t + 1 == max_new_tokens:
             break
         logits = step(ids, pos)
-        ids, pos = logits.float().argmax(dim=-1, keepdim=True), pos + 1
+        ids, pos = pick(logits, step=t + 1), pos + 1
         if mode == "graph" and setup is None:  # the first step warms up and records the graph: timed apart
             torch.cuda.synchronize()
             setup = time.perf_counter() - began

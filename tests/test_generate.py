@@ -245,3 +245,75 @@ def test_compiled_static_step_gives_the_same_greedy_tokens(model, monkeypatch):
 def test_bad_decode_mode_is_explained(model, decode, error):
     with pytest.raises(ValueError, match=error):
         generate(model, [[1, 2]], max_new_tokens=2, decode=decode)
+
+
+# --- sampling on the device -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("read_every", [1, 3, 16])
+def test_sampling_gives_the_same_tokens_on_the_device_and_per_step(model, monkeypatch, read_every):
+    """A seeded sample: static decoding (tokens drawn on the device, read every `read_every` steps) gives
+    the tokens of dynamic decoding (read every step), and reads the device ceil(n / read_every) times."""
+    prompts, settings = [[1, 2, 3], [40, 50]], dict(temperature=0.9, top_p=0.9, top_k=50, seed=7)
+    host = generate(model, prompts, max_new_tokens=10, stop_tokens=(), decode="dynamic", **settings)
+    assert host != generate(model, prompts, max_new_tokens=10, stop_tokens=(), decode="dynamic", temperature=0.0)
+    reads = []
+    tolist = torch.Tensor.tolist
+
+    def counted(t):
+        reads.append(tuple(t.shape))
+        return tolist(t)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    got = generate(model, prompts, max_new_tokens=10, stop_tokens=(), decode="static", read_every=read_every,
+                   **settings)  # fmt: skip
+    assert got == host
+    assert len([r for r in reads if len(r) == 2 and r[0] == 2]) == -(-10 // read_every), reads  # [B, n] blocks
+
+
+def test_sample_rows_draws_from_the_softmax_and_honours_top_k_and_top_p():
+    from gptoss.generate import row_seeds, sample_rows
+
+    n = 20000
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -30.0]).expand(n, 5)
+    seeds = row_seeds(123, n, "cpu")
+    want = torch.softmax(logits[0] / 0.7, -1)
+    got = torch.bincount(sample_rows(logits, 0.7, 1.0, 0, seeds, step=4).view(-1), minlength=5) / n
+    # 20,000 draws: a standard error of at most 0.0035 per frequency; 0.015 is over four of them
+    assert (got - want).abs().max() < 0.015, (got, want)
+    assert set(sample_rows(logits, 5.0, 1.0, 2, seeds, step=4).view(-1).tolist()) == {0, 1}  # top-2
+    # top_p 0.6 at temperature 1: p = 0.64, 0.24, ... so the nucleus is token 0 alone
+    assert set(sample_rows(logits, 1.0, 0.6, 0, seeds, step=4).view(-1).tolist()) == {0}
+    assert torch.equal(sample_rows(logits, 0.0, 0.5, 3, seeds, step=4), torch.zeros(n, 1, dtype=torch.long))
+
+
+def test_the_noise_of_a_row_depends_on_its_seed_and_step_only():
+    from gptoss.generate import gumbel_noise, row_seeds
+
+    alone = gumbel_noise(torch.tensor([41]), 3, 300)
+    batch = gumbel_noise(row_seeds(40, 3, "cpu"), 3, 300)
+    assert torch.equal(batch[1], alone[0])  # the same in any batch
+    assert not torch.equal(gumbel_noise(torch.tensor([41]), 4, 300), alone)  # another step
+    assert not torch.equal(batch[0], batch[1])  # another sequence
+    torch.manual_seed(5)
+    a = row_seeds(None, 2, "cpu")
+    torch.manual_seed(5)
+    assert torch.equal(a, row_seeds(None, 2, "cpu"))  # unseeded: torch.manual_seed repeats it
+
+
+def test_sampling_on_the_device_never_waits_for_the_host():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from gptoss.generate import row_seeds, sample_rows
+
+    class Ops(TorchDispatchMode):
+        ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    logits, seeds = torch.randn(3, 300), row_seeds(1, 3, "cpu")
+    with Ops() as ops:
+        sample_rows(logits, 0.8, 0.9, 40, seeds, step=2)
+    assert ops.ops and not {"_local_scalar_dense", "item", "nonzero", "masked_select", "index"} & set(ops.ops), ops.ops
