@@ -81,6 +81,57 @@ def bytes_per_token(c: ModelConfig) -> float:
     return c.num_hidden_layers * (c.num_experts_per_tok * expert + attention + router) + c.vocab_size * D * 2
 
 
+LAUNCH_FLOOR_US = 2.0  # what a kernel costs at least on Hopper, inside a CUDA graph (gpu-decode-analysis.md: ~1.8)
+
+
+def step_profile(model, fused: bool | None, top: int = 8) -> dict:
+    """One batch-1 decode step (static cache, the step decode="graph" replays), counted: the kernels it
+    launches (PyTorch dispatcher kernels plus Triton launches: gptoss.launches) per token and per layer,
+    and the host synchronisations inside it. On a GPU also the kernels one replay of its CUDA graph
+    runs (its kernel nodes, from torch.profiler) and the replay's top kernels by device time."""
+    from gptoss.generate import GraphedStep, KVCache, decode_step
+    from gptoss.launches import LaunchCounter
+
+    config, device = model.config, model.device
+    cache = KVCache(config, 1, 64, model.dtype, device, static=True)
+    ids, pos = torch.tensor([[5]], device=device), torch.tensor([[0]], device=device)
+    with torch.inference_mode():
+        model(ids, pos, cache, last_only=True)
+        cache.column.fill_(1)
+        with LaunchCounter() as counted:
+            decode_step(model, ids, pos + 1, cache, fused)
+        kernels = len(counted.torch) + len(counted.triton)
+        out = {
+            "kernels_per_token": kernels,
+            "kernels_per_layer": round(kernels / config.num_hidden_layers, 2),
+            "triton_per_token": len(counted.triton),
+            "syncs_per_token": len(counted.syncs),
+        }
+        if device.type == "cuda":
+            step = GraphedStep(model, cache, 1, fused)
+            step(ids, pos + 2)  # runs once and records the graph
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                step(ids, pos + 3)
+                torch.cuda.synchronize()
+            events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            names = {}
+            for e in events:
+                n, us = names.get(e.name, (0, 0.0))
+                names[e.name] = (n + 1, us + e.device_time)
+            out["graph_kernels"] = len(events)
+            out["replay_top_kernels"] = [
+                {"kernel": name[:80], "count": n, "us": round(us, 1)}
+                for name, (n, us) in sorted(names.items(), key=lambda kv: -kv[1][1])[:top]
+            ]
+    return out
+
+
+def predicted_step_ms(kernels: int, config: ModelConfig, bandwidth_gbs: float) -> float:
+    """The static table's decode step time: every kernel's floor plus the bytes at the bandwidth."""
+    return kernels * LAUNCH_FLOOR_US / 1000 + bytes_per_token(config) / (bandwidth_gbs * 1e9) * 1000
+
+
 def dense_bf16_bytes(c: ModelConfig) -> float:
     return c.num_params()[0] * 2
 
@@ -129,6 +180,8 @@ def run_ours(folder, config, backend, prompt_len, new_tokens, device, repeats, f
         probe = device == "cpu" and config.hidden_size >= 2880  # the full-size shapes
         s1 = [run(prompt[:1], probe) for _ in range(max(repeats, 3 if probe else 1))]
         s8 = [run(prompt) for _ in range(repeats)]
+        with mem.pause():
+            profile = step_profile(model, fused)
     best = max(s1, key=lambda s: s["decode_tokens"] / s["decode_s"])
     return {
         "load_s": load_s,
@@ -139,6 +192,7 @@ def run_ours(folder, config, backend, prompt_len, new_tokens, device, repeats, f
         "decode_runs": [[s["decode_tokens"] / s["decode_s"], s.get("bandwidth_gb_s")] for s in s1],
         "decode_b8_tok_s": max(s["decode_tokens"] / s["decode_s"] for s in s8),
         "graph_setup_s": s1[-1]["graph_setup_s"],  # CUDA graph mode: the first step's warm-up and recording
+        **profile,
         "peak_rss_gb": mem.gb,
         "peak_anon_gb": mem.anon_gb,
         "note": f"experts {experts}" + (", weights prepacked" if packed else "") + (", fused decode" if fused else ""),
@@ -327,7 +381,19 @@ def main() -> None:
         f"decode tok/s, batch 1, {device}",
         logx=False,
     )
-    keys = ("impl", "config", "prompt_tokens", "prefill_tok_s", "decode_tok_s", "load_s", "peak_rss_gb")
+    for r in rows:  # the static table's time beside the measured one: kernels x floor + bytes / bandwidth
+        if "decode_tok_s" in r and "kernels_per_token" in r:
+            kernels = r.get("graph_kernels", r["kernels_per_token"])
+            r["predicted_step_ms"] = predicted_step_ms(kernels, get_preset(r["config"]), r.get("bandwidth_gb_s", bw))
+            r["measured_step_ms"] = 1000 / r["decode_tok_s"]
+            print(f"{r['config']} {r['impl']}: {r['kernels_per_layer']} kernels a layer ({kernels} a token"
+                  f"{', graph' if 'graph_kernels' in r else ''}), {r['syncs_per_token']} host syncs; step "
+                  f"{r['measured_step_ms']:.3f} ms measured, {r['predicted_step_ms']:.3f} ms predicted")  # fmt: skip
+            for k in r.get("replay_top_kernels", []):
+                print(f"    {k['us']:>9.1f} us  x{k['count']:<4} {k['kernel']}")
+    keys = ("impl", "config", "prompt_tokens", "prefill_tok_s", "decode_tok_s", "load_s", "peak_rss_gb",
+            "kernels_per_token", "kernels_per_layer", "graph_kernels", "syncs_per_token", "predicted_step_ms",
+            "measured_step_ms", "replay_top_kernels")  # fmt: skip
     results = []
     for r in rows:
         result = {k: r.get(k) for k in keys}

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -143,3 +144,31 @@ def test_benchmark_flags_are_refused_in_one_line_before_any_work(script, flags, 
     )
     assert done.returncode == 2 and expected in done.stderr, done.stderr[-1000:]
     assert "Traceback" not in done.stderr and not list(tmp_path.iterdir())  # nothing measured, nothing written
+
+
+def test_e2e_counts_the_kernels_of_a_decode_step():
+    # bench_e2e's per-token structure on the CPU (the Triton kernels under the interpreter): the fused
+    # step launches 7 Triton kernels a layer, the plain one several times more, and neither waits on the
+    # host; the predicted step time is kernels x floor + bytes / bandwidth
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_e2e
+    finally:
+        sys.path.remove(str(BENCH))
+    from conftest import small_config
+
+    from gptoss import get_preset
+    from gptoss.synthetic import random_model
+
+    model = random_model(small_config(), dtype=torch.bfloat16, seed=1, backend="triton")
+    fused, plain = bench_e2e.step_profile(model, True), bench_e2e.step_profile(model, False)
+    layers = model.config.num_hidden_layers
+    assert fused["triton_per_token"] == 7 * layers and fused["syncs_per_token"] == plain["syncs_per_token"] == 0
+    assert fused["kernels_per_layer"] == round(fused["kernels_per_token"] / layers, 2)
+    assert fused["kernels_per_token"] - fused["triton_per_token"] <= 24  # outside the layers, per token
+    assert plain["kernels_per_token"] > 3 * fused["kernels_per_token"], (plain, fused)
+    assert "graph_kernels" not in fused  # a GPU count only
+    config = get_preset("gpt-oss-20b")
+    bound_ms = bench_e2e.bytes_per_token(config) / 4.8e12 * 1e3
+    assert bench_e2e.predicted_step_ms(0, config, 4800) == pytest.approx(bound_ms)
+    assert bench_e2e.predicted_step_ms(200, config, 4800) == pytest.approx(bound_ms + 0.4)
