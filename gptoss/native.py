@@ -42,6 +42,10 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
+BUILD_TIMEOUT_S = 120  # one build takes about a second; a compiler still running after this is stuck
+VERSION_TIMEOUT_S = 20
+
+
 def _compile(cc: str, out: Path) -> str | None:
     """Build the library at `out`; None on success, else the compiler's first error line."""
     base = [cc, "-O3", "-march=native", "-std=c11", "-shared", "-fPIC", str(SOURCE), "-lm"]
@@ -50,7 +54,9 @@ def _compile(cc: str, out: Path) -> str | None:
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             built = Path(tmp) / out.name
             try:
-                done = subprocess.run([*base, *extra, "-o", str(built)], capture_output=True, text=True, timeout=120)
+                done = subprocess.run(
+                    [*base, *extra, "-o", str(built)], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S
+                )
             except (OSError, subprocess.TimeoutExpired) as e:
                 return f"{cc} did not run ({e})"
             if done.returncode == 0 and built.is_file() and built.stat().st_size > 0:
@@ -96,6 +102,28 @@ SYMBOLS = ("gptoss_mxfp4_linear", "gptoss_mxfp4_dequant", "gptoss_mxfp4_simd", "
            "gptoss_bf16_linear", "gptoss_mxfp4_moe", "gptoss_decode_attention")  # fmt: skip
 
 
+def _failed_before(marker: Path) -> str | None:
+    """The reason a build with this compiler (and source) failed in an earlier run, if one did: a compiler
+    that hangs or fails costs the first run its timeout, not every run."""
+    if os.environ.get("GPTOSS_NATIVE_RETRY") == "1":
+        return None
+    try:
+        why = marker.read_text().strip()
+    except OSError:
+        return None
+    return f"{why}, in an earlier run (delete {marker} or set GPTOSS_NATIVE_RETRY=1 to try again)"
+
+
+def _remember_failure(marker: Path, why: str) -> None:
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=marker.name + ".", dir=marker.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(why + "\n")
+        os.replace(tmp, marker)
+    except OSError:
+        pass  # an unwritable cache: the next run tries again
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     global _reason
@@ -106,16 +134,9 @@ def _library() -> ctypes.CDLL | None:
     if cc is None or shutil.which(cc) is None:
         _reason = f"no C compiler found ({'CC=' + cc if cc else 'cc, gcc and clang are not on PATH'})"
         return None
-    try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.TimeoutExpired) as e:
-        _reason = f"the C compiler {cc} does not run ({e})"
-        return None
     from gptoss.config import cache_dir
 
-    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + _cpu_flags().encode()).hexdigest()[:16]
     folder = cache_dir() / "native"
-    path = folder / f"libgptoss_mxfp4_{key}.so"
     try:
         folder.mkdir(parents=True, exist_ok=True, mode=0o755)
     except OSError as e:
@@ -124,10 +145,29 @@ def _library() -> ctypes.CDLL | None:
     if (unsafe := _unsafe_folder(folder)) is not None:
         _reason = unsafe
         return None
+    which = Path(shutil.which(cc)).resolve()
+    stat = which.stat()
+    compiler = hashlib.sha256(f"{which}:{stat.st_size}:{stat.st_mtime_ns}".encode() + SOURCE.read_bytes()).hexdigest()
+    marker = folder / f"build_failed_{compiler[:16]}"  # this compiler binary, this source
+    if (_reason := _failed_before(marker)) is not None:
+        return None
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=VERSION_TIMEOUT_S).stdout
+    except (OSError, subprocess.TimeoutExpired) as e:
+        _reason = f"the C compiler {cc} does not run ({e})"
+        _remember_failure(marker, _reason)
+        return None
+    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + _cpu_flags().encode()).hexdigest()[:16]
+    path = folder / f"libgptoss_mxfp4_{key}.so"
     if not _verified(path):  # missing, or not the file a build here wrote: build it again
         _reason = _compile(cc, path)
         if _reason is not None:
+            _remember_failure(marker, _reason)
             return None
+    try:
+        marker.unlink()  # a retry that built: the compiler works again
+    except OSError:
+        pass
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as e:

@@ -398,3 +398,38 @@ def test_a_cache_folder_others_can_write_is_not_loaded_from(fresh_cache):
     assert native._library() is None
     assert "can be written by other users" in native.reason() and "chmod go-w" in native.reason()
     assert not list(fresh_cache.glob("*.so"))  # nothing built there either
+
+
+@pytest.mark.parametrize("hangs_on", ["build", "version"])
+def test_a_hanging_compiler_costs_one_run_its_timeout_not_every_run(fresh_cache, tmp_path, monkeypatch, hangs_on):
+    # a compiler that never finishes used to stall every run for the build's 120 s: the first run gives up
+    # at the timeout and records why; later runs skip it at once, say why and how to try again
+    import subprocess
+    import sys
+    import time
+
+    calls = tmp_path / "calls"
+    cc = tmp_path / "cc"
+    cc.write_text(
+        "#!/bin/sh\n"
+        f'echo "$@" >> {calls}\n'
+        f'case "$1" in --version) {"sleep 30" if hangs_on == "version" else "echo fake 1.0"} ;; *) sleep 30 ;; esac\n'
+    )
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setattr(native, "BUILD_TIMEOUT_S", 1)
+    monkeypatch.setattr(native, "VERSION_TIMEOUT_S", 1)
+    assert native._library() is None
+    assert "timed out" in native.reason(), native.reason()
+    assert calls.read_text().count("\n") == (1 if hangs_on == "version" else 2)  # --version, then the build
+    later = "from gptoss import native; print(native.reason())"
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", later], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "in an earlier run" in done.stdout and "GPTOSS_NATIVE_RETRY=1" in done.stdout
+    assert "timed out" in done.stdout, done.stdout
+    assert time.perf_counter() - start < 25  # no call of the compiler: it sleeps 30 s
+    assert calls.read_text().count("\n") == (1 if hangs_on == "version" else 2)
+    native._library.cache_clear()
+    monkeypatch.setenv("GPTOSS_NATIVE_RETRY", "1")  # asked to: it tries again
+    assert native._library() is None and "earlier run" not in native.reason()
+    assert calls.read_text().count("\n") > (1 if hangs_on == "version" else 2)
