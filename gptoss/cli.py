@@ -27,6 +27,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file, not a folder: give a new folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot create it ({e.strerror}); give a folder you can write") from None
     from gptoss.train.trainer import MANIFEST, RUN_FILES
 
     run = sorted(name for name in (*RUN_FILES, MANIFEST) if (out / name).exists())
@@ -75,10 +79,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def check_device(flag: str, value: str) -> str:
+    """A torch device this process can use, else UsageError saying which exist here."""
+    import torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"{flag} {value!r} is not a device: give cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "this PyTorch is a CPU build" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise UsageError(f"{flag} {value}: {build}; use {flag} cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"{flag} {value}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise UsageError(f"{flag} {value}: gptoss runs on cpu or cuda, not {device.type}")
+    return value
+
+
 def _load(args: argparse.Namespace):
     import torch
 
     from gptoss.load import load_model
+
+    check_device("--device", args.device)
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     cpu = torch.device(args.device).type == "cpu"
@@ -260,7 +285,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _add_model_args(p: argparse.ArgumentParser, sampling: bool = True) -> None:
     from gptoss.harmony import REASONING_EFFORTS
 
-    p.add_argument("--model", required=True, help="checkpoint folder (any layout), HF repo root, or hub id")
+    p.add_argument("--model", required=True, type=_path, help="checkpoint folder (any layout), HF repo root, or hub id")
     p.add_argument("--developer", default=None, help="developer instructions, e.g. 'reasoning language: French'")
     p.add_argument("--reasoning-effort", choices=REASONING_EFFORTS, default="medium", help="system message setting")
     p.add_argument("--max-new-tokens", type=int, default=256, help="token budget per reply (default: 256)")
@@ -270,7 +295,9 @@ def _add_model_args(p: argparse.ArgumentParser, sampling: bool = True) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="compute dtype (default: bf16)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter folder (the --output of gptoss train)")
+    p.add_argument(
+        "--adapter", default=None, type=_path, help="a PEFT LoRA adapter folder (the --output of gptoss train)"
+    )
     p.add_argument(
         "--experts",
         choices=["auto", "mxfp4", "dense"],
@@ -278,6 +305,13 @@ def _add_model_args(p: argparse.ArgumentParser, sampling: bool = True) -> None:
         help="mxfp4: decode each expert per use (least memory); dense: decode all once at load (faster on a CPU, "
         "3.8x the expert memory); auto (default): dense on a CPU when that takes at most half the free memory",
     )
+
+
+def _path(text: str) -> str:
+    """A path flag's value; '' (the current folder, by accident) is refused."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: give a path")
+    return text
 
 
 class _Parser(argparse.ArgumentParser):
@@ -296,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="write a random checkpoint in a real gpt-oss on-disk layout")
     p.add_argument("--preset", choices=list(PRESETS), default="tiny", help="model shape (default: tiny)")
     p.add_argument("--layout", choices=LAYOUTS, default="hf-mxfp4", help="on-disk layout (default: hf-mxfp4)")
-    p.add_argument("--out", required=True, help="folder to write the checkpoint into")
+    p.add_argument("--out", required=True, type=_path, help="folder to write the checkpoint into")
     p.add_argument(
         "--seed", type=int, default=0, help="random seed; the same seed gives the same model in every layout"
     )
@@ -308,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="print the parameter table of a checkpoint or a preset")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--model", help="checkpoint folder or hub id")
+    g.add_argument("--model", type=_path, help="checkpoint folder or hub id")
     g.add_argument("--preset", choices=list(PRESETS), help="a named configuration")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     p.set_defaults(func=cmd_info)
@@ -319,7 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", help="checkpoint folder (default: $GPTOSS_CACHE/tiny-hf-mxfp4, ~/.cache/gptoss)")
     p.add_argument("--tokens", type=int, default=64, help="tokens in the forward pass (default: 64)")
     p.add_argument("--no-train", action="store_true", help="stop after generation (skip pre-training and LoRA)")
-    p.add_argument("--work", default=None, help="folder for the demo's training runs (default: beside the checkpoint)")
+    p.add_argument(
+        "--work", default=None, type=_path, help="folder for the demo's training runs (default: beside the checkpoint)"
+    )
     p.add_argument("--base-steps", type=int, default=200, help="pre-training steps of the tiny base (default: 200)")
     p.add_argument("--lora-steps", type=int, default=150, help="LoRA steps (default: 150)")
     p.add_argument("--quick", action="store_true", help="a few steps of each stage: checks the pipeline, shows nothing")
@@ -334,14 +370,19 @@ def build_parser() -> argparse.ArgumentParser:
     from gptoss.train.data import BUNDLED_HELDOUT, BUNDLED_TRAIN
 
     p = sub.add_parser("train", help="LoRA fine-tuning on Harmony reasoning data (PEFT-format adapter)")
-    p.add_argument("--model", required=True, help="base checkpoint folder (any layout) or hub id")
+    p.add_argument("--model", required=True, type=_path, help="base checkpoint folder (any layout) or hub id")
     p.add_argument(
-        "--dataset", default=str(BUNDLED_TRAIN), help="JSONL/Parquet file, folder or hub dataset id (default: bundled)"
+        "--dataset",
+        default=str(BUNDLED_TRAIN),
+        type=_path,
+        help="JSONL/Parquet file, folder or hub dataset id (default: bundled)",
     )
     p.add_argument(
         "--eval-dataset", default=str(BUNDLED_HELDOUT), help="held-out rows for eval loss and the report ('' for none)"
     )
-    p.add_argument("--output", required=True, help="folder for the adapter, checkpoint, logs, loss plot and report")
+    p.add_argument(
+        "--output", required=True, type=_path, help="folder for the adapter, checkpoint, logs, loss plot and report"
+    )
     p.add_argument("--max-steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the dataset (default: 1)")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default: 2e-4)")

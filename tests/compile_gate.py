@@ -619,6 +619,10 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=_positive, default=2, help="compiler processes, at least 1 (default 2)")
     parser.add_argument("--json", type=Path, help="also write every row to this JSON file")
     args = parser.parse_args(argv)
+    if args.json is not None and (args.json.is_dir() or not args.json.parent.is_dir()):
+        parser.error(
+            f"--json {args.json}: give a file path in an existing folder (checked before the ~minutes of compiling)"
+        )
     start = time.perf_counter()
     rows, problems = run_gate(args.targets, args.jobs)
     print(table(rows))

@@ -336,6 +336,38 @@ CASES = [
                                                train_args(FX, o, "--resume"))[1], 1, "checkpoint.safetensors"),  # fmt: skip
     ("resume-checkpoint-without-header", lambda t: (save_file({"x": torch.zeros(1)}, str((o := copy(FX.partial, t, "o")) / "checkpoint.safetensors")),
                                                     train_args(FX, o, "--resume"))[1], 1, "not a gptoss training checkpoint"),  # fmt: skip
+    ("output-is-the-model-folder", lambda t: train_args(FX, c := copy_hf(t), "--model", str(c)), 1,
+     "lies inside --output"),
+    # empty paths: '' would be the current folder
+    ("train-output-empty", lambda t: train_args(FX, t / "o")[:-1] + [""], 2, "--output"),
+    ("train-model-empty", lambda t: train_args(FX, t / "o", "--model", ""), 2, "--model"),
+    ("train-dataset-empty", lambda t: train_args(FX, t / "o", "--dataset", ""), 2, "--dataset"),
+    ("synth-out-empty", lambda t: ["synth", "--out", ""], 2, "--out"),
+    ("synth-out-uncreatable", lambda t: (t / "f").write_text("x") and ["synth", "--out", str(t / "f" / "sub")], 2,
+     "cannot create it"),
+    ("demo-work-empty", lambda t: ["demo", "--work", ""], 2, "--work"),
+    ("generate-model-empty", lambda t: gen(""), 2, "--model"),
+    ("generate-adapter-empty", lambda t: gen(FX.hf, "--adapter", ""), 2, "--adapter"),
+    ("info-model-empty", lambda t: info(""), 2, "--model"),
+    # devices
+    ("device-unknown", lambda t: gen(FX.hf, "--device", "banana"), 2, "is not a device"),
+    ("device-cuda-without-one", lambda t: gen(FX.hf, "--device", "cuda") if not torch.cuda.is_available()
+     else gen(FX.hf, "--device", "cuda:999"), 2, "--device cuda"),  # fmt: skip
+    ("device-cuda-index-beyond", lambda t: gen(FX.hf, "--device", "cuda:999"), 2, "--device cuda:999"),
+    ("device-mps", lambda t: gen(FX.hf, "--device", "mps"), 2, "mps"),
+    ("device-meta", lambda t: gen(FX.hf, "--device", "meta"), 2, "not meta"),
+    ("chat-device-unknown", lambda t: ["chat", "--model", str(FX.hf), "--device", "gpu0"], 2, "is not a device"),
+    # sizes past any sensible run
+    ("max-steps-huge", lambda t: train_args(FX, t / "o", "--max-steps", "1000000000000"), 2, "--max-steps"),
+    ("max-steps-negative", lambda t: train_args(FX, t / "o", "--max-steps", "-5"), 2, "--max-steps"),
+    ("epochs-huge", lambda t: train_args(FX, t / "o", "--max-steps", "-1", "--epochs", "1e308"), 2, "--epochs"),
+    ("epochs-infinite", lambda t: train_args(FX, t / "o", "--max-steps", "-1", "--epochs", "inf"), 2, "--epochs"),
+    ("max-new-tokens-past-the-context", lambda t: gen(FX.hf)[:-4] + ["--max-new-tokens", "1000000000", "--dtype",
+                                                                       "fp32"], 1, "exceeds the context"),  # fmt: skip
+    ("max-new-tokens-negative", lambda t: gen(FX.hf, "--max-new-tokens", "-3"), 2, "--max-new-tokens"),
+    ("top-k-word", lambda t: gen(FX.hf, "--top-k", "all"), 2, "--top-k"),
+    ("seed-huge", lambda t: gen(FX.hf, "--seed", str(2**64)), 2, "--seed"),
+    ("temperature-infinite", lambda t: gen(FX.hf, "--temperature", "inf"), 2, "--temperature"),
 ]  # fmt: skip
 
 
@@ -368,6 +400,48 @@ def test_hostile_input(case, fx, tmp_path, capsys, monkeypatch):
     assert {p: h for p, h in snapshot(tmp_path).items() if p in before} == before  # nothing the user had changed
     assert not [p for p in tmp_path.rglob("*.tmp")]
     assert {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in shared} == shared
+
+
+# the README's reliability table counts the rows by class (first rule that matches)
+CLASSES = (
+    (
+        "empty paths",
+        lambda i: i.endswith("-empty") and i.startswith(("train-", "synth-", "demo-", "generate-", "info-")),
+    ),
+    ("devices", lambda i: "device" in i),
+    (
+        "checkpoints and configs",
+        lambda i: i.startswith(
+            ("model-", "config-", "unknown-tensor", "duplicated-", "two-", "file-not", "index-", "wrong-dtype", "nan-")
+        ),
+    ),  # fmt: skip
+    ("adapters", lambda i: i.startswith("adapter-")),
+    ("training data", lambda i: i.startswith(("dataset-", "max-length-below"))),
+    ("output folders and resuming", lambda i: i.startswith(("output-", "resume-"))),
+    ("synth and demo", lambda i: i.startswith(("synth-", "demo-"))),
+    (
+        "generation flags",
+        lambda i: i.startswith(
+            ("temperature-", "top-", "max-new-tokens-", "seed-", "prompt-", "chat-", "unknown-flag", "generate-")
+        ),
+    ),  # fmt: skip
+    ("training flags", lambda i: True),
+)
+
+
+def class_counts() -> dict[str, int]:
+    counts = dict.fromkeys((name for name, _ in CLASSES), 0)
+    for case in CASES:
+        counts[next(name for name, rule in CLASSES if rule(case[0]))] += 1
+    return counts
+
+
+def test_the_readme_reliability_table_counts_the_rows_by_class():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    rows = dict(re.findall(r"^\| ([a-z ,]+) \| (\d+) \|$", readme, flags=re.M))
+    counts = class_counts()
+    assert {name: int(rows.get(name, -1)) for name in counts} == counts, "update the README's reliability table"
+    assert int(rows["all rows"]) == len(CASES)
 
 
 def test_the_table_covers_every_part():

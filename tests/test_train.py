@@ -82,7 +82,7 @@ def test_bundled_dataset_has_unseen_held_out_languages():
 
 
 def test_schedule_warmup_then_cosine_to_the_floor():
-    cfg = TrainConfig(model="", output="", lr=1e-3, warmup_ratio=0.1)
+    cfg = TrainConfig(model="base", output="run", lr=1e-3, warmup_ratio=0.1)
     lrs = [lr_at(s, 100, cfg) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] == pytest.approx(1e-4, rel=0.01)

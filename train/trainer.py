@@ -44,6 +44,8 @@ MANIFEST = "gptoss_run.json"  # the names this trainer wrote into the folder: al
 RUN_FILES = (CHECKPOINT, LEGACY_CHECKPOINT, "adapter_model.safetensors", "adapter_config.json", "train_log.jsonl",
              "loss.png", "report.md", "report.json", "report.png", "model", MANIFEST)  # fmt: skip
 # settings a resume must share with the saved run (the others, such as eval_every, may change)
+MAX_STEPS = 10_000_000  # a run of more optimizer steps is a typo (the recipe's epoch is ~63 steps)
+MAX_EPOCHS = 100_000.0
 RESUME_SETTINGS = ("max_steps", "epochs", "lr", "warmup_ratio", "min_lr_ratio", "weight_decay", "max_grad_norm",
                    "lora_r", "lora_alpha", "lora_expert_layers", "full_finetune", "batch_size", "grad_accum",
                    "max_length", "skip_long", "skip_malformed", "dtype", "seed")  # fmt: skip
@@ -95,11 +97,13 @@ class TrainConfig:
         for name in ("model", "output", "dataset"):
             if not isinstance(getattr(self, name), (str, os.PathLike)):
                 raise UsageError(f"{flag(name)} must be a path, found {type(getattr(self, name)).__name__}")
+            if not str(getattr(self, name)).strip():  # '' would mean the current folder
+                raise UsageError(f"{flag(name)} is empty: give a path")
         if self.eval_dataset is not None and not isinstance(self.eval_dataset, (str, os.PathLike)):
             raise UsageError(f"{flag('eval_dataset')} must be a path or None")
-        if check_int(flag("max_steps"), self.max_steps, -1) == 0:
+        if check_int(flag("max_steps"), self.max_steps, -1, MAX_STEPS) == 0:
             raise UsageError(f"{flag('max_steps')} must be at least 1 (or -1: use --epochs), found 0")
-        check_float(flag("epochs"), self.epochs, 0.0, above=True)
+        check_float(flag("epochs"), self.epochs, 0.0, MAX_EPOCHS, above=True)
         check_float(flag("lr"), self.lr, 0.0, above=True)
         check_float(flag("warmup_ratio"), self.warmup_ratio, 0.0, 1.0)
         check_float(flag("min_lr_ratio"), self.min_lr_ratio, 0.0, 1.0)
@@ -305,13 +309,13 @@ class Trainer:
                 f"--output {out} already holds a training run ({', '.join(present)}): pass --resume to continue it "
                 "or --overwrite to replace it, or choose another folder"
             )
+        model = Path(cfg.model).expanduser()
+        if model.exists() and model.resolve().is_relative_to(out.resolve()):  # with or without --overwrite
+            raise TrainError(
+                f"--model {cfg.model} lies inside --output {out}: a run's files would mix with the model's (and "
+                "--overwrite would delete it); choose another --output"
+            )
         if cfg.overwrite and present:
-            model = Path(cfg.model).expanduser()
-            if model.exists() and model.resolve().is_relative_to(out.resolve()):
-                raise TrainError(
-                    f"--model {cfg.model} lies inside --output {out}: --overwrite would delete the model being "
-                    "trained from; choose another --output"
-                )
             if (out / "model").exists() and "model" not in self._owned():
                 raise TrainError(
                     f"--output {out} holds model/, which this trainer did not write (no full fine-tune of this folder "
