@@ -141,6 +141,8 @@ HOSTILE_ARGS = [
     (["--jobs", "two"], "whole number of processes"),
     (["--jobs", "1e9"], "whole number of processes"),
     (["--jobs"], "expected one argument"),
+    (["--json", "/"], "give a file path in an existing folder"),  # a folder: it used to fail after the whole run
+    (["--json", "/nonexistent-folder/rows.json"], "give a file path in an existing folder"),
 ]
 
 
