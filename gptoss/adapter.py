@@ -3,9 +3,9 @@ Hugging Face PEFT's exact format.
 
 Attention: q/k/v/o_proj become LoRALinear (same weight and bias, plus lora_A [r, in] and lora_B
 [out, r]): y = x W^T + b + s * (x A^T) B^T with s = alpha / r.
-Experts: per-expert factors kept as PEFT stores them for its 3-D ParamWrapper, lora_A [E*r, in]
-and lora_B [out, E*r] (A_e = rows e*r.., B_e = columns e, E+e, ...); gptoss.model.Experts.lora
-applies them as (x A_e^T) B_e^T, never building the [E, out, in] delta.
+Experts: ExpertLoRA modules in gptoss.model.Experts.lora, per-expert factors kept as PEFT stores them
+for its 3-D ParamWrapper (ExpertLoRA describes the layout); applied as (x A_e^T) B_e^T, never building
+the [E, out, in] delta.
 Files: adapter_config.json (target_modules = full q/k/v/o paths, target_parameters =
 "N.mlp.experts.gate_up_proj" / "N.mlp.experts.down_proj") and adapter_model.safetensors (fp32),
 keys "base_model.model.<module path>.lora_A.weight"; for experts PEFT nests the two wrappers, so
@@ -63,16 +63,52 @@ class LoRALinear(nn.Linear):
         return F.linear(x, self.weight, self.bias) + delta.to(x.dtype)
 
 
+class ExpertLoRA(nn.Module):
+    """LoRA on one matrix ("gate_up_proj" or "down_proj") of all E experts of a layer, held as PEFT holds
+    it for its 3-D ParamWrapper (the one place this layout is described): A [E*r, in], expert e's factor
+    A_e its rows e*r .. e*r+r-1; B [out, r*E], expert e's factor B_e its columns e, E+e, 2E+e, ...
+    The update of expert e is s * (x A_e^T) B_e^T with s = alpha / r; the [E, out, in] delta is built only
+    to merge. Attached in `Experts.lora[which]`; fp32 parameters, as the trainer makes them."""
+
+    def __init__(self, experts: int, r: int, inp: int, out: int, alpha: float, device=None):
+        super().__init__()
+        self.experts, self.r, self.scaling = experts, r, alpha / r
+        self.A = nn.Parameter(torch.empty(experts * r, inp, device=device))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # PEFT's default init
+        self.B = nn.Parameter(torch.zeros(out, experts * r, device=device))  # the adapted model starts as the base
+
+    @classmethod
+    def on(cls, experts, which: str, r: int, alpha: float) -> ExpertLoRA:
+        """A fresh adapter for `which` of a gptoss.model.Experts (its shapes and device)."""
+        E, I2 = experts.gate_up_proj_bias.shape  # [E, 2I]
+        D = experts.down_proj_bias.shape[1]
+        out, inp = (I2, D) if which == "gate_up_proj" else (D, I2 // 2)  # gate_up: D -> 2I; down: I -> D
+        return cls(E, r, inp, out, alpha, experts.gate_up_proj_bias.device)
+
+    def factors(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e's factors: A_e [r, in], B_e [out, r] (views)."""
+        r, E = self.r, self.experts
+        return self.A[e * r : (e + 1) * r], self.B.view(self.B.shape[0], r, E)[:, :, e]
+
+    def expert_major(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every expert's factors with expert e's rank at e*r .. e*r+r-1: A [E*r, in] as stored, B
+        [out, E*r] reordered (differentiably) from PEFT's [out, r*E]. The Triton kernels' layout."""
+        out = self.B.shape[0]
+        return self.A, self.B.view(out, self.r, self.experts).transpose(1, 2).reshape(out, -1)
+
+    def delta(self) -> torch.Tensor:
+        """Every expert's full update s * B_e A_e: [E, out, in] fp32 (merging only)."""
+        B, A = self.B.float().view(self.B.shape[0], self.r, self.experts), self.A.float().view(self.experts, self.r, -1)
+        return self.scaling * torch.einsum("ore,eri->eoi", B, A)
+
+    def forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """The update s * (x A_e^T) B_e^T of expert e for x [n, in], in x's dtype."""
+        a_e, b_e = self.factors(e)
+        return (self.scaling * F.linear(F.linear(x.to(a_e.dtype), a_e), b_e)).to(x.dtype)
+
+
 def _attach_expert_lora(experts, which: str, r: int, alpha: float) -> None:
-    E, I2 = experts.gate_up_proj_bias.shape  # [E, 2I]
-    D = experts.down_proj_bias.shape[1]
-    out, inp = (I2, D) if which == "gate_up_proj" else (D, I2 // 2)  # gate_up: D -> 2I; down: I -> D
-    device = experts.gate_up_proj_bias.device
-    A = nn.Parameter(torch.empty(E * r, inp, device=device))
-    nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-    setattr(experts, which + "_lora_A", A)
-    setattr(experts, which + "_lora_B", nn.Parameter(torch.zeros(out, E * r, device=device)))
-    experts.lora_scaling = alpha / r
+    experts.lora[which] = ExpertLoRA.on(experts, which, r, alpha)
 
 
 def apply_lora(
@@ -117,11 +153,11 @@ def lora_parameters(model: GptOss) -> dict[str, nn.Parameter]:
                 out[f"model.layers.{i}.self_attn.{name}.lora_A"] = module.lora_A.weight
                 out[f"model.layers.{i}.self_attn.{name}.lora_B"] = module.lora_B.weight
         experts = layer.mlp.experts
-        present = [w for w in EXPERT_PARAMS if getattr(experts, w + "_lora_A", None) is not None]
+        present = [w for w in EXPERT_PARAMS if w in experts.lora]
         for which in present:
             nest = "base_layer." if which == "gate_up_proj" and len(present) == 2 else ""
-            for ab in ("A", "B"):
-                out[f"model.layers.{i}.mlp.experts.{nest}lora_{ab}"] = getattr(experts, f"{which}_lora_{ab}")
+            out[f"model.layers.{i}.mlp.experts.{nest}lora_A"] = experts.lora[which].A
+            out[f"model.layers.{i}.mlp.experts.{nest}lora_B"] = experts.lora[which].B
     return out
 
 
@@ -303,12 +339,9 @@ def merge_lora(model: GptOss) -> GptOss:
             if not experts.has_lora:
                 continue
             experts.dequantize_()  # dense in the compute dtype (no-op when already dense)
-            for which in EXPERT_PARAMS:
-                if getattr(experts, which + "_lora_A", None) is None:
-                    continue
+            for which, lora in list(experts.lora.items()):
                 dense = getattr(experts, which)
-                merged = (dense.float() + experts.lora_delta(which)).to(dense.dtype)
+                merged = (dense.float() + lora.delta()).to(dense.dtype)
                 setattr(experts, which, nn.Parameter(merged, requires_grad=False))
-                delattr(experts, which + "_lora_A")
-                delattr(experts, which + "_lora_B")
+                del experts.lora[which]
     return model

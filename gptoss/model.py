@@ -259,49 +259,13 @@ class Experts(nn.Module):
             self.down_proj = nn.Parameter(torch.zeros(E, D, I))
         self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, 2 * I))
         self.down_proj_bias = nn.Parameter(torch.zeros(E, D))
+        # LoRA adapters by matrix name ("gate_up_proj", "down_proj"): gptoss.adapter.ExpertLoRA modules,
+        # attached by gptoss.adapter (empty: no adapter). The torch path, the CPU path and the kernels read them.
+        self.lora = nn.ModuleDict()
 
     @property
     def has_lora(self) -> bool:
-        return (
-            getattr(self, "gate_up_proj_lora_A", None) is not None
-            or getattr(self, "down_proj_lora_A", None) is not None
-        )
-
-    # PEFT's layout of expert adapters (its 3-D ParamWrapper), the one place it is read: gptoss.adapter
-    # attaches A [E*r, in] and B [out, r*E]; A_e = rows e*r .. e*r+r-1 of A, B_e = columns e, E+e, 2E+e, ...
-    def lora_factors(self, which: str, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expert e's factors of `which` ("gate_up_proj" or "down_proj"): A_e [r, in], B_e [out, r]."""
-        A, B = getattr(self, which + "_lora_A"), getattr(self, which + "_lora_B")
-        E = self.gate_up_proj_bias.shape[0]
-        r = A.shape[0] // E
-        return A[e * r : (e + 1) * r], B.view(B.shape[0], r, E)[:, :, e]
-
-    def lora_expert_major(self, which: str) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
-        """All experts' factors of `which`, expert e's rank rows and columns at e*r .. e*r+r-1: A [E*r, in]
-        as stored, B [out, E*r] reordered (differentiably) from PEFT's [out, r*E]; (None, None) without
-        an adapter. The layout of the Triton kernel path (gptoss.kernels.moe)."""
-        A, B = getattr(self, which + "_lora_A", None), getattr(self, which + "_lora_B", None)
-        if A is None:
-            return None, None
-        E = self.gate_up_proj_bias.shape[0]
-        return A, B.view(B.shape[0], -1, E).transpose(1, 2).reshape(B.shape[0], -1)
-
-    def lora_delta(self, which: str) -> torch.Tensor:
-        """Every expert's full update s * B_e A_e of `which`: [E, out, in] fp32 (merging only)."""
-        A, B = getattr(self, which + "_lora_A"), getattr(self, which + "_lora_B")
-        E = self.gate_up_proj_bias.shape[0]
-        r = A.shape[0] // E
-        return self.lora_scaling * torch.einsum(
-            "ore,eri->eoi", B.float().view(B.shape[0], r, E), A.float().view(E, r, -1)
-        )
-
-    def lora(self, which: str, e: int, x: torch.Tensor) -> torch.Tensor | float:
-        """The low-rank update s * (x A_e^T) B_e^T of expert e's `which`, 0 without an adapter; never
-        builds the full delta."""
-        if getattr(self, which + "_lora_A", None) is None:
-            return 0.0
-        a_e, b_e = self.lora_factors(which, e)
-        return (self.lora_scaling * F.linear(F.linear(x.to(a_e.dtype), a_e), b_e)).to(x.dtype)
+        return len(self.lora) > 0
 
     def dequantize_(self) -> None:
         """Decode all E experts once and keep them dense in the compute dtype (3.8x the memory of
@@ -332,7 +296,7 @@ class Experts(nn.Module):
     def linear(self, which: str, e: int, x: torch.Tensor) -> torch.Tensor:
         """x [n, in] through expert e's `which` matrix and bias (and its LoRA update, when attached)."""
         y = F.linear(x, self.weight(which, e), getattr(self, which + "_bias")[e])
-        return y + self.lora(which, e, x) if self.has_lora else y
+        return y + self.lora[which](e, x) if which in self.lora else y
 
     def forward(
         self, x_TD: torch.Tensor, weights_Tk: torch.Tensor, ids_Tk: torch.Tensor, alpha: float, limit: float

@@ -351,7 +351,7 @@ def moe_gate_up_bwd(gh, routing, blocks, scales, D, add=None):
 
 # --- expert LoRA beside the kernels ---------------------------------------------------------------------
 # An adapted matrix adds s * (a A_e^T) B_e^T to each sorted row a of expert e. With the factors laid out
-# expert-major (gptoss.model.Experts.lora_expert_major: A [E*r, in] and B [out, E*r], expert e's rank
+# expert-major (gptoss.adapter.ExpertLoRA.expert_major: A [E*r, in] and B [out, E*r], expert e's rank
 # rows and columns at e*r .. e*r+r-1), every row's update is one masked product for all experts:
 # z = (a A^T) * mask keeps each row's own expert's r columns of [P, E*r], then s * z B^T. No host
 # synchronisation and no launch per expert, for E*r extra columns (256 beside gate_up's 5760 for
@@ -445,9 +445,13 @@ def moe(
     weights = routing.weights
     if torch.is_grad_enabled() and logits.requires_grad:
         weights = torch.softmax(logits.gather(1, routing.ids.long()).float(), dim=-1)
-    factors = [experts.lora_expert_major(which) for which in ("gate_up_proj", "down_proj")]
+    adapters = experts.lora  # gptoss.adapter.ExpertLoRA by matrix name; both made with one r and alpha
+    factors = [adapters[w].expert_major() if w in adapters else (None, None) for w in ("gate_up_proj", "down_proj")]
+    scalings = {a.scaling for a in adapters.values()}
+    if len(scalings) > 1:
+        raise ValueError(f"the two expert adapters of a layer must share alpha / r, found {sorted(scalings)}")
     return MoEFunction.apply(
         x.contiguous(), weights, *factors[0], *factors[1], routing, experts.gate_up_proj_blocks,
         experts.gate_up_proj_scales, experts.gate_up_proj_bias, experts.down_proj_blocks, experts.down_proj_scales,
-        experts.down_proj_bias, alpha, limit, getattr(experts, "lora_scaling", 1.0),
+        experts.down_proj_bias, alpha, limit, scalings.pop() if scalings else 1.0,
     )  # fmt: skip

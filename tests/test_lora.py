@@ -47,7 +47,7 @@ def test_trainable_set_is_exactly_the_adapters_and_zero_init_is_the_base(oracle)
         e.replace(".q.", ".q_proj.").replace(".k.", ".k_proj.").replace(".v.", ".v_proj.").replace(".o.", ".o_proj.")
         for e in expected
     }
-    expected |= {f"model.layers.1.mlp.experts.{w}_lora_{ab}" for w in ("gate_up_proj", "down_proj") for ab in "AB"}
+    expected |= {f"model.layers.1.mlp.experts.lora.{w}.{ab}" for w in ("gate_up_proj", "down_proj") for ab in "AB"}
     assert trainable == expected and len(params) == len(expected)
     # PEFT's count rule: attention r*(in+out) per projection; experts E*r*(in+out) per matrix
     D, Q, KV, I, E, r = 96, 96, 32, 64, 7, 4
@@ -152,7 +152,7 @@ def test_expert_adapters_train_on_the_triton_kernels(tmp_path, monkeypatch, caps
         results[backend] = (loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     (loss_t, grads_t), (loss_k, grads_k) = results["torch"], results["triton"]
     assert abs(loss_k - loss_t) <= 1e-5 * abs(loss_t)
-    assert grads_k.keys() == grads_t.keys() and any("experts.down_proj_lora_B" in n for n in grads_k)
+    assert grads_k.keys() == grads_t.keys() and any("experts.lora.down_proj.B" in n for n in grads_k)
     for name, want in grads_t.items():  # fp32: summation order only
         assert (grads_k[name] - want).abs().max() <= 1e-4 * want.abs().max() + 1e-7, name
     assert "torch path" not in capsys.readouterr().err

@@ -47,7 +47,11 @@ def _experts(E, D, I, dtype):
 
 def _apply(x, weights, routing, experts, scaling=1.0):
     """MoEFunction on `experts`, with the expert-major factors of whatever adapters they carry."""
-    factors = [t for which in ("gate_up_proj", "down_proj") for t in experts.lora_expert_major(which)]
+    factors = [
+        t
+        for w in ("gate_up_proj", "down_proj")
+        for t in (experts.lora[w].expert_major() if w in experts.lora else (None, None))
+    ]
     return MoEFunction.apply(
         x, weights, *factors, routing, experts.gate_up_proj_blocks, experts.gate_up_proj_scales,
         experts.gate_up_proj_bias, experts.down_proj_blocks, experts.down_proj_scales, experts.down_proj_bias,
@@ -97,14 +101,14 @@ def test_moe_forward_and_backward(case, dtype):
 def _with_adapters(experts, which_list, r=3, seed=1):
     """Random LoRA factors in PEFT's expert layout (A [E*r, in], B [out, r*E], fp32 as the trainer makes
     them), B non-zero so the update shows; every expert's factors differ."""
-    E, I2 = experts.gate_up_proj_bias.shape
-    D = experts.down_proj_bias.shape[1]
+    from gptoss.adapter import ExpertLoRA
+
     g = torch.Generator().manual_seed(seed)
     for which in which_list:
-        out, inp = (I2, D) if which == "gate_up_proj" else (D, I2 // 2)
-        setattr(experts, which + "_lora_A", torch.nn.Parameter(0.1 * torch.randn(E * r, inp, generator=g)))
-        setattr(experts, which + "_lora_B", torch.nn.Parameter(0.1 * torch.randn(out, r * E, generator=g)))
-    experts.lora_scaling = 2.0
+        lora = experts.lora[which] = ExpertLoRA.on(experts, which, r, alpha=2.0 * r)  # scaling 2
+        with torch.no_grad():
+            lora.A.copy_(0.1 * torch.randn(lora.A.shape, generator=g))
+            lora.B.copy_(0.1 * torch.randn(lora.B.shape, generator=g))
     return experts
 
 
@@ -139,7 +143,7 @@ def test_moe_with_expert_adapters_matches_the_torch_path(case, adapted, dtype):
     experts_forward(x_ref, w_ref, routing.ids.long(), reference, 1.702, 7.0).backward(grad_out.float())
 
     x_k, w_k = x.clone().requires_grad_(), weights.clone().requires_grad_()
-    out = _apply(x_k, w_k, routing, experts, scaling=experts.lora_scaling)
+    out = _apply(x_k, w_k, routing, experts, scaling=2.0)
     out.backward(grad_out)
     _close(
         out, experts_forward(x.float(), weights, routing.ids.long(), reference, 1.702, 7.0).detach(), dtype, "output"
@@ -148,8 +152,8 @@ def test_moe_with_expert_adapters_matches_the_torch_path(case, adapted, dtype):
     _close(w_k.grad, w_ref.grad, dtype, "grad of the routing weights")
     for which in ADAPTED[adapted]:
         for factor in "AB":
-            name = f"{which}_lora_{factor}"
-            got, want = getattr(experts, name).grad, getattr(reference, name).grad
+            name = f"{which} {factor}"
+            got, want = getattr(experts.lora[which], factor).grad, getattr(reference.lora[which], factor).grad
             assert got is not None and got.shape == want.shape, name
             _close(got, want, dtype, f"grad of {name}")
 
@@ -159,14 +163,16 @@ def test_adapter_gradients_without_input_gradient():
     experts = _with_adapters(_experts(5, 64, 64, torch.float32), ADAPTED["both"])
     routing = route_kernel(torch.randn(6, 5), 2)
     x = torch.randn(6, 64)
-    out = _apply(x, routing.weights, routing, experts, scaling=experts.lora_scaling)
+    out = _apply(x, routing.weights, routing, experts, scaling=2.0)
     out.square().sum().backward()
     reference = copy.deepcopy(experts)
     for p in reference.parameters():
         p.grad = None
     experts_forward(x, routing.weights, routing.ids.long(), reference, 1.702, 7.0).square().sum().backward()
-    for name in ("gate_up_proj_lora_A", "gate_up_proj_lora_B", "down_proj_lora_A", "down_proj_lora_B"):
-        _close(getattr(experts, name).grad, getattr(reference, name).grad, torch.float32, name)
+    for which in ("gate_up_proj", "down_proj"):
+        for name in ("A", "B"):
+            got, want = getattr(experts.lora[which], name).grad, getattr(reference.lora[which], name).grad
+            _close(got, want, torch.float32, f"{which} {name}")
 
 
 def test_no_saved_activations_without_grad():
