@@ -31,6 +31,15 @@ def test_readme_starts_with_the_two_commands():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 
+def test_the_readme_is_a_front_page():
+    # what it is, the two commands, each part with an example, one table of results, where to read next;
+    # run histories and analyses live in docs/results.md and docs/log.md
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    for doc in ("docs/guide.md", "docs/results.md", "docs/log.md", "docs/architecture.md"):
+        assert f"`{doc}`" in readme, doc
+
+
 def test_every_path_the_docs_name_exists():
     # a path into the repository written in the README or docs/ (`gptoss/...`, `kernels/...`, ...)
     # names a file or folder that is there; a bare `name.py` is a file somewhere in the repository

@@ -402,7 +402,7 @@ def test_hostile_input(case, fx, tmp_path, capsys, monkeypatch):
     assert {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in shared} == shared
 
 
-# the README's reliability table counts the rows by class (first rule that matches)
+# docs/guide.md's reliability table counts the rows by class (first rule that matches)
 CLASSES = (
     (
         "empty paths",
@@ -436,11 +436,11 @@ def class_counts() -> dict[str, int]:
     return counts
 
 
-def test_the_readme_reliability_table_counts_the_rows_by_class():
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+def test_the_guide_reliability_table_counts_the_rows_by_class():
+    readme = (Path(__file__).resolve().parent.parent / "docs" / "guide.md").read_text()
     rows = dict(re.findall(r"^\| ([a-z ,]+) \| (\d+) \|$", readme, flags=re.M))
     counts = class_counts()
-    assert {name: int(rows.get(name, -1)) for name in counts} == counts, "update the README's reliability table"
+    assert {name: int(rows.get(name, -1)) for name in counts} == counts, "update the reliability table in docs/guide.md"
     assert int(rows["all rows"]) == len(CASES)
 
 
