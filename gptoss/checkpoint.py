@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from gptoss import mxfp4
+from gptoss import mxfp4, tokens
 from gptoss.config import ModelConfig
 
 LAYOUTS = ("original", "hf-mxfp4", "hf-bf16")
@@ -406,10 +406,10 @@ def save_checkpoint(
         hf = hf_config_json(config, quantized=layout == "hf-mxfp4")
         (folder / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         generation = {
-            "bos_token_id": 199998,
+            "bos_token_id": tokens.STARTOFTEXT,
             "do_sample": True,
-            "eos_token_id": [200002, 199999, 200012],
-            "pad_token_id": 199999,
+            "eos_token_id": list(tokens.EOS_TOKEN_IDS),
+            "pad_token_id": tokens.ENDOFTEXT,
         }
         (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return folder

@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gptoss import tokens
 from gptoss.errors import UsageError, check_float, check_int
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -47,8 +48,8 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     swiglu_limit: float = 7.0
     swiglu_alpha: float = 1.702
-    eos_token_id: int = 200002
-    pad_token_id: int = 199999
+    eos_token_id: int = tokens.RETURN
+    pad_token_id: int = tokens.ENDOFTEXT
 
     def __post_init__(self) -> None:
         try:  # types and ranges first, field by field: the structural checks below rely on them

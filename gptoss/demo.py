@@ -17,6 +17,7 @@ from pathlib import Path
 from gptoss.config import cache_dir
 from gptoss.errors import check_int
 from gptoss.generate import speed_line
+from gptoss.tokens import STARTOFTEXT
 
 DEMO_MARK = "gptoss_demo_run"  # in the demo's lora/ folder: the run there is the demo's own
 
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(folder, dtype=torch.float32)
     print(f"[2/6] loaded in {time.perf_counter() - start:.2f} s; parameters:")
     print(format_param_table(model.config))
-    ids = torch.randint(0, 199998, (1, args.tokens), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, STARTOFTEXT, (1, args.tokens), generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
     with torch.no_grad():
         logits = model(ids)

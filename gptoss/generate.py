@@ -31,6 +31,7 @@ import torch
 from gptoss.config import ModelConfig
 from gptoss.errors import check_float, check_int
 from gptoss.model import GptOss
+from gptoss.tokens import ASSISTANT_STOP_TOKENS
 
 PAD = 0  # any id: padded positions are masked out
 
@@ -296,7 +297,7 @@ def generate(
     top_p: float = 1.0,
     top_k: int = 0,
     seed: int | None = None,
-    stop_tokens: Sequence[int] = (200002, 200012),
+    stop_tokens: Sequence[int] = ASSISTANT_STOP_TOKENS,
     on_token: Callable[[int, int], None] | None = None,
     stats: dict | None = None,
     decode: str = "auto",

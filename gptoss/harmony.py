@@ -21,13 +21,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# the special tokens (spec section 1.3), also gptoss.harmony's names for callers
+from gptoss.tokens import ASSISTANT_STOP_TOKENS, CALL, CHANNEL, END, ENDOFTEXT, MESSAGE, RETURN, START  # noqa: F401
+
 VOCAB_FILE = "o200k_base.tiktoken"
 VOCAB_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
 REASONING_EFFORTS = ("low", "medium", "high")
-
-# special tokens (spec section 1.3)
-START, END, MESSAGE, CHANNEL, RETURN, CALL, ENDOFTEXT = 200006, 200007, 200008, 200005, 200002, 200012, 199999
-ASSISTANT_STOP_TOKENS = (RETURN, CALL)  # never <|end|>: it separates the analysis from the final answer
 
 
 class VocabularyError(RuntimeError):
