@@ -50,10 +50,13 @@ import triton.language as tl
 
 from gptoss.kernels.mxfp4 import INTERPRET
 
-LOG2E = 1.4426950408889634
+LOG2E = 1.4426950408889634  # also read inside kernels by name, as _LOG2E (a constexpr global)
+_LOG2E = tl.constexpr(LOG2E)
 NO_WINDOW = 1 << 30  # a window no position reaches: full causal attention
 DECODE_ROWS = 64  # at most this many rows (T * G) per (batch, KV head) take the split-K decode kernel
-NEG = -1.0e30  # the running max of a decode chunk before it sees a key (finite: exp2(NEG - m) = 0, no NaN)
+NEG = tl.constexpr(
+    -1.0e30
+)  # the running max of a decode chunk before it sees a key (finite: exp2(NEG - m) = 0, no NaN)
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and dtype path; "interpret" keeps tests fast.
 CONFIGS = {
@@ -113,7 +116,7 @@ def _attn_fwd_kernel(
     )
     qp = tl.load(qpos_ptr + b * sqp_b + t, mask=row_ok, other=-1)
     oldest = tl.maximum(qp - window, -1)
-    m_i = tl.load(sinks_ptr + h * G + g, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634  # the sink
+    m_i = tl.load(sinks_ptr + h * G + g, mask=row_ok, other=0.0).to(tl.float32) * _LOG2E  # the sink
     l_i = tl.full([BLOCK_M], 1.0, tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     n_qtiles = tl.cdiv(T * G, BLOCK_M)
@@ -238,7 +241,7 @@ def _attn_decode_kernel(
     )
     qp = tl.load(qpos_ptr + b * sqp_b + t, mask=row_ok, other=-1)
     oldest = tl.maximum(qp - window, -1)
-    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    m_i = tl.full([BLOCK_M], NEG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     k_base, v_base = k_ptr + b * sk_b + h * sk_h, v_ptr + b * sv_b + h * sv_h
@@ -270,7 +273,7 @@ def _attn_decode_merge_kernel(
     row_ok = rows < T * G
     t, g = rows // G, rows % G
     d = tl.arange(0, HEAD_DIM)
-    m_i = tl.load(sinks_ptr + h * G + g, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+    m_i = tl.load(sinks_ptr + h * G + g, mask=row_ok, other=0.0).to(tl.float32) * _LOG2E
     l_i = tl.full([BLOCK_M], 1.0, tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for split in range(0, splits):
