@@ -1,5 +1,5 @@
 """Attention with learned sinks, grouped-query heads and an optional sliding window: a
-FlashAttention-style forward and backward, and a split-K decode.
+FlashAttention-style forward and backward (training and prefill); decode is in attention_decode.py.
 
 Computes what gptoss.model.attention_with_sinks computes (the reference the tests compare against):
 for query head h = kv_head * G + g at position p and the keys at positions j,
@@ -30,13 +30,10 @@ valid position; a pair is visited when those ranges overlap (a superset of the v
 exact mask is applied inside). Each query tile loops over its [first, last] key tiles, each key tile
 over its [first, last] query tiles. Without host synchronisation, so a CUDA graph can capture it.
 
-Decode (few rows, T * G <= 64, no gradient): the keys are split into chunks, one program per (chunk,
-batch, KV head), so one sequence fills the GPU; each writes its unnormalised partial output with
-its m and l, and a second kernel merges the chunks and the sink. Key tiles with no visible key (the
-unused slots of a pre-allocated cache, position -1) are skipped.
+Decode (few rows, no gradient) takes the split-K kernels of kernels/attention_decode.py;
+attention_with_sinks below sends it there. What the two files share: kernels/attention_core.py.
 
-Grids: forward and dQ (cdiv(T * G, BLOCK_M), B * K); dK/dV (cdiv(S, BLOCK_N), B * K); decode
-(chunks, B * K), merge (B * K,). Tiles are fixed per kernel and dtype (chosen with the compile gate,
+Grids: forward and dQ (cdiv(T * G, BLOCK_M), B * K); dK/dV (cdiv(S, BLOCK_N), B * K). Tiles are fixed per kernel and dtype (chosen with the compile gate,
 tests/compile_gate.py), not autotuned: the tile-pair table is built for the tiles of the launch.
 """
 
@@ -48,54 +45,21 @@ import torch
 import triton
 import triton.language as tl
 
-from gptoss.kernels.mxfp4 import INTERPRET
-
-LOG2E = 1.4426950408889634  # also read inside kernels by name, as _LOG2E (a constexpr global)
-_LOG2E = tl.constexpr(LOG2E)
-NO_WINDOW = 1 << 30  # a window no position reaches: full causal attention
-DECODE_ROWS = 64  # at most this many rows (T * G) per (batch, KV head) take the split-K decode kernel
-NEG = tl.constexpr(
-    -1.0e30
-)  # the running max of a decode chunk before it sees a key (finite: exp2(NEG - m) = 0, no NaN)
-
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and dtype path; "interpret" keeps tests fast.
-CONFIGS = {
-    "fwd": {"bf16": (128, 64, 8, 3), "fp32": (32, 32, 4, 2), "interpret": (32, 16, 1, 1)},
-    "bwd": {"bf16": (64, 64, 4, 2), "fp32": (16, 32, 4, 1), "interpret": (32, 16, 1, 1)},
-    "decode": {"bf16": (16, 64, 4, 3), "fp32": (16, 32, 4, 2), "interpret": (16, 16, 1, 1)},
-}
-
-
-def _path(dtype: torch.dtype) -> str:
-    return "interpret" if INTERPRET else "fp32" if dtype == torch.float32 else "bf16"
-
-
-@triton.jit
-def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    if UPCAST:  # the interpreter multiplies bf16 dot operands as raw integers: give it fp32
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    if IEEE:  # fp32 data: full fp32 products (the parity runs), not TF32
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
-
-
-@triton.jit
-def _visible(qp, oldest, kp):
-    """[rows, keys]: key position kp is seen by the query at qp (oldest: the last position too old)."""
-    return (kp[None, :] > oldest[:, None]) & (kp[None, :] <= qp[:, None])
-
-
-@triton.jit
-def _attend(q, kt, v, seen, m_i, l_i, acc, scale2, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """One key tile of the online softmax: scores of q [rows, Dh] against kt [Dh, keys] (base 2),
-    masked by `seen`; returns the running max, sum and unnormalised output [rows, Dh] after it."""
-    s = _dot(q, kt, tl.zeros((q.shape[0], kt.shape[1]), tl.float32), UPCAST, IEEE) * scale2
-    s = tl.where(seen, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.exp2(s - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, IEEE)
-    return m_new, l_i * alpha + tl.sum(p, 1), acc
+from gptoss.kernels.attention_core import (
+    CONFIGS,
+    LOG2E,
+    LOG2E_IN_KERNELS,
+    NO_WINDOW,
+    attend,
+    check,
+    dot,
+    flags,
+    last_contiguous,
+    path,
+    positions,
+    visible,
+)
+from gptoss.kernels.attention_decode import DECODE_ROWS, attention_decode  # noqa: F401 (attention_decode: also this module's)
 
 
 @triton.jit
@@ -116,7 +80,7 @@ def _attn_fwd_kernel(
     )
     qp = tl.load(qpos_ptr + b * sqp_b + t, mask=row_ok, other=-1)
     oldest = tl.maximum(qp - window, -1)
-    m_i = tl.load(sinks_ptr + h * G + g, mask=row_ok, other=0.0).to(tl.float32) * _LOG2E  # the sink
+    m_i = tl.load(sinks_ptr + h * G + g, mask=row_ok, other=0.0).to(tl.float32) * LOG2E_IN_KERNELS  # the sink
     l_i = tl.full([BLOCK_M], 1.0, tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     n_qtiles = tl.cdiv(T * G, BLOCK_M)
@@ -129,7 +93,7 @@ def _attn_fwd_kernel(
         kp = tl.load(kpos_ptr + b * skp_b + cols, mask=col_ok, other=-1)
         kt = tl.load(k_base + cols[None, :] * sk_s + d[:, None], mask=col_ok[None, :], other=0.0)  # [Dh, BLOCK_N]
         v = tl.load(v_base + cols[:, None] * sv_s + d[None, :], mask=col_ok[:, None], other=0.0)  # [BLOCK_N, Dh]
-        m_i, l_i, acc = _attend(q, kt, v, _visible(qp, oldest, kp), m_i, l_i, acc, scale2, UPCAST, IEEE)
+        m_i, l_i, acc = attend(q, kt, v, visible(qp, oldest, kp), m_i, l_i, acc, scale2, UPCAST, IEEE)
     out = acc / l_i[:, None]
     o_off = b * so_b + h * so_h + (t * so_t + g * so_g)[:, None] + d[None, :]
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -168,11 +132,11 @@ def _attn_bwd_dq_kernel(
         kp = tl.load(kpos_ptr + b * skp_b + cols, mask=col_ok, other=-1)
         k = tl.load(k_base + cols[:, None] * sk_s + d[None, :], mask=col_ok[:, None], other=0.0)  # [BLOCK_N, Dh]
         vt = tl.load(v_base + cols[None, :] * sv_s + d[:, None], mask=col_ok[None, :], other=0.0)  # [Dh, BLOCK_N]
-        s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, IEEE) * scale2
-        p = tl.exp2(tl.where(_visible(qp, oldest, kp), s, float("-inf")) - lse[:, None])
-        dp = _dot(do, vt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, IEEE)
+        s = dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, IEEE) * scale2
+        p = tl.exp2(tl.where(visible(qp, oldest, kp), s, float("-inf")) - lse[:, None])
+        dp = dot(do, vt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, IEEE)
         ds = p * (dp - delta[:, None])
-        dq = _dot(ds.to(k.dtype), k, dq, UPCAST, IEEE)
+        dq = dot(ds.to(k.dtype), k, dq, UPCAST, IEEE)
     tl.store(dq_ptr + q_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -208,86 +172,16 @@ def _attn_bwd_dkdv_kernel(
         delta = tl.load(delta_ptr + bh * T * G + rows, mask=row_ok, other=0.0)
         qp = tl.load(qpos_ptr + b * sqp_b + t, mask=row_ok, other=-1)
         oldest = tl.maximum(qp - window, -1)
-        st = _dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST, IEEE) * scale2  # [BLOCK_N, BLOCK_M]
+        st = dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST, IEEE) * scale2  # [BLOCK_N, BLOCK_M]
         seen = (kp[:, None] > oldest[None, :]) & (kp[:, None] <= qp[None, :])
         pt = tl.exp2(tl.where(seen, st, float("-inf")) - lse[None, :])
-        dv = _dot(pt.to(do.dtype), do, dv, UPCAST, IEEE)
-        dpt = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST, IEEE)
+        dv = dot(pt.to(do.dtype), do, dv, UPCAST, IEEE)
+        dpt = dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST, IEEE)
         dst = pt * (dpt - delta[None, :])
-        dk = _dot(dst.to(q.dtype), q, dk, UPCAST, IEEE)
+        dk = dot(dst.to(q.dtype), q, dk, UPCAST, IEEE)
     d_off = b * sd_b + h * sd_h + cols[:, None] * sd_s + d[None, :]
     tl.store(dk_ptr + d_off, (dk * scale).to(dk_ptr.dtype.element_ty), mask=col_ok[:, None])
     tl.store(dv_ptr + d_off, dv.to(dv_ptr.dtype.element_ty), mask=col_ok[:, None])
-
-
-@triton.jit
-def _attn_decode_kernel(
-    q_ptr, k_ptr, v_ptr, qpos_ptr, kpos_ptr, part_ptr, stat_ptr,
-    T, S, G, KH, window, scale2, chunk,
-    sq_b, sq_t, sq_h, sq_g, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sqp_b, skp_b,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-):  # fmt: skip
-    """Keys [split * chunk, (split + 1) * chunk) for all T * G <= BLOCK_M rows of one (batch, KV head):
-    the unnormalised output [BLOCK_M, Dh] and the running max and sum (base 2), without the sink."""
-    split, bh = tl.program_id(0), tl.program_id(1)
-    splits = tl.num_programs(0)
-    b, h = bh // KH, bh % KH
-    rows = tl.arange(0, BLOCK_M)
-    row_ok = rows < T * G
-    t, g = rows // G, rows % G
-    d = tl.arange(0, HEAD_DIM)
-    q = tl.load(
-        q_ptr + b * sq_b + h * sq_h + (t * sq_t + g * sq_g)[:, None] + d[None, :], mask=row_ok[:, None], other=0.0
-    )
-    qp = tl.load(qpos_ptr + b * sqp_b + t, mask=row_ok, other=-1)
-    oldest = tl.maximum(qp - window, -1)
-    m_i = tl.full([BLOCK_M], NEG, tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    k_base, v_base = k_ptr + b * sk_b + h * sk_h, v_ptr + b * sv_b + h * sv_h
-    end = tl.minimum(split * chunk + chunk, S)
-    for start in range(split * chunk, end, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        col_ok = cols < end
-        kp = tl.load(kpos_ptr + b * skp_b + cols, mask=col_ok, other=-1)
-        seen = _visible(qp, oldest, kp)
-        if tl.max(tl.max(seen.to(tl.int32), 1), 0) > 0:  # skip tiles nobody sees (empty cache slots)
-            kt = tl.load(k_base + cols[None, :] * sk_s + d[:, None], mask=col_ok[None, :], other=0.0)
-            v = tl.load(v_base + cols[:, None] * sv_s + d[None, :], mask=col_ok[:, None], other=0.0)
-            m_i, l_i, acc = _attend(q, kt, v, seen, m_i, l_i, acc, scale2, UPCAST, IEEE)
-    base = bh * splits + split
-    tl.store(part_ptr + (base * BLOCK_M + rows)[:, None] * HEAD_DIM + d[None, :], acc)
-    tl.store(stat_ptr + (base * 2) * BLOCK_M + rows, m_i)
-    tl.store(stat_ptr + (base * 2 + 1) * BLOCK_M + rows, l_i)
-
-
-@triton.jit
-def _attn_decode_merge_kernel(
-    part_ptr, stat_ptr, sinks_ptr, out_ptr, T, G, KH, splits, so_b, so_t, so_h, so_g,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-):  # fmt: skip
-    """Merge the chunks of one (batch, KV head) and the sink: out = sum_c 2^(m_c - M) acc_c / L."""
-    bh = tl.program_id(0)
-    b, h = bh // KH, bh % KH
-    rows = tl.arange(0, BLOCK_M)
-    row_ok = rows < T * G
-    t, g = rows // G, rows % G
-    d = tl.arange(0, HEAD_DIM)
-    m_i = tl.load(sinks_ptr + h * G + g, mask=row_ok, other=0.0).to(tl.float32) * _LOG2E
-    l_i = tl.full([BLOCK_M], 1.0, tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for split in range(0, splits):
-        base = bh * splits + split
-        m_c = tl.load(stat_ptr + (base * 2) * BLOCK_M + rows)
-        l_c = tl.load(stat_ptr + (base * 2 + 1) * BLOCK_M + rows)
-        acc_c = tl.load(part_ptr + (base * BLOCK_M + rows)[:, None] * HEAD_DIM + d[None, :])
-        m_new = tl.maximum(m_i, m_c)
-        a, c = tl.exp2(m_i - m_new), tl.exp2(m_c - m_new)
-        l_i = l_i * a + l_c * c
-        acc = acc * a[:, None] + acc_c * c[:, None]
-        m_i = m_new
-    o_off = b * so_b + h * so_h + (t * so_t + g * so_g)[:, None] + d[None, :]
-    tl.store(out_ptr + o_off, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 INT_MAX = tl.constexpr(2147483647)  # "no position": larger than any int32 position, its negation smaller
@@ -397,45 +291,11 @@ def _first_last(meet: torch.Tensor) -> torch.Tensor:
     return torch.stack((first, last), -1).to(torch.int32).contiguous()
 
 
-def _positions(pos: torch.Tensor, B: int, n: int, what: str) -> torch.Tensor:
-    if pos.dim() == 1:
-        pos = pos.unsqueeze(0)
-    if pos.dim() != 2 or pos.shape[-1] != n or pos.shape[0] not in (1, B):
-        raise ValueError(f"{what} must be [{n}] or [{B}, {n}] positions, got {tuple(pos.shape)}")
-    return pos.to(torch.int32).expand(B, n).contiguous()
-
-
-def _check(q, k, v, sinks, window):
-    if q.dim() != 5 or k.dim() != 4 or v.shape != k.shape:
-        raise ValueError(
-            f"expected q [B, T, K, G, Dh], k and v [B, S, K, Dh], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    B, T, K, G, Dh = q.shape
-    if k.shape[0] != B or k.shape[2] != K or k.shape[3] != Dh:
-        raise ValueError(f"k {tuple(k.shape)} does not match q {tuple(q.shape)}: expected [{B}, S, {K}, {Dh}]")
-    if sinks.shape != (K * G,):
-        raise ValueError(f"expected one sink per query head, [{K * G}], got {tuple(sinks.shape)}")
-    if Dh not in (16, 32, 64, 128):
-        raise ValueError(f"the Triton attention takes head dims 16, 32, 64 or 128, got {Dh}: use the torch backend")
-    if q.dtype not in (torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k and v must share one dtype, bfloat16 or float32; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if window is not None and window < 1:
-        raise ValueError(f"window must be None (full causal) or at least 1, got {window}")
-
-
-def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _flags(dtype: torch.dtype) -> dict:
-    return dict(UPCAST=INTERPRET, IEEE=dtype == torch.float32)
-
-
 def attention_fwd(q, k, v, sinks, q_pos, k_pos, window):
     """-> out [B, T, K, G, Dh] (q's dtype) and the base-2 log-sum-exp [B, K, T * G] fp32."""
     B, T, K, G, Dh = q.shape
     S = k.shape[1]
-    bm, bn, warps, stages = CONFIGS["fwd"][_path(q.dtype)]
+    bm, bn, warps, stages = CONFIGS["fwd"][path(q.dtype)]
     ranges, _ = tile_ranges(q_pos, k_pos, window, G, bm, bn, keys=False)
     out = torch.empty(B, T, K, G, Dh, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, K, T * G, dtype=torch.float32, device=q.device)
@@ -443,7 +303,7 @@ def attention_fwd(q, k, v, sinks, q_pos, k_pos, window):
     _attn_fwd_kernel[grid](
         q, k, v, sinks, q_pos, k_pos, out, lse, ranges, T, S, G, K, window, LOG2E / math.sqrt(Dh),
         *q.stride()[:4], *k.stride()[:3], *v.stride()[:3], *out.stride()[:4], q_pos.stride(0), k_pos.stride(0),
-        HEAD_DIM=Dh, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **_flags(q.dtype),
+        HEAD_DIM=Dh, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags(q.dtype),
     )  # fmt: skip
     return out, lse
 
@@ -452,7 +312,7 @@ def attention_bwd(do, q, k, v, sinks, out, lse, q_pos, k_pos, window):
     """-> dq, dk, dv (the inputs' dtypes and shapes) and dsinks fp32 [K * G]."""
     B, T, K, G, Dh = q.shape
     S = k.shape[1]
-    bm, bn, warps, stages = CONFIGS["bwd"][_path(q.dtype)]
+    bm, bn, warps, stages = CONFIGS["bwd"][path(q.dtype)]
     q_ranges, k_ranges = tile_ranges(q_pos, k_pos, window, G, bm, bn)
     do = do.contiguous()
     delta = (do.float() * out.float()).sum(-1)  # [B, T, K, G] = rowsum(dO * O)
@@ -465,7 +325,7 @@ def attention_bwd(do, q, k, v, sinks, out, lse, q_pos, k_pos, window):
     dk = torch.empty(B, S, K, Dh, dtype=k.dtype, device=k.device)
     dv = torch.empty_like(dk)
     scale = 1.0 / math.sqrt(Dh)
-    common = dict(HEAD_DIM=Dh, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **_flags(q.dtype))
+    common = dict(HEAD_DIM=Dh, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags(q.dtype))
     qc = q.contiguous()  # dO and dQ are read and written with q's strides
     _attn_bwd_dq_kernel[(triton.cdiv(T * G, bm), B * K)](
         qc, k, v, do, lse, delta_rows, q_pos, k_pos, dq, q_ranges, T, S, G, K, window, LOG2E * scale, scale,
@@ -477,38 +337,6 @@ def attention_bwd(do, q, k, v, sinks, out, lse, q_pos, k_pos, window):
         **common,
     )  # fmt: skip
     return dq, dk, dv, dsinks
-
-
-def attention_decode(q, k, v, sinks, q_pos, k_pos, window, splits: int | None = None):
-    """The split-K forward for T * G <= DECODE_ROWS rows per (batch, KV head); no log-sum-exp, no gradient."""
-    B, T, K, G, Dh = q.shape
-    S = k.shape[1]
-    bm, bn, warps, stages = CONFIGS["decode"][_path(q.dtype)]
-    bm = max(bm, triton.next_power_of_2(T * G))
-    if splits is None:  # about two programs per SM
-        kind = q.device.type  # meta: the compile gate, which sizes the grid for an H100's 132 SMs
-        sms = (
-            torch.cuda.get_device_properties(q.device).multi_processor_count
-            if kind == "cuda"
-            else 132
-            if kind == "meta"
-            else 4
-        )
-        splits = max(1, min(triton.cdiv(S, bn), triton.cdiv(2 * sms, B * K)))
-    chunk = triton.cdiv(triton.cdiv(S, splits), bn) * bn  # keys per chunk, whole tiles
-    splits = triton.cdiv(S, chunk)
-    part = torch.empty(B * K, splits, bm, Dh, dtype=torch.float32, device=q.device)
-    stat = torch.empty(B * K, splits, 2, bm, dtype=torch.float32, device=q.device)
-    out = torch.empty(B, T, K, G, Dh, dtype=q.dtype, device=q.device)
-    _attn_decode_kernel[(splits, B * K)](
-        q, k, v, q_pos, k_pos, part, stat, T, S, G, K, window, LOG2E / math.sqrt(Dh), chunk,
-        *q.stride()[:4], *k.stride()[:3], *v.stride()[:3], q_pos.stride(0), k_pos.stride(0),
-        HEAD_DIM=Dh, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **_flags(q.dtype),
-    )  # fmt: skip
-    _attn_decode_merge_kernel[(B * K,)](
-        part, stat, sinks, out, T, G, K, splits, *out.stride()[:4], HEAD_DIM=Dh, BLOCK_M=bm, num_warps=4
-    )
-    return out
 
 
 class AttentionFunction(torch.autograd.Function):
@@ -536,10 +364,10 @@ def attention_with_sinks(
     window: int | None,  # None: full causal; w: the w most recent keys, the current one included
 ) -> torch.Tensor:  # [B, T, K, G, Dh]
     """gptoss.model.attention_with_sinks on Triton kernels; differentiable in q, k, v and sinks."""
-    _check(q, k, v, sinks, window)
+    check(q, k, v, sinks, window)
     B, T, K, G, Dh = q.shape
-    q_pos, k_pos = _positions(q_pos, B, T, "q_pos"), _positions(k_pos, B, k.shape[1], "k_pos")
-    q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
+    q_pos, k_pos = positions(q_pos, B, T, "q_pos"), positions(k_pos, B, k.shape[1], "k_pos")
+    q, k, v = last_contiguous(q), last_contiguous(k), last_contiguous(v)
     window = NO_WINDOW if window is None else int(window)
     sinks = sinks.contiguous()
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, sinks))

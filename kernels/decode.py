@@ -11,7 +11,7 @@ a layer is:
                                                             buffer, k and v (and the position) into the
                                                             static cache at the step's column
   attention decode       q, the cache                       split-K attention with sinks and its merge
-                                                            (kernels/attention.py, two launches)
+                                                            (kernels/attention_decode.py, two launches)
   _decode_linear_kernel  attention out, W_o, b_o, x         x += o_proj(out), in place
   _decode_router_kernel  x, norm gain, router W, b          RMSNorm; router logits; the normed x for the
                                                             experts (the first program)
@@ -48,7 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gptoss.kernels.attention import NO_WINDOW, attention_decode
+from gptoss.kernels.attention_core import NO_WINDOW
+from gptoss.kernels.attention_decode import attention_decode
 from gptoss.kernels.mxfp4 import INTERPRET, TWO_POW_126, e2m1_f32_words
 
 # (BLOCK_N rows, BLOCK_K columns or BLOCK_G MX blocks of 32, num_warps) per kernel

@@ -1,0 +1,89 @@
+"""What the attention kernels share (gptoss.kernels.attention for training and prefill,
+gptoss.kernels.attention_decode for decoding): the tiles per kernel and dtype, the base-2 online-softmax
+step, the visibility mask, and the checks and layouts of the inputs. The math is described in
+kernels/attention.py."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gptoss.kernels.mxfp4 import INTERPRET
+
+LOG2E = 1.4426950408889634  # also read inside kernels by name, as LOG2E_IN_KERNELS (a constexpr global)
+LOG2E_IN_KERNELS = tl.constexpr(LOG2E)
+NO_WINDOW = 1 << 30  # a window no position reaches: full causal attention
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and dtype path; "interpret" keeps tests fast.
+CONFIGS = {
+    "fwd": {"bf16": (128, 64, 8, 3), "fp32": (32, 32, 4, 2), "interpret": (32, 16, 1, 1)},
+    "bwd": {"bf16": (64, 64, 4, 2), "fp32": (16, 32, 4, 1), "interpret": (32, 16, 1, 1)},
+    "decode": {"bf16": (16, 64, 4, 3), "fp32": (16, 32, 4, 2), "interpret": (16, 16, 1, 1)},
+}
+
+
+def path(dtype: torch.dtype) -> str:
+    return "interpret" if INTERPRET else "fp32" if dtype == torch.float32 else "bf16"
+
+
+@triton.jit
+def dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    if UPCAST:  # the interpreter multiplies bf16 dot operands as raw integers: give it fp32
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    if IEEE:  # fp32 data: full fp32 products (the parity runs), not TF32
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def visible(qp, oldest, kp):
+    """[rows, keys]: key position kp is seen by the query at qp (oldest: the last position too old)."""
+    return (kp[None, :] > oldest[:, None]) & (kp[None, :] <= qp[:, None])
+
+
+@triton.jit
+def attend(q, kt, v, seen, m_i, l_i, acc, scale2, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """One key tile of the online softmax: scores of q [rows, Dh] against kt [Dh, keys] (base 2),
+    masked by `seen`; returns the running max, sum and unnormalised output [rows, Dh] after it."""
+    s = dot(q, kt, tl.zeros((q.shape[0], kt.shape[1]), tl.float32), UPCAST, IEEE) * scale2
+    s = tl.where(seen, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    acc = dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, IEEE)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+
+def positions(pos: torch.Tensor, B: int, n: int, what: str) -> torch.Tensor:
+    if pos.dim() == 1:
+        pos = pos.unsqueeze(0)
+    if pos.dim() != 2 or pos.shape[-1] != n or pos.shape[0] not in (1, B):
+        raise ValueError(f"{what} must be [{n}] or [{B}, {n}] positions, got {tuple(pos.shape)}")
+    return pos.to(torch.int32).expand(B, n).contiguous()
+
+
+def check(q, k, v, sinks, window):
+    if q.dim() != 5 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(
+            f"expected q [B, T, K, G, Dh], k and v [B, S, K, Dh], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    B, T, K, G, Dh = q.shape
+    if k.shape[0] != B or k.shape[2] != K or k.shape[3] != Dh:
+        raise ValueError(f"k {tuple(k.shape)} does not match q {tuple(q.shape)}: expected [{B}, S, {K}, {Dh}]")
+    if sinks.shape != (K * G,):
+        raise ValueError(f"expected one sink per query head, [{K * G}], got {tuple(sinks.shape)}")
+    if Dh not in (16, 32, 64, 128):
+        raise ValueError(f"the Triton attention takes head dims 16, 32, 64 or 128, got {Dh}: use the torch backend")
+    if q.dtype not in (torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share one dtype, bfloat16 or float32; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be None (full causal) or at least 1, got {window}")
+
+
+def last_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def flags(dtype: torch.dtype) -> dict:
+    return dict(UPCAST=INTERPRET, IEEE=dtype == torch.float32)
