@@ -251,26 +251,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from gptoss.train.trainer import TrainConfig, train
+    from gptoss.train.config import from_flags
+    from gptoss.train.trainer import train
 
-    layers = None
-    if args.lora_expert_layers is not None:
-        try:
-            layers = [int(v) for v in args.lora_expert_layers.split(",") if v.strip()]
-        except ValueError:
-            raise UsageError(
-                f"--lora-expert-layers must be comma-separated layer numbers like 7,15,23, found "
-                f"{args.lora_expert_layers!r}"
-            ) from None
-    cfg = TrainConfig(
-        model=args.model, output=args.output, dataset=args.dataset, eval_dataset=args.eval_dataset or None,
-        max_steps=args.max_steps, epochs=args.epochs, lr=args.lr, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-        lora_expert_layers=layers, batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
-        resume=args.resume, save_every=args.save_every, eval_every=args.eval_every, seed=args.seed, dtype=args.dtype,
-        skip_long=args.skip_long, skip_malformed=args.skip_malformed, report_prompts=args.report_prompts,
-        gradient_checkpointing=not args.no_gradient_checkpointing, full_finetune=args.full_finetune,
-        overwrite=args.overwrite,
-    )  # fmt: skip
+    cfg = from_flags(args)
     try:
         records = train(cfg)
     except KeyboardInterrupt:
@@ -367,67 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_generate)
 
-    from gptoss.train.data import BUNDLED_HELDOUT, BUNDLED_TRAIN
-
     p = sub.add_parser("train", help="LoRA fine-tuning on Harmony reasoning data (PEFT-format adapter)")
-    p.add_argument("--model", required=True, type=_path, help="base checkpoint folder (any layout) or hub id")
-    p.add_argument(
-        "--dataset",
-        default=str(BUNDLED_TRAIN),
-        type=_path,
-        help="JSONL/Parquet file, folder or hub dataset id (default: bundled)",
-    )
-    p.add_argument(
-        "--eval-dataset", default=str(BUNDLED_HELDOUT), help="held-out rows for eval loss and the report ('' for none)"
-    )
-    p.add_argument(
-        "--output", required=True, type=_path, help="folder for the adapter, checkpoint, logs, loss plot and report"
-    )
-    p.add_argument("--max-steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
-    p.add_argument("--epochs", type=float, default=1.0, help="passes over the dataset (default: 1)")
-    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default: 2e-4)")
-    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default: 8)")
-    p.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha; scaling is alpha / r (default: 16)")
-    p.add_argument(
-        "--lora-expert-layers",
-        default=None,
-        help="comma-separated layers whose experts get adapters ('' for none; default: the last layer of each third, 7,15,23 on 24 layers)",
-    )
-    p.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch and process (default: 4)")
-    p.add_argument(
-        "--grad-accum", type=int, default=4, help="micro-batches per optimizer step (default: 4; effective batch 16)"
-    )
-    p.add_argument(
-        "--max-length", type=int, default=2048, help="tokens per example; longer rows are truncated (default: 2048)"
-    )
-    p.add_argument("--skip-long", action="store_true", help="skip over-long rows instead of truncating them")
-    p.add_argument("--skip-malformed", action="store_true", help="skip (and count) malformed rows instead of stopping")
-    p.add_argument(
-        "--resume", action="store_true", help="continue the run in OUTPUT from its checkpoint, with the same settings"
-    )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace the run already in OUTPUT (without it, such a folder is refused)",
-    )
-    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (default: 50)")
-    p.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps (default: 50)")
-    p.add_argument("--seed", type=int, default=0, help="seed for adapter init and data order")
-    p.add_argument(
-        "--dtype",
-        choices=["auto", "bf16", "fp32"],
-        default="auto",
-        help="auto: bf16 weights and autocast on CUDA (every Triton kernel on its bf16 path), fp32 on CPU; fp32 for parity runs",
-    )
-    p.add_argument(
-        "--report-prompts", type=int, default=8, help="held-out prompts generated before/after (default: 8; 0: none)"
-    )
-    p.add_argument(
-        "--no-gradient-checkpointing", action="store_true", help="keep activations instead of recomputing each layer"
-    )
-    p.add_argument(
-        "--full-finetune", action="store_true", help="train every parameter (no adapter); for pre-training tiny bases"
-    )
+    from gptoss.train.config import add_flags
+
+    add_flags(p)  # one flag per TrainConfig field, with its help text
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat in the Harmony format")

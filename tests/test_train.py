@@ -385,3 +385,35 @@ def test_resume_from_another_base_model_of_the_same_shape_is_refused(base, tmp_p
     with pytest.raises(TrainError, match="settings differ.*base_weights"):
         Trainer(_cfg(other, tmp_path / "run", max_steps=2, resume=True))
     assert len(Trainer(_cfg(base, tmp_path / "run", max_steps=2, resume=True)).run()) == 0  # the same base resumes
+
+
+def test_the_train_flags_are_the_config_fields():
+    # each flag is made from its TrainConfig field: the defaults are the config's, and every flag reaches
+    # its field (a field added to TrainConfig gets its flag without a second list to keep in step)
+    import dataclasses
+
+    from gptoss.cli import build_parser
+    from gptoss.train.config import TrainConfig, flag_of, from_flags
+
+    parser = build_parser()
+    assert from_flags(parser.parse_args(["train", "--model", "m", "--output", "o"])) == TrainConfig(
+        model="m", output="o"
+    )
+    values = dict(dataset="d.jsonl", eval_dataset="e.jsonl", max_steps=7, epochs=2.5, lr=1e-3, lora_r=4, lora_alpha=8.0,
+                  lora_expert_layers=[0, 2], full_finetune=True, batch_size=3, grad_accum=5, max_length=99, skip_long=True,
+                  skip_malformed=True, save_every=9, eval_every=11, dtype="fp32", gradient_checkpointing=False, seed=13,
+                  report_prompts=0)  # fmt: skip
+    flagged = {f.name: f for f in dataclasses.fields(TrainConfig) if f.metadata.get("flag") is not False}
+    assert set(values) | {"model", "output", "resume", "overwrite"} == set(flagged)
+    argv = ["train", "--model", "m", "--output", "o"]
+    for name, value in values.items():
+        flag = flag_of(flagged[name])
+        if isinstance(value, bool):
+            argv.append(flag)
+        else:
+            argv += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    assert from_flags(parser.parse_args(argv)) == TrainConfig(model="m", output="o", **values)
+    assert (
+        from_flags(parser.parse_args(["train", "--model", "m", "--output", "o", "--eval-dataset", ""])).eval_dataset
+        is None
+    )

@@ -23,7 +23,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -32,9 +32,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from gptoss.adapter import apply_lora, default_expert_layers, lora_parameters, replacing, save_adapter
-from gptoss.errors import UsageError, check_float, check_int
+from gptoss.errors import UsageError
 from gptoss.load import load_model
-from gptoss.train.data import BUNDLED_HELDOUT, BUNDLED_TRAIN, Example, collate, load_dataset
+from gptoss.train.config import TrainConfig
+from gptoss.train.data import Example, collate, load_dataset
 from gptoss.train.loss import next_token_loss
 
 CHECKPOINT = "checkpoint.safetensors"  # trainable tensors + optimizer state; step and settings as JSON metadata
@@ -44,8 +45,6 @@ MANIFEST = "gptoss_run.json"  # the names this trainer wrote into the folder: al
 RUN_FILES = (CHECKPOINT, LEGACY_CHECKPOINT, "adapter_model.safetensors", "adapter_config.json", "train_log.jsonl",
              "loss.png", "report.md", "report.json", "report.png", "model", MANIFEST)  # fmt: skip
 # settings a resume must share with the saved run (the others, such as eval_every, may change)
-MAX_STEPS = 10_000_000  # a run of more optimizer steps is a typo (the recipe's epoch is ~63 steps)
-MAX_EPOCHS = 100_000.0
 RESUME_SETTINGS = ("max_steps", "epochs", "lr", "warmup_ratio", "min_lr_ratio", "weight_decay", "max_grad_norm",
                    "lora_r", "lora_alpha", "lora_expert_layers", "full_finetune", "batch_size", "grad_accum",
                    "max_length", "skip_long", "skip_malformed", "dtype", "seed")  # fmt: skip
@@ -53,81 +52,6 @@ RESUME_SETTINGS = ("max_steps", "epochs", "lr", "warmup_ratio", "min_lr_ratio", 
 
 class TrainError(RuntimeError):
     """Training cannot start or go on; the message says why, what was kept and what to do."""
-
-
-@dataclass
-class TrainConfig:
-    model: str
-    output: str
-    dataset: str = str(BUNDLED_TRAIN)
-    eval_dataset: str | None = str(BUNDLED_HELDOUT)
-    max_steps: int = -1  # > 0 overrides epochs
-    epochs: float = 1.0
-    lr: float = 2e-4
-    warmup_ratio: float = 0.03
-    min_lr_ratio: float = 0.1  # cosine decays to 10% of the peak
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    lora_r: int = 8
-    lora_alpha: float = 16
-    lora_expert_layers: list[int] | None = None  # None: the last layer of each third (7, 15, 23 of 24)
-    full_finetune: bool = False  # train every parameter instead (used by the demo to pre-train a tiny base)
-    batch_size: int = 4  # per process and micro-batch
-    grad_accum: int = 4  # effective batch = batch_size x grad_accum x processes = 16 by default
-    max_length: int = 2048
-    skip_long: bool = False
-    skip_malformed: bool = False
-    save_every: int = 50
-    eval_every: int = 50
-    eval_batches: int = 4
-    dtype: str = "auto"  # auto: bf16 weights (and autocast) on CUDA, fp32 on the CPU
-    gradient_checkpointing: bool = True
-    seed: int = 0
-    resume: bool = False
-    overwrite: bool = False  # replace the run already in `output` (without it, such a folder is refused)
-    report_prompts: int = 8  # held-out prompts generated before and after training (0: no report)
-    report_tokens: int = 96
-
-    def __post_init__(self) -> None:
-        """Types and ranges of every field, named with its command-line flag (UsageError)."""
-
-        def flag(name: str) -> str:
-            return f"{name} (--{name.replace('_', '-')})"
-
-        for name in ("model", "output", "dataset"):
-            if not isinstance(getattr(self, name), (str, os.PathLike)):
-                raise UsageError(f"{flag(name)} must be a path, found {type(getattr(self, name)).__name__}")
-            if not str(getattr(self, name)).strip():  # '' would mean the current folder
-                raise UsageError(f"{flag(name)} is empty: give a path")
-        if self.eval_dataset is not None and not isinstance(self.eval_dataset, (str, os.PathLike)):
-            raise UsageError(f"{flag('eval_dataset')} must be a path or None")
-        if check_int(flag("max_steps"), self.max_steps, -1, MAX_STEPS) == 0:
-            raise UsageError(f"{flag('max_steps')} must be at least 1 (or -1: use --epochs), found 0")
-        check_float(flag("epochs"), self.epochs, 0.0, MAX_EPOCHS, above=True)
-        check_float(flag("lr"), self.lr, 0.0, above=True)
-        check_float(flag("warmup_ratio"), self.warmup_ratio, 0.0, 1.0)
-        check_float(flag("min_lr_ratio"), self.min_lr_ratio, 0.0, 1.0)
-        check_float(flag("weight_decay"), self.weight_decay, 0.0)
-        check_float(flag("max_grad_norm"), self.max_grad_norm, 0.0, above=True)
-        check_int(flag("lora_r"), self.lora_r, 1, 65536)
-        check_float(flag("lora_alpha"), self.lora_alpha, 0.0, above=True)
-        if self.lora_expert_layers is not None:
-            if not isinstance(self.lora_expert_layers, (list, tuple)):
-                raise UsageError(f"{flag('lora_expert_layers')} must be a list of layer numbers")
-            for layer in self.lora_expert_layers:
-                check_int(flag("lora_expert_layers") + " entries", layer, 0)
-        for name in ("batch_size", "grad_accum", "save_every", "eval_every", "eval_batches", "report_tokens"):
-            check_int(flag(name), getattr(self, name), 1)
-        check_int(flag("max_length"), self.max_length, 2)  # a token and the next one to predict
-        check_int(flag("report_prompts"), self.report_prompts, 0)
-        check_int(flag("seed"), self.seed, 0, 2**63 - 1)
-        if self.dtype not in ("auto", "bf16", "fp32"):
-            raise UsageError(f"{flag('dtype')} must be auto, bf16 or fp32, found {self.dtype!r}")
-        for name in ("full_finetune", "skip_long", "skip_malformed", "gradient_checkpointing", "resume", "overwrite"):
-            if not isinstance(getattr(self, name), bool):
-                raise UsageError(f"{flag(name)} must be True or False, found {getattr(self, name)!r}")
-        if self.resume and self.overwrite:
-            raise UsageError("--resume and --overwrite contradict each other: continue the run, or replace it")
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
