@@ -31,7 +31,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"--out {out}: cannot create it ({e.strerror}); give a folder you can write") from None
-    from gptoss.train.trainer import MANIFEST, RUN_FILES
+    from gptoss.train.run_folder import MANIFEST, RUN_FILES
 
     run = sorted(name for name in (*RUN_FILES, MANIFEST) if (out / name).exists())
     if run:  # a training run's adapter and checkpoint are the user's work: never replaced by random weights

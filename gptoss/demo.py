@@ -79,7 +79,7 @@ def _work(folder: Path, args: argparse.Namespace) -> Path:
 
 def _check_work(work: Path) -> list[str]:
     """The run files in the demo's lora/ folder; refused (before any work) if the demo did not write them."""
-    from gptoss.train.trainer import MANIFEST, RUN_FILES, TrainError
+    from gptoss.train.run_folder import MANIFEST, RUN_FILES, TrainError
 
     lora = work / "lora"
     theirs = [name for name in (*RUN_FILES, MANIFEST) if (lora / name).exists()]

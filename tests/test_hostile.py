@@ -30,7 +30,8 @@ from gptoss.cli import main
 from gptoss.load import load_model
 from gptoss.synthetic import write_checkpoint
 from gptoss.train import trainer as trainer_module
-from gptoss.train.trainer import Trainer, read_checkpoint_header
+from gptoss.train.run_folder import read_checkpoint_header
+from gptoss.train.trainer import Trainer
 
 
 @dataclass

@@ -16,7 +16,8 @@ from gptoss import harmony
 from gptoss.synthetic import write_checkpoint
 from gptoss.train import data as train_data
 from gptoss.train.data import MalformedRowError, load_dataset, render_example
-from gptoss.train.trainer import TrainConfig, Trainer, lr_at, read_checkpoint_header
+from gptoss.train.run_folder import read_checkpoint_header
+from gptoss.train.trainer import TrainConfig, Trainer, lr_at
 
 
 def test_loss_mask_covers_exactly_the_assistant_turn():
@@ -347,7 +348,8 @@ def test_under_the_gpu_settings_every_triton_kernel_takes_bf16_operands(tmp_path
 def test_a_second_run_on_a_locked_output_is_refused_naming_the_holder(base, tmp_path, holder):
     import socket
 
-    from gptoss.train.trainer import LOCK, TrainError, train
+    from gptoss.train.run_folder import LOCK, TrainError
+    from gptoss.train.trainer import train
 
     out = tmp_path / "run"
     out.mkdir()
@@ -365,7 +367,8 @@ def test_a_lock_left_by_a_dead_run_is_taken_over_and_released(base, tmp_path, ca
     import socket
     import subprocess
 
-    from gptoss.train.trainer import LOCK, train
+    from gptoss.train.run_folder import LOCK
+    from gptoss.train.trainer import train
 
     gone = subprocess.Popen(["true"])
     gone.wait()  # a pid that no longer runs
@@ -378,7 +381,7 @@ def test_a_lock_left_by_a_dead_run_is_taken_over_and_released(base, tmp_path, ca
 
 
 def test_resume_from_another_base_model_of_the_same_shape_is_refused(base, tmp_path):
-    from gptoss.train.trainer import TrainError
+    from gptoss.train.run_folder import TrainError
 
     other = write_checkpoint(tmp_path / "other-base", TRAIN_CONFIG, "hf-mxfp4", seed=3)  # same shape, other weights
     Trainer(_cfg(base, tmp_path / "run", max_steps=2)).run()
