@@ -369,6 +369,38 @@ CASES = [
     ("top-k-word", lambda t: gen(FX.hf, "--top-k", "all"), 2, "--top-k"),
     ("seed-huge", lambda t: gen(FX.hf, "--seed", str(2**64)), 2, "--seed"),
     ("temperature-infinite", lambda t: gen(FX.hf, "--temperature", "inf"), 2, "--temperature"),
+    # config fields past any gpt-oss shape (bounded, the reason in the message)
+    ("config-rope-theta-huge", lambda t: info(hf_with(t, rope_theta=1e308)), 1, "rope_theta"),
+    ("config-yarn-factor-huge", lambda t: info(hf_with(t, rope_scaling={"rope_type": "yarn", "factor": 1e300,
+     "beta_fast": 32.0, "beta_slow": 1.0, "original_max_position_embeddings": 4096})), 1, "factor"),  # fmt: skip
+    ("config-swiglu-limit-tiny", lambda t: info(hf_with(t, swiglu_limit=1e-300)), 1, "swiglu_limit"),
+    ("config-window-huge", lambda t: info(hf_with(t, sliding_window=10**18)), 1, "sliding_window"),
+    ("config-vocab-huge", lambda t: info(hf_with(t, vocab_size=10**12)), 1, "vocab_size"),
+    ("config-negative-width", lambda t: info(hf_with(t, hidden_size=-64)), 1, "hidden_size"),
+    ("config-top-k-zero", lambda t: info(hf_with(t, num_experts_per_tok=0, experts_per_token=0)), 1,
+     "num_experts_per_tok"),
+    ("config-top-k-above-experts", lambda t: info(hf_with(t, num_experts_per_tok=99, experts_per_token=99)), 1,
+     "num_experts_per_tok"),
+    ("config-zero-head-dim", lambda t: info(hf_with(t, head_dim=0)), 1, "head_dim"),
+    ("config-zero-context", lambda t: info(hf_with(t, max_position_embeddings=0)), 1, "max_position_embeddings"),
+    ("config-theta-string", lambda t: info(hf_with(t, rope_theta="150000")), 1, "rope_theta"),
+    # generation flags of the wrong kind
+    ("generate-dtype-fp16", lambda t: gen(FX.hf, "--dtype", "fp16"), 2, "--dtype"),
+    ("generate-experts-unknown", lambda t: gen(FX.hf, "--experts", "int4"), 2, "--experts"),
+    ("generate-effort-unknown", lambda t: gen(FX.hf, "--reasoning-effort", "max"), 2, "--reasoning-effort"),
+    ("top-p-nan", lambda t: gen(FX.hf, "--top-p", "nan"), 2, "--top-p"),
+    ("top-p-negative", lambda t: gen(FX.hf, "--top-p=-0.5"), 2, "--top-p"),
+    ("temperature-word", lambda t: gen(FX.hf, "--temperature", "hot"), 2, "--temperature"),
+    ("seed-word", lambda t: gen(FX.hf, "--seed", "lucky"), 2, "--seed"),
+    # training flags of the wrong kind or size
+    ("lora-alpha-negative", lambda t: train_args(FX, t / "o", "--lora-alpha=-16"), 2, "--lora-alpha"),
+    ("lora-r-word", lambda t: train_args(FX, t / "o", "--lora-r", "eight"), 2, "--lora-r"),
+    ("max-length-one", lambda t: train_args(FX, t / "o", "--max-length", "1"), 2, "--max-length"),
+    ("batch-size-negative", lambda t: train_args(FX, t / "o", "--batch-size=-4"), 2, "--batch-size"),
+    ("report-prompts-negative", lambda t: train_args(FX, t / "o", "--report-prompts=-1"), 2, "--report-prompts"),
+    ("save-every-negative", lambda t: train_args(FX, t / "o", "--save-every=-10"), 2, "--save-every"),
+    ("train-dtype-unknown", lambda t: train_args(FX, t / "o", "--dtype", "fp8"), 2, "--dtype"),
+    ("train-seed-huge", lambda t: train_args(FX, t / "o", "--seed", str(2**70)), 2, "--seed"),
 ]  # fmt: skip
 
 
