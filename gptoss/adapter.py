@@ -246,6 +246,10 @@ def load_adapter(model: GptOss, folder: str | Path) -> GptOss:
     if not folder.is_dir():
         raise FileNotFoundError(f"adapter folder {folder} does not exist; pass the --output folder of a training run")
     for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if (folder / name).exists() and not (folder / name).is_file():  # a pipe would block the read
+            raise AdapterError(
+                f"{folder / name} is not a regular file (a pipe, a device or a folder); re-save the adapter"
+            )
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder} is not a PEFT adapter: {name} is missing")
     config = read_adapter_config(folder)

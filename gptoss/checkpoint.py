@@ -496,7 +496,7 @@ class TensorIndex:
             self.files = {name: folder / file for name, file in weight_map.items()}
             shards = sorted(set(self.files.values()))
             for file in shards:
-                if not file.is_file():
+                if not file.exists():
                     raise CheckpointError(
                         f"shard {file.name} listed in {index.name} is missing from {folder}; re-download it"
                     )
@@ -531,6 +531,11 @@ class TensorIndex:
 
     def _open(self, file: Path):
         if file not in self._handles:
+            if not file.is_file():  # a FIFO, a device or a folder named like a shard: opening a FIFO blocks forever
+                raise CheckpointError(
+                    f"{file} is not a regular file (a pipe, a device or a folder named like a shard); put the "
+                    "checkpoint's file there"
+                )
             try:
                 self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
             except (SafetensorError, OSError) as e:

@@ -181,6 +181,18 @@ def point_outside(tmp: Path, how: str) -> Path:
     return folder
 
 
+def fifo_in(folder: Path, name: str, config: bool = False, replace: bool = False) -> Path:
+    """`folder` with a named pipe called `name` in it (replacing a file of that name), and the checkpoint's
+    config.json beside it when asked."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if config:
+        shutil.copy(FX.hf / "config.json", folder / "config.json")
+    if replace:
+        (folder / name).unlink()
+    os.mkfifo(folder / name)
+    return folder
+
+
 def shard_of(folder: Path, name: str) -> Path:
     return folder / index_of(folder)[name]
 
@@ -401,6 +413,13 @@ CASES = [
     ("save-every-negative", lambda t: train_args(FX, t / "o", "--save-every=-10"), 2, "--save-every"),
     ("train-dtype-unknown", lambda t: train_args(FX, t / "o", "--dtype", "fp8"), 2, "--dtype"),
     ("train-seed-huge", lambda t: train_args(FX, t / "o", "--seed", str(2**70)), 2, "--seed"),
+    # pipes named like the files a command reads: opening one waits for a writer, perhaps forever
+    ("model-shard-a-pipe", lambda t: info(fifo_in(t, "model.safetensors", config=True)), 1, "not a regular file"),
+    ("dataset-a-pipe", lambda t: train_args(FX, t / "o", "--dataset", str(fifo_in(t, "rows.jsonl") / "rows.jsonl")),
+     1, "not a regular file"),  # fmt: skip
+    ("adapter-a-pipe", lambda t: gen(FX.hf, "--adapter", str(fifo_in(copy(FX.adapter, t, "adapter"),
+                                                                     "adapter_model.safetensors", replace=True))), 1,
+     "not a regular file"),  # fmt: skip
 ]  # fmt: skip
 
 

@@ -133,6 +133,8 @@ def read_rows(source: str | Path) -> list[dict]:
         if not files:
             raise FileNotFoundError(f"{path} holds no .jsonl or .parquet files")
         return [row for file in files for row in read_rows(file)]
+    if not path.is_file():  # reading a FIFO blocks until a writer comes, perhaps never
+        raise DatasetError(f"dataset {path} is not a regular file (a pipe or a device); give a .jsonl or .parquet file")
     if path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
