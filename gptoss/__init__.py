@@ -5,6 +5,10 @@ from importlib.machinery import ModuleSpec
 from importlib.util import module_from_spec
 from pathlib import Path
 
+# the top-level folders a checkout maps into the package, gptoss.<folder> (pyproject.toml's package-dir
+# says the same for a built wheel; tests/test_packaging.py holds the two together)
+MAPPED_FOLDERS = ("kernels", "train")
+
 
 def _map_checkout_folders() -> None:
     """In a checkout (editable install, or the repository root on sys.path), name the top-level folders
@@ -18,7 +22,7 @@ def _map_checkout_folders() -> None:
     here = Path(__file__).resolve().parent
     if not (here.parent / "pyproject.toml").is_file():
         return
-    for name in ("kernels", "train"):
+    for name in MAPPED_FOLDERS:
         folder = here.parent / name
         if (here / name).exists() or not folder.is_dir() or f"{__name__}.{name}" in sys.modules:
             continue

@@ -55,3 +55,13 @@ TRAIN_CONFIG = ModelConfig(
     num_hidden_layers=2, hidden_size=64, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
     head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
 )  # fmt: skip
+
+
+def package_dirs() -> dict[str, str]:
+    """pyproject.toml's [tool.setuptools.package-dir]: package name -> the repository folder it is built from
+    (the one place that says where gptoss.kernels and gptoss.train come from)."""
+    import tomllib
+    from pathlib import Path
+
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    return dict(tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-dir"])

@@ -8,8 +8,10 @@ core); gptoss.cli, gptoss.__main__ and gptoss.demo (the commands and the demo, o
 import ast
 from pathlib import Path
 
+from conftest import package_dirs
+
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = {"gptoss": ROOT / "gptoss", "gptoss.kernels": ROOT / "kernels", "gptoss.train": ROOT / "train"}
+PACKAGES = {"gptoss": ROOT / "gptoss", **{name: ROOT / folder for name, folder in package_dirs().items()}}
 ON_TOP = {"gptoss.cli", "gptoss.__main__", "gptoss.demo"}  # may import the trainer: they sit on top of both
 
 

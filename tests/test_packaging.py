@@ -14,9 +14,17 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from conftest import package_dirs
 
 ROOT = Path(__file__).resolve().parent.parent
-FOLDERS = {"gptoss": ROOT / "gptoss", "gptoss/kernels": ROOT / "kernels", "gptoss/train": ROOT / "train"}
+FOLDERS = {"gptoss": ROOT / "gptoss", **{name.replace(".", "/"): ROOT / d for name, d in package_dirs().items()}}
+
+
+def test_the_checkout_maps_the_folders_the_wheel_is_built_from():
+    # gptoss/__init__.py maps kernels/ and train/ in a checkout; pyproject.toml's package-dir builds the wheel
+    from gptoss import MAPPED_FOLDERS
+
+    assert {f"gptoss.{folder}": folder for folder in MAPPED_FOLDERS} == package_dirs()
 
 
 def run_python(*args: str, cwd: Path, env: dict | None = None) -> dict:
