@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from gptoss.checkpoint import LAYOUTS
-from gptoss.errors import UsageError, check_float, check_int
+from gptoss.errors import UsageError, check_float, check_int, path_flag
 from gptoss.generate import speed_line
 
 SYNTH_FILES = ("config.json", "generation_config.json", "dtypes.json", "model.safetensors.index.json")
@@ -269,7 +269,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _add_model_args(p: argparse.ArgumentParser, sampling: bool = True) -> None:
     from gptoss.harmony import REASONING_EFFORTS
 
-    p.add_argument("--model", required=True, type=_path, help="checkpoint folder (any layout), HF repo root, or hub id")
+    p.add_argument(
+        "--model", required=True, type=path_flag, help="checkpoint folder (any layout), HF repo root, or hub id"
+    )
     p.add_argument("--developer", default=None, help="developer instructions, e.g. 'reasoning language: French'")
     p.add_argument("--reasoning-effort", choices=REASONING_EFFORTS, default="medium", help="system message setting")
     p.add_argument("--max-new-tokens", type=int, default=256, help="token budget per reply (default: 256)")
@@ -280,7 +282,7 @@ def _add_model_args(p: argparse.ArgumentParser, sampling: bool = True) -> None:
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="compute dtype (default: bf16)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument(
-        "--adapter", default=None, type=_path, help="a PEFT LoRA adapter folder (the --output of gptoss train)"
+        "--adapter", default=None, type=path_flag, help="a PEFT LoRA adapter folder (the --output of gptoss train)"
     )
     p.add_argument(
         "--experts",
@@ -289,13 +291,6 @@ def _add_model_args(p: argparse.ArgumentParser, sampling: bool = True) -> None:
         help="mxfp4: decode each expert per use (least memory); dense: decode all once at load (faster on a CPU, "
         "3.8x the expert memory); auto (default): dense on a CPU when that takes at most half the free memory",
     )
-
-
-def _path(text: str) -> str:
-    """A path flag's value; '' (the current folder, by accident) is refused."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("is empty: give a path")
-    return text
 
 
 class _Parser(argparse.ArgumentParser):
@@ -314,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="write a random checkpoint in a real gpt-oss on-disk layout")
     p.add_argument("--preset", choices=list(PRESETS), default="tiny", help="model shape (default: tiny)")
     p.add_argument("--layout", choices=LAYOUTS, default="hf-mxfp4", help="on-disk layout (default: hf-mxfp4)")
-    p.add_argument("--out", required=True, type=_path, help="folder to write the checkpoint into")
+    p.add_argument("--out", required=True, type=path_flag, help="folder to write the checkpoint into")
     p.add_argument(
         "--seed", type=int, default=0, help="random seed; the same seed gives the same model in every layout"
     )
@@ -326,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="print the parameter table of a checkpoint or a preset")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--model", type=_path, help="checkpoint folder or hub id")
+    g.add_argument("--model", type=path_flag, help="checkpoint folder or hub id")
     g.add_argument("--preset", choices=list(PRESETS), help="a named configuration")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     p.set_defaults(func=cmd_info)
@@ -338,7 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=64, help="tokens in the forward pass (default: 64)")
     p.add_argument("--no-train", action="store_true", help="stop after generation (skip pre-training and LoRA)")
     p.add_argument(
-        "--work", default=None, type=_path, help="folder for the demo's training runs (default: beside the checkpoint)"
+        "--work",
+        default=None,
+        type=path_flag,
+        help="folder for the demo's training runs (default: beside the checkpoint)",
     )
     p.add_argument("--base-steps", type=int, default=200, help="pre-training steps of the tiny base (default: 200)")
     p.add_argument("--lora-steps", type=int, default=150, help="LoRA steps (default: 150)")

@@ -43,3 +43,12 @@ def check_float(
     if maximum is not None and value > maximum:
         raise UsageError(f"{name} must be at most {maximum}, found {value}")
     return float(value)
+
+
+def path_flag(text: str) -> str:
+    """argparse type of a path flag: '' (the current folder, by accident) is refused."""
+    import argparse
+
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: give a path")
+    return text

@@ -28,6 +28,7 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+
 # E2M1 -> bf16, four packed bytes in ($4) -> low-nibble values of bytes 0..3 ($0 = bytes 0,1; $1 = 2,3)
 # and high-nibble values ($2, $3). The steps, as (op, dest, source, operand); tests/test_mxfp4_kernel.py
 # runs this very list through a bit-exact model of each instruction on every byte pair.
@@ -37,13 +38,21 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 #            x (64 + 4096) puts its magnitude at bits 6-8 and its sign at 15; the high nibble x (4 + 256) too
 #   and      keep bits 6-8 and 15 of each half
 #   bf16x2   times 2^126 (0x7E80) in both halves: E2M1 * 2^-126 -> E2M1, exact
+def _nibbles(word: str) -> tuple:
+    """The steps both E2M1 programs start with: gather the bytes of `word` a pair per 16-bit half, then
+    keep one nibble per half (u0, u1: the low nibbles of bytes 0,1 and 2,3; u2, u3: the high ones)."""
+    return (
+        ("prmt", "t0", word, 0x4140),
+        ("prmt", "t1", word, 0x4342),
+        ("and", "u0", "t0", 0x000F000F),
+        ("and", "u1", "t1", 0x000F000F),
+        ("and", "u2", "t0", 0x00F000F0),
+        ("and", "u3", "t1", 0x00F000F0),
+    )
+
+
 E2M1_PTX = (
-    ("prmt", "t0", "$4", 0x4140),
-    ("prmt", "t1", "$4", 0x4342),
-    ("and", "u0", "t0", 0x000F000F),
-    ("and", "u1", "t1", 0x000F000F),
-    ("and", "u2", "t0", 0x00F000F0),
-    ("and", "u3", "t1", 0x00F000F0),
+    *_nibbles("$4"),
     ("mul", "u0", "u0", 64 + 4096),
     ("mul", "u1", "u1", 64 + 4096),
     ("mul", "u2", "u2", 4 + 256),
@@ -67,12 +76,7 @@ E2M1_PTX = (
 # the top mantissa bit of fp32) and the sign at 31, the other value of the 16-bit pair shifted out of the
 # register or into bits the mask drops. 2.75 integer instructions per value, no bf16 -> fp32 conversion.
 E2M1_F32_PTX = (
-    ("prmt", "t0", "$8", 0x4140),
-    ("prmt", "t1", "$8", 0x4342),
-    ("and", "u0", "t0", 0x000F000F),
-    ("and", "u1", "t1", 0x000F000F),
-    ("and", "u2", "t0", 0x00F000F0),
-    ("and", "u3", "t1", 0x00F000F0),
+    *_nibbles("$8"),
     *(
         step
         for dst, src, factor in (

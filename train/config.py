@@ -10,7 +10,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-from gptoss.errors import UsageError, check_float, check_int
+from gptoss.errors import UsageError, check_float, check_int, path_flag
 from gptoss.train.data import BUNDLED_HELDOUT, BUNDLED_TRAIN
 
 MAX_STEPS = 10_000_000  # a run of more optimizer steps is a typo (the recipe's epoch is ~63 steps)
@@ -108,12 +108,6 @@ class TrainConfig:
             raise UsageError("--resume and --overwrite contradict each other: continue the run, or replace it")
 
 
-def _path(text: str) -> str:
-    if not text.strip():
-        raise argparse.ArgumentTypeError("is empty: give a path")
-    return text
-
-
 def _layers(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
@@ -139,7 +133,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                                 help=meta["help"])  # fmt: skip
             continue
         kind = {"int": int, "float": float}.get(
-            f.type, _layers if meta.get("layers") else _path if meta.get("path") else str
+            f.type, _layers if meta.get("layers") else path_flag if meta.get("path") else str
         )
         shown = "" if required or f.default is None or "default" in meta["help"] else f" (default: {f.default})"
         parser.add_argument(flag_of(f), dest=f.name, type=kind, required=required, default=None if required else f.default,
