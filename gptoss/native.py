@@ -397,8 +397,11 @@ def decode_attention(
         raise TypeError(f"expected q in bf16 or fp32 and an fp32 cache, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.stride() != v.stride() or k.stride(1) != Dh or k.stride(3) != 1:  # to the cache's [B, K, S, Dh] layout
         k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
-    q_pos = q_pos.reshape(-1, 1).expand(B, 1).reshape(B).contiguous()
-    k_pos = k_pos.reshape(-1, S).expand(B, S)
+    if q_pos.dtype not in (torch.int32, torch.int64) or k_pos.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"expected integer positions (int32 or int64), got {q_pos.dtype} and {k_pos.dtype}")
+    # the kernel reads int64; the cache keeps int32 (gptoss.generate.LayerCache): S values converted here
+    q_pos = q_pos.reshape(-1, 1).expand(B, 1).reshape(B).to(torch.int64).contiguous()
+    k_pos = k_pos.reshape(-1, S).expand(B, S).to(torch.int64)
     if k_pos.stride(1) != 1:
         k_pos = k_pos.contiguous()
     sinks = sinks.detach().float().contiguous()

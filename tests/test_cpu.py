@@ -120,3 +120,26 @@ def test_available_tells_what_this_cpu_packs():
     flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
     if "avx2" in flags and {"avx512bw", "avx512vl", "avx512dq"} - flags and "avx_ne_convert" not in flags:
         assert not available(torch.bfloat16)  # the probe says so up front, instead of a crash at the first product
+
+
+def test_prepacked_fp32_model_decodes_as_the_reference_past_the_window(checkpoint):
+    """Decoding steps on the native attention kernel, reading the cache's own int32 positions, with
+    prompts shorter and longer than the sliding window: the tokens of the reference, and every step's
+    logits within the fp32 summation-order tolerance."""
+    from gptoss.cpu import DecodeAttention
+
+    plain = load_model(checkpoint, dtype=torch.float32)
+    packed = load_model(checkpoint, dtype=torch.float32, prepack="auto")
+    assert isinstance(packed.model.layers[0].self_attn, DecodeAttention)
+    window = plain.config.sliding_window
+    prompts = [list(range(5, 8)), list(range(40, 40 + 2 * window + 3))]
+    steps: dict[str, list] = {"plain": [], "packed": []}
+    for name, model in (("plain", plain), ("packed", packed)):
+        lm_head = model.lm_head.forward
+        model.lm_head.forward = lambda x, f=lm_head, n=name: steps[n].append(f(x)) or steps[n][-1]
+        tokens = generate(model, prompts, max_new_tokens=8, temperature=0.0, stop_tokens=())
+        steps[name].append(tokens)
+    assert steps["plain"][-1] == steps["packed"][-1]
+    assert len(steps["plain"]) == len(steps["packed"]) == 9
+    for a, b in zip(steps["plain"][:-1], steps["packed"][:-1]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)

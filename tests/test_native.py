@@ -294,9 +294,10 @@ def test_direct_linear_keeps_large_weights_native_up_to_eight_rows(monkeypatch):
         assert calls == native_rows
 
 
+@pytest.mark.parametrize("positions", [torch.int64, torch.int32])  # int32: the cache's own (LayerCache.pos)
 @pytest.mark.parametrize("window", [None, 3])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_decode_attention_is_the_reference_at_one_token(window, dtype):
+def test_decode_attention_is_the_reference_at_one_token(window, dtype, positions):
     # one query per sequence against a cache laid out as gptoss.generate keeps it ([B, K, slots, Dh]
     # fp32, read through its [B, S, K, Dh] view, a prefix of the slots): left padding (position -1),
     # a ring whose positions are out of order, a window, sinks large enough to matter. fp32 sums in
@@ -307,8 +308,8 @@ def test_decode_attention_is_the_reference_at_one_token(window, dtype):
     B, K, G, Dh, slots, S = 2, 2, 3, 16, 9, 7
     cache_k, cache_v = torch.randn(B, K, slots, Dh, generator=g), torch.randn(B, K, slots, Dh, generator=g)
     k, v = cache_k[:, :, :S].transpose(1, 2), cache_v[:, :, :S].transpose(1, 2)  # [B, S, K, Dh], strided
-    k_pos = torch.tensor([[-1, -1, 0, 1, 2, 3, 4], [5, 6, 0, 1, 2, 3, 4]])  # padding; a ring (slot = pos % 7)
-    q_pos = torch.tensor([[4], [6]])
+    k_pos = torch.tensor([[-1, -1, 0, 1, 2, 3, 4], [5, 6, 0, 1, 2, 3, 4]], dtype=positions)  # padding; a ring
+    q_pos = torch.tensor([[4], [6]], dtype=positions)
     q = (3 * torch.randn(B, 1, K, G, Dh, generator=g)).to(dtype)
     sinks = torch.randn(K * G, generator=g) * 2
     want = attention_with_sinks(q, k, v, sinks, q_pos, k_pos, window).float()
