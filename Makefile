@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | cksum | cut -d'
 $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m venv $(VENV)
 	$(PIP) torch==2.13.0 'setuptools>=68'  # the CPU build of torch (see README); setuptools builds the package below
-	$(PIP) --no-build-isolation -e '.[test,bench,dev]'
+	$(PIP) --no-build-isolation -e '.[test,bench,dev,app]'
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)
@@ -30,7 +30,7 @@ lint: $(STAMP)
 lock:
 	rm -rf .venv-lock && $(PY) -m venv .venv-lock
 	.venv-lock/bin/pip install --quiet --disable-pip-version-check torch==2.13.0 'setuptools>=68'
-	.venv-lock/bin/pip install --quiet --disable-pip-version-check --no-build-isolation -e '.[test,bench,dev]'
+	.venv-lock/bin/pip install --quiet --disable-pip-version-check --no-build-isolation -e '.[test,bench,dev,app]'
 	{ echo "# The exact versions \`make test\` last passed with (pip constraints; refresh: make lock)."; \
 	  echo "# pyproject.toml keeps open ranges for users; this file only pins what CI and make install."; \
 	  .venv-lock/bin/pip freeze --all --exclude-editable --disable-pip-version-check | grep -v -i '^pip==' | sed 's/+cpu$$//'; \

@@ -107,6 +107,23 @@ class ExpertLoRA(nn.Module):
         return (self.scaling * F.linear(F.linear(x.to(a_e.dtype), a_e), b_e)).to(x.dtype)
 
 
+@contextlib.contextmanager
+def adapter_disabled(model: GptOss):
+    """Inside the block the model computes as its base: every LoRA update (attention and experts) is
+    scaled by 0 and the scalings are restored on exit. One model serves both, so there is never a second
+    copy. The tokens are the base's exactly: an update is 0 * a finite value (load_adapter refuses
+    non-finite factors) and y + 0 is y. Not thread-safe: hold the model for the whole block."""
+    modules = [m for m in model.modules() if isinstance(m, (LoRALinear, ExpertLoRA))]
+    saved = [m.scaling for m in modules]
+    for m in modules:
+        m.scaling = 0.0
+    try:
+        yield model
+    finally:
+        for m, scaling in zip(modules, saved):
+            m.scaling = scaling
+
+
 def _attach_expert_lora(experts, which: str, r: int, alpha: float) -> None:
     experts.lora[which] = ExpertLoRA.on(experts, which, r, alpha)
 

@@ -250,6 +250,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history += [turn, {"role": "assistant", "content": reply.final if reply.error is None else reply.raw}]
 
 
+def cmd_app(args: argparse.Namespace) -> int:
+    from gptoss.app import run
+
+    if not args.host.strip():
+        raise UsageError("--host is empty: give an address to listen on, e.g. 127.0.0.1")
+    check_device("--device", args.device)
+    return run(args, _load)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from gptoss.train.config import from_flags
     from gptoss.train.trainer import train
@@ -266,12 +275,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_model_args(p: argparse.ArgumentParser, sampling: bool = True) -> None:
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """The flags of a command that loads a model and generates: the load flags and the sampling flags."""
     from gptoss.harmony import REASONING_EFFORTS
 
-    p.add_argument(
-        "--model", required=True, type=path_flag, help="checkpoint folder (any layout), HF repo root, or hub id"
-    )
+    _add_load_args(p)
     p.add_argument("--developer", default=None, help="developer instructions, e.g. 'reasoning language: French'")
     p.add_argument("--reasoning-effort", choices=REASONING_EFFORTS, default="medium", help="system message setting")
     p.add_argument("--max-new-tokens", type=int, default=256, help="token budget per reply (default: 256)")
@@ -279,6 +287,13 @@ def _add_model_args(p: argparse.ArgumentParser, sampling: bool = True) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 = all (default)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+
+
+def _add_load_args(p: argparse.ArgumentParser) -> None:
+    """The flags _load reads: the checkpoint, an adapter, dtype, device and the experts' form."""
+    p.add_argument(
+        "--model", required=True, type=path_flag, help="checkpoint folder (any layout), HF repo root, or hub id"
+    )
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="compute dtype (default: bf16)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument(
@@ -358,6 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive multi-turn chat in the Harmony format")
     _add_model_args(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser(
+        "app", help="a local web page: one question, base and base + adapter side by side (needs gptoss[app])"
+    )
+    _add_load_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
+    p.set_defaults(func=cmd_app)
     return parser
 
 

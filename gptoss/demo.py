@@ -11,6 +11,7 @@ as the command line does.
 from __future__ import annotations
 
 import argparse
+import shlex
 import time
 from pathlib import Path
 
@@ -146,6 +147,9 @@ def _demo_training(folder: Path, args: argparse.Namespace) -> int:
     print(f"      loss {records[0]['loss']:.3f} -> {records[-1]['loss']:.3f}; adapter, log, loss.png in {lora}")
     report = trainer.report or {}
     _print_demo_report(report)
+    command = ["gptoss", "app", "--model", str(base / "model"), "--adapter", str(lora), "--dtype", "fp32"]
+    print("      Ask your own question, base and fine-tune side by side (a page on http://localhost:7860):")
+    print("      " + shlex.join(command))
     return 0
 
 

@@ -54,6 +54,8 @@ def test_demo_runs_a_forward_pass(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "using the tiny checkpoint" in out and "[4/6] pre-training" in out and "[6/6] held-out prompts" in out
     assert "a seen language, reasoning requested in" in out and "an unseen language, reasoning requested in" in out
+    lora = tmp_path / "demo-run" / "lora"
+    assert f"gptoss app --model {tmp_path / 'demo-run' / 'base' / 'model'} --adapter {lora} --dtype fp32" in out
     for name in ("adapter_config.json", "adapter_model.safetensors", "report.md", "report.json", "report.png"):
         assert (tmp_path / "demo-run" / "lora" / name).exists(), name
     assert main(["demo", "--dir", str(tmp_path / "tiny"), "--tokens", "8", "--quick"]) == 0  # the base is cached

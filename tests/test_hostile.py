@@ -15,6 +15,7 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -122,6 +123,27 @@ def info(folder) -> list[str]:
 def gen(folder, *extra: str) -> list[str]:
     return ["generate", "--model", str(folder), "--prompt", "hi", "--max-new-tokens", "2", "--temperature", "0",
             "--dtype", "fp32", *extra]  # fmt: skip
+
+
+def app(folder, *extra: str) -> list[str]:
+    return ["app", "--model", str(folder), "--dtype", "fp32", "--port", str(free_port()), *extra]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+LISTENING: list[socket.socket] = []  # held open for the row that finds its port taken
+
+
+def taken_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    LISTENING.append(s)
+    return s.getsockname()[1]
 
 
 def adapter_with(tmp: Path, config=None, drop=(), tensors=None) -> Path:
@@ -413,6 +435,19 @@ CASES = [
     ("save-every-negative", lambda t: train_args(FX, t / "o", "--save-every=-10"), 2, "--save-every"),
     ("train-dtype-unknown", lambda t: train_args(FX, t / "o", "--dtype", "fp8"), 2, "--dtype"),
     ("train-seed-huge", lambda t: train_args(FX, t / "o", "--seed", str(2**70)), 2, "--seed"),
+    # the app's flags: all refused before the page is served
+    ("app-port-zero", lambda t: app(FX.hf, "--port", "0"), 2, "--port"),
+    ("app-port-negative", lambda t: app(FX.hf, "--port=-80"), 2, "--port"),
+    ("app-port-huge", lambda t: app(FX.hf, "--port", "70000"), 2, "--port"),
+    ("app-port-word", lambda t: app(FX.hf, "--port", "http"), 2, "--port"),
+    ("app-port-taken", lambda t: app(FX.hf, "--port", str(taken_port())), 2, "--port"),
+    ("app-host-empty", lambda t: app(FX.hf, "--host", ""), 2, "--host"),
+    ("app-host-not-here", lambda t: app(FX.hf, "--host", "192.0.2.1"), 2, "--host"),  # TEST-NET: never local
+    ("app-host-malformed", lambda t: app(FX.hf, "--host", "a" * 300), 2, "--host"),
+    ("app-model-missing", lambda t: app(t / "nothing"), 1, "does not exist"),
+    ("app-adapter-missing", lambda t: app(FX.hf, "--adapter", str(t / "none")), 1, "does not exist"),
+    ("app-dtype-fp16", lambda t: app(FX.hf, "--dtype", "fp16"), 2, "--dtype"),
+    ("app-device-unknown", lambda t: app(FX.hf, "--device", "tpu"), 2, "--device"),
     # pipes named like the files a command reads: opening one waits for a writer, perhaps forever
     ("model-shard-a-pipe", lambda t: info(fifo_in(t, "model.safetensors", config=True)), 1, "not a regular file"),
     ("dataset-a-pipe", lambda t: train_args(FX, t / "o", "--dataset", str(fifo_in(t, "rows.jsonl") / "rows.jsonl")),
@@ -460,6 +495,7 @@ CLASSES = (
         "empty paths",
         lambda i: i.endswith("-empty") and i.startswith(("train-", "synth-", "demo-", "generate-", "info-")),
     ),
+    ("the app", lambda i: i.startswith("app-")),
     ("devices", lambda i: "device" in i),
     (
         "checkpoints and configs",
