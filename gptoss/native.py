@@ -1,7 +1,9 @@
-"""MXFP4 kernels for the CPU in C (gptoss/csrc/mxfp4_cpu.c), built at first use with the system's C
-compiler and called through ctypes: no Python headers, no build step at install, about a second to
-compile. The library is cached under the gptoss cache folder, keyed by the source, the compiler and
-this CPU's instruction sets (it is built with -march=native).
+"""MXFP4 kernels for the CPU in C (gptoss/csrc/: native.h says which file does what), built at first
+use with the system's C compiler into one library and called through ctypes: no Python headers, no
+build step at install, about a second to compile. The library is cached under the gptoss cache folder,
+keyed by the sources, the compiler, this CPU's instruction sets and the target: -march=native unless
+GPTOSS_NATIVE_MARCH names another (x86-64 is the portable build, with no AVX-512: the suite builds it
+too, so the fallback paths compile and run in every test run).
 
 Without a compiler (or with GPTOSS_NATIVE=0) nothing breaks: `available()` is False, the CPU fast
 path stays off and says so once on stderr, and MXFP4 experts are decoded with torch operations.
@@ -27,7 +29,29 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "mxfp4_cpu.c"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = tuple(sorted(CSRC.glob("*.c")))  # built together; the headers (*.h) are part of the cache key
+STATUS = {  # enum gptoss_status in csrc/native.h
+    0: None,
+    1: "this build of the native kernels has no kernel for it (no AVX512-BF16)",
+    2: "a width that is not a multiple of 32, or an empty batch",
+    3: "a routed expert id outside the layer's experts",
+    4: "scratch memory could not be allocated",
+}
+
+
+def march() -> str:
+    """The -march the library is built for: GPTOSS_NATIVE_MARCH, else native."""
+    value = os.environ.get("GPTOSS_NATIVE_MARCH", "").strip() or "native"
+    if not value.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise ValueError(f"GPTOSS_NATIVE_MARCH={value!r} is not a -march name (e.g. native, x86-64, sapphirerapids)")
+    return value
+
+
+def _sources_digest() -> bytes:
+    return b"".join(p.name.encode() + p.read_bytes() for p in sorted(CSRC.glob("*.[ch]")))
+
+
 _reason: str | None = None  # why the kernels are off, once known
 _told = False
 
@@ -46,9 +70,9 @@ BUILD_TIMEOUT_S = 120  # one build takes about a second; a compiler still runnin
 VERSION_TIMEOUT_S = 20
 
 
-def _compile(cc: str, out: Path) -> str | None:
-    """Build the library at `out`; None on success, else the compiler's first error line."""
-    base = [cc, "-O3", "-march=native", "-std=c11", "-shared", "-fPIC", str(SOURCE), "-lm"]
+def _compile(cc: str, out: Path, target: str = "native") -> str | None:
+    """Build the library at `out` for -march=`target`; None on success, else the compiler's first error line."""
+    base = [cc, "-O3", f"-march={target}", "-std=c11", "-shared", "-fPIC", f"-I{CSRC}", *map(str, SOURCES), "-lm"]
     error = ""
     for extra in (["-fopenmp"], []):  # without OpenMP the kernels run on one core
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
@@ -99,7 +123,42 @@ def _unsafe_folder(folder: Path) -> str | None:
 
 
 SYMBOLS = ("gptoss_mxfp4_linear", "gptoss_mxfp4_dequant", "gptoss_mxfp4_simd", "gptoss_mxfp4_bf16_dot",
-           "gptoss_bf16_linear", "gptoss_mxfp4_moe", "gptoss_decode_attention")  # fmt: skip
+           "gptoss_bf16_linear", "gptoss_mxfp4_moe", "gptoss_decode_attention", "gptoss_layout")  # fmt: skip
+
+_P, _I64, _F32, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int32
+
+
+class MoEArgs(ctypes.Structure):
+    """struct gptoss_moe_args (csrc/native.h), field for field."""
+
+    _fields_ = [
+        *[(name, _P) for name in ("x", "ids", "weights", "gate_up_blocks", "gate_up_scales", "gate_up_bias",
+                                   "down_blocks", "down_scales", "down_bias", "out")],
+        *[(name, _I64) for name in ("T", "D", "k", "E", "I")],
+        ("alpha", _F32), ("limit", _F32), ("threads", _I32),
+    ]  # fmt: skip
+
+
+class AttentionArgs(ctypes.Structure):
+    """struct gptoss_attention_args (csrc/native.h), field for field."""
+
+    _fields_ = [
+        *[(name, _P) for name in ("q", "k", "v", "sinks", "k_pos", "q_pos", "out")],
+        *[(name, _I64) for name in ("B", "K", "G", "Dh", "S", "batch_stride", "head_stride", "pos_stride", "window")],
+        ("q_bf16", _I32), ("threads", _I32),
+    ]  # fmt: skip
+
+
+STRUCTS = (MoEArgs, AttentionArgs)  # gptoss_layout(which, ...) numbers them in this order
+
+
+def _status(call: str, code: int) -> None:
+    """Raise for a non-zero gptoss_status, naming the call and what the code means."""
+    if code == 0:
+        return
+    why = STATUS.get(code, f"unknown status {code}")
+    error = {1: RuntimeError, 2: ValueError, 3: ValueError, 4: MemoryError}.get(code, RuntimeError)
+    raise error(f"the native {call} failed: {why}")
 
 
 def _failed_before(marker: Path) -> str | None:
@@ -147,7 +206,14 @@ def _library() -> ctypes.CDLL | None:
         return None
     which = Path(shutil.which(cc)).resolve()
     stat = which.stat()
-    compiler = hashlib.sha256(f"{which}:{stat.st_size}:{stat.st_mtime_ns}".encode() + SOURCE.read_bytes()).hexdigest()
+    try:
+        target = march()
+    except ValueError as e:
+        _reason = str(e)
+        return None
+    compiler = hashlib.sha256(
+        f"{which}:{stat.st_size}:{stat.st_mtime_ns}:{target}".encode() + _sources_digest()
+    ).hexdigest()
     marker = folder / f"build_failed_{compiler[:16]}"  # this compiler binary, this source
     if (_reason := _failed_before(marker)) is not None:
         return None
@@ -157,10 +223,10 @@ def _library() -> ctypes.CDLL | None:
         _reason = f"the C compiler {cc} does not run ({e})"
         _remember_failure(marker, _reason)
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + _cpu_flags().encode()).hexdigest()[:16]
-    path = folder / f"libgptoss_mxfp4_{key}.so"
+    key = hashlib.sha256(_sources_digest() + version.encode() + _cpu_flags().encode() + target.encode()).hexdigest()
+    path = folder / f"libgptoss_mxfp4_{key[:16]}.so"
     if not _verified(path):  # missing, or not the file a build here wrote: build it again
-        _reason = _compile(cc, path)
+        _reason = _compile(cc, path, target)
         if _reason is not None:
             _remember_failure(marker, _reason)
             return None
@@ -176,20 +242,16 @@ def _library() -> ctypes.CDLL | None:
     if missing := [name for name in SYMBOLS if not hasattr(lib, name)]:
         _reason = f"{path} lacks {', '.join(missing)}: not this version's library"
         return None
-    i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    i64, ptr, i32 = _I64, _P, _I32
     lib.gptoss_mxfp4_linear.argtypes = [ptr, i32, i64, i64, ptr, ptr, ptr, i64, ptr, i32]
-    lib.gptoss_mxfp4_linear.restype = i32
     lib.gptoss_mxfp4_dequant.argtypes = [ptr, ptr, i64, i64, ptr, i32, i32]
-    lib.gptoss_mxfp4_dequant.restype = None
-    lib.gptoss_mxfp4_simd.restype = i32
-    lib.gptoss_mxfp4_bf16_dot.restype = i32
     lib.gptoss_bf16_linear.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i32]
-    lib.gptoss_bf16_linear.restype = i32
-    f32 = ctypes.c_float
-    lib.gptoss_mxfp4_moe.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, f32, f32, ptr, i32]  # fmt: skip
-    lib.gptoss_mxfp4_moe.restype = i32
-    lib.gptoss_decode_attention.argtypes = [ptr, i32, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, ptr, i32]  # fmt: skip
-    lib.gptoss_decode_attention.restype = i32
+    lib.gptoss_mxfp4_moe.argtypes = [ctypes.POINTER(MoEArgs)]
+    lib.gptoss_decode_attention.argtypes = [ctypes.POINTER(AttentionArgs)]
+    lib.gptoss_layout.argtypes = [i32, i32]
+    lib.gptoss_layout.restype = i64
+    for name in SYMBOLS[:-1]:
+        getattr(lib, name).restype = i32
     return lib
 
 
@@ -252,15 +314,11 @@ def dequantize(
     elif out.shape != (rows, groups * 32) or out.dtype != dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous [{rows}, {groups * 32}] {dtype} tensor")
     blocks, scales = blocks.contiguous(), scales.contiguous()
-    lib.gptoss_mxfp4_dequant(
-        blocks.data_ptr(),
-        scales.data_ptr(),
-        rows,
-        groups,
-        out.data_ptr(),
-        int(dtype == torch.bfloat16),
+    status = lib.gptoss_mxfp4_dequant(
+        blocks.data_ptr(), scales.data_ptr(), rows, groups, out.data_ptr(), int(dtype == torch.bfloat16),
         torch.get_num_threads(),
-    )
+    )  # fmt: skip
+    _status("MXFP4 dequantization", status)
     return out
 
 
@@ -288,8 +346,7 @@ def linear(
         x.data_ptr(), int(x.dtype == torch.bfloat16), x.shape[0], x.shape[1], blocks.data_ptr(), scales.data_ptr(),
         None if bias is None else bias.data_ptr(), out_features, y.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
-    if status != 0:
-        raise MemoryError(f"the native MXFP4 linear could not allocate {2 * x.numel() * 4} bytes of scratch memory")
+    _status("MXFP4 linear", status)
     return y
 
 
@@ -310,10 +367,11 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     x, weight = x.contiguous(), weight.contiguous()
     bias = None if bias is None else bias.contiguous()
     y = torch.empty(x.shape[0], out_features, dtype=torch.bfloat16)
-    lib.gptoss_bf16_linear(
+    status = lib.gptoss_bf16_linear(
         x.data_ptr(), x.shape[0], in_features, weight.data_ptr(), None if bias is None else bias.data_ptr(),
         out_features, y.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
+    _status("bf16 linear", status)
     return y
 
 
@@ -360,14 +418,16 @@ def moe(
     args = [t.contiguous() for t in (x_TD, ids_Tk.long(), weights_Tk, b1, s1, bias1, b2, s2, bias2)]
     out = torch.empty(T, D, dtype=torch.bfloat16)
     x, ids, w, b1, s1, bias1, b2, s2, bias2 = args
-    status = lib.gptoss_mxfp4_moe(
-        x.data_ptr(), T, D, ids.shape[1], ids.data_ptr(), w.data_ptr(), E, I2 // 2, b1.data_ptr(), s1.data_ptr(),
-        bias1.data_ptr(), b2.data_ptr(), s2.data_ptr(), bias2.data_ptr(), alpha, limit, out.data_ptr(), torch.get_num_threads(),
+    call = MoEArgs(
+        x=x.data_ptr(), ids=ids.data_ptr(), weights=w.data_ptr(), gate_up_blocks=b1.data_ptr(),
+        gate_up_scales=s1.data_ptr(), gate_up_bias=bias1.data_ptr(), down_blocks=b2.data_ptr(),
+        down_scales=s2.data_ptr(), down_bias=bias2.data_ptr(), out=out.data_ptr(), T=T, D=D, k=ids.shape[1], E=E,
+        I=I2 // 2, alpha=alpha, limit=limit, threads=torch.get_num_threads(),
     )  # fmt: skip
-    if status != 0:
-        if not bool(((ids >= 0) & (ids < E)).all()):
-            raise ValueError(f"expert ids must be in 0 .. {E - 1}, got {ids.min().item()} .. {ids.max().item()}")
-        raise MemoryError("the native MoE could not allocate its scratch memory")
+    status = lib.gptoss_mxfp4_moe(ctypes.byref(call))
+    if status == 3:
+        raise ValueError(f"expert ids must be in 0 .. {E - 1}, got {ids.min().item()} .. {ids.max().item()}")
+    _status("MoE", status)
     return out
 
 
@@ -409,13 +469,13 @@ def decode_attention(
         raise ValueError(f"expected sinks [{K * G}], got {tuple(sinks.shape)}")
     q = q.contiguous()
     out = torch.empty_like(q)
-    status = lib.gptoss_decode_attention(
-        q.data_ptr(), int(q.dtype == torch.bfloat16), B, K, G, Dh, k.data_ptr(), v.data_ptr(), S, k.stride(0),
-        k.stride(2), k_pos.data_ptr(), k_pos.stride(0), q_pos.data_ptr(), sinks.data_ptr(),
-        -1 if window is None else window, out.data_ptr(), torch.get_num_threads(),
+    call = AttentionArgs(
+        q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), sinks=sinks.data_ptr(), k_pos=k_pos.data_ptr(),
+        q_pos=q_pos.data_ptr(), out=out.data_ptr(), B=B, K=K, G=G, Dh=Dh, S=S, batch_stride=k.stride(0),
+        head_stride=k.stride(2), pos_stride=k_pos.stride(0), window=-1 if window is None else window,
+        q_bf16=int(q.dtype == torch.bfloat16), threads=torch.get_num_threads(),
     )  # fmt: skip
-    if status != 0:
-        raise MemoryError("the native decode attention could not allocate its scratch memory")
+    _status("decode attention", lib.gptoss_decode_attention(ctypes.byref(call)))
     return out
 
 

@@ -315,8 +315,10 @@ def test_the_page_answers_in_two_columns_and_reports_bad_input(server, browser):
     el("#ask").click()
     _wait(
         lambda: any(s in text("tuned-status") for s in finished),
-        what=lambda: f"an answer after a stop (statuses {text('base-status')!r}, {text('tuned-status')!r}, Ask button "
-        f"{el('#ask').text!r})",
+        what=lambda: (
+            f"an answer after a stop (statuses {text('base-status')!r}, {text('tuned-status')!r}, Ask button "
+            f"{el('#ask').text!r})"
+        ),
     )
     assert "Traceback" not in log.read_text()
 

@@ -1,8 +1,12 @@
-"""The native MXFP4 CPU kernels (gptoss/native.py, gptoss/csrc/mxfp4_cpu.c) against the torch
+"""The native MXFP4 CPU kernels (gptoss/native.py, gptoss/csrc/*.c) against the torch
 reference: dequantization bit for bit; the fused product within the rounding its fp32 sums allow;
 a model on them against the same model on the reference path; and what happens without a compiler."""
 
+import ctypes
 import os
+import platform
+import re
+import shutil
 import subprocess
 import sys
 
@@ -434,3 +438,88 @@ def test_a_hanging_compiler_costs_one_run_its_timeout_not_every_run(fresh_cache,
     monkeypatch.setenv("GPTOSS_NATIVE_RETRY", "1")  # asked to: it tries again
     assert native._library() is None and "earlier run" not in native.reason()
     assert calls.read_text().count("\n") > (1 if hangs_on == "version" else 2)
+
+
+# -- the build variants, the argument structs and the status codes ---------------------------------------
+
+
+def test_the_ctypes_mirrors_match_the_c_structs():
+    lib = native._library()
+    for which, struct in enumerate(native.STRUCTS):
+        assert lib.gptoss_layout(which, -1) == ctypes.sizeof(struct), struct.__name__
+        offsets = [lib.gptoss_layout(which, i) for i in range(len(struct._fields_) + 1)]
+        assert offsets[-1] == -1, f"struct {struct.__name__} in C has more fields than its mirror"
+        assert offsets[:-1] == [getattr(struct, name).offset for name, _ in struct._fields_], struct.__name__
+
+
+def test_every_status_code_has_its_message():
+    header = (native.CSRC / "native.h").read_text()
+    codes = {int(v): name for name, v in re.findall(r"^\s+GPTOSS_(\w+) = (\d+),", header, flags=re.M)}
+    assert set(codes) == set(native.STATUS) and codes[0] == "OK" and native.STATUS[0] is None
+    for code in set(codes) - {0}:
+        with pytest.raises((RuntimeError, ValueError, MemoryError), match=re.escape(native.STATUS[code])):
+            native._status("product", code)
+    assert len(set(native.STATUS.values())) == len(native.STATUS)  # distinct: nothing left to guess
+    # a call this build has no kernel for says so (here, or a bad shape on a CPU that has the kernel)
+    status = native._library().gptoss_mxfp4_moe(ctypes.byref(native.MoEArgs()))
+    assert status == (2 if native.bf16_dot() else 1)
+
+
+def test_the_portable_build_compiles_runs_and_agrees(fresh_cache, monkeypatch):
+    """GPTOSS_NATIVE_MARCH=x86-64: the build without AVX-512 (or AVX2) that any x86-64 runs, its own
+    library in the cache. Decoding and attention are the same sums in the same order: bitwise equal to
+    the default build. The MXFP4 product too where the default build is also portable C (no AVX-512),
+    else within fp32 rounding of a different order of sums."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86-64 is the portable target of x86 machines")
+    native_lib = native._library()
+    blocks, scales = _codes(64, 4, lo=110, hi=140)  # finite products: NaN is never equal to itself
+    x = torch.randn(3, 128)
+    q, k = torch.randn(2, 1, 2, 3, 16), torch.randn(2, 7, 2, 16)
+    args = (q, k, k.flip(1), torch.randn(6), torch.tensor([[6], [5]]), torch.arange(7), 4)
+    wide = native.simd()
+    want = (
+        native.dequantize(blocks, scales, torch.float32),
+        native.linear(x, blocks, scales),
+        native.decode_attention(*args),
+    )
+    monkeypatch.setenv("GPTOSS_NATIVE_MARCH", "x86-64")
+    native._library.cache_clear()
+    portable = native._library()
+    assert portable is not None and portable is not native_lib, native.reason()
+    assert native.simd() == 0 and not native.bf16_dot()
+    got = (
+        native.dequantize(blocks, scales, torch.float32),
+        native.linear(x, blocks, scales),
+        native.decode_attention(*args),
+    )
+    assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
+    if wide == 0:
+        assert torch.equal(got[1], want[1])
+    else:
+        torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    assert len(list(fresh_cache.glob("libgptoss_mxfp4_*.so"))) == 2  # one library per target
+
+
+def test_the_avx512_variant_compiles_on_any_machine(tmp_path):
+    """The AVX-512 and AVX512-BF16 paths (the MXFP4 product, the MoE, the bf16 product) compile for
+    Sapphire Rapids even where this CPU cannot run them, with every warning an error."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("no C compiler for x86-64 here")
+    out = tmp_path / "avx512.so"
+    done = subprocess.run(
+        [cc, "-O3", "-march=sapphirerapids", "-std=c11", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", "-fopenmp",
+         f"-I{native.CSRC}", *map(str, native.SOURCES), "-lm", "-o", str(out)], capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    symbols = subprocess.run(["nm", "-D", str(out)], capture_output=True, text=True).stdout
+    assert all(name in symbols for name in native.SYMBOLS)
+    assert "vdpbf16ps" in subprocess.run(["objdump", "-d", str(out)], capture_output=True, text=True).stdout
+
+
+@pytest.mark.parametrize("value, why", [("bogus;rm -rf", "is not a -march name"), ("nosuchcpu", "failed")])
+def test_a_bad_native_march_turns_the_kernels_off_with_the_reason(fresh_cache, monkeypatch, value, why):
+    monkeypatch.setenv("GPTOSS_NATIVE_MARCH", value)
+    assert not native.available()
+    assert why in native.reason() and (value in native.reason() or "march" in native.reason())
