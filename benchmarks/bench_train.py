@@ -246,7 +246,7 @@ def theirs_real(name, ids, mask, device, dtype, steps_n):
     import peft
     from transformers import GptOssConfig, GptOssForCausalLM
 
-    from gptoss.checkpoint import hf_config_json
+    from gptoss.checkpoint_write import hf_config_json
 
     config = get_preset(name)
     hf_json = hf_config_json(config, quantized=False)

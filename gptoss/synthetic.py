@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from gptoss import mxfp4
-from gptoss.checkpoint import canonical_spec, save_checkpoint
+from gptoss.checkpoint import canonical_spec
+from gptoss.checkpoint_write import save_checkpoint
 from gptoss.config import ModelConfig
 from gptoss.model import GptOss
 
@@ -98,7 +99,7 @@ def write_checkpoint(
     max_shard_bytes: int | None = None,
     progress: bool = False,
 ) -> Path:
-    """A checkpoint of `config` in `layout` in `folder` (gptoss.checkpoint.save_checkpoint): random
+    """A checkpoint of `config` in `layout` in `folder` (gptoss.checkpoint_write.save_checkpoint): random
     weights from `seed`, made tensor by tensor as the writer streams them, or `tensors` given in
     canonical names (HF MXFP4 names: experts as `*_blocks`/`*_scales`). Returns the folder."""
     producers = tensors if tensors is not None else {

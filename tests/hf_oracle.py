@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from gptoss import mxfp4
-from gptoss.checkpoint import hf_config_json
+from gptoss.checkpoint_write import hf_config_json
 from gptoss.config import ModelConfig
 
 

@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 
 import gptoss.load
 from gptoss import get_preset, load_model
-from gptoss.checkpoint import CheckpointError, _shard, _shard_names, disk_spec, open_checkpoint
+from gptoss.checkpoint import CheckpointError, disk_spec, open_checkpoint
+from gptoss.checkpoint_write import _shard, _shard_names
 from gptoss.synthetic import random_model, write_checkpoint
 
 

@@ -4,7 +4,7 @@ import sys
 import pytest
 import torch
 
-from gptoss.checkpoint import write_safetensors
+from gptoss.checkpoint_write import write_safetensors
 from gptoss.cli import build_parser, main
 
 

@@ -465,7 +465,7 @@ class Trainer:
         self.save_checkpoint()
         if self.rank == 0:
             if cfg.full_finetune:  # the whole model, in the HF MXFP4 layout (experts are not trained)
-                from gptoss.checkpoint import save_checkpoint
+                from gptoss.checkpoint_write import save_checkpoint
 
                 save_checkpoint(self.out / "model", self.model.config, "hf-mxfp4", self.model.state_dict())
             else:
