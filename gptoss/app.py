@@ -27,8 +27,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from gptoss.errors import UsageError, check_float, check_int
+from gptoss.train.make_dataset import HELDOUT_ONLY, TRAIN_REASONING
 
-LANGUAGES = ("English", "French", "German", "Spanish", "Italian", "Portuguese", "Dutch")  # the bundled set's seven
+LANGUAGES = (*TRAIN_REASONING, *HELDOUT_ONLY)  # the bundled set's seven reasoning languages
+
 MAX_QUESTION_CHARS = 200_000  # beyond this a question is refused before it is tokenized (~50k tokens)
 MAX_REPLY_TOKENS = 4096
 UPDATES_PER_S = 20  # the page is redrawn at most this often while tokens arrive (and once at the end)

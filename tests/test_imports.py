@@ -3,7 +3,8 @@ never imports the trainer, and no module imports itself back through others.
 
 Floors, bottom up: gptoss.errors, gptoss.config, gptoss.mxfp4 ... gptoss.model, gptoss.adapter,
 gptoss.load (the core, with the Triton kernels in gptoss.kernels); gptoss.train (the trainer, on the
-core); gptoss.cli, gptoss.__main__ and gptoss.demo (the commands and the demo, on both)."""
+core); gptoss.cli, gptoss.__main__, gptoss.demo and gptoss.app (the commands, the demo and its page,
+on both)."""
 
 import ast
 from pathlib import Path
@@ -12,7 +13,7 @@ from conftest import package_dirs
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"gptoss": ROOT / "gptoss", **{name: ROOT / folder for name, folder in package_dirs().items()}}
-ON_TOP = {"gptoss.cli", "gptoss.__main__", "gptoss.demo"}  # may import the trainer: they sit on top of both
+ON_TOP = {"gptoss.cli", "gptoss.__main__", "gptoss.demo", "gptoss.app"}  # may import the trainer: they sit on top of both
 
 
 def modules() -> dict[str, Path]:
