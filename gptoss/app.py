@@ -291,16 +291,18 @@ def build_page(engine: Engine, title: str = "gptoss"):
             raw = [gr.Textbox(label=f"{name}: the reply's tokens (id, text)", lines=8, interactive=False)
                    for name in (["base", "base + adapter"] if two else ["model"])]  # fmt: skip
 
-        # The Ask button: disabled by the answer's first update only, enabled by its last or by Stop. No
-        # later update touches it, so none can disable it again after Stop; a bad field raises before the
-        # first update and leaves it as it was. A second click while it runs is refused (the button is off,
-        # and a click event runs once at a time); another page's question waits in the queue, its position
-        # shown on its outputs.
+        # The Ask button: disabled by the answer's first update, enabled by its last (Stop ends the worker,
+        # so the answer reaches its last update at once); a bad field raises before the first update and
+        # leaves it as it was. A second click while one runs is refused (the button is off, and a click
+        # event runs once at a time); another page's question waits in the queue, its position shown on its
+        # outputs.
         busy, idle = gr.update(interactive=False), gr.update(interactive=True)
 
-        def answer(q, lang, eff, dev, n, temp, p, k, s):
+        halts: dict[str, threading.Event] = {}  # the running question's stop event, by page session
+
+        def answer(q, lang, eff, dev, n, temp, p, k, s, request: gr.Request):
             r = Request(q, lang, eff, dev or "", n, temp, p, k, s)
-            halt = threading.Event()
+            halt = halts[request.session_hash] = threading.Event()
             try:
                 first = engine.check(r)
             except AppError as e:
@@ -315,16 +317,26 @@ def build_page(engine: Engine, title: str = "gptoss"):
                     )  # fmt: skip
                     button = gr.update()
             finally:
-                halt.set()  # a closed tab or Stop closes this generator: the worker ends at its next token
+                halt.set()  # a closed tab closes this generator: the worker ends at its next token
+                if halts.get(request.session_hash) is halt:
+                    del halts[request.session_hash]
             yield (idle, *[gr.update()] * (len(boxes) + 2 + len(raw)))
 
+        def halt_session(request: gr.Request):
+            """Stop: this page's running question ends at its next token; its columns say "stopped" and
+            its last update enables Ask again (a question still waiting in the queue runs when its turn comes)."""
+            event = halts.get(request.session_hash)
+            if event is not None:
+                event.set()
+
+        # gradio passes the request to a parameter annotated gr.Request; this module's annotations are
+        # strings (PEP 563) naming a local import it cannot resolve, so the class is set here
+        answer.__annotations__["request"] = halt_session.__annotations__["request"] = gr.Request
         outputs = [ask, *boxes, rendered, prompt_ids, *raw]
         inputs = [question, language, effort, developer, max_new, temperature, top_p, top_k, seed]
-        runs = [
+        for trigger in (ask.click, question.submit):
             trigger(answer, inputs, outputs, concurrency_limit=1, concurrency_id="model")
-            for trigger in (ask.click, question.submit)
-        ]
-        stop.click(lambda: idle, None, ask, cancels=runs)
+        stop.click(halt_session, None, None, queue=False)
     return page
 
 

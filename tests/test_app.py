@@ -250,7 +250,7 @@ def server(files, tmp_path_factory):
         proc.wait(30)
 
 
-def _wait(predicate, seconds=90, what=""):
+def _wait(predicate, seconds=180, what=""):
     deadline = time.time() + seconds
     while time.time() < deadline:
         value = predicate()
@@ -311,6 +311,7 @@ def test_the_page_answers_in_two_columns_and_reports_bad_input(server, browser):
     _wait(lambda: "generating" in text("base-status"), 60, "the generation to start")
     assert not el("#ask").is_enabled()  # no second question from this page while one runs
     el("#stop").click()
+    _wait(lambda: "stopped" in text("base-status") and "stopped" in text("tuned-status"), 60, "the stopped state")
     _wait(lambda: el("#ask").is_enabled(), 30, "the Ask button back")
     el("#ask").click()
     _wait(
@@ -335,6 +336,6 @@ def test_the_page_answers_in_two_columns_and_reports_bad_input(server, browser):
     el("#question textarea").send_keys(Keys.CONTROL, "a")
     el("#question textarea").send_keys("Combien font 7 plus 8 ?")
     el("#ask").click()
-    _wait(lambda: "Combien font 7 plus 8" in box("rendered"), 90, "the first tab's prompt")
-    _wait(lambda: any(s in text("tuned-status") for s in finished) and el("#ask").is_enabled(), 90, "its answer")
+    _wait(lambda: "Combien font 7 plus 8" in box("rendered"), 180, "the first tab's prompt")
+    _wait(lambda: any(s in text("tuned-status") for s in finished) and el("#ask").is_enabled(), 180, "its answer")
     assert "Traceback" not in log.read_text()
