@@ -122,26 +122,23 @@ class Engine:
                 f"Reasoning effort must be one of {', '.join(harmony.REASONING_EFFORTS)}, found {r.effort!r}."
             )
         try:
-            max_new = _number("Max new tokens", r.max_new_tokens, int)
-            seed = None if r.seed is None else _number("Seed", r.seed, int)
-            check_sampling(
-                check_int("Max new tokens", max_new, 1, MAX_REPLY_TOKENS),
-                check_float("Temperature", _number("Temperature", r.temperature, float), 0.0),
-                _number("Top-p", r.top_p, float),
-                _number("Top-k", r.top_k, int),
-                seed,
-            )
+            # the fields as numbers, written back: generate receives exactly what was checked
+            r.max_new_tokens = check_int("Max new tokens", _number("Max new tokens", r.max_new_tokens, int), 1,
+                                         MAX_REPLY_TOKENS)  # fmt: skip
+            r.temperature = check_float("Temperature", _number("Temperature", r.temperature, float), 0.0)
+            r.top_p, r.top_k = _number("Top-p", r.top_p, float), _number("Top-k", r.top_k, int)
+            r.seed = None if r.seed is None else _number("Seed", r.seed, int)
+            check_sampling(r.max_new_tokens, r.temperature, r.top_p, r.top_k, r.seed)
         except UsageError as e:
             raise AppError(f"{e}.") from None
-        r.max_new_tokens, r.top_k, r.seed = max_new, _number("Top-k", r.top_k, int), seed
         developer = f"reasoning language: {language}" + (f"\n\n{r.developer.strip()}" if r.developer.strip() else "")
         conversation = harmony.build_conversation(
             [{"role": "user", "content": r.question}], developer=developer, reasoning_effort=r.effort
         )
         prompt = harmony.render_prompt(conversation)
-        if len(prompt) + max_new > self.context:
+        if len(prompt) + r.max_new_tokens > self.context:
             raise AppError(
-                f"The prompt is {len(prompt):,} tokens and a reply of up to {max_new:,} more would pass the model's "
+                f"The prompt is {len(prompt):,} tokens and a reply of up to {r.max_new_tokens:,} more would pass the model's "
                 f"context of {self.context:,}: shorten the question or lower Max new tokens."
             )
         return prompt
@@ -307,13 +304,13 @@ def build_page(engine: Engine, title: str = "gptoss"):
                 first = engine.check(r)
             except AppError as e:
                 raise gr.Error(str(e), print_exception=False) from None
-            button = busy
+            button, harmony_tab = busy, (harmony.decode(first), ", ".join(map(str, first)))  # the prompt: once
             try:
-                for prompt, base, tuned in engine.ask(r, halt):
+                for _, base, tuned in engine.ask(r, halt):
                     cols = [base] + ([tuned or Column()] if two else [])
                     yield (
-                        button, *[v for c in cols for v in (*c.shown, c.status)],
-                        harmony.decode(prompt), ", ".join(map(str, first)), *[token_lines(c.tokens) for c in cols],
+                        button, *[v for c in cols for v in (*c.shown, c.status)], *harmony_tab,
+                        *[token_lines(c.tokens) for c in cols],
                     )  # fmt: skip
                     button = gr.update()
             finally:
