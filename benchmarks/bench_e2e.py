@@ -74,11 +74,9 @@ REPEATS = {"tiny": 5, "gpt-oss-20b": 1, "gpt-oss-120b": 1}
 def bytes_per_token(c: ModelConfig) -> float:
     """Weights read to decode one token at batch 1 (performance anchors, section 1.4): k experts
     (MXFP4 + bf16 biases), attention and router (bf16) per layer, and the bf16 unembedding."""
-    D, I = c.hidden_size, c.intermediate_size
-    expert = 3 * I * D * 4.25 / 8 + (2 * I + D) * 2
-    attention = ((c.q_dim + 2 * c.kv_dim) * (D + 1) + (c.q_dim + 1) * D + c.num_attention_heads) * 2
-    router = c.num_local_experts * (D + 1) * 2
-    return c.num_hidden_layers * (c.num_experts_per_tok * expert + attention + router) + c.vocab_size * D * 2
+    expert = c.expert_weight_params * 4.25 / 8 + c.expert_bias_params * 2
+    layer = c.num_experts_per_tok * expert + (c.attention_params + c.router_params) * 2
+    return c.num_hidden_layers * layer + c.vocab_size * c.hidden_size * 2
 
 
 LAUNCH_FLOOR_US = 2.0  # what a kernel costs at least on Hopper, inside a CUDA graph (gpu-decode-analysis.md: ~1.8)
@@ -146,8 +144,13 @@ def run_ours(folder, config, backend, prompt_len, new_tokens, device, repeats, f
         else:
             model = load_model(folder, device=device, backend=backend, **options)
         kind = type(model.model.layers[0].mlp.experts).__name__
-        experts = ("dense bf16" if not model.model.layers[0].mlp.experts.quantized
-                   else "MXFP4, native CPU kernels" if kind == "MXFP4Experts" else "MXFP4, decoded per use")  # fmt: skip
+        experts = (
+            "dense bf16"
+            if not model.model.layers[0].mlp.experts.quantized
+            else "MXFP4, native CPU kernels"
+            if kind == "MXFP4Experts"
+            else "MXFP4, decoded per use"
+        )
         packed = isinstance(model.lm_head, PackedLinear)
         load_s = time.perf_counter() - start
         gen = torch.Generator().manual_seed(0)
@@ -259,13 +262,21 @@ def main() -> None:
     parser.add_argument(
         "--impls", default=None, help="comma-separated implementations to run (default: all of this device's)"
     )
-    parser.add_argument("--random-weights", action="store_true",
-                        help="our implementations draw the model on the device (gptoss.synthetic.random_model) "
-                        "instead of loading a checkpoint: no disk (gpt-oss-120b's is 65 GB), load_s is the draw; "
-                        "transformers is not run")  # fmt: skip
-    parser.add_argument("--prompt-tokens", type=int, default=None, metavar="N",
-                        help="prompt length for every config (default: 64 for tiny and mid, 16 for gpt-oss-20b; "
-                        "a chat's Harmony system prompt is about 100)")  # fmt: skip
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="our implementations draw the model on the device (gptoss.synthetic.random_model) "
+        "instead of loading a checkpoint: no disk (gpt-oss-120b's is 65 GB), load_s is the draw; "
+        "transformers is not run",
+    )
+    parser.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="prompt length for every config (default: 64 for tiny and mid, 16 for gpt-oss-20b; "
+        "a chat's Harmony system prompt is about 100)",
+    )
     args = parser.parse_args()
 
     gpu = torch.cuda.is_available()
@@ -351,8 +362,10 @@ def main() -> None:
                 o = next((x for x in rows if x["impl"] == impl and x["config"] == r["config"]), None)
                 if o is None or "decode_tok_s" not in o:
                     continue
-                print(f"{r['config']}: {impl} / transformers = prefill {o['prefill_tok_s'] / r['prefill_tok_s']:.2f}x, "
-                      f"decode b1 {o['decode_tok_s'] / r['decode_tok_s']:.2f}x, decode b8 {o['decode_b8_tok_s'] / r['decode_b8_tok_s']:.2f}x")  # fmt: skip
+                print(
+                    f"{r['config']}: {impl} / transformers = prefill {o['prefill_tok_s'] / r['prefill_tok_s']:.2f}x, "
+                    f"decode b1 {o['decode_tok_s'] / r['decode_tok_s']:.2f}x, decode b8 {o['decode_b8_tok_s'] / r['decode_b8_tok_s']:.2f}x"
+                )
     # the decode bound: weights read per token at the read bandwidth of the memory they sit in
     bw = read_bandwidth_gbs(device)
     per_token = bytes_per_token(get_preset("gpt-oss-20b"))
@@ -386,14 +399,29 @@ def main() -> None:
             kernels = r.get("graph_kernels", r["kernels_per_token"])
             r["predicted_step_ms"] = predicted_step_ms(kernels, get_preset(r["config"]), r.get("bandwidth_gb_s", bw))
             r["measured_step_ms"] = 1000 / r["decode_tok_s"]
-            print(f"{r['config']} {r['impl']}: {r['kernels_per_layer']} kernels a layer ({kernels} a token"
-                  f"{', graph' if 'graph_kernels' in r else ''}), {r['syncs_per_token']} host syncs; step "
-                  f"{r['measured_step_ms']:.3f} ms measured, {r['predicted_step_ms']:.3f} ms predicted")  # fmt: skip
+            print(
+                f"{r['config']} {r['impl']}: {r['kernels_per_layer']} kernels a layer ({kernels} a token"
+                f"{', graph' if 'graph_kernels' in r else ''}), {r['syncs_per_token']} host syncs; step "
+                f"{r['measured_step_ms']:.3f} ms measured, {r['predicted_step_ms']:.3f} ms predicted"
+            )
             for k in r.get("replay_top_kernels", []):
                 print(f"    {k['us']:>9.1f} us  x{k['count']:<4} {k['kernel']}")
-    keys = ("impl", "config", "prompt_tokens", "prefill_tok_s", "decode_tok_s", "load_s", "peak_rss_gb",
-            "kernels_per_token", "kernels_per_layer", "graph_kernels", "syncs_per_token", "predicted_step_ms",
-            "measured_step_ms", "replay_top_kernels")  # fmt: skip
+    keys = (
+        "impl",
+        "config",
+        "prompt_tokens",
+        "prefill_tok_s",
+        "decode_tok_s",
+        "load_s",
+        "peak_rss_gb",
+        "kernels_per_token",
+        "kernels_per_layer",
+        "graph_kernels",
+        "syncs_per_token",
+        "predicted_step_ms",
+        "measured_step_ms",
+        "replay_top_kernels",
+    )
     results = []
     for r in rows:
         result = {k: r.get(k) for k in keys}

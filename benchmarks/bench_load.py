@@ -73,8 +73,22 @@ def main() -> None:
     row["peak_rss_gb"] = peak_rss_gb()
     row["logits_finite"] = bool(torch.isfinite(logits).all())
 
-    cols = [c for c in ("preset", "layout", "tokens", "checkpoint_gb", "write_s", "write_peak_rss_gb", "load_s",
-                        "load_peak_rss_gb", "forward_s", "peak_rss_gb") if c in row]  # fmt: skip
+    cols = [
+        c
+        for c in (
+            "preset",
+            "layout",
+            "tokens",
+            "checkpoint_gb",
+            "write_s",
+            "write_peak_rss_gb",
+            "load_s",
+            "load_peak_rss_gb",
+            "forward_s",
+            "peak_rss_gb",
+        )
+        if c in row
+    ]
     print(table([row], cols))
     print(f"machine: {machine()}")
     path = record("load", [row])

@@ -53,11 +53,14 @@ def measure(name: str, tokens: int) -> dict:
         torch.optim.AdamW(params, lr=1e-4).step()
     estimate = training_peak(model.config, tokens, attention="torch", moe="torch", dtype_bytes=4, supervised=tokens - 1)
     return {
-        "config": name, "tokens": tokens, "estimate_gib": estimate["peak"] / GiB,
-        "measured_gib": (mem.peak - base.peak) / GiB, "ratio": (mem.peak - base.peak) / estimate["peak"],
+        "config": name,
+        "tokens": tokens,
+        "estimate_gib": estimate["peak"] / GiB,
+        "measured_gib": (mem.peak - base.peak) / GiB,
+        "ratio": (mem.peak - base.peak) / estimate["peak"],
         "measured_anon_gib": (mem.peak_anon - base.peak_anon) / GiB,
         "anon_ratio": (mem.peak_anon - base.peak_anon) / estimate["peak"],
-    }  # fmt: skip
+    }
 
 
 def main() -> None:
@@ -65,8 +68,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny only, 512 tokens")
     args = parser.parse_args()
     rows = estimates(2048)
-    cols = ["config", "path", "weights", "lora_state", "checkpoints", "logits", "attention_workspace",
-            "moe_workspace", "layer_backward", "peak"]  # fmt: skip
+    cols = [
+        "config",
+        "path",
+        "weights",
+        "lora_state",
+        "checkpoints",
+        "logits",
+        "attention_workspace",
+        "moe_workspace",
+        "layer_backward",
+        "peak",
+    ]
     print("GiB, one 2048-token example, bf16, one GPU (estimated from the shapes):")
     print(table(rows, cols))
     checks = [measure("tiny", 512)] if args.quick else [measure("tiny", 2048), measure("mid", 2048)]

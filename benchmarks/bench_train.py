@@ -306,16 +306,28 @@ def real_size(args) -> None:
         config = get_preset(name)
         layers = default_expert_layers(config.num_hidden_layers)
         flops = lora_step_flops(config, args.seq, supervised, 8, layers)
-        predicted = training_peak(config, args.seq, attention="triton" if device == "cuda" else "torch",
-                                  moe="triton" if device == "cuda" else "torch", dtype_bytes=2 if device == "cuda" else 4,
-                                  supervised=supervised)["peak"]  # fmt: skip
+        predicted = training_peak(
+            config,
+            args.seq,
+            attention="triton" if device == "cuda" else "torch",
+            moe="triton" if device == "cuda" else "torch",
+            dtype_bytes=2 if device == "cuda" else 4,
+            supervised=supervised,
+        )["peak"]
         runs = [("gptoss", lambda: ours_real(name, ids, mask, device, dtype, args.steps, args.profile))]
         if name in compare:
             runs.append(("transformers+peft", lambda: theirs_real(name, ids, mask, device, dtype, args.steps)))
         for impl, run in runs:
             print(f"{name}: {impl} ...", flush=True)
-            row = {"impl": impl, "config": name, "device": device, "dtype": str(dtype), "tokens": args.seq,
-                   "supervised": supervised, "step_tflop": flops["total"] / 1e12}  # fmt: skip
+            row = {
+                "impl": impl,
+                "config": name,
+                "device": device,
+                "dtype": str(dtype),
+                "tokens": args.seq,
+                "supervised": supervised,
+                "step_tflop": flops["total"] / 1e12,
+            }
             if impl == "gptoss":
                 row["predicted_peak_gb"] = predicted / 2**30
             try:
@@ -440,7 +452,7 @@ def main() -> None:
                     "device": device,
                     "dtype": str(dtype),
                     **result,
-                }  # fmt: skip
+                }
             )
             gc.collect()
     cols = ["impl", "config", "device", "workload", "tokens", "supervised", "trainable", "step_s", "peak_rss_gb"]

@@ -123,8 +123,9 @@ class Engine:
             )
         try:
             # the fields as numbers, written back: generate receives exactly what was checked
-            r.max_new_tokens = check_int("Max new tokens", _number("Max new tokens", r.max_new_tokens, int), 1,
-                                         MAX_REPLY_TOKENS)  # fmt: skip
+            r.max_new_tokens = check_int(
+                "Max new tokens", _number("Max new tokens", r.max_new_tokens, int), 1, MAX_REPLY_TOKENS
+            )
             r.temperature = check_float("Temperature", _number("Temperature", r.temperature, float), 0.0)
             r.top_p, r.top_k = _number("Top-p", r.top_p, float), _number("Top-k", r.top_k, int)
             r.seed = None if r.seed is None else _number("Seed", r.seed, int)
@@ -162,9 +163,16 @@ class Engine:
             try:
                 with self.lock, contextlib.nullcontext() if adapter else adapter_disabled(self.model):
                     generate(
-                        self.model, [prompt], max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                        top_p=r.top_p, top_k=r.top_k, seed=r.seed, on_token=on_token, read_every=1,
-                    )  # fmt: skip
+                        self.model,
+                        [prompt],
+                        max_new_tokens=r.max_new_tokens,
+                        temperature=r.temperature,
+                        top_p=r.top_p,
+                        top_k=r.top_k,
+                        seed=r.seed,
+                        on_token=on_token,
+                        read_every=1,
+                    )
             except _StoppedError:
                 pass
             except Exception as e:  # shown in the column; the page goes on
@@ -207,9 +215,14 @@ class Engine:
         column.analysis, column.final = (reply.analysis, reply.final) if parsed else ("", "")
         if not column.state.startswith("error"):
             column.state = (
-                "stopped" if stop.is_set() else "not Harmony (raw text shown)" if not parsed
-                else "done" if reply.complete else "token limit"
-            )  # fmt: skip
+                "stopped"
+                if stop.is_set()
+                else "not Harmony (raw text shown)"
+                if not parsed
+                else "done"
+                if reply.complete
+                else "token limit"
+            )
         yield column
 
     def ask(self, r: Request, stop: threading.Event) -> Iterator[tuple[list[int], Column, Column | None]]:
@@ -250,24 +263,32 @@ def build_page(engine: Engine, title: str = "gptoss"):
             + ("the base model and the fine-tune side by side." if two else "the model's analysis and answer.")
         )
         with gr.Row():
-            question = gr.Textbox(label="Question", lines=2, scale=4, elem_id="question",
-                                  placeholder="e.g. Combien font 23 plus 19 ?")  # fmt: skip
+            question = gr.Textbox(
+                label="Question", lines=2, scale=4, elem_id="question", placeholder="e.g. Combien font 23 plus 19 ?"
+            )
             with gr.Column(scale=1):
-                language = gr.Dropdown(list(LANGUAGES), value="French", allow_custom_value=True, elem_id="language",
-                                       label="Reasoning language (or type one)")  # fmt: skip
+                language = gr.Dropdown(
+                    list(LANGUAGES),
+                    value="French",
+                    allow_custom_value=True,
+                    elem_id="language",
+                    label="Reasoning language (or type one)",
+                )
                 effort = gr.Radio(list(harmony.REASONING_EFFORTS), value="medium", label="Reasoning effort")
         with gr.Accordion("Sampling", open=False):
             with gr.Row():
-                max_new = gr.Slider(1, min(MAX_REPLY_TOKENS, engine.context // 2), value=256, step=1,
-                                    label="Max new tokens")  # fmt: skip
+                max_new = gr.Slider(
+                    1, min(MAX_REPLY_TOKENS, engine.context // 2), value=256, step=1, label="Max new tokens"
+                )
                 temperature = gr.Slider(
                     0.0, 2.0, value=1.0, step=0.05, label="Temperature (0 = greedy)", elem_id="temperature"
                 )
                 top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
                 top_k = gr.Number(value=0, precision=0, label="Top-k (0 = all)", minimum=0)
                 seed = gr.Number(value=0, precision=0, label="Seed (both columns)", minimum=0)
-            developer = gr.Textbox("You are a helpful assistant.", lines=1,
-                                   label="Developer instructions (after 'reasoning language: X')")  # fmt: skip
+            developer = gr.Textbox(
+                "You are a helpful assistant.", lines=1, label="Developer instructions (after 'reasoning language: X')"
+            )
         with gr.Row():
             ask = gr.Button("Ask", variant="primary", elem_id="ask")
             stop = gr.Button("Stop", elem_id="stop")
@@ -285,8 +306,10 @@ def build_page(engine: Engine, title: str = "gptoss"):
         with gr.Tab("Harmony"):
             rendered = gr.Textbox(label="the rendered prompt", lines=8, interactive=False, elem_id="rendered")
             prompt_ids = gr.Textbox(label="the prompt's token ids", lines=2, interactive=False)
-            raw = [gr.Textbox(label=f"{name}: the reply's tokens (id, text)", lines=8, interactive=False)
-                   for name in (["base", "base + adapter"] if two else ["model"])]  # fmt: skip
+            raw = [
+                gr.Textbox(label=f"{name}: the reply's tokens (id, text)", lines=8, interactive=False)
+                for name in (["base", "base + adapter"] if two else ["model"])
+            ]
 
         # The Ask button: disabled by the answer's first update, enabled by its last (Stop ends the worker,
         # so the answer reaches its last update at once); a bad field raises before the first update and
@@ -309,9 +332,11 @@ def build_page(engine: Engine, title: str = "gptoss"):
                 for _, base, tuned in engine.ask(r, halt):
                     cols = [base] + ([tuned or Column()] if two else [])
                     yield (
-                        button, *[v for c in cols for v in (*c.shown, c.status)], *harmony_tab,
+                        button,
+                        *[v for c in cols for v in (*c.shown, c.status)],
+                        *harmony_tab,
                         *[token_lines(c.tokens) for c in cols],
-                    )  # fmt: skip
+                    )
                     button = gr.update()
             finally:
                 halt.set()  # a closed tab closes this generator: the worker ends at its next token
@@ -355,9 +380,10 @@ def free_port(host: str, port: int) -> None:
         except OSError as e:
             taken = e.errno == errno.EADDRINUSE
             raise UsageError(
-                f"--port {port} is in use on {host}: stop what holds it or choose another --port" if taken else
-                f"--host {host} --port {port}: cannot listen there ({e.strerror}); give an address of this machine"
-            ) from None  # fmt: skip
+                f"--port {port} is in use on {host}: stop what holds it or choose another --port"
+                if taken
+                else f"--host {host} --port {port}: cannot listen there ({e.strerror}); give an address of this machine"
+            ) from None
 
 
 def run(args: argparse.Namespace, load) -> int:
@@ -374,8 +400,18 @@ def run(args: argparse.Namespace, load) -> int:
     page.queue(default_concurrency_limit=1)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"gptoss app: listening on {args.host}: anyone who can reach this machine can use the page")
-    print(f"gptoss app: open http://{'localhost' if args.host in ('127.0.0.1', '::1') else args.host}:{args.port} "
-          "(Ctrl-C stops)", flush=True)  # fmt: skip
-    page.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False, quiet=True,
-                footer_links=[], show_error=False)  # fmt: skip
+    print(
+        f"gptoss app: open http://{'localhost' if args.host in ('127.0.0.1', '::1') else args.host}:{args.port} "
+        "(Ctrl-C stops)",
+        flush=True,
+    )
+    page.launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=False,
+        inbrowser=False,
+        quiet=True,
+        footer_links=[],
+        show_error=False,
+    )
     return 0

@@ -40,8 +40,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
             "--overwrite; choose another folder"
         )
     # what synth itself writes: the shards, the index and the config files of the three layouts
-    held = sorted(p.name for p in out.glob("*") if p.is_file() and p.name in SYNTH_FILES or
-                  (p.name.startswith("model") and p.name.endswith(".safetensors")))  # fmt: skip
+    held = sorted(
+        p.name
+        for p in out.glob("*")
+        if p.is_file() and p.name in SYNTH_FILES or (p.name.startswith("model") and p.name.endswith(".safetensors"))
+    )
     if held and not args.overwrite:
         raise FileExistsError(
             f"--out {out} already holds a checkpoint ({', '.join(held[:3])}): pass --overwrite to replace it, "
@@ -161,9 +164,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model = _load(args)
     stats: dict = {}
     tokens = generate(
-        model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, seed=args.seed, stop_tokens=stops, stats=stats,
-    )[0]  # fmt: skip
+        model,
+        [prompt],
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop_tokens=stops,
+        stats=stats,
+    )[0]
     if args.raw:
         print("── completion ──")
         print(harmony.decode(tokens))
@@ -205,8 +215,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
     _check_sampling(args)
     model = _load(args)
     history: list[dict] = []
-    print("gptoss chat: type a message; /reset clears the history; /exit, Ctrl-D or Ctrl-C at the prompt quits; "
-          "Ctrl-C during a reply stops it.", flush=True)  # fmt: skip
+    print(
+        "gptoss chat: type a message; /reset clears the history; /exit, Ctrl-D or Ctrl-C at the prompt quits; "
+        "Ctrl-C during a reply stops it.",
+        flush=True,
+    )
     while True:
         print("user> ", end="", flush=True)
         try:
@@ -215,8 +228,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print()
             return 0
         except UnicodeDecodeError as e:
-            print(f"gptoss chat: that line is not valid UTF-8 ({e.reason} at byte {e.start}); type it again",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"gptoss chat: that line is not valid UTF-8 ({e.reason} at byte {e.start}); type it again",
+                file=sys.stderr,
+                flush=True,
+            )
             continue
         if line is None or line.strip() == "/exit":
             print()
@@ -231,16 +247,27 @@ def cmd_chat(args: argparse.Namespace) -> int:
         prompt = chat_prompt(history + [turn], args.developer, args.reasoning_effort)
         context = model.config.max_position_embeddings
         if len(prompt) + args.max_new_tokens > context:  # refuse this turn; the session and its history go on
-            print(f"gptoss chat: with the history this turn is {len(prompt)} tokens, and a reply of up to "
-                  f"{args.max_new_tokens} more would pass the model's context of {context}: not sent; /reset "
-                  "clears the history (or restart with a smaller --max-new-tokens)", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"gptoss chat: with the history this turn is {len(prompt)} tokens, and a reply of up to "
+                f"{args.max_new_tokens} more would pass the model's context of {context}: not sent; /reset "
+                "clears the history (or restart with a smaller --max-new-tokens)",
+                file=sys.stderr,
+                flush=True,
+            )
             continue
         stats: dict = {}
         try:
             tokens = generate(
-                model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                top_k=args.top_k, seed=args.seed, stop_tokens=harmony.ASSISTANT_STOP_TOKENS, stats=stats,
-            )[0]  # fmt: skip
+                model,
+                [prompt],
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                top_k=args.top_k,
+                seed=args.seed,
+                stop_tokens=harmony.ASSISTANT_STOP_TOKENS,
+                stats=stats,
+            )[0]
         except KeyboardInterrupt:
             print("\n(reply stopped; that message is not kept in the history)", flush=True)
             continue

@@ -158,7 +158,28 @@ class ModelConfig:
             raise ValueError(f"{source} lacks hidden_size/num_hidden_layers: it is not a gpt-oss config")
         return cls(**kwargs)
 
-    # -- parameter accounting ----------------------------------------------------------------------
+    # -- parameter accounting (the one place; memory models and benchmarks read these) --------------
+    @property
+    def attention_params(self) -> int:
+        """One layer's attention: q, k, v with biases, o_proj with its bias, one sink per query head."""
+        d = self.hidden_size
+        return (self.q_dim + 2 * self.kv_dim) * (d + 1) + (self.q_dim + 1) * d + self.num_attention_heads
+
+    @property
+    def expert_weight_params(self) -> int:
+        """One expert's matrices, gate_up [2I, D] and down [D, I] (MXFP4 in the checkpoints)."""
+        return 3 * self.intermediate_size * self.hidden_size
+
+    @property
+    def expert_bias_params(self) -> int:
+        """One expert's biases, gate_up's [2I] and down's [D]."""
+        return 2 * self.intermediate_size + self.hidden_size
+
+    @property
+    def router_params(self) -> int:
+        """One layer's router: [E, D] and its bias."""
+        return self.num_local_experts * (self.hidden_size + 1)
+
     def param_table(self) -> list[tuple[str, int, int]]:
         """(component, total parameters, parameters active per token), from the tensor shapes.
 
@@ -166,10 +187,8 @@ class ModelConfig:
         the embedding is a row lookup), as the gpt-oss model card does.
         """
         d, n, E, k = self.hidden_size, self.num_hidden_layers, self.num_local_experts, self.num_experts_per_tok
-        attn = (self.q_dim + 2 * self.kv_dim) * (d + 1) + (self.q_dim + 1) * d + self.num_attention_heads
-        expert = 2 * self.intermediate_size * (d + 1) + (self.intermediate_size + 1) * d
-        router = E * (d + 1)
-        vocab = self.vocab_size * d
+        attn, router, vocab = self.attention_params, self.router_params, self.vocab_size * d
+        expert = self.expert_weight_params + self.expert_bias_params
         return [
             ("embedding", vocab, 0),
             ("attention (qkv, out, sinks)", n * attn, n * attn),

@@ -111,10 +111,19 @@ def _demo_training(folder: Path, args: argparse.Namespace) -> int:
     steps_base, steps_lora = (4, 3) if args.quick else (args.base_steps, args.lora_steps)
     rows = base_rows()
     base_cfg = dict(
-        model=str(folder), output=str(base), dataset=str(work / "base_rows.jsonl"), eval_dataset=None,
-        full_finetune=True, max_steps=steps_base, batch_size=8, grad_accum=1, lr=3e-3, report_prompts=0,
-        save_every=10**9, gradient_checkpointing=False,  # a 4-layer model: keeping activations is cheap
-    )  # fmt: skip
+        model=str(folder),
+        output=str(base),
+        dataset=str(work / "base_rows.jsonl"),
+        eval_dataset=None,
+        full_finetune=True,
+        max_steps=steps_base,
+        batch_size=8,
+        grad_accum=1,
+        lr=3e-3,
+        report_prompts=0,
+        save_every=10**9,
+        gradient_checkpointing=False,  # a 4-layer model: keeping activations is cheap
+    )
     # the cache key: the pre-training data and settings (a changed recipe pre-trains again)
     recipe = hashlib.sha256(
         json.dumps([rows, {k: v for k, v in base_cfg.items() if k != "model"}]).encode()
@@ -137,11 +146,24 @@ def _demo_training(folder: Path, args: argparse.Namespace) -> int:
         print(f"      (replacing the demo's previous LoRA run in {lora})")
     print(f"[5/6] LoRA fine-tuning for {steps_lora} steps on the bundled set: 'reasoning language: X' in the developer")
     print("      message for five languages (Portuguese and Dutch never), analysis in X, answer in the user's language")
-    trainer = Trainer(TrainConfig(
-        model=str(base / "model"), output=str(lora), max_steps=steps_lora, batch_size=8, grad_accum=1, lr=5e-3,
-        lora_r=16, lora_alpha=32, eval_every=max(1, steps_lora // 2), save_every=10**9, gradient_checkpointing=False,
-        report_prompts=7 if args.quick else 84, report_tokens=24 if args.quick else 96, overwrite=True,
-    ))  # fmt: skip
+    trainer = Trainer(
+        TrainConfig(
+            model=str(base / "model"),
+            output=str(lora),
+            max_steps=steps_lora,
+            batch_size=8,
+            grad_accum=1,
+            lr=5e-3,
+            lora_r=16,
+            lora_alpha=32,
+            eval_every=max(1, steps_lora // 2),
+            save_every=10**9,
+            gradient_checkpointing=False,
+            report_prompts=7 if args.quick else 84,
+            report_tokens=24 if args.quick else 96,
+            overwrite=True,
+        )
+    )
     records = trainer.run()
     ours.write_text("the gptoss demo wrote this run; the next demo replaces it\n")
     print(f"      loss {records[0]['loss']:.3f} -> {records[-1]['loss']:.3f}; adapter, log, loss.png in {lora}")

@@ -349,8 +349,10 @@ class MoE(nn.Module):
 
             return moe(x_TD, self.router(x_TD), self.top_k, self.experts, self.alpha, self.limit).view(B, T, D)
         if self.backend == "triton":  # merged adapters made this layer's experts dense: said once per process
-            _tell_once("gptoss: MoE layers with dense experts (adapters merged into them) run on the torch path, "
-                       "not the MXFP4 Triton kernels")  # fmt: skip
+            _tell_once(
+                "gptoss: MoE layers with dense experts (adapters merged into them) run on the torch path, "
+                "not the MXFP4 Triton kernels"
+            )
         weights_Tk, ids_Tk = route(self.router(x_TD), self.top_k)
         return self.experts(x_TD, weights_Tk, ids_Tk, self.alpha, self.limit).view(B, T, D)
 

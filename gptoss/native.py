@@ -122,8 +122,16 @@ def _unsafe_folder(folder: Path) -> str | None:
     return None
 
 
-SYMBOLS = ("gptoss_mxfp4_linear", "gptoss_mxfp4_dequant", "gptoss_mxfp4_simd", "gptoss_mxfp4_bf16_dot",
-           "gptoss_bf16_linear", "gptoss_mxfp4_moe", "gptoss_decode_attention", "gptoss_layout")  # fmt: skip
+SYMBOLS = (
+    "gptoss_mxfp4_linear",
+    "gptoss_mxfp4_dequant",
+    "gptoss_mxfp4_simd",
+    "gptoss_mxfp4_bf16_dot",
+    "gptoss_bf16_linear",
+    "gptoss_mxfp4_moe",
+    "gptoss_decode_attention",
+    "gptoss_layout",
+)
 
 _P, _I64, _F32, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int32
 
@@ -271,8 +279,11 @@ def tell_once() -> None:
     global _told
     if not _told and not available():
         _told = True
-        print(f"gptoss: the native MXFP4 CPU kernels are off ({reason()}): MXFP4 experts are decoded "
-              "with torch operations on every use, several times slower", file=sys.stderr)  # fmt: skip
+        print(
+            f"gptoss: the native MXFP4 CPU kernels are off ({reason()}): MXFP4 experts are decoded "
+            "with torch operations on every use, several times slower",
+            file=sys.stderr,
+        )
 
 
 def simd() -> int:
@@ -315,9 +326,14 @@ def dequantize(
         raise ValueError(f"out must be a contiguous [{rows}, {groups * 32}] {dtype} tensor")
     blocks, scales = blocks.contiguous(), scales.contiguous()
     status = lib.gptoss_mxfp4_dequant(
-        blocks.data_ptr(), scales.data_ptr(), rows, groups, out.data_ptr(), int(dtype == torch.bfloat16),
+        blocks.data_ptr(),
+        scales.data_ptr(),
+        rows,
+        groups,
+        out.data_ptr(),
+        int(dtype == torch.bfloat16),
         torch.get_num_threads(),
-    )  # fmt: skip
+    )
     _status("MXFP4 dequantization", status)
     return out
 
@@ -343,9 +359,17 @@ def linear(
     bias = None if bias is None else bias.contiguous()
     y = torch.empty(x.shape[0], out_features, dtype=x.dtype)
     status = lib.gptoss_mxfp4_linear(
-        x.data_ptr(), int(x.dtype == torch.bfloat16), x.shape[0], x.shape[1], blocks.data_ptr(), scales.data_ptr(),
-        None if bias is None else bias.data_ptr(), out_features, y.data_ptr(), torch.get_num_threads(),
-    )  # fmt: skip
+        x.data_ptr(),
+        int(x.dtype == torch.bfloat16),
+        x.shape[0],
+        x.shape[1],
+        blocks.data_ptr(),
+        scales.data_ptr(),
+        None if bias is None else bias.data_ptr(),
+        out_features,
+        y.data_ptr(),
+        torch.get_num_threads(),
+    )
     _status("MXFP4 linear", status)
     return y
 
@@ -368,9 +392,15 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     bias = None if bias is None else bias.contiguous()
     y = torch.empty(x.shape[0], out_features, dtype=torch.bfloat16)
     status = lib.gptoss_bf16_linear(
-        x.data_ptr(), x.shape[0], in_features, weight.data_ptr(), None if bias is None else bias.data_ptr(),
-        out_features, y.data_ptr(), torch.get_num_threads(),
-    )  # fmt: skip
+        x.data_ptr(),
+        x.shape[0],
+        in_features,
+        weight.data_ptr(),
+        None if bias is None else bias.data_ptr(),
+        out_features,
+        y.data_ptr(),
+        torch.get_num_threads(),
+    )
     _status("bf16 linear", status)
     return y
 
@@ -401,9 +431,14 @@ def moe(
         _check(codes.flatten(0, 1), scales.flatten(0, 1))
     T, D = x_TD.shape
     E, I2 = s1.shape[0], s1.shape[1]
-    expected = {"gate_up codes": (b1, (E, I2, D // 32, 16)), "down codes": (b2, (E, D, I2 // 64, 16)),
-                "gate_up bias": (bias1, (E, I2)), "down bias": (bias2, (E, D)), "gate_up scales": (s1, (E, I2, D // 32)),
-                "down scales": (s2, (E, D, I2 // 64))}  # fmt: skip
+    expected = {
+        "gate_up codes": (b1, (E, I2, D // 32, 16)),
+        "down codes": (b2, (E, D, I2 // 64, 16)),
+        "gate_up bias": (bias1, (E, I2)),
+        "down bias": (bias2, (E, D)),
+        "gate_up scales": (s1, (E, I2, D // 32)),
+        "down scales": (s2, (E, D, I2 // 64)),
+    }
     for name, (t, shape) in expected.items():
         if tuple(t.shape) != shape:
             raise ValueError(f"expected {name} {shape} for x [{T}, {D}], got {tuple(t.shape)}")
@@ -419,11 +454,25 @@ def moe(
     out = torch.empty(T, D, dtype=torch.bfloat16)
     x, ids, w, b1, s1, bias1, b2, s2, bias2 = args
     call = MoEArgs(
-        x=x.data_ptr(), ids=ids.data_ptr(), weights=w.data_ptr(), gate_up_blocks=b1.data_ptr(),
-        gate_up_scales=s1.data_ptr(), gate_up_bias=bias1.data_ptr(), down_blocks=b2.data_ptr(),
-        down_scales=s2.data_ptr(), down_bias=bias2.data_ptr(), out=out.data_ptr(), T=T, D=D, k=ids.shape[1], E=E,
-        I=I2 // 2, alpha=alpha, limit=limit, threads=torch.get_num_threads(),
-    )  # fmt: skip
+        x=x.data_ptr(),
+        ids=ids.data_ptr(),
+        weights=w.data_ptr(),
+        gate_up_blocks=b1.data_ptr(),
+        gate_up_scales=s1.data_ptr(),
+        gate_up_bias=bias1.data_ptr(),
+        down_blocks=b2.data_ptr(),
+        down_scales=s2.data_ptr(),
+        down_bias=bias2.data_ptr(),
+        out=out.data_ptr(),
+        T=T,
+        D=D,
+        k=ids.shape[1],
+        E=E,
+        I=I2 // 2,
+        alpha=alpha,
+        limit=limit,
+        threads=torch.get_num_threads(),
+    )
     status = lib.gptoss_mxfp4_moe(ctypes.byref(call))
     if status == 3:
         raise ValueError(f"expert ids must be in 0 .. {E - 1}, got {ids.min().item()} .. {ids.max().item()}")
@@ -470,11 +519,25 @@ def decode_attention(
     q = q.contiguous()
     out = torch.empty_like(q)
     call = AttentionArgs(
-        q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), sinks=sinks.data_ptr(), k_pos=k_pos.data_ptr(),
-        q_pos=q_pos.data_ptr(), out=out.data_ptr(), B=B, K=K, G=G, Dh=Dh, S=S, batch_stride=k.stride(0),
-        head_stride=k.stride(2), pos_stride=k_pos.stride(0), window=-1 if window is None else window,
-        q_bf16=int(q.dtype == torch.bfloat16), threads=torch.get_num_threads(),
-    )  # fmt: skip
+        q=q.data_ptr(),
+        k=k.data_ptr(),
+        v=v.data_ptr(),
+        sinks=sinks.data_ptr(),
+        k_pos=k_pos.data_ptr(),
+        q_pos=q_pos.data_ptr(),
+        out=out.data_ptr(),
+        B=B,
+        K=K,
+        G=G,
+        Dh=Dh,
+        S=S,
+        batch_stride=k.stride(0),
+        head_stride=k.stride(2),
+        pos_stride=k_pos.stride(0),
+        window=-1 if window is None else window,
+        q_bf16=int(q.dtype == torch.bfloat16),
+        threads=torch.get_num_threads(),
+    )
     _status("decode attention", lib.gptoss_decode_attention(ctypes.byref(call)))
     return out
 

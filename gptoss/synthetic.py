@@ -102,7 +102,12 @@ def write_checkpoint(
     """A checkpoint of `config` in `layout` in `folder` (gptoss.checkpoint_write.save_checkpoint): random
     weights from `seed`, made tensor by tensor as the writer streams them, or `tensors` given in
     canonical names (HF MXFP4 names: experts as `*_blocks`/`*_scales`). Returns the folder."""
-    producers = tensors if tensors is not None else {
-        name: lambda n=name, s=shape: _random_tensor(n, s, config, seed) for name, (shape, _) in canonical_spec(config).items()
-    }  # fmt: skip
+    producers = (
+        tensors
+        if tensors is not None
+        else {
+            name: lambda n=name, s=shape: _random_tensor(n, s, config, seed)
+            for name, (shape, _) in canonical_spec(config).items()
+        }
+    )
     return save_checkpoint(folder, config, layout, producers, max_shard_bytes=max_shard_bytes, progress=progress)

@@ -64,11 +64,43 @@ from gptoss.kernels.attention_decode import DECODE_ROWS, attention_decode  # noq
 
 @triton.jit
 def _attn_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, sinks_ptr, qpos_ptr, kpos_ptr, out_ptr, lse_ptr, ranges_ptr,
-    T, S, G, KH, window, scale2,
-    sq_b, sq_t, sq_h, sq_g, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_t, so_h, so_g, sqp_b, skp_b,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-):  # fmt: skip
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    sinks_ptr,
+    qpos_ptr,
+    kpos_ptr,
+    out_ptr,
+    lse_ptr,
+    ranges_ptr,
+    T,
+    S,
+    G,
+    KH,
+    window,
+    scale2,
+    sq_b,
+    sq_t,
+    sq_h,
+    sq_g,
+    sk_b,
+    sk_s,
+    sk_h,
+    sv_b,
+    sv_s,
+    sv_h,
+    so_b,
+    so_t,
+    so_h,
+    so_g,
+    sqp_b,
+    skp_b,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // KH, bh % KH
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -102,11 +134,41 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, qpos_ptr, kpos_ptr, dq_ptr, ranges_ptr,
-    T, S, G, KH, window, scale2, scale,
-    sq_b, sq_t, sq_h, sq_g, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sqp_b, skp_b,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-):  # fmt: skip
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    qpos_ptr,
+    kpos_ptr,
+    dq_ptr,
+    ranges_ptr,
+    T,
+    S,
+    G,
+    KH,
+    window,
+    scale2,
+    scale,
+    sq_b,
+    sq_t,
+    sq_h,
+    sq_g,
+    sk_b,
+    sk_s,
+    sk_h,
+    sv_b,
+    sv_s,
+    sv_h,
+    sqp_b,
+    skp_b,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     """dQ for one query tile; dO and dQ share q's layout (contiguous [B, T, K, G, Dh])."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // KH, bh % KH
@@ -142,11 +204,45 @@ def _attn_bwd_dq_kernel(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, qpos_ptr, kpos_ptr, dk_ptr, dv_ptr, ranges_ptr,
-    T, S, G, KH, window, scale2, scale,
-    sq_b, sq_t, sq_h, sq_g, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sd_b, sd_s, sd_h, sqp_b, skp_b,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-):  # fmt: skip
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    qpos_ptr,
+    kpos_ptr,
+    dk_ptr,
+    dv_ptr,
+    ranges_ptr,
+    T,
+    S,
+    G,
+    KH,
+    window,
+    scale2,
+    scale,
+    sq_b,
+    sq_t,
+    sq_h,
+    sq_g,
+    sk_b,
+    sk_s,
+    sk_h,
+    sv_b,
+    sv_s,
+    sv_h,
+    sd_b,
+    sd_s,
+    sd_h,
+    sqp_b,
+    skp_b,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     """dK, dV for one key tile, summed over the query tiles of all G heads of its KV head."""
     pid_n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // KH, bh % KH
@@ -207,9 +303,22 @@ def _key_tiles(kpos_ptr, tiles, S, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _tile_ranges_kernel(
-    qpos_ptr, kpos_ptr, q_ranges_ptr, k_ranges_ptr, T, S, G, window, n_q, n_k, stride_qb, stride_kb,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
-):  # fmt: skip
+    qpos_ptr,
+    kpos_ptr,
+    q_ranges_ptr,
+    k_ranges_ptr,
+    T,
+    S,
+    G,
+    window,
+    n_q,
+    n_k,
+    stride_qb,
+    stride_kb,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
     """Programs [0, n_q) write each query tile's [first, last) key tiles, programs [n_q, n_q + n_k)
     each key tile's [first, last) query tiles; CHUNK tiles of the other side are examined at a time."""
     pid = tl.program_id(0)
@@ -248,7 +357,9 @@ def _tile_ranges_kernel(
 RANGE_CHUNK = 16  # tiles of the other side one step of _tile_ranges_kernel examines
 
 
-def tile_ranges(q_pos, k_pos, window: int, G: int, block_m: int, block_n: int, keys: bool = True):
+def tile_ranges(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, G: int, block_m: int, block_n: int, keys: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """For each (batch, query tile) the [first, last) key tiles it may see, and (keys=True) for each
     (batch, key tile) the [first, last) query tiles that may see it: int32 [B, tiles, 2] each, in one
     launch (see the header). q_pos [B, T] and k_pos [B, S] int32, last dimension contiguous."""
@@ -258,13 +369,29 @@ def tile_ranges(q_pos, k_pos, window: int, G: int, block_m: int, block_n: int, k
     q_ranges = torch.empty(B, n_q, 2, dtype=torch.int32, device=q_pos.device)
     k_ranges = torch.empty(B, n_k, 2, dtype=torch.int32, device=q_pos.device) if keys else q_ranges
     _tile_ranges_kernel[(n_q + n_k if keys else n_q, B)](
-        q_pos, k_pos, q_ranges, k_ranges, T, S, G, window, n_q, n_k, q_pos.stride(0), k_pos.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, CHUNK=RANGE_CHUNK, num_warps=4,
-    )  # fmt: skip
+        q_pos,
+        k_pos,
+        q_ranges,
+        k_ranges,
+        T,
+        S,
+        G,
+        window,
+        n_q,
+        n_k,
+        q_pos.stride(0),
+        k_pos.stride(0),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        CHUNK=RANGE_CHUNK,
+        num_warps=4,
+    )
     return q_ranges, k_ranges if keys else None
 
 
-def tile_ranges_reference(q_pos, k_pos, window: int, G: int, block_m: int, block_n: int):
+def tile_ranges_reference(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, G: int, block_m: int, block_n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """tile_ranges in torch operations (about 35 of them): the definition the kernel is tested against."""
 
     B, T = q_pos.shape
@@ -291,7 +418,15 @@ def _first_last(meet: torch.Tensor) -> torch.Tensor:
     return torch.stack((first, last), -1).to(torch.int32).contiguous()
 
 
-def attention_fwd(q, k, v, sinks, q_pos, k_pos, window):
+def attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sinks: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    window: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """-> out [B, T, K, G, Dh] (q's dtype) and the base-2 log-sum-exp [B, K, T * G] fp32."""
     B, T, K, G, Dh = q.shape
     S = k.shape[1]
@@ -301,14 +436,49 @@ def attention_fwd(q, k, v, sinks, q_pos, k_pos, window):
     lse = torch.empty(B, K, T * G, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(T * G, bm), B * K)
     _attn_fwd_kernel[grid](
-        q, k, v, sinks, q_pos, k_pos, out, lse, ranges, T, S, G, K, window, LOG2E / math.sqrt(Dh),
-        *q.stride()[:4], *k.stride()[:3], *v.stride()[:3], *out.stride()[:4], q_pos.stride(0), k_pos.stride(0),
-        HEAD_DIM=Dh, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags(q.dtype),
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        sinks,
+        q_pos,
+        k_pos,
+        out,
+        lse,
+        ranges,
+        T,
+        S,
+        G,
+        K,
+        window,
+        LOG2E / math.sqrt(Dh),
+        *q.stride()[:4],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        *out.stride()[:4],
+        q_pos.stride(0),
+        k_pos.stride(0),
+        HEAD_DIM=Dh,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        num_warps=warps,
+        num_stages=stages,
+        **flags(q.dtype),
+    )
     return out, lse
 
 
-def attention_bwd(do, q, k, v, sinks, out, lse, q_pos, k_pos, window):
+def attention_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sinks: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    window: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> dq, dk, dv (the inputs' dtypes and shapes) and dsinks fp32 [K * G]."""
     B, T, K, G, Dh = q.shape
     S = k.shape[1]
@@ -328,14 +498,57 @@ def attention_bwd(do, q, k, v, sinks, out, lse, q_pos, k_pos, window):
     common = dict(HEAD_DIM=Dh, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags(q.dtype))
     qc = q.contiguous()  # dO and dQ are read and written with q's strides
     _attn_bwd_dq_kernel[(triton.cdiv(T * G, bm), B * K)](
-        qc, k, v, do, lse, delta_rows, q_pos, k_pos, dq, q_ranges, T, S, G, K, window, LOG2E * scale, scale,
-        *qc.stride()[:4], *k.stride()[:3], *v.stride()[:3], q_pos.stride(0), k_pos.stride(0), **common,
-    )  # fmt: skip
-    _attn_bwd_dkdv_kernel[(triton.cdiv(S, bn), B * K)](
-        qc, k, v, do, lse, delta_rows, q_pos, k_pos, dk, dv, k_ranges, T, S, G, K, window, LOG2E * scale, scale,
-        *qc.stride()[:4], *k.stride()[:3], *v.stride()[:3], *dk.stride()[:3], q_pos.stride(0), k_pos.stride(0),
+        qc,
+        k,
+        v,
+        do,
+        lse,
+        delta_rows,
+        q_pos,
+        k_pos,
+        dq,
+        q_ranges,
+        T,
+        S,
+        G,
+        K,
+        window,
+        LOG2E * scale,
+        scale,
+        *qc.stride()[:4],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        q_pos.stride(0),
+        k_pos.stride(0),
         **common,
-    )  # fmt: skip
+    )
+    _attn_bwd_dkdv_kernel[(triton.cdiv(S, bn), B * K)](
+        qc,
+        k,
+        v,
+        do,
+        lse,
+        delta_rows,
+        q_pos,
+        k_pos,
+        dk,
+        dv,
+        k_ranges,
+        T,
+        S,
+        G,
+        K,
+        window,
+        LOG2E * scale,
+        scale,
+        *qc.stride()[:4],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        *dk.stride()[:3],
+        q_pos.stride(0),
+        k_pos.stride(0),
+        **common,
+    )
     return dq, dk, dv, dsinks
 
 

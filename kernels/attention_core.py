@@ -63,7 +63,7 @@ def positions(pos: torch.Tensor, B: int, n: int, what: str) -> torch.Tensor:
     return pos.to(torch.int32).expand(B, n).contiguous()
 
 
-def check(q, k, v, sinks, window):
+def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, window: int | None) -> None:
     if q.dim() != 5 or k.dim() != 4 or v.shape != k.shape:
         raise ValueError(
             f"expected q [B, T, K, G, Dh], k and v [B, S, K, Dh], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"

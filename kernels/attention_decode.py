@@ -23,11 +23,38 @@ NEG = tl.constexpr(-1.0e30)  # a decode chunk's running max before it sees a key
 
 @triton.jit
 def _attn_decode_kernel(
-    q_ptr, k_ptr, v_ptr, qpos_ptr, kpos_ptr, part_ptr, stat_ptr,
-    T, S, G, KH, window, scale2, chunk,
-    sq_b, sq_t, sq_h, sq_g, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sqp_b, skp_b,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-):  # fmt: skip
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    qpos_ptr,
+    kpos_ptr,
+    part_ptr,
+    stat_ptr,
+    T,
+    S,
+    G,
+    KH,
+    window,
+    scale2,
+    chunk,
+    sq_b,
+    sq_t,
+    sq_h,
+    sq_g,
+    sk_b,
+    sk_s,
+    sk_h,
+    sv_b,
+    sv_s,
+    sv_h,
+    sqp_b,
+    skp_b,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     """Keys [split * chunk, (split + 1) * chunk) for all T * G <= BLOCK_M rows of one (batch, KV head):
     the unnormalised output [BLOCK_M, Dh] and the running max and sum (base 2), without the sink."""
     split, bh = tl.program_id(0), tl.program_id(1)
@@ -64,9 +91,21 @@ def _attn_decode_kernel(
 
 @triton.jit
 def _attn_decode_merge_kernel(
-    part_ptr, stat_ptr, sinks_ptr, out_ptr, T, G, KH, splits, so_b, so_t, so_h, so_g,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-):  # fmt: skip
+    part_ptr,
+    stat_ptr,
+    sinks_ptr,
+    out_ptr,
+    T,
+    G,
+    KH,
+    splits,
+    so_b,
+    so_t,
+    so_h,
+    so_g,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     """Merge the chunks of one (batch, KV head) and the sink: out = sum_c 2^(m_c - M) acc_c / L."""
     bh = tl.program_id(0)
     b, h = bh // KH, bh % KH
@@ -91,7 +130,16 @@ def _attn_decode_merge_kernel(
     tl.store(out_ptr + o_off, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-def attention_decode(q, k, v, sinks, q_pos, k_pos, window, splits: int | None = None):
+def attention_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sinks: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    window: int,
+    splits: int | None = None,
+) -> torch.Tensor:
     """The split-K forward for T * G <= DECODE_ROWS rows per (batch, KV head); no log-sum-exp, no gradient."""
     B, T, K, G, Dh = q.shape
     S = k.shape[1]
@@ -113,10 +161,32 @@ def attention_decode(q, k, v, sinks, q_pos, k_pos, window, splits: int | None = 
     stat = torch.empty(B * K, splits, 2, bm, dtype=torch.float32, device=q.device)
     out = torch.empty(B, T, K, G, Dh, dtype=q.dtype, device=q.device)
     _attn_decode_kernel[(splits, B * K)](
-        q, k, v, q_pos, k_pos, part, stat, T, S, G, K, window, LOG2E / math.sqrt(Dh), chunk,
-        *q.stride()[:4], *k.stride()[:3], *v.stride()[:3], q_pos.stride(0), k_pos.stride(0),
-        HEAD_DIM=Dh, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags(q.dtype),
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        q_pos,
+        k_pos,
+        part,
+        stat,
+        T,
+        S,
+        G,
+        K,
+        window,
+        LOG2E / math.sqrt(Dh),
+        chunk,
+        *q.stride()[:4],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        q_pos.stride(0),
+        k_pos.stride(0),
+        HEAD_DIM=Dh,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        num_warps=warps,
+        num_stages=stages,
+        **flags(q.dtype),
+    )
     _attn_decode_merge_kernel[(B * K,)](
         part, stat, sinks, out, T, G, K, splits, *out.stride()[:4], HEAD_DIM=Dh, BLOCK_M=bm, num_warps=4
     )

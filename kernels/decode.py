@@ -50,6 +50,7 @@ import triton.language as tl
 
 from gptoss.kernels.attention_core import NO_WINDOW
 from gptoss.kernels.attention_decode import attention_decode
+from gptoss.kernels.moe import ExpertWeights, expert_weights
 from gptoss.kernels.mxfp4 import INTERPRET, TWO_POW_126, e2m1_f32_words
 
 # (BLOCK_N rows, BLOCK_K columns or BLOCK_G MX blocks of 32, num_warps) per kernel
@@ -88,16 +89,30 @@ def _normed(x_ptr, gain_ptr, k, mask, r):
 
 @triton.jit
 def _decode_qkv_kernel(
-    x_ptr, gain_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,  # x [B, D]; W [heads * Dh, D]
-    cos_ptr, sin_ptr,  # [B, Dh / 2] bf16, the step's rotation
+    x_ptr,
+    gain_ptr,
+    wq_ptr,
+    bq_ptr,
+    wk_ptr,
+    bk_ptr,
+    wv_ptr,
+    bv_ptr,  # x [B, D]; W [heads * Dh, D]
+    cos_ptr,
+    sin_ptr,  # [B, Dh / 2] bf16, the step's rotation
     q_ptr,  # [B, Hq * Dh] out
-    k_cache_ptr, v_cache_ptr,  # [B, Hkv, slots, Dh]
+    k_cache_ptr,
+    v_cache_ptr,  # [B, Hkv, slots, Dh]
     pos_cache_ptr,  # [B, slots] int32
     pos_ptr,  # [B] int32, the step's positions
     column_ptr,  # 0-d int64: the column this step writes (slot = column % slots)
-    D, slots, eps,
-    HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+    D,
+    slots,
+    eps,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Program (head, b): RMSNorm(x[b]) @ rows of one q, k or v head, plus bias; RoPE on q and k."""
     h = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -150,10 +165,15 @@ def _decode_qkv_kernel(
 
 @triton.jit
 def _decode_linear_kernel(
-    a_ptr, w_ptr, bias_ptr, x_ptr,  # a [B, K], W [N, K], bias [N], x [B, N] (updated in place)
-    N, K,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+    a_ptr,
+    w_ptr,
+    bias_ptr,
+    x_ptr,  # a [B, K], W [N, K], bias [N], x [B, N] (updated in place)
+    N,
+    K,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """x[b, n] += (a[b] @ W.T + bias)[n], each rounded to bf16 as the plain path's two kernels round."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     b = tl.program_id(1).to(tl.int64)
@@ -172,12 +192,18 @@ def _decode_linear_kernel(
 
 @triton.jit
 def _decode_router_kernel(
-    x_ptr, gain_ptr, w_ptr, bias_ptr,  # x [B, D]; router W [E, D], bias [E]
+    x_ptr,
+    gain_ptr,
+    w_ptr,
+    bias_ptr,  # x [B, D]; router W [E, D], bias [E]
     logits_ptr,  # [B, E] fp32 out (bf16 values, as the plain path's router output)
     xn_ptr,  # [B, D] fp32 out: the normed x the experts read, in _eighths' order
-    D, E, eps,
-    BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+    D,
+    E,
+    eps,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     b = tl.program_id(1).to(tl.int64)
     e_mask = e < E
@@ -284,14 +310,24 @@ def _slot_expert(logits_ptr, b, slot, E, TOP_K: tl.constexpr, BLOCK_E: tl.conste
 
 @triton.jit
 def _decode_gate_up_kernel(
-    logits_ptr, xn_ptr,  # [B, E] fp32; [B, D] fp32 in _eighths' order
-    w_ptr, s_ptr, bias_ptr,  # W1 blocks [E, 2I, D/32, 16], scales [E, 2I, D/32], bias [E, 2I]
+    logits_ptr,
+    xn_ptr,  # [B, E] fp32; [B, D] fp32 in _eighths' order
+    w_ptr,
+    s_ptr,
+    bias_ptr,  # W1 blocks [E, 2I, D/32, 16], scales [E, 2I, D/32], bias [E, 2I]
     act_ptr,  # [B, TOP_K, I] fp32 out (values of the model's dtype), in _eighths' order
     route_ptr,  # [B, TOP_K, 2] fp32 out: each slot's expert id and weight, for the down kernel
-    I, E, alpha, limit,
-    D: tl.constexpr, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+    I,
+    E,
+    alpha,
+    limit,
+    D: tl.constexpr,
+    TOP_K: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_G: tl.constexpr,
     INTERPRET: tl.constexpr,
-):  # fmt: skip
+):
     """Program (rows, pair): the slot's expert's gate_up rows n (gate 2j, linear 2j + 1) . normed x,
     plus bias, then the clamped SwiGLU: act[j] for the BLOCK_N / 2 outputs of those rows."""
     pair = tl.program_id(1)
@@ -316,13 +352,20 @@ def _decode_gate_up_kernel(
 
 @triton.jit
 def _decode_down_kernel(
-    route_ptr, act_ptr,  # [B, TOP_K, 2] fp32 (expert, weight); [B, TOP_K, I] fp32 in _eighths' order
-    w_ptr, s_ptr, bias_ptr,  # W2 blocks [E, D, I/32, 16], scales [E, D, I/32], bias [E, D]
+    route_ptr,
+    act_ptr,  # [B, TOP_K, 2] fp32 (expert, weight); [B, TOP_K, I] fp32 in _eighths' order
+    w_ptr,
+    s_ptr,
+    bias_ptr,  # W2 blocks [E, D, I/32, 16], scales [E, D, I/32], bias [E, D]
     x_ptr,  # [B, D] residual stream, updated in place
     D,
-    I: tl.constexpr, TOP_K: tl.constexpr, SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+    I: tl.constexpr,
+    TOP_K: tl.constexpr,
+    SLOTS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_G: tl.constexpr,
     INTERPRET: tl.constexpr,
-):  # fmt: skip
+):
     """Program (rows, b): x[b, n] += the sum over the k slots of weight * (act[b, slot] . W2_e[n] + b2_e[n]),
     rounded to x's dtype as the plain path rounds it.
 
@@ -347,19 +390,51 @@ def _decode_down_kernel(
 # --- launchers ---------------------------------------------------------------------------------------------
 
 
-def decode_qkv(x, gain, eps, attn, cos, sin, q, cache, pos, column):
+def decode_qkv(
+    x: torch.Tensor,
+    gain: torch.Tensor,
+    eps: float,
+    attn,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q: torch.Tensor,
+    cache,
+    pos: torch.Tensor,
+    column: torch.Tensor,
+) -> None:
     """x [B, D] -> q [B, Hq * Dh] written; k, v and positions written into `cache` (a LayerCache) at column."""
     B, D = x.shape
     Hq, Hkv, Dh = attn.num_kv_heads * attn.group, attn.num_kv_heads, attn.head_dim
     block_k, warps = QKV
     _decode_qkv_kernel[(Hq + 2 * Hkv, B)](
-        x, gain, attn.q_proj.weight, attn.q_proj.bias, attn.k_proj.weight, attn.k_proj.bias, attn.v_proj.weight,
-        attn.v_proj.bias, cos, sin, q, cache.k, cache.v, cache.pos, pos, column, D, cache.k.shape[2], eps,
-        HQ=Hq, HKV=Hkv, HEAD_DIM=Dh, BLOCK_K=block_k, num_warps=warps,
-    )  # fmt: skip
+        x,
+        gain,
+        attn.q_proj.weight,
+        attn.q_proj.bias,
+        attn.k_proj.weight,
+        attn.k_proj.bias,
+        attn.v_proj.weight,
+        attn.v_proj.bias,
+        cos,
+        sin,
+        q,
+        cache.k,
+        cache.v,
+        cache.pos,
+        pos,
+        column,
+        D,
+        cache.k.shape[2],
+        eps,
+        HQ=Hq,
+        HKV=Hkv,
+        HEAD_DIM=Dh,
+        BLOCK_K=block_k,
+        num_warps=warps,
+    )
 
 
-def decode_linear_residual(a, linear, x):
+def decode_linear_residual(a: torch.Tensor, linear, x: torch.Tensor) -> None:
     """x += linear(a), in place: a [B, K], x [B, N]."""
     B, K = a.shape
     N = x.shape[1]
@@ -369,7 +444,7 @@ def decode_linear_residual(a, linear, x):
     )
 
 
-def decode_router(x, gain, eps, router):
+def decode_router(x: torch.Tensor, gain: torch.Tensor, eps: float, router) -> tuple[torch.Tensor, torch.Tensor]:
     """-> router logits [B, E] fp32 and the normed x [B, D] (fp32 holding values of x's dtype, in
     _eighths' order: the layout the expert kernels read)."""
     B, D = x.shape
@@ -383,25 +458,61 @@ def decode_router(x, gain, eps, router):
     return logits, xn
 
 
-def decode_experts(logits, xn, experts, top_k, alpha, limit, x):
-    """x += the MoE of the normed xn [B, D], experts chosen from `logits` on the device; in place."""
+def decode_experts(
+    logits: torch.Tensor,
+    xn: torch.Tensor,
+    w1: ExpertWeights,
+    w2: ExpertWeights,
+    top_k: int,
+    alpha: float,
+    limit: float,
+    x: torch.Tensor,
+) -> None:
+    """x += the MoE of the normed xn [B, D] through gate_up `w1` and down `w2`, experts chosen from
+    `logits` on the device; in place."""
     B, D = xn.shape
     E = logits.shape[1]
-    I = experts.down_proj_blocks.shape[2] * 32
+    I = w2.cols
     act = torch.empty(B, top_k, I, dtype=torch.float32, device=xn.device)
     route = torch.empty(B, top_k, 2, dtype=torch.float32, device=xn.device)
     block_n, block_g, warps = GATE_UP
     _decode_gate_up_kernel[(triton.cdiv(2 * I, block_n), B * top_k)](
-        logits, xn, experts.gate_up_proj_blocks, experts.gate_up_proj_scales, experts.gate_up_proj_bias, act, route,
-        I, E, alpha, limit, D=D, TOP_K=top_k, BLOCK_E=triton.next_power_of_2(E), BLOCK_N=block_n, BLOCK_G=block_g,
-        INTERPRET=INTERPRET, num_warps=warps,
-    )  # fmt: skip
+        logits,
+        xn,
+        w1.blocks,
+        w1.scales,
+        w1.bias,
+        act,
+        route,
+        I,
+        E,
+        alpha,
+        limit,
+        D=D,
+        TOP_K=top_k,
+        BLOCK_E=triton.next_power_of_2(E),
+        BLOCK_N=block_n,
+        BLOCK_G=block_g,
+        INTERPRET=INTERPRET,
+        num_warps=warps,
+    )
     block_n, block_g, warps = DOWN
     _decode_down_kernel[(triton.cdiv(D, block_n), B)](
-        route, act, experts.down_proj_blocks, experts.down_proj_scales, experts.down_proj_bias, x, D, I=I,
-        TOP_K=top_k, SLOTS=triton.next_power_of_2(top_k), BLOCK_N=block_n, BLOCK_G=block_g, INTERPRET=INTERPRET,
+        route,
+        act,
+        w2.blocks,
+        w2.scales,
+        w2.bias,
+        x,
+        D,
+        I=I,
+        TOP_K=top_k,
+        SLOTS=triton.next_power_of_2(top_k),
+        BLOCK_N=block_n,
+        BLOCK_G=block_g,
+        INTERPRET=INTERPRET,
         num_warps=warps,
-    )  # fmt: skip
+    )
 
 
 def fusable(model) -> str | None:
@@ -421,7 +532,7 @@ def fusable(model) -> str | None:
     return None
 
 
-def decode_layers(model, ids, pos, cache) -> torch.Tensor:
+def decode_layers(model, ids: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
     """Every layer of one decode step on the fused kernels: ids, positions [B, 1] -> final-normed hidden
     [B, D]. Writes the cache as the plain path does (the caller advances its column)."""
     B = ids.shape[0]
@@ -433,13 +544,23 @@ def decode_layers(model, ids, pos, cache) -> torch.Tensor:
         attn, mlp = layer.self_attn, layer.mlp
         K, G, Dh = attn.num_kv_heads, attn.group, attn.head_dim
         q = torch.empty(B, 1, K, G, Dh, dtype=x.dtype, device=x.device)
-        decode_qkv(x, layer.input_layernorm.weight, layer.input_layernorm.eps, attn, cos, sin, q, layer_cache,
-                   pos32, cache.column)  # fmt: skip
+        decode_qkv(
+            x,
+            layer.input_layernorm.weight,
+            layer.input_layernorm.eps,
+            attn,
+            cos,
+            sin,
+            q,
+            layer_cache,
+            pos32,
+            cache.column,
+        )
         window = NO_WINDOW if attn.window is None else attn.window
         keys, values = layer_cache.k.transpose(1, 2), layer_cache.v.transpose(1, 2)  # [B, S, K, Dh] views
         out = attention_decode(q, keys, values, attn.sinks, pos32, layer_cache.pos, window)
         decode_linear_residual(out.view(B, K * G * Dh), attn.o_proj, x)
         norm = layer.post_attention_layernorm
         logits, xn = decode_router(x, norm.weight, norm.eps, mlp.router)
-        decode_experts(logits, xn, mlp.experts, mlp.top_k, mlp.alpha, mlp.limit, x)
+        decode_experts(logits, xn, *expert_weights(mlp.experts), mlp.top_k, mlp.alpha, mlp.limit, x)
     return model.model.norm(x)

@@ -144,11 +144,15 @@ def e2m1_f32_words(word, INTERPRET: tl.constexpr):
     if INTERPRET:
         b0, b1, b2, b3 = word & 0xFF, (word >> 8) & 0xFF, (word >> 16) & 0xFF, (word >> 24) & 0xFF
         return (
-            _e2m1_interpret(b0 & 15) * TWO_POW_M126, _e2m1_interpret(b1 & 15) * TWO_POW_M126,
-            _e2m1_interpret(b2 & 15) * TWO_POW_M126, _e2m1_interpret(b3 & 15) * TWO_POW_M126,
-            _e2m1_interpret(b0 >> 4) * TWO_POW_M126, _e2m1_interpret(b1 >> 4) * TWO_POW_M126,
-            _e2m1_interpret(b2 >> 4) * TWO_POW_M126, _e2m1_interpret(b3 >> 4) * TWO_POW_M126,
-        )  # fmt: skip
+            _e2m1_interpret(b0 & 15) * TWO_POW_M126,
+            _e2m1_interpret(b1 & 15) * TWO_POW_M126,
+            _e2m1_interpret(b2 & 15) * TWO_POW_M126,
+            _e2m1_interpret(b3 & 15) * TWO_POW_M126,
+            _e2m1_interpret(b0 >> 4) * TWO_POW_M126,
+            _e2m1_interpret(b1 >> 4) * TWO_POW_M126,
+            _e2m1_interpret(b2 >> 4) * TWO_POW_M126,
+            _e2m1_interpret(b3 >> 4) * TWO_POW_M126,
+        )
     return tl.inline_asm_elementwise(
         _E2M1_F32_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [word], dtype=(tl.float32,) * 8, is_pure=True, pack=1
     )

@@ -161,6 +161,21 @@ def capture(launches: list[Launch], label: dict):
         KernelInterface.__getitem__ = previous
 
 
+def meta_experts(E: int, D: int, I: int, dtype: torch.dtype):
+    """gate_up and down of E experts as gptoss.kernels.moe.ExpertWeights of meta tensors (real shapes)."""
+    from gptoss.kernels.moe import ExpertWeights
+
+    def matrix(rows, cols):
+        u8 = dict(dtype=torch.uint8, device="meta")
+        return ExpertWeights(
+            torch.empty(E, rows, cols // 32, 16, **u8),
+            torch.empty(E, rows, cols // 32, **u8),
+            torch.empty(E, rows, dtype=dtype, device="meta"),
+        )
+
+    return matrix(2 * I, D), matrix(D, I)
+
+
 def run_workloads() -> list[Launch]:
     """The launchers at the gpt-oss shapes on meta tensors: routing, the four MoE matmuls, dequantization,
     attention (forward, both backward kernels, the split-K decode and its merge)."""
@@ -174,30 +189,22 @@ def run_workloads() -> list[Launch]:
                 with capture(launches, dict(shape=shape, workload=workload, tokens=T, dtype=str(dtype)[6:])) as label:
                     label["what"] = "route"
                     r = routing.route(torch.empty(T, E, dtype=dtype, **meta), k)
-                    w1 = torch.empty(E, 2 * I, D // 32, 16, dtype=torch.uint8, **meta)
-                    s1 = torch.empty(E, 2 * I, D // 32, dtype=torch.uint8, **meta)
-                    w2 = torch.empty(E, D, I // 32, 16, dtype=torch.uint8, **meta)
-                    s2 = torch.empty(E, D, I // 32, dtype=torch.uint8, **meta)
-                    b1, b2 = torch.empty(E, 2 * I, dtype=dtype, **meta), torch.empty(E, D, dtype=dtype, **meta)
+                    w1, w2 = meta_experts(E, D, I, dtype)
                     x = torch.empty(T, D, dtype=dtype, **meta)
                     gate = torch.empty(T * k, dtype=torch.float32, **meta)
-                    label["what"] = "forward"
-                    act, h = moe.moe_gate_up_fwd(x, r, w1, s1, b1, 1.702, 7.0, save=True)
-                    moe.moe_down_fwd(act, r, gate, w2, s2, b2, save=True)
-                    label["what"] = "backward"
-                    gh = moe.moe_down_bwd(x, r, gate, w2, s2, h, 1.702, 7.0)
-                    moe.moe_gate_up_bwd(gh, r, w1, s1, D)
-                    # expert LoRA: each epilogue adds the adapter's update (fp32, sorted rows)
+                    # every kernel of moe.KERNELS, without and with the LoRA update (fp32, sorted rows) in its epilogue
                     P = T * k
-                    label["what"] = "forward+lora"
                     add = {n: torch.empty(P, n, dtype=torch.float32, **meta) for n in (D, I, 2 * I)}
-                    act, h = moe.moe_gate_up_fwd(x, r, w1, s1, b1, 1.702, 7.0, save=True, add=add[2 * I])
-                    moe.moe_down_fwd(act, r, gate, w2, s2, b2, save=True, add=add[D])
-                    label["what"] = "backward+lora"
-                    gh = moe.moe_down_bwd(x, r, gate, w2, s2, h, 1.702, 7.0, add=add[I])
-                    moe.moe_gate_up_bwd(gh, r, w1, s1, D, add=add[D])
+                    for lora in (False, True):
+                        plus = "+lora" if lora else ""
+                        label["what"] = "forward" + plus
+                        act, h = moe.moe_gate_up_fwd(x, r, w1, 1.702, 7.0, save=True, add=add[2 * I] if lora else None)
+                        moe.moe_down_fwd(act, r, gate, w2, save=True, add=add[D] if lora else None)
+                        label["what"] = "backward" + plus
+                        gh = moe.moe_down_bwd(x, r, gate, w2, h, 1.702, 7.0, add=add[I] if lora else None)
+                        moe.moe_gate_up_bwd(gh, r, w1, add=add[D] if lora else None)
                     label["what"] = "dequantize"
-                    mxfp4.mxfp4_dequant_fwd(w1[:1], s1[:1], dtype)
+                    mxfp4.mxfp4_dequant_fwd(w1.blocks[:1], w1.scales[:1], dtype)
     K, G, Dh = ATTENTION
     for workload, T in WORKLOADS.items():  # decode: one token against a 4096-token cache; prefill: training rows
         S = 4096
@@ -245,10 +252,19 @@ def fused_decode_launches() -> list[Launch]:
                             weight=torch.empty(n, m, dtype=dtype, **meta), bias=torch.empty(n, dtype=dtype, **meta)
                         )
 
-                    attn = SimpleNamespace(num_kv_heads=K, group=G, head_dim=Dh, q_proj=linear(K * G * Dh, D),
-                              k_proj=linear(K * Dh, D), v_proj=linear(K * Dh, D))  # fmt: skip
-                    cache = SimpleNamespace(k=torch.empty(B, K, S, Dh, dtype=dtype, **meta), v=torch.empty(B, K, S, Dh, dtype=dtype, **meta),
-                               pos=torch.empty(B, S, dtype=torch.int32, **meta))  # fmt: skip
+                    attn = SimpleNamespace(
+                        num_kv_heads=K,
+                        group=G,
+                        head_dim=Dh,
+                        q_proj=linear(K * G * Dh, D),
+                        k_proj=linear(K * Dh, D),
+                        v_proj=linear(K * Dh, D),
+                    )
+                    cache = SimpleNamespace(
+                        k=torch.empty(B, K, S, Dh, dtype=dtype, **meta),
+                        v=torch.empty(B, K, S, Dh, dtype=dtype, **meta),
+                        pos=torch.empty(B, S, dtype=torch.int32, **meta),
+                    )
                     x = torch.empty(B, D, dtype=dtype, **meta)
                     gain = torch.empty(D, dtype=torch.float32, **meta)
                     rot = torch.empty(B, Dh // 2, dtype=dtype, **meta)
@@ -260,15 +276,8 @@ def fused_decode_launches() -> list[Launch]:
                         torch.empty(B, K * G * Dh, dtype=dtype, **meta), linear(D, K * G * Dh), x
                     )
                     logits, xn = decode.decode_router(x, gain, 1e-5, linear(E, D))
-                    experts = SimpleNamespace(
-                        gate_up_proj_blocks=torch.empty(E, 2 * I, D // 32, 16, dtype=torch.uint8, **meta),
-                        gate_up_proj_scales=torch.empty(E, 2 * I, D // 32, dtype=torch.uint8, **meta),
-                        gate_up_proj_bias=torch.empty(E, 2 * I, dtype=dtype, **meta),
-                        down_proj_blocks=torch.empty(E, D, I // 32, 16, dtype=torch.uint8, **meta),
-                        down_proj_scales=torch.empty(E, D, I // 32, dtype=torch.uint8, **meta),
-                        down_proj_bias=torch.empty(E, D, dtype=dtype, **meta),
-                    )
-                    decode.decode_experts(logits, xn, experts, k, 1.702, 7.0, x)
+                    w1, w2 = meta_experts(E, D, I, dtype)
+                    decode.decode_experts(logits, xn, w1, w2, k, 1.702, 7.0, x)
     return launches
 
 
@@ -297,24 +306,38 @@ def expand(launch: Launch, target: int) -> list[Variant]:
     return variants
 
 
+def moe_kernels() -> dict[str, str]:
+    """The grouped MoE kernels by jit function name -> their name in gptoss.kernels.moe.CONFIGS."""
+    from gptoss.kernels import moe
+
+    return {kernel.fn.__name__: name for name, kernel in moe.KERNELS.items()}
+
+
 def unreached_tiles(variants, targets) -> list[str]:
-    """Every tile of the MoE matmul's config tables must be compiled by some workload: a tile that no
+    """Every tile of the MoE kernels' config tables must be compiled by some workload: a tile that no
     launch here tries would meet its first compiler on a GPU, in the middle of an autotuning run."""
     from gptoss.kernels import moe
 
-    wanted = {(mode, False, tile) for mode, table in moe.CONFIGS.items() for tiles in table.values() for tile in tiles}
-    wanted |= {(mode, True, tile) for mode in moe.CONFIGS for tiles in moe.FP32_CONFIGS.values() for tile in tiles}
-    wanted = {(*w, add) for w in wanted for add in (False, True)}  # without and with the LoRA update
     problems = []
-    for target in targets:
-        seen = {
-            (v.config["MODE"], bool(v.config["UPCAST"]), tuple(v.config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")),
-             bool(v.config["ADD"]))
-            for v in variants if v.name == "_moe_matmul_kernel" and v.target == target
-        }  # fmt: skip
-        for mode, upcast, tile, add in sorted(wanted - seen):
-            problems.append(f"_moe_matmul_kernel sm_{target}a mode {mode} {'fp32' if upcast else 'bf16'}{' +lora' if add else ''} tile {tile}: "
-                            "in the config tables but no workload of the gate compiles it; add a workload that reaches its bucket")  # fmt: skip
+    for kernel, name in moe_kernels().items():
+        wanted = {(False, tile) for tiles in moe.CONFIGS[name].values() for tile in tiles}
+        wanted |= {(True, tile) for tiles in moe.FP32_CONFIGS.values() for tile in tiles}
+        wanted = {(*w, add) for w in wanted for add in (False, True)}  # without and with the LoRA update
+        for target in targets:
+            seen = {
+                (
+                    bool(v.config["UPCAST"]),
+                    tuple(v.config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")),
+                    bool(v.config["ADD"]),
+                )
+                for v in variants
+                if v.name == kernel and v.target == target
+            }
+            for upcast, tile, add in sorted(wanted - seen):
+                problems.append(
+                    f"{kernel} sm_{target}a {'fp32' if upcast else 'bf16'}{' +lora' if add else ''} tile {tile}: "
+                    "in the config tables but no workload of the gate compiles it; add a workload that reaches its bucket"
+                )
     return problems
 
 
@@ -364,10 +387,18 @@ def sass_stats(cubin: bytes, num_warps: int, elements_per_iteration: int | None)
     loop_sync = sum(op.startswith(("BAR", "LDS", "STS", "STSM", "LDSM")) for op, _ in body)
     loads, waited = _loop_loads(body)
     return dict(
-        registers=regs, spill_bytes=stack + local, spill_ops=spill_ops, mma=mma,
-        instructions=len(code), main_loop=main_size, per_element=per_element, loop_shared_ops=loop_sync,
-        loop_loads=loads, loop_loads_waited=waited, ftz_ops=sum(".FTZ" in op for op in ops),
-    )  # fmt: skip
+        registers=regs,
+        spill_bytes=stack + local,
+        spill_ops=spill_ops,
+        mma=mma,
+        instructions=len(code),
+        main_loop=main_size,
+        per_element=per_element,
+        loop_shared_ops=loop_sync,
+        loop_loads=loads,
+        loop_loads_waited=waited,
+        ftz_ops=sum(".FTZ" in op for op in ops),
+    )
 
 
 _REGISTER = re.compile(r"\bR(\d+)\b")
@@ -395,7 +426,7 @@ def _loop_loads(body) -> tuple[int, int]:
 
 def weight_elements(name: str, config: dict) -> int | None:
     """MXFP4 weight elements one iteration of a kernel's main loop decodes (None: it decodes none)."""
-    if name == "_moe_matmul_kernel":
+    if name in moe_kernels():
         return config["BLOCK_N"] * config["BLOCK_K"]
     if name == "_decode_gate_up_kernel":
         return config["BLOCK_N"] * config["BLOCK_G"] * 32
@@ -459,8 +490,11 @@ def run_gate(targets=(90, 100), jobs: int = 2) -> tuple[list[dict], list[str]]:
         with multiprocessing.get_context("fork").Pool(max(1, jobs)) as pool:
             for key, row in zip(todo, pool.imap(_compile_index, range(len(todo)))):
                 cache[key] = row
-                print(f"  compiled {len(cache)}: {row['kernel']} {row['target']} {row['config']} {row.get('error', '')}",
-                      file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"  compiled {len(cache)}: {row['kernel']} {row['target']} {row['config']} {row.get('error', '')}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(
             prefix=cache_path.name + ".", suffix=".tmp", dir=cache_path.parent
@@ -492,13 +526,11 @@ _SHORT = {"bfloat16": "bf16", "float32": "fp32"}
 
 
 def _mode(row) -> str:
-    names = {0: "GATE_UP", 1: "DOWN", 2: "DOWN_BWD", 3: "UP_BWD"}
-    name = names.get(row["config"].get("MODE"), "")
-    return name + "+" if row["config"].get("ADD") else name  # +: with the LoRA update in the epilogue
+    return "+lora" if row["config"].get("ADD") else ""  # with the LoRA update in the epilogue
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'kernel':<28}{'mode':<10}{'target':<9}{'dtype':<9}{'config (M,N,K,w,s)':<22}{'regs':>5}{'spill':>6}{'smem':>8}{'mma':>9}{'grid dec':>10}{'grid bat':>12}{'grid pre':>13}{'instr/el':>9}"
+    head = f"{'kernel':<28}{'lora':<10}{'target':<9}{'dtype':<9}{'config (M,N,K,w,s)':<22}{'regs':>5}{'spill':>6}{'smem':>8}{'mma':>9}{'grid dec':>10}{'grid bat':>12}{'grid pre':>13}{'instr/el':>9}"
     lines = [head, "-" * len(head)]
     for row in sorted(
         rows, key=lambda r: (r["kernel"], _mode(r), r["target"], r["launches"][0]["dtype"], str(r["config"]))
@@ -550,7 +582,7 @@ def _positive(text: str) -> int:
     return value
 
 
-DECODE_MXFP4 = ("_moe_matmul_kernel", "_decode_gate_up_kernel", "_decode_down_kernel")
+DECODE_MXFP4 = ("_decode_gate_up_kernel", "_decode_down_kernel")  # and the grouped MoE kernels (moe_kernels())
 SMS = 132  # H100 and H200 SXM
 MAX_WARPS_PER_SM, REGISTERS_PER_SM, BLOCKS_PER_SM = 64, 65536, 32
 
@@ -563,7 +595,7 @@ def decode_launch_table(rows: list[dict]) -> list[dict]:
     loop moves data through shared memory (a layout conversion: every trip waits on a barrier)."""
     out = []
     for row in rows:
-        if "error" in row or row["target"] != "sm_90a" or row["kernel"] not in DECODE_MXFP4:
+        if "error" in row or row["target"] != "sm_90a" or row["kernel"] not in (*DECODE_MXFP4, *moe_kernels()):
             continue
         for launch in row["launches"]:
             if launch["workload"] != "decode" or launch["dtype"] != "bfloat16" or launch["shape"] != "gpt-oss-20b":
@@ -578,28 +610,38 @@ def decode_launch_table(rows: list[dict]) -> list[dict]:
             by_shared = SHARED_LIMIT // row["shared"] if row["shared"] else BLOCKS_PER_SM
             blocks = min(by_registers, by_shared, BLOCKS_PER_SM, MAX_WARPS_PER_SM // warps)
             filled = min(blocks, -(-programs // SMS)) * warps
-            if row["kernel"] == "_moe_matmul_kernel":
+            if row["kernel"] in moe_kernels():
                 per_trip, k = c["BLOCK_N"] * c["BLOCK_K"], 2880  # D = I = 2880 for both products
                 trips = -(-k // c["BLOCK_K"])
             else:  # the fused decode kernels: BLOCK_G MX blocks of 32 per trip (down: of every slot's rows)
                 per_trip = weight_elements(row["kernel"], c)
                 trips = -(-90 // c["BLOCK_G"])
-            out.append(dict(
-                kernel=row["kernel"], mode=_mode(row), config=c, programs=programs,
-                bytes_per_program=int(trips * per_trip * 17 / 32), resident_warps=filled,
-                trips=trips, per_trip=row["main_loop"], serial=trips * row["main_loop"],
-                per_element=row["per_element"], loop_shared_ops=row.get("loop_shared_ops"),
-                loop_loads=row.get("loop_loads"), loop_loads_waited=row.get("loop_loads_waited"),
-            ))  # fmt: skip
+            out.append(
+                dict(
+                    kernel=row["kernel"],
+                    lora=_mode(row),
+                    config=c,
+                    programs=programs,
+                    bytes_per_program=int(trips * per_trip * 17 / 32),
+                    resident_warps=filled,
+                    trips=trips,
+                    per_trip=row["main_loop"],
+                    serial=trips * row["main_loop"],
+                    per_element=row["per_element"],
+                    loop_shared_ops=row.get("loop_shared_ops"),
+                    loop_loads=row.get("loop_loads"),
+                    loop_loads_waited=row.get("loop_loads_waited"),
+                )
+            )
     return out
 
 
 def decode_table(rows: list[dict]) -> str:
-    head = f"{'kernel (decode, 20b, sm_90a)':<28}{'mode':<10}{'programs':>9}{'KB/prog':>9}{'warps/SM':>9}{'trips':>6}{'instr/trip':>11}{'serial':>8}{'instr/el':>9}{'shared in loop':>15}{'loads waited':>14}"
+    head = f"{'kernel (decode, 20b, sm_90a)':<28}{'lora':<10}{'programs':>9}{'KB/prog':>9}{'warps/SM':>9}{'trips':>6}{'instr/trip':>11}{'serial':>8}{'instr/el':>9}{'shared in loop':>15}{'loads waited':>14}"
     lines = [head, "-" * len(head)]
     for r in decode_launch_table(rows):
         lines.append(
-            f"{r['kernel']:<28}{r['mode']:<10}{r['programs']:>9}{r['bytes_per_program'] / 1024:>9.1f}{r['resident_warps']:>9}"
+            f"{r['kernel']:<28}{r['lora']:<10}{r['programs']:>9}{r['bytes_per_program'] / 1024:>9.1f}{r['resident_warps']:>9}"
             f"{r['trips']:>6}{r['per_trip']:>11}{r['serial']:>8}{r['per_element']:>9.2f}{r['loop_shared_ops'] or 0:>15}"
             f"{r['loop_loads_waited']:>8} of {r['loop_loads']:<3}"
         )
@@ -627,9 +669,11 @@ def main(argv=None) -> int:
     rows, problems = run_gate(args.targets, args.jobs)
     print(table(rows))
     print("\n" + decode_table(rows))
-    print(f"\n{len(rows)} variants, {sum('error' not in r for r in rows)} compiled, "
-          f"{sum(bool(r.get('spill_bytes')) for r in rows)} spilling, {time.perf_counter() - start:.0f} s, "
-          f"on Triton {triton.__version__} ({Path(triton.__file__).parent})")  # fmt: skip
+    print(
+        f"\n{len(rows)} variants, {sum('error' not in r for r in rows)} compiled, "
+        f"{sum(bool(r.get('spill_bytes')) for r in rows)} spilling, {time.perf_counter() - start:.0f} s, "
+        f"on Triton {triton.__version__} ({Path(triton.__file__).parent})"
+    )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1, default=str))
     for problem in problems:

@@ -52,9 +52,16 @@ ROW = {
 }
 # the full o200k_harmony vocabulary (the data uses the real tokenizer), everything else small
 TRAIN_CONFIG = ModelConfig(
-    num_hidden_layers=2, hidden_size=64, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-    head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
-)  # fmt: skip
+    num_hidden_layers=2,
+    hidden_size=64,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    sliding_window=16,
+)
 
 
 def package_dirs() -> dict[str, str]:

@@ -212,9 +212,18 @@ def browser():
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     # no network here: Chromium's own background connections are turned off, not left to fail
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1400,1100", "--disable-dev-shm-usage"):  # fmt: skip
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1400,1100",
+        "--disable-dev-shm-usage",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(DRIVER), options=options)
     yield driver
@@ -231,9 +240,25 @@ def server(files, tmp_path_factory):
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gptoss", "app", "--model", str(ckpt), "--adapter", str(adapter), "--dtype",
-             "fp32", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "gptoss",
+                "app",
+                "--model",
+                str(ckpt),
+                "--adapter",
+                str(adapter),
+                "--dtype",
+                "fp32",
+                "--port",
+                str(port),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120

@@ -124,8 +124,16 @@ def test_decode_kernel_matches_the_reference(rows, splits):
         q_pos = torch.tensor([[60 + t for t in range(T)], [50 + t for t in range(T)]])
         if window is None:  # a pre-allocated full layer: the slots after position 63 are empty (-1)
             k_pos = torch.where(torch.arange(S) <= 63, torch.arange(S), -1)
-        out = kernel.attention_decode(q, k, v, sinks, q_pos.int(), k_pos.expand(B, S).int().contiguous(),
-                                      kernel.NO_WINDOW if window is None else window, splits=splits)  # fmt: skip
+        out = kernel.attention_decode(
+            q,
+            k,
+            v,
+            sinks,
+            q_pos.int(),
+            k_pos.expand(B, S).int().contiguous(),
+            kernel.NO_WINDOW if window is None else window,
+            splits=splits,
+        )
         _close(out, reference(q, k, v, sinks, q_pos, k_pos, window), torch.float32, f"window {window}")
 
 
@@ -173,12 +181,22 @@ def test_tile_ranges_kernel_equals_the_torch_definition(window, tiles, G):
     # a ring cache, a batch row with no valid query or key at all, and more tiles than one chunk
     bm, bn = tiles
     T, S = 37, 300
-    q_pos = torch.stack((
-        _ragged(1, T, [5])[0], torch.arange(T) + S - T, torch.full((T,), -1), torch.arange(T) * 7,
-    )).int()  # fmt: skip
-    k_pos = torch.stack((
-        torch.cat((torch.full((S - 40,), -1), _ragged(1, 40, [5])[0])), torch.arange(S), _ring(S, 123), torch.full((S,), -1),
-    )).int()  # fmt: skip
+    q_pos = torch.stack(
+        (
+            _ragged(1, T, [5])[0],
+            torch.arange(T) + S - T,
+            torch.full((T,), -1),
+            torch.arange(T) * 7,
+        )
+    ).int()
+    k_pos = torch.stack(
+        (
+            torch.cat((torch.full((S - 40,), -1), _ragged(1, 40, [5])[0])),
+            torch.arange(S),
+            _ring(S, 123),
+            torch.full((S,), -1),
+        )
+    ).int()
     w = kernel.NO_WINDOW if window is None else window
     want = kernel.tile_ranges_reference(q_pos, k_pos, w, G, bm, bn)
     got = kernel.tile_ranges(q_pos, k_pos, w, G, bm, bn)

@@ -120,8 +120,15 @@ def test_greedy_on_the_device_reads_the_host_once_per_stretch(model, monkeypatch
     stop = free[0][4]  # inside the first stretch of 16, in the second of 3
     assert stop not in free[1] and stop not in free[0][:4], "pick another seed: the stop token is ambiguous"
     host, seen_host = [], []
-    host = generate(model, prompts, max_new_tokens=10, temperature=0.0, stop_tokens=(stop,), decode="dynamic",
-                    on_token=lambda b, t: seen_host.append((b, t)))  # fmt: skip
+    host = generate(
+        model,
+        prompts,
+        max_new_tokens=10,
+        temperature=0.0,
+        stop_tokens=(stop,),
+        decode="dynamic",
+        on_token=lambda b, t: seen_host.append((b, t)),
+    )
     reads, seen = [], []
     tolist = torch.Tensor.tolist
 
@@ -130,8 +137,16 @@ def test_greedy_on_the_device_reads_the_host_once_per_stretch(model, monkeypatch
         return tolist(t)
 
     monkeypatch.setattr(torch.Tensor, "tolist", counted)
-    got = generate(model, prompts, max_new_tokens=10, temperature=0.0, stop_tokens=(stop,), decode="static",
-                   read_every=read_every, on_token=lambda b, t: seen.append((b, t)))  # fmt: skip
+    got = generate(
+        model,
+        prompts,
+        max_new_tokens=10,
+        temperature=0.0,
+        stop_tokens=(stop,),
+        decode="static",
+        read_every=read_every,
+        on_token=lambda b, t: seen.append((b, t)),
+    )
     assert got == host and got[0] == free[0][:5] and got[1] == free[1]
     assert sorted(seen) == sorted(seen_host)
     # the token reads ([B, n] blocks; the torch backend's MoE also reads its expert counts, 1-D, which the
@@ -265,8 +280,9 @@ def test_sampling_gives_the_same_tokens_on_the_device_and_per_step(model, monkey
         return tolist(t)
 
     monkeypatch.setattr(torch.Tensor, "tolist", counted)
-    got = generate(model, prompts, max_new_tokens=10, stop_tokens=(), decode="static", read_every=read_every,
-                   **settings)  # fmt: skip
+    got = generate(
+        model, prompts, max_new_tokens=10, stop_tokens=(), decode="static", read_every=read_every, **settings
+    )
     assert got == host
     assert len([r for r in reads if len(r) == 2 and r[0] == 2]) == -(-10 // read_every), reads  # [B, n] blocks
 

@@ -118,8 +118,17 @@ def test_attention_decode_kernel_against_a_full_cache():
 def cuda_checkpoint(tmp_path_factory):
     from gptoss.synthetic import write_checkpoint
 
-    config = ModelConfig(num_hidden_layers=4, hidden_size=256, intermediate_size=256, num_attention_heads=16,
-                         num_key_value_heads=2, head_dim=64, num_local_experts=8, vocab_size=1000, sliding_window=16)  # fmt: skip
+    config = ModelConfig(
+        num_hidden_layers=4,
+        hidden_size=256,
+        intermediate_size=256,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        head_dim=64,
+        num_local_experts=8,
+        vocab_size=1000,
+        sliding_window=16,
+    )
     return write_checkpoint(tmp_path_factory.mktemp("graph"), config, "hf-mxfp4", seed=5)
 
 

@@ -13,7 +13,8 @@ from conftest import package_dirs
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"gptoss": ROOT / "gptoss", **{name: ROOT / folder for name, folder in package_dirs().items()}}
-ON_TOP = {"gptoss.cli", "gptoss.__main__", "gptoss.demo", "gptoss.app"}  # may import the trainer: they sit on top of both
+# may import the trainer: they sit on top of both
+ON_TOP = {"gptoss.cli", "gptoss.__main__", "gptoss.demo", "gptoss.app"}
 
 
 def modules() -> dict[str, Path]:

@@ -80,9 +80,11 @@ def test_our_adapter_loads_in_peft(oracle, tmp_path):
 def test_peft_adapter_loads_in_ours(oracle, tmp_path):
     hf, folder = oracle
     lora_config = peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
         target_parameters=["1.mlp.experts.gate_up_proj", "1.mlp.experts.down_proj"],
-    )  # fmt: skip
+    )
     peft_model = peft.get_peft_model(hf, lora_config)
     _randomize([p for n, p in peft_model.named_parameters() if "lora_" in n])
     peft_model.save_pretrained(str(tmp_path / "peft"))

@@ -52,11 +52,7 @@ def _apply(x, weights, routing, experts, scaling=1.0):
         for w in ("gate_up_proj", "down_proj")
         for t in (experts.lora[w].expert_major() if w in experts.lora else (None, None))
     ]
-    return MoEFunction.apply(
-        x, weights, *factors, routing, experts.gate_up_proj_blocks, experts.gate_up_proj_scales,
-        experts.gate_up_proj_bias, experts.down_proj_blocks, experts.down_proj_scales, experts.down_proj_bias,
-        1.702, 7.0, scaling,
-    )  # fmt: skip
+    return MoEFunction.apply(x, weights, *factors, routing, *moe_kernel.expert_weights(experts), 1.702, 7.0, scaling)
 
 
 def _close(actual, expected, dtype, what):
@@ -223,11 +219,13 @@ def test_every_autotune_config(config, monkeypatch):
     # each tile shape a GPU launch may pick, pinned through GPTOSS_MOE_CONFIG, on the ragged case
     # (D = 96, I = 160 and 13 x 3 rows are multiples of none of the tiles)
     monkeypatch.setenv("GPTOSS_MOE_CONFIG", ",".join(map(str, config)))
-    moe_kernel._moe_matmul_kernel.cache.clear()
+    for kernel in moe_kernel.KERNELS.values():
+        kernel.cache.clear()
     try:
         test_moe_forward_and_backward("prime-experts-ragged-tiles", torch.float32)
     finally:
-        moe_kernel._moe_matmul_kernel.cache.clear()
+        for kernel in moe_kernel.KERNELS.values():
+            kernel.cache.clear()
 
 
 @pytest.mark.parametrize(

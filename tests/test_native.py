@@ -137,8 +137,11 @@ def _experts(hidden=96, inter=160, experts=8, seed=0):
     layer = Experts(small_config(hidden_size=hidden, intermediate_size=inter, num_local_experts=experts))
     g = torch.Generator().manual_seed(seed)
     for name, t in layer.named_buffers():
-        t.copy_(torch.randint(0, 256, t.shape, generator=g, dtype=torch.uint8) if "blocks" in name
-                else torch.randint(118, 126, t.shape, generator=g, dtype=torch.uint8))  # fmt: skip
+        t.copy_(
+            torch.randint(0, 256, t.shape, generator=g, dtype=torch.uint8)
+            if "blocks" in name
+            else torch.randint(118, 126, t.shape, generator=g, dtype=torch.uint8)
+        )
     with torch.no_grad():
         for p in (layer.gate_up_proj_bias, layer.down_proj_bias):
             p.copy_(torch.randn(p.shape, generator=g))
@@ -162,8 +165,15 @@ def test_moe_in_one_call_is_the_expert_loop(tokens):
     g = torch.Generator().manual_seed(tokens)
     x = torch.randn(tokens, 96, generator=g).bfloat16()
     weights, ids = route(torch.randn(tokens, 8, generator=g), 4)
-    got = native.moe(x, weights, ids, (*fast.codes["gate_up_proj"], fast.gate_up_proj_bias),
-                     (*fast.codes["down_proj"], fast.down_proj_bias), 1.702, 7.0)  # fmt: skip
+    got = native.moe(
+        x,
+        weights,
+        ids,
+        (*fast.codes["gate_up_proj"], fast.gate_up_proj_bias),
+        (*fast.codes["down_proj"], fast.down_proj_bias),
+        1.702,
+        7.0,
+    )
     assert got.dtype == torch.bfloat16 and got.shape == (tokens, 96)
     assert torch.equal(got, experts_forward(x, weights, ids, fast, 1.702, 7.0))
     assert torch.equal(got, fast(x, weights, ids, 1.702, 7.0))  # what the model calls
@@ -272,9 +282,12 @@ def test_without_a_compiler_the_model_still_runs_and_says_why_once(tmp_path):
     here = os.path.dirname(os.path.abspath(__file__))  # the tests folder: conftest imports from there
     for env, why in ((dict(CC="/nonexistent/cc"), "no C compiler found"), (dict(GPTOSS_NATIVE="0"), "GPTOSS_NATIVE=0")):
         run = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, cwd=here,
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            cwd=here,
             env=dict(os.environ, GPTOSS_CACHE=str(tmp_path / f"cache-{len(why)}"), **env),
-        )  # fmt: skip
+        )
         assert run.returncode == 0, run.stderr
         assert run.stderr.count("native MXFP4 CPU kernels are off") == 1 and why in run.stderr, run.stderr
         sums = [float(v) for v in run.stdout.split()]
@@ -509,9 +522,26 @@ def test_the_avx512_variant_compiles_on_any_machine(tmp_path):
         pytest.skip("no C compiler for x86-64 here")
     out = tmp_path / "avx512.so"
     done = subprocess.run(
-        [cc, "-O3", "-march=sapphirerapids", "-std=c11", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", "-fopenmp",
-         f"-I{native.CSRC}", *map(str, native.SOURCES), "-lm", "-o", str(out)], capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            cc,
+            "-O3",
+            "-march=sapphirerapids",
+            "-std=c11",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-shared",
+            "-fPIC",
+            "-fopenmp",
+            f"-I{native.CSRC}",
+            *map(str, native.SOURCES),
+            "-lm",
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     symbols = subprocess.run(["nm", "-D", str(out)], capture_output=True, text=True).stdout
     assert all(name in symbols for name in native.SYMBOLS)

@@ -100,8 +100,12 @@ def test_the_wheel_holds_every_module_inside_gptoss_and_imports_from_anywhere(tm
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, source / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
-    built = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(tmp_path / "dist"),
-                            str(source)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    built = subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(tmp_path / "dist"), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("gptoss-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -119,8 +123,12 @@ def test_the_wheel_holds_every_module_inside_gptoss_and_imports_from_anywhere(tm
         assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["gptoss"]
 
     target = tmp_path / "site"
-    installed = subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(target), str(wheel)],
-                               capture_output=True, text=True, timeout=300)  # fmt: skip
+    installed = subprocess.run(
+        [*pip, "install", "--no-deps", "--no-index", "--target", str(target), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert installed.returncode == 0, installed.stderr[-3000:]
     code = (
         "import json, gptoss.kernels.moe, gptoss.train.trainer, gptoss.native\n"
@@ -138,7 +146,13 @@ def test_bare_pytest_and_python_m_pytest_both_collect_and_pass():
     bare = [str(script)] if script.exists() else [sys.executable, "-P", "-m", "pytest"]
     env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
     for command in (bare, [sys.executable, "-m", "pytest"]):
-        done = subprocess.run([*command, "-q", "-p", "no:cacheprovider", "tests/test_memory.py", "tests/test_config.py"],
-                              cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+        done = subprocess.run(
+            [*command, "-q", "-p", "no:cacheprovider", "tests/test_memory.py", "tests/test_config.py"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
         assert done.returncode == 0, f"{command}: " + done.stdout[-3000:]
         assert " passed" in done.stdout and "error" not in done.stdout.lower(), done.stdout[-2000:]

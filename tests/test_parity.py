@@ -77,9 +77,15 @@ def test_odd_widths_from_transformers_own_save(tmp_path):
     # Widths that are not multiples of 32 cannot be MXFP4, but the bf16 layout holds them; here the
     # checkpoint is written by transformers' save_pretrained, an independent writer of that layout.
     config = small_config(
-        hidden_size=90, intermediate_size=45, num_attention_heads=3, num_key_value_heads=1, head_dim=10,
-        num_local_experts=5, num_experts_per_tok=5, sliding_window=4,
-    )  # fmt: skip
+        hidden_size=90,
+        intermediate_size=45,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        head_dim=10,
+        num_local_experts=5,
+        num_experts_per_tok=5,
+        sliding_window=4,
+    )
     hf = build_hf_model(config, seed=3, mxfp4_grid=False)
     hf.save_pretrained(tmp_path)
     ids = torch.randint(0, config.vocab_size, (1, 17))

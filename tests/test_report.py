@@ -68,8 +68,15 @@ def test_report_json_schema_and_chart(tmp_path):
         entries = []
         for i, row in enumerate(HELDOUT):
             analysis = row["analysis"] if i % match_every == 0 else "xx"
-            entries.append({"reasoning_language": row["reasoning_language"], "user": row["user"], "analysis": analysis,
-                            "final": row["final"]} | score(row, analysis, row["final"]))  # fmt: skip
+            entries.append(
+                {
+                    "reasoning_language": row["reasoning_language"],
+                    "user": row["user"],
+                    "analysis": analysis,
+                    "final": row["final"],
+                }
+                | score(row, analysis, row["final"])
+            )
         return {"fraction_in_requested_language": 0.0, "by_language": by_language(entries), "generations": entries}
 
     write_report(tmp_path, fake(7), fake(1), set(HELDOUT_ONLY))

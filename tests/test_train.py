@@ -95,16 +95,45 @@ def base(tmp_path_factory):
 
 
 def _cfg(base, out, **kw):
-    settings = dict(model=str(base), output=str(out), max_steps=4, batch_size=2, grad_accum=2, lr=1e-2,
-                    eval_every=2, save_every=2, report_prompts=0, lora_expert_layers=[1])  # fmt: skip
+    settings = dict(
+        model=str(base),
+        output=str(out),
+        max_steps=4,
+        batch_size=2,
+        grad_accum=2,
+        lr=1e-2,
+        eval_every=2,
+        save_every=2,
+        report_prompts=0,
+        lora_expert_layers=[1],
+    )
     return TrainConfig(**(settings | kw))
 
 
 def test_loss_falls_and_files_are_written(base, tmp_path):
     from gptoss.cli import main
 
-    args = ["train", "--model", str(base), "--output", str(tmp_path / "run"), "--max-steps", "8", "--batch-size", "2",
-            "--grad-accum", "2", "--lr", "1e-2", "--eval-every", "4", "--report-prompts", "2", "--lora-expert-layers", "1"]  # fmt: skip
+    args = [
+        "train",
+        "--model",
+        str(base),
+        "--output",
+        str(tmp_path / "run"),
+        "--max-steps",
+        "8",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--lr",
+        "1e-2",
+        "--eval-every",
+        "4",
+        "--report-prompts",
+        "2",
+        "--lora-expert-layers",
+        "1",
+    ]
     assert main(args) == 0
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 9))
@@ -151,8 +180,25 @@ def free_port() -> str:
 
 
 def test_torchrun_two_processes_equal_one(base, tmp_path):
-    common = ["-m", "gptoss", "train", "--model", str(base), "--max-steps", "2", "--lr", "1e-2", "--eval-dataset", "",
-              "--report-prompts", "0", "--lora-expert-layers", "1", "--save-every", "100"]  # fmt: skip
+    common = [
+        "-m",
+        "gptoss",
+        "train",
+        "--model",
+        str(base),
+        "--max-steps",
+        "2",
+        "--lr",
+        "1e-2",
+        "--eval-dataset",
+        "",
+        "--report-prompts",
+        "0",
+        "--lora-expert-layers",
+        "1",
+        "--save-every",
+        "100",
+    ]
     # the same global batch of 4: one process accumulating 2 x 2; two (DistributedDataParallel over gloo)
     # of 2 each; two accumulating 2 x 1 each (DDP's no_sync on the first accumulation step)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
@@ -301,7 +347,7 @@ def test_auto_trains_in_bf16_on_a_gpu_and_fp32_on_the_cpu():
 
 def test_under_the_gpu_settings_every_triton_kernel_takes_bf16_operands(tmp_path, monkeypatch):
     # what `gptoss train` builds on a GPU with the default --dtype auto, run here on the interpreter: the
-    # operand each kernel multiplies (MoE: x / act / grad_out / gh; attention: q, k, v, dO) is never fp32
+    # operand each kernel multiplies (MoE: x / act / grad / gh; attention: q, k, v, dO) is never fp32
     from conftest import small_config
     from triton.runtime.autotuner import Autotuner, Heuristics
     from triton.runtime.jit import KernelInterface
@@ -312,7 +358,7 @@ def test_under_the_gpu_settings_every_triton_kernel_takes_bf16_operands(tmp_path
     from gptoss.train.trainer import train_dtype
 
     dtype, _ = train_dtype("auto", torch.device("cuda", 0))
-    operands = {"a_ptr", "q_ptr", "k_ptr", "v_ptr", "do_ptr"}
+    operands = {"x_ptr", "act_ptr", "grad_ptr", "gh_ptr", "q_ptr", "k_ptr", "v_ptr", "do_ptr"}
     seen: dict[str, set] = {}
     launch = KernelInterface.__getitem__
 
@@ -339,7 +385,13 @@ def test_under_the_gpu_settings_every_triton_kernel_takes_bf16_operands(tmp_path
     ids = torch.randint(0, 300, (1, 12))
     loss, _ = next_token_loss(model, ids)
     loss.backward()
-    assert {"_moe_matmul_kernel.a_ptr", "_attn_fwd_kernel.q_ptr", "_attn_bwd_dkdv_kernel.do_ptr"} <= seen.keys(), seen
+    moe = {
+        "_moe_gate_up_kernel.x_ptr",
+        "_moe_down_kernel.act_ptr",
+        "_moe_down_bwd_kernel.grad_ptr",
+        "_moe_gate_up_bwd_kernel.gh_ptr",
+    }
+    assert moe | {"_attn_fwd_kernel.q_ptr", "_attn_bwd_dkdv_kernel.do_ptr"} <= seen.keys(), seen
     fp32 = sorted(name for name, dtypes in seen.items() if dtypes != {torch.bfloat16})
     assert not fp32, {name: seen[name] for name in fp32}
 
@@ -353,8 +405,10 @@ def test_a_second_run_on_a_locked_output_is_refused_naming_the_holder(base, tmp_
 
     out = tmp_path / "run"
     out.mkdir()
-    lock = {"alive": {"pid": os.getpid(), "host": socket.gethostname(), "started": "today"},
-            "other-host": {"pid": 1, "host": "elsewhere.example", "started": "today"}}.get(holder)  # fmt: skip
+    lock = {
+        "alive": {"pid": os.getpid(), "host": socket.gethostname(), "started": "today"},
+        "other-host": {"pid": 1, "host": "elsewhere.example", "started": "today"},
+    }.get(holder)
     (out / LOCK).write_text(json.dumps(lock) if lock else "\x00garbage")
     with pytest.raises(TrainError, match="is in use by another run") as refused:
         train(_cfg(base, out, max_steps=1))
@@ -402,10 +456,28 @@ def test_the_train_flags_are_the_config_fields():
     assert from_flags(parser.parse_args(["train", "--model", "m", "--output", "o"])) == TrainConfig(
         model="m", output="o"
     )
-    values = dict(dataset="d.jsonl", eval_dataset="e.jsonl", max_steps=7, epochs=2.5, lr=1e-3, lora_r=4, lora_alpha=8.0,
-                  lora_expert_layers=[0, 2], full_finetune=True, batch_size=3, grad_accum=5, max_length=99, skip_long=True,
-                  skip_malformed=True, save_every=9, eval_every=11, dtype="fp32", gradient_checkpointing=False, seed=13,
-                  report_prompts=0)  # fmt: skip
+    values = dict(
+        dataset="d.jsonl",
+        eval_dataset="e.jsonl",
+        max_steps=7,
+        epochs=2.5,
+        lr=1e-3,
+        lora_r=4,
+        lora_alpha=8.0,
+        lora_expert_layers=[0, 2],
+        full_finetune=True,
+        batch_size=3,
+        grad_accum=5,
+        max_length=99,
+        skip_long=True,
+        skip_malformed=True,
+        save_every=9,
+        eval_every=11,
+        dtype="fp32",
+        gradient_checkpointing=False,
+        seed=13,
+        report_prompts=0,
+    )
     flagged = {f.name: f for f in dataclasses.fields(TrainConfig) if f.metadata.get("flag") is not False}
     assert set(values) | {"model", "output", "resume", "overwrite"} == set(flagged)
     argv = ["train", "--model", "m", "--output", "o"]

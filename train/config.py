@@ -27,8 +27,9 @@ def _setting(default=dataclasses.MISSING, help: str = "", **flag):
 class TrainConfig:
     model: str = _setting(help="base checkpoint folder (any layout) or hub id", path=True)
     output: str = _setting(help="folder for the adapter, checkpoint, logs, loss plot and report", path=True)
-    dataset: str = _setting(str(BUNDLED_TRAIN), "JSONL/Parquet file, folder or hub dataset id (default: bundled)",
-                            path=True)  # fmt: skip
+    dataset: str = _setting(
+        str(BUNDLED_TRAIN), "JSONL/Parquet file, folder or hub dataset id (default: bundled)", path=True
+    )
     eval_dataset: str | None = _setting(
         str(BUNDLED_HELDOUT),
         "held-out rows for eval loss and the report ('' for none; default: bundled)",
@@ -44,9 +45,11 @@ class TrainConfig:
     lora_r: int = _setting(8, "LoRA rank")
     lora_alpha: float = _setting(16, "LoRA alpha; scaling is alpha / r")
     lora_expert_layers: list[int] | None = _setting(
-        None, "comma-separated layers whose experts get adapters ('' for none; default: the last layer of each "
-        "third, 7,15,23 on 24 layers)", layers=True,
-    )  # fmt: skip
+        None,
+        "comma-separated layers whose experts get adapters ('' for none; default: the last layer of each "
+        "third, 7,15,23 on 24 layers)",
+        layers=True,
+    )
     full_finetune: bool = _setting(False, "train every parameter (no adapter); for pre-training tiny bases")
     batch_size: int = _setting(4, "examples per micro-batch and process")
     grad_accum: int = _setting(4, "micro-batches per optimizer step (effective batch 16 by default)")
@@ -56,10 +59,15 @@ class TrainConfig:
     save_every: int = _setting(50, "checkpoint every N steps")
     eval_every: int = _setting(50, "held-out loss every N steps")
     eval_batches: int = _setting(4, "held-out batches per evaluation", flag=False)
-    dtype: str = _setting("auto", "auto: bf16 weights and autocast on CUDA (every Triton kernel on its bf16 path), "
-                          "fp32 on CPU; fp32 for parity runs", choices=DTYPES)  # fmt: skip
-    gradient_checkpointing: bool = _setting(True, "keep activations instead of recomputing each layer",
-                                            negate="--no-gradient-checkpointing")  # fmt: skip
+    dtype: str = _setting(
+        "auto",
+        "auto: bf16 weights and autocast on CUDA (every Triton kernel on its bf16 path), "
+        "fp32 on CPU; fp32 for parity runs",
+        choices=DTYPES,
+    )
+    gradient_checkpointing: bool = _setting(
+        True, "keep activations instead of recomputing each layer", negate="--no-gradient-checkpointing"
+    )
     seed: int = _setting(0, "seed for adapter init and data order")
     resume: bool = _setting(False, "continue the run in OUTPUT from its checkpoint, with the same settings")
     overwrite: bool = _setting(False, "replace the run already in OUTPUT (without it, such a folder is refused)")
@@ -129,15 +137,23 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             continue
         required = f.default is dataclasses.MISSING
         if f.type == "bool":
-            parser.add_argument(flag_of(f), dest=f.name, action="store_false" if meta.get("negate") else "store_true",
-                                help=meta["help"])  # fmt: skip
+            parser.add_argument(
+                flag_of(f), dest=f.name, action="store_false" if meta.get("negate") else "store_true", help=meta["help"]
+            )
             continue
         kind = {"int": int, "float": float}.get(
             f.type, _layers if meta.get("layers") else path_flag if meta.get("path") else str
         )
         shown = "" if required or f.default is None or "default" in meta["help"] else f" (default: {f.default})"
-        parser.add_argument(flag_of(f), dest=f.name, type=kind, required=required, default=None if required else f.default,
-                            choices=meta.get("choices"), help=meta["help"] + shown)  # fmt: skip
+        parser.add_argument(
+            flag_of(f),
+            dest=f.name,
+            type=kind,
+            required=required,
+            default=None if required else f.default,
+            choices=meta.get("choices"),
+            help=meta["help"] + shown,
+        )
 
 
 def from_flags(args: argparse.Namespace, **overrides) -> TrainConfig:

@@ -35,10 +35,10 @@ GiB = 1 << 30
 
 def weight_bytes(c: ModelConfig, dtype_bytes: int) -> int:
     """Frozen weights: experts as MXFP4 (17 bytes per 32 numbers), the rest in the model dtype."""
-    D, I, E, L = c.hidden_size, c.intermediate_size, c.num_local_experts, c.num_hidden_layers
-    experts = E * (2 * I * D + D * I) * 17 // 32 + E * (2 * I + D) * dtype_bytes  # packed + scales, biases
-    attention = ((c.q_dim + 2 * c.kv_dim) * (D + 1) + (c.q_dim + 1) * D + c.num_attention_heads) * dtype_bytes
-    router = E * (D + 1) * dtype_bytes
+    D, E, L = c.hidden_size, c.num_local_experts, c.num_hidden_layers
+    experts = E * c.expert_weight_params * 17 // 32 + E * c.expert_bias_params * dtype_bytes  # packed + scales, biases
+    attention = c.attention_params * dtype_bytes
+    router = c.router_params * dtype_bytes
     norms = 2 * D * 4  # RMSNorm gains stay fp32
     return L * (experts + attention + router + norms) + 2 * c.vocab_size * D * dtype_bytes + D * 4
 
@@ -114,8 +114,16 @@ def memory_table(tokens: int = 2048) -> str:
     for name in ("gpt-oss-20b", "gpt-oss-120b"):
         for label, attention in (("torch reference", "torch"), ("Triton kernel", "triton")):
             p = training_peak(get_preset(name), tokens, attention=attention, moe="triton", dtype_bytes=2)
-            keys = ("weights", "lora_state", "checkpoints", "logits", "attention_workspace", "moe_workspace",
-                    "layer_backward", "peak")  # fmt: skip
+            keys = (
+                "weights",
+                "lora_state",
+                "checkpoints",
+                "logits",
+                "attention_workspace",
+                "moe_workspace",
+                "layer_backward",
+                "peak",
+            )
             cells = " | ".join(f"{p[k] / GiB:.2f}" for k in keys)
             lines.append(f"| {name} | {label} | {cells} |")
     return "\n".join(lines)

@@ -163,8 +163,11 @@ def write_report(folder: Path, before: dict, after: dict, unseen: set[str], what
         (lang + (" (unseen)" if lang in unseen else ""), before["by_language"][lang], after["by_language"][lang])
         for lang in languages
     ]
-    rows += [(f"**all {group}**", report["overall"]["before"][group], report["overall"]["after"][group])
-             for group in ("seen", "unseen") if report["overall"]["before"][group]["prompts"]]  # fmt: skip
+    rows += [
+        (f"**all {group}**", report["overall"]["before"][group], report["overall"]["after"][group])
+        for group in ("seen", "unseen")
+        if report["overall"]["before"][group]["prompts"]
+    ]
     for name, b, a in rows:
         lines.append(f"| {name} | " + " | ".join(f"{_cell(b, m)} | {_cell(a, m)}" for m in METRICS) + " |")
     lines.append("")
@@ -249,5 +252,8 @@ class ReportHook:
             "generations": {"before": before["generations"], "after": after["generations"]},
             "by_language": {"before": before["by_language"], "after": after["by_language"]},
         }
-        print(f"reasoning in the requested language: {trainer.report['before']:.0%} before, "
-              f"{trainer.report['after']:.0%} after ({path})", file=sys.stderr)  # fmt: skip
+        print(
+            f"reasoning in the requested language: {trainer.report['before']:.0%} before, "
+            f"{trainer.report['after']:.0%} after ({path})",
+            file=sys.stderr,
+        )

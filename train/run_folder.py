@@ -22,8 +22,19 @@ CHECKPOINT = "checkpoint.safetensors"  # trainable tensors + optimizer state; st
 LEGACY_CHECKPOINT = "checkpoint.pt"  # a pickle (older gptoss): refused, never loaded
 # what a run writes into its --output folder: present means the folder holds a run
 MANIFEST = "gptoss_run.json"  # the names this trainer wrote into the folder: all that --overwrite may remove
-RUN_FILES = (CHECKPOINT, LEGACY_CHECKPOINT, "adapter_model.safetensors", "adapter_config.json", "train_log.jsonl",
-             "loss.png", "report.md", "report.json", "report.png", "model", MANIFEST)  # fmt: skip
+RUN_FILES = (
+    CHECKPOINT,
+    LEGACY_CHECKPOINT,
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "train_log.jsonl",
+    "loss.png",
+    "report.md",
+    "report.json",
+    "report.png",
+    "model",
+    MANIFEST,
+)
 
 
 def owned_files(folder: Path) -> list[str]:
@@ -88,14 +99,21 @@ class RunLock:
             except FileExistsError:
                 holder = self._holder()
                 if holder is None or not self._gone(holder, me["host"]):
-                    who = (f"pid {holder['pid']} on {holder['host']}, since {holder.get('started', '?')}" if holder
-                           else "a run whose lock file is unreadable")  # fmt: skip
+                    who = (
+                        f"pid {holder['pid']} on {holder['host']}, since {holder.get('started', '?')}"
+                        if holder
+                        else "a run whose lock file is unreadable"
+                    )
                     raise TrainError(
                         f"--output {self.folder} is in use by another run ({who}): wait for it to end or choose "
                         f"another folder; if no such run exists, delete {self.path}"
                     ) from None
-                print(f"gptoss train: {self.folder} was locked by a run that is gone (pid {holder['pid']} on "
-                      f"{holder['host']}); taking it over", file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"gptoss train: {self.folder} was locked by a run that is gone (pid {holder['pid']} on "
+                    f"{holder['host']}); taking it over",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 self.path.unlink(missing_ok=True)
                 continue
             with os.fdopen(fd, "w") as f:

@@ -47,12 +47,29 @@ from gptoss.train.run_folder import (
     owned_files,
     read_checkpoint_header,
     unreadable,
-)  # fmt: skip
+)
 
 # settings a resume must share with the saved run (the others, such as eval_every, may change)
-RESUME_SETTINGS = ("max_steps", "epochs", "lr", "warmup_ratio", "min_lr_ratio", "weight_decay", "max_grad_norm",
-                   "lora_r", "lora_alpha", "lora_expert_layers", "full_finetune", "batch_size", "grad_accum",
-                   "max_length", "skip_long", "skip_malformed", "dtype", "seed")  # fmt: skip
+RESUME_SETTINGS = (
+    "max_steps",
+    "epochs",
+    "lr",
+    "warmup_ratio",
+    "min_lr_ratio",
+    "weight_decay",
+    "max_grad_norm",
+    "lora_r",
+    "lora_alpha",
+    "lora_expert_layers",
+    "full_finetune",
+    "batch_size",
+    "grad_accum",
+    "max_length",
+    "skip_long",
+    "skip_malformed",
+    "dtype",
+    "seed",
+)
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -193,9 +210,10 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             self.objective = DistributedDataParallel(
-                self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                self.objective,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False,
-            )  # fmt: skip
+            )
         self.per_step = cfg.batch_size * cfg.grad_accum * self.world
         n = len(self.data.examples)
         self.total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * n / self.per_step))
@@ -325,12 +343,17 @@ class Trainer:
             for i, (name, p) in enumerate(self.named.items()):
                 saved = tensors[f"param/{name}"]
                 if saved.shape != p.shape or not bool(torch.isfinite(saved).all()):
-                    raise TrainError(f"{path}: param/{name} has shape {list(saved.shape)} (expected {list(p.shape)}) "
-                                     "or non-finite values; the checkpoint is corrupt")  # fmt: skip
+                    raise TrainError(
+                        f"{path}: param/{name} has shape {list(saved.shape)} (expected {list(p.shape)}) "
+                        "or non-finite values; the checkpoint is corrupt"
+                    )
                 p.copy_(saved)
                 prefix = f"optimizer/{name}/"
-                state[i] = {k.removeprefix(prefix): t.to(self.device) if t.dim() else t
-                            for k, t in tensors.items() if k.startswith(prefix)}  # fmt: skip
+                state[i] = {
+                    k.removeprefix(prefix): t.to(self.device) if t.dim() else t
+                    for k, t in tensors.items()
+                    if k.startswith(prefix)
+                }
         groups = [dict(g, params=list(range(len(self.params)))) for g in header["param_groups"]]
         try:
             self.optimizer.load_state_dict({"state": {i: v for i, v in state.items() if v}, "param_groups": groups})
@@ -371,8 +394,11 @@ class Trainer:
         loss_value = loss_sum.item() / total_tokens
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):  # no step: the weights stay good
             what = f"loss {loss_value}" if not math.isfinite(loss_value) else f"gradient norm {grad_norm}"
-            kept = (f"the checkpoint of step {self.saved_step} in {self.out} is kept" if self.saved_step
-                    else "no checkpoint had been saved")  # fmt: skip
+            kept = (
+                f"the checkpoint of step {self.saved_step} in {self.out} is kept"
+                if self.saved_step
+                else "no checkpoint had been saved"
+            )
             raise TrainError(
                 f"{what} at step {self.step + 1}: training stopped; {kept}; lower --lr (now {cfg.lr:g}) or check "
                 "that step's rows"
@@ -421,8 +447,11 @@ class Trainer:
         log_file = self.out / "train_log.jsonl"
         self._start_log(log_file)
         if self.rank == 0:
-            print(f"train: {self.data.summary()}; {self.total} steps of {self.per_step} examples "
-                  f"({self.world} process(es)); {sum(p.numel() for p in self.params):,} trainable parameters", file=sys.stderr)  # fmt: skip
+            print(
+                f"train: {self.data.summary()}; {self.total} steps of {self.per_step} examples "
+                f"({self.world} process(es)); {sum(p.numel() for p in self.params):,} trainable parameters",
+                file=sys.stderr,
+            )
             try:
                 import trackio
 
