@@ -380,7 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=path_flag,
         help="folder for the demo's training runs (default: beside the checkpoint)",
     )
-    p.add_argument("--base-steps", type=int, default=200, help="pre-training steps of the tiny base (default: 200)")
+    p.add_argument(
+        "--base-steps",
+        type=int,
+        default=3000,
+        help="pre-training steps of the tiny base when the shipped one cannot be used (default: 3000, its recipe)",
+    )
     p.add_argument("--lora-steps", type=int, default=150, help="LoRA steps (default: 150)")
     p.add_argument("--quick", action="store_true", help="a few steps of each stage: checks the pipeline, shows nothing")
     p.set_defaults(func=cmd_demo)

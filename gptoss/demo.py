@@ -1,8 +1,9 @@
 """`gptoss demo`: the whole project on a tiny model a laptop trains in minutes.
 
 1-3: a random tiny checkpoint in the Hugging Face MXFP4 layout, loaded, one forward pass, greedy
-generation from a Harmony prompt with the KV cache. 4-6 (unless --no-train): a base pre-trained from
-scratch on the tasks, the Harmony format and what each language's name means (cached by recipe), a
+generation from a Harmony prompt with the KV cache. 4-6 (unless --no-train): the base, pre-trained on
+the tasks, the Harmony format and what each language's name means (shipped with the package and
+checked by its sha256, or pre-trained from scratch when it cannot be used: gptoss.train.pretrain), a
 LoRA fine-tune that teaches "reasoning language: X" on five languages, and the before/after report on
 the held-out prompts of all seven (gptoss.train.report). It sits on top of the core and the trainer,
 as the command line does.
@@ -99,7 +100,11 @@ def _demo_training(folder: Path, args: argparse.Namespace) -> int:
     import json
     import shutil
 
-    from gptoss.train.make_dataset import base_rows, write_jsonl
+    import torch
+
+    from gptoss.checkpoint_write import save_checkpoint
+    from gptoss.load import load_model
+    from gptoss.train import pretrain
     from gptoss.train.trainer import TrainConfig, Trainer
 
     work = _work(folder, args)
@@ -109,43 +114,41 @@ def _demo_training(folder: Path, args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     base = work / "base"
     steps_base, steps_lora = (4, 3) if args.quick else (args.base_steps, args.lora_steps)
-    rows = base_rows()
-    base_cfg = dict(
-        model=str(folder),
-        output=str(base),
-        dataset=str(work / "base_rows.jsonl"),
-        eval_dataset=None,
-        full_finetune=True,
-        max_steps=steps_base,
-        batch_size=8,
-        grad_accum=1,
-        lr=3e-3,
-        report_prompts=0,
-        save_every=10**9,
-        gradient_checkpointing=False,  # a 4-layer model: keeping activations is cheap
-    )
-    # the cache key: the pre-training data and settings (a changed recipe pre-trains again)
-    recipe = hashlib.sha256(
-        json.dumps([rows, {k: v for k, v in base_cfg.items() if k != "model"}]).encode()
-    ).hexdigest()
+    model = load_model(folder, dtype=torch.float32)
+    why_not = "--quick" if args.quick else pretrain.shipped_base(model)
+    if why_not is None:  # the cache key: the shipped file, or the recipe a from-scratch base follows
+        recipe = pretrain.SHIPPED_SHA256
+    else:
+        recipe = hashlib.sha256(json.dumps([pretrain.RECIPE, steps_base, str(folder)]).encode()).hexdigest()
     stamp = base / "model" / "recipe.sha256"
     if (base / "model" / "config.json").exists() and stamp.exists() and stamp.read_text().strip() == recipe:
-        print(f"[4/6] using the cached pre-trained tiny base in {base / 'model'} (same recipe; delete the folder to")
-        print("      pre-train again)")
+        print(
+            f"[4/6] using the pre-trained tiny base in {base / 'model'} (same recipe; delete the folder to make it again)"
+        )
     else:
-        print(f"[4/6] pre-training the random tiny base for {steps_base} steps (all parameters), as gpt-oss was before")
-        print("      its fine-tune: the tasks and Harmony, reasoning in any of seven languages chosen at random, and")
-        print("      what each language's name means (captions '(Dutch) ...', users asking 'Answer in Dutch.'); never")
-        print("      the instruction 'reasoning language: X'")
-        write_jsonl(work / "base_rows.jsonl", rows)
-        if stamp.exists():  # a base this demo pre-trained on another recipe (older runs kept no run manifest)
-            shutil.rmtree(base / "model")
-        Trainer(TrainConfig(**base_cfg, overwrite=True)).run()  # the demo's folder: an unfinished attempt is replaced
+        if why_not is None:
+            print(
+                f"[4/6] the pre-trained tiny base shipped with gptoss ({pretrain.RECIPE['steps']} steps; {pretrain.SHIPPED.name},"
+            )
+            print(f"      sha256 {recipe[:16]}...), on this random checkpoint")
+        else:
+            print(
+                f"[4/6] pre-training the random tiny base for {steps_base} steps (the shipped base is not used: {why_not})"
+            )
+            pretrain.pretrain(model, steps_base, log=lambda line: print("      " + line))
+        print("      as gpt-oss was before its fine-tune: the tasks and Harmony, reasoning in any of seven languages,")
+        print("      and what each language's name means (captions 'Language: Dutch. ...', users asking 'Think in")
+        print("      Dutch.' or 'Answer in Dutch.'); never the instruction 'reasoning language: X'")
+        if (base / "model").exists():
+            shutil.rmtree(base / "model")  # the demo's own folder, made on another recipe
+        save_checkpoint(base / "model", model.config, "hf-mxfp4", model.state_dict())
         stamp.write_text(recipe + "\n")
+    del model
     if theirs:
         print(f"      (replacing the demo's previous LoRA run in {lora})")
-    print(f"[5/6] LoRA fine-tuning for {steps_lora} steps on the bundled set: 'reasoning language: X' in the developer")
-    print("      message for five languages (Portuguese and Dutch never), analysis in X, answer in the user's language")
+    print(f"[5/6] LoRA (r 16 on q/k/v/o) fine-tuning for {steps_lora} steps on the bundled set: 'reasoning language:")
+    print("      X' in the developer message for five languages (Portuguese and Dutch never), analysis in X, answer in")
+    print("      the user's language")
     trainer = Trainer(
         TrainConfig(
             model=str(base / "model"),
@@ -156,6 +159,7 @@ def _demo_training(folder: Path, args: argparse.Namespace) -> int:
             lr=5e-3,
             lora_r=16,
             lora_alpha=32,
+            lora_expert_layers=[],  # q/k/v/o only: following the instruction is a copy, attention's job
             eval_every=max(1, steps_lora // 2),
             save_every=10**9,
             gradient_checkpointing=False,
@@ -198,19 +202,18 @@ def _print_demo_report(report: dict) -> None:
         label = language + (" (unseen)" if language in unseen else "")
         print("      " + f"{label:<22}" + "".join(cells))
     before, after = report["generations"]["before"], report["generations"]["after"]
-    for kind in ("seen", "unseen"):
-        pick = next(
-            (i for i, e in enumerate(before) if (e["reasoning_language"] in unseen) == (kind == "unseen")), None
-        )
+    # one prompt of a trained language, then one of each language the fine-tune never saw
+    wanted = [lambda e: e["reasoning_language"] not in unseen]
+    wanted += [lambda e, lang=lang: e["reasoning_language"] == lang for lang in report["unseen"]]
+    for match in wanted:
+        pick = next((i for i, e in enumerate(before) if match(e)), None)
         if pick is None:
             continue
         e = before[pick]
-        article = "an" if kind == "unseen" else "a"
-        print(
-            f"      {article} {kind} language, reasoning requested in {e['reasoning_language']}; the user asks: {e['user']!r}"
-        )
+        kind = "an unseen" if e["reasoning_language"] in unseen else "a seen"
+        print(f"      {kind} language, reasoning requested in {e['reasoning_language']}; the user asks: {e['user']!r}")
         for stage, g in (("before", before[pick]), ("after", after[pick])):
             print(f"        {stage:<6} analysis [{g['analysis_language']}]: {g['analysis'][:110]!r}")
             print(f"        {'':<6} final: {g['final'][:110]!r}")
-    print("      This shows the machinery end to end on a 4-layer model trained from scratch for minutes; it is")
+    print("      This shows the machinery end to end on a 4-layer model trained from scratch in minutes; it is")
     print("      not evidence about gpt-oss-20b, whose base already reasons well and needs far fewer steps.")

@@ -284,6 +284,8 @@ CASES = [
      and ["demo", "--dir", str(t / "d"), "--work", str(t / "w")], 1, "holds a training run the demo did not write (adapter_model.safetensors)"),
     ("demo-tokens-huge", lambda t: ["demo", "--dir", str(t / "d"), "--tokens", str(10**9)], 2, "--tokens"),
     ("demo-lora-steps-zero", lambda t: ["demo", "--dir", str(t / "d"), "--lora-steps", "0"], 2, "--lora-steps"),
+    ("demo-base-steps-zero", lambda t: ["demo", "--dir", str(t / "d"), "--base-steps", "0"], 2, "--base-steps"),
+    ("demo-base-steps-negative", lambda t: ["demo", "--dir", str(t / "d"), "--base-steps", "-5"], 2, "--base-steps"),
     # adapters
     ("adapter-missing", lambda t: gen(FX.hf, "--adapter", str(t / "none")), 1, "does not exist"),
     ("adapter-no-config", lambda t: ((a := adapter_with(t)) / "adapter_config.json").unlink() or gen(FX.hf, "--adapter", str(a)),

@@ -114,7 +114,8 @@ def test_the_wheel_holds_every_module_inside_gptoss_and_imports_from_anywhere(tm
     for package, folder in FOLDERS.items():
         expected |= {f"{package}/{path.name}" for path in folder.glob("*.py")}
     expected |= {f"gptoss/csrc/{path.name}" for path in (ROOT / "gptoss" / "csrc").glob("*.[ch]")}
-    expected |= {f"gptoss/train/data/{path.name}" for path in (ROOT / "train" / "data").glob("*.jsonl")}
+    data = [*(ROOT / "train" / "data").glob("*.jsonl"), ROOT / "train" / "data" / "demo_base.safetensors"]
+    expected |= {f"gptoss/train/data/{path.name}" for path in data}  # the demo's rows and its shipped base
     assert expected <= names, sorted(expected - names)
     dist_info = {name.split("/")[0] for name in names if ".dist-info/" in name}
     assert {name.split("/")[0] for name in names} == {"gptoss"} | dist_info  # no top-level kernels/ or train/

@@ -9,7 +9,7 @@ import pytest
 
 from gptoss.train.data import BUNDLED_HELDOUT, BUNDLED_TRAIN, read_rows, row_fields
 from gptoss.train.langid import identify
-from gptoss.train.make_dataset import HELDOUT_ONLY, TASKS, TRAIN_REASONING, USER_LANGUAGES, base_rows
+from gptoss.train.make_dataset import CAPTION, HELDOUT_ONLY, TASKS, TRAIN_REASONING, USER_LANGUAGES, base_rows
 from gptoss.train.report import by_language, final_pattern, score, wilson, write_report
 
 TRAIN, HELDOUT = read_rows(BUNDLED_TRAIN), read_rows(BUNDLED_HELDOUT)
@@ -33,10 +33,15 @@ def test_the_base_never_sees_the_instruction_but_learns_every_language_and_its_n
     assert 0.3 < len(named) / len(rows) < 0.7
     for row in named:  # "Answer in X." -> the final names X, then answers in X
         language = re.search(r"Answer in (\w+)\.", row["user"])[1]
-        assert row["final"].startswith(f"({language}) ")
-        assert final_pattern(row["task"], language).fullmatch(row["final"].removeprefix(f"({language}) "))
-    for row in rows:  # the reasoning opens with the name of its (randomly drawn) language
-        assert row["analysis"].startswith(f"({row['reasoning_language']}) ")
+        caption = CAPTION.format(language=language)
+        assert row["final"].startswith(caption)
+        assert final_pattern(row["task"], language).fullmatch(row["final"].removeprefix(caption))
+    thinking = [r for r in rows if "Think in " in r["user"]]
+    assert 0.3 < len(thinking) / len(rows) < 0.7
+    for row in thinking:  # "Think in X." -> the reasoning is in X
+        assert re.search(r"Think in (\w+)\.", row["user"])[1] == row["reasoning_language"]
+    for row in rows:  # the reasoning opens with the name of its language (drawn at random)
+        assert row["analysis"].startswith(CAPTION.format(language=row["reasoning_language"]))
 
 
 @pytest.mark.parametrize("rows", [TRAIN, HELDOUT], ids=["train", "heldout"])

@@ -69,7 +69,11 @@ TALLEST = {
 NAMES = ["Anna", "Ben", "Carla", "David", "Elena", "Felix", "Greta", "Hugo", "Ines", "Jonas", "Karin", "Luca"]
 
 
-CAPTION = "({language}) "  # reasoning opens by naming its language: text where a name and its language meet
+# Reasoning opens by naming its language: text where a name and its language meet. The name is written as
+# it is in the instruction, one token with its leading space (" Dutch" in "reasoning language: Dutch" and
+# in "Language: Dutch."), so following the instruction can be a copy of that token; "(Dutch)" would be the
+# tokens "(D" "utch", which a fine-tune can only reach through a lookup of each name it was trained on.
+CAPTION = "Language: {language}. "
 TASKS = {"add": ADD, "units": UNITS, "days": DAYS, "tallest": TALLEST}
 
 
@@ -147,23 +151,27 @@ def generate(n_train: int = 600, n_heldout: int = 84, seed: int = 0) -> tuple[li
 
 
 ANSWER_IN = "Answer in {name}."
+THINK_IN = "Think in {name}."
 
 
-def base_rows(n: int = 1200, seed: int = 1, grounding: float = 0.5) -> list[dict]:
+def base_rows(n: int = 1200, seed: int = 1, grounding: float = 0.5, thinking: float = 0.5) -> list[dict]:
     """What the demo pre-trains a random tiny base on, mirroring what gpt-oss knew before the fine-tune:
     the tasks and the Harmony format, reasoning in any of the seven languages (Portuguese and Dutch
-    included), and what each language's *name* means, learnt from users who ask to be answered in a
-    named language ("Answer in Dutch.": the final answer is then in Dutch). It never sees the
-    instruction `reasoning language: X` (the developer message holds only a system prompt), and the
-    language of its reasoning is drawn at random, independent of everything in the prompt: choosing
-    it on request is the fine-tune's job."""
+    included), and what each language's *name* means, learnt from users who ask to think or to be
+    answered in a named language ("Think in Dutch.": the reasoning, captioned "Language: Dutch.", is in
+    Dutch; "Answer in Dutch.": the final answer is). It never sees the instruction `reasoning language: X`
+    (the developer message holds only a system prompt); without a "Think in" the language of its reasoning
+    is drawn at random. Following the developer message's instruction is the fine-tune's job."""
     rng = random.Random(seed)
     languages = TRAIN_REASONING + HELDOUT_ONLY
     rows = []
     for _ in range(n):
         user_lang, reasoning = rng.choice(USER_LANGUAGES), rng.choice(languages)
+        think = rng.random() < thinking  # the user names the reasoning's language: its caption copies the name
         named = rng.choice(languages) if rng.random() < grounding else None
         row = make_row(rng, user_lang, reasoning, final_lang=named)
+        if think:
+            row["user"] += " " + THINK_IN.format(name=reasoning)
         if named is not None:  # the answer names its language too: the name is copied from the request
             row["user"] += " " + ANSWER_IN.format(name=named)
             row["final"] = CAPTION.format(language=named) + row["final"]
