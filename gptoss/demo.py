@@ -123,7 +123,7 @@ def _demo_training(folder: Path, args: argparse.Namespace) -> int:
     stamp = base / "model" / "recipe.sha256"
     if (base / "model" / "config.json").exists() and stamp.exists() and stamp.read_text().strip() == recipe:
         print(
-            f"[4/6] using the pre-trained tiny base in {base / 'model'} (same recipe; delete the folder to make it again)"
+            f"[4/6] using the cached pre-trained tiny base in {base / 'model'} (same recipe; delete it to make it again)"
         )
     else:
         if why_not is None:
