@@ -218,10 +218,17 @@ def test_torchrun_two_processes_equal_one(base, tmp_path):
         assert len(losses[name]) == len(losses["one"]) == 2
         for a, b in zip(losses["one"], losses[name]):  # loss and gradient norm (AdamW alone would hide a
             assert a == pytest.approx(b, rel=1e-5)  # gradient off by a constant factor); only summation order differs
-        # and the same update: every adapter tensor after two steps
+        # and the same update: every adapter tensor after two steps. AdamW divides each element's gradient by
+        # its own magnitude (plus eps = 1e-8), so an element whose gradient is at rounding level takes a step
+        # of up to lr whose size and sign the summation order decides (measured: 1 element of 9,000, off by
+        # 2.7e-4, after the bundled data changed). Such an element may differ by at most the two steps' lr;
+        # anything wrong in the averaging or the accumulation moves far more than 0.1% of the elements.
         assert adapters[name].keys() == adapters["one"].keys()
         for key, want in adapters["one"].items():
-            assert torch.allclose(adapters[name][key], want, rtol=1e-4, atol=1e-6), (name, key)
+            got = adapters[name][key]
+            off = ~torch.isclose(got, want, rtol=1e-4, atol=1e-6)
+            assert int(off.sum()) <= max(1, want.numel() // 1000), (name, key, int(off.sum()))
+            assert ((got - want).abs()[off] <= 2 * 1e-2).all(), (name, key)
 
 
 def test_parquet_and_hub_dataset_ids(tmp_path, monkeypatch):
