@@ -25,7 +25,7 @@ from gptoss.adapter import apply_lora
 from gptoss.config import get_preset
 from gptoss.synthetic import cached_checkpoint
 from gptoss.train.loss import next_token_loss
-from gptoss.train.memory import GiB, training_peak
+from gptoss.train.memory import PARTS, GiB, training_peak
 
 
 def estimates(tokens: int) -> list[dict]:
@@ -68,18 +68,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny only, 512 tokens")
     args = parser.parse_args()
     rows = estimates(2048)
-    cols = [
-        "config",
-        "path",
-        "weights",
-        "lora_state",
-        "checkpoints",
-        "logits",
-        "attention_workspace",
-        "moe_workspace",
-        "layer_backward",
-        "peak",
-    ]
+    cols = ["config", "path", *PARTS]
     print("GiB, one 2048-token example, bf16, one GPU (estimated from the shapes):")
     print(table(rows, cols))
     checks = [measure("tiny", 512)] if args.quick else [measure("tiny", 2048), measure("mid", 2048)]

@@ -31,6 +31,17 @@ from gptoss.config import ModelConfig
 from gptoss.train.loss import CHUNK_ROWS
 
 GiB = 1 << 30
+# what training_peak returns, in the order the tables show it
+PARTS = (
+    "weights",
+    "lora_state",
+    "checkpoints",
+    "logits",
+    "attention_workspace",
+    "moe_workspace",
+    "layer_backward",
+    "peak",
+)
 
 
 def weight_bytes(c: ModelConfig, dtype_bytes: int) -> int:
@@ -114,16 +125,6 @@ def memory_table(tokens: int = 2048) -> str:
     for name in ("gpt-oss-20b", "gpt-oss-120b"):
         for label, attention in (("torch reference", "torch"), ("Triton kernel", "triton")):
             p = training_peak(get_preset(name), tokens, attention=attention, moe="triton", dtype_bytes=2)
-            keys = (
-                "weights",
-                "lora_state",
-                "checkpoints",
-                "logits",
-                "attention_workspace",
-                "moe_workspace",
-                "layer_backward",
-                "peak",
-            )
-            cells = " | ".join(f"{p[k] / GiB:.2f}" for k in keys)
+            cells = " | ".join(f"{p[k] / GiB:.2f}" for k in PARTS)
             lines.append(f"| {name} | {label} | {cells} |")
     return "\n".join(lines)
