@@ -175,8 +175,8 @@ def base_rows(n: int = 1200, seed: int = 1, grounding: float = 0.5, thinking: fl
         if named is not None:  # the answer names its language too: the name is copied from the request
             row["user"] += " " + ANSWER_IN.format(name=named)
             row["final"] = CAPTION.format(language=named) + row["final"]
-            row["messages"][1]["content"] = row["user"]
-            row["messages"][2]["content"] = row["final"]
+        row["messages"][1]["content"] = row["user"]  # what is rendered: the messages, not the flat fields
+        row["messages"][2]["content"] = row["final"]
         row["messages"][0]["content"] = row["developer"]
         rows.append(row)
     return rows
