@@ -17,6 +17,9 @@ not trained, and its unused embedding rows). The demo checks the file's sha256 a
 under it is that one, and pre-trains from scratch when either fails. Reproduce the file with
 
     python -m gptoss.train.pretrain --out train/data/demo_base.safetensors
+
+(The shipped file predates the fix of the base rows' "Think in X." requests, docs/log.md, 2026-12-05, so
+the command now writes a base on the fixed rows, with another sha256.)
 """
 
 from __future__ import annotations
