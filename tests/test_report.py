@@ -28,7 +28,11 @@ def test_the_base_never_sees_the_instruction_but_learns_every_language_and_its_n
     for row in rows:
         developer, user, analysis, final, _ = row_fields(row)  # what is rendered and trained on
         assert "reasoning language" not in developer.lower() + user.lower()
-        assert (user, analysis, final) == (row["user"], row["analysis"], row["final"])  # the checks below read these
+        rendered, flat = (
+            (developer, user, analysis, final),
+            (row["developer"], row["user"], row["analysis"], row["final"]),
+        )
+        assert rendered == flat  # the checks below read the flat fields
     assert {r["reasoning_language"] for r in rows} == set(TRAIN_REASONING + HELDOUT_ONLY)
     named = [r for r in rows if "Answer in " in r["user"]]
     assert 0.3 < len(named) / len(rows) < 0.7
