@@ -9,7 +9,17 @@ import pytest
 
 from gptoss.train.data import BUNDLED_HELDOUT, BUNDLED_TRAIN, read_rows, row_fields
 from gptoss.train.langid import identify
-from gptoss.train.make_dataset import CAPTION, HELDOUT_ONLY, TASKS, TRAIN_REASONING, USER_LANGUAGES, base_rows
+from gptoss.train.make_dataset import (
+    ANSWER_REQUESTS,
+    CAPTION,
+    HELDOUT_ONLY,
+    MENTIONS,
+    TASKS,
+    THINK_REQUESTS,
+    TRAIN_REASONING,
+    USER_LANGUAGES,
+    base_rows,
+)
 from gptoss.train.report import by_language, final_pattern, score, wilson, write_report
 
 TRAIN, HELDOUT = read_rows(BUNDLED_TRAIN), read_rows(BUNDLED_HELDOUT)
@@ -23,8 +33,15 @@ def test_held_out_has_twelve_prompts_per_language_and_two_unseen():
     assert {r["reasoning_language"] for r in TRAIN} == set(TRAIN_REASONING)  # Portuguese, Dutch never requested
 
 
+def _phrases(templates, text: str) -> list[str]:
+    """The language names that `text` puts in any of `templates` ("Think in {name}." ...), in order."""
+    pattern = "|".join(re.escape(t).replace(re.escape("{name}"), rf"(?P<n{i}>\w+)") for i, t in enumerate(templates))
+    return [next(v for v in m.groupdict().values() if v) for m in re.finditer(pattern, text)]
+
+
 def test_the_base_never_sees_the_instruction_but_learns_every_language_and_its_name():
     rows = base_rows()
+    languages = set(TRAIN_REASONING + HELDOUT_ONLY)
     for row in rows:
         developer, user, analysis, final, _ = row_fields(row)  # what is rendered and trained on
         assert "reasoning language" not in developer.lower() + user.lower()
@@ -33,18 +50,30 @@ def test_the_base_never_sees_the_instruction_but_learns_every_language_and_its_n
             (row["developer"], row["user"], row["analysis"], row["final"]),
         )
         assert rendered == flat  # the checks below read the flat fields
-    assert {r["reasoning_language"] for r in rows} == set(TRAIN_REASONING + HELDOUT_ONLY)
-    named = [r for r in rows if "Answer in " in r["user"]]
+    assert {r["reasoning_language"] for r in rows} == languages
+    for row in rows:  # every request written is recorded, in whichever phrasing and place it stands
+        asked = row["developer"] + " " + row["user"]
+        think, answer = row["requests"]["think"], row["requests"]["answer"]
+        assert _phrases(THINK_REQUESTS, asked) == ([think] if think else [])
+        assert _phrases(ANSWER_REQUESTS, asked) == ([answer] if answer else [])
+        assert _phrases(MENTIONS, row["developer"]) == []  # a name in the developer message is a request
+        assert row["reasoning_language"] not in _phrases(MENTIONS, row["user"])
+        assert set(_phrases(MENTIONS, row["user"])) <= languages
+    named = [r for r in rows if r["requests"]["answer"]]
     assert 0.3 < len(named) / len(rows) < 0.7
     for row in named:  # "Answer in X." -> the final names X, then answers in X
-        language = re.search(r"Answer in (\w+)\.", row["user"])[1]
-        caption = CAPTION.format(language=language)
+        caption = CAPTION.format(language=row["requests"]["answer"])
         assert row["final"].startswith(caption)
-        assert final_pattern(row["task"], language).fullmatch(row["final"].removeprefix(caption))
-    thinking = [r for r in rows if "Think in " in r["user"]]
+        assert final_pattern(row["task"], row["requests"]["answer"]).fullmatch(row["final"].removeprefix(caption))
+    thinking = [r for r in rows if r["requests"]["think"]]
     assert 0.3 < len(thinking) / len(rows) < 0.7
-    for row in thinking:  # "Think in X." -> the reasoning is in X
-        assert re.search(r"Think in (\w+)\.", row["user"])[1] == row["reasoning_language"]
+    assert all(r["requests"]["think"] == r["reasoning_language"] for r in thinking)  # "Think in X." -> reasons in X
+    for where in ("developer", "user"):  # requests stand in both messages, in every phrasing
+        share = sum(bool(_phrases(THINK_REQUESTS, r[where])) for r in thinking) / len(thinking)
+        assert share > 0.2, where
+    for template in THINK_REQUESTS + ANSWER_REQUESTS + MENTIONS:  # every phrasing is used
+        assert any(_phrases([template], r["developer"] + " " + r["user"]) for r in rows), template
+    assert 0.3 < sum(bool(_phrases(MENTIONS, r["user"])) for r in rows) / len(rows) < 0.7
     for row in rows:  # the reasoning opens with the name of its language (drawn at random)
         assert row["analysis"].startswith(CAPTION.format(language=row["reasoning_language"]))
 

@@ -152,32 +152,61 @@ def generate(n_train: int = 600, n_heldout: int = 84, seed: int = 0) -> tuple[li
 
 ANSWER_IN = "Answer in {name}."
 THINK_IN = "Think in {name}."
+# A request is phrased three ways and stands in one of three places, so that what the base learns is to
+# follow a named language wherever a request names it, not to copy the token after "Think in" at the end
+# of a user's message (a base taught that one form left the fine-tune a lookup of the five names it trains).
+THINK_REQUESTS = (THINK_IN, "Please think in {name}.", "Use {name} for your thinking.")
+ANSWER_REQUESTS = (ANSWER_IN, "Please answer in {name}.", "Use {name} for your answer.")
+PLACES = ("after the question", "before the question", "developer message")
+# Names that request nothing: a base that followed every name it read would follow the developer
+# message's `reasoning language: X` before any fine-tune, and there would be no transfer to measure.
+# They stand only in the user's message, so a name in the developer message stays something to follow.
+MENTIONS = ("I am learning {name}.", "My friend speaks {name}.", "Second language: {name}.")
 
 
-def base_rows(n: int = 1200, seed: int = 1, grounding: float = 0.5, thinking: float = 0.5) -> list[dict]:
+def _ask(row: dict, text: str, place: str) -> None:
+    """Adds `text` to the row's developer message, or before or after its user message."""
+    if place == "developer message":
+        row["developer"] = f"{row['developer']} {text}"
+    elif place == "before the question":
+        row["user"] = f"{text} {row['user']}"
+    else:
+        row["user"] = f"{row['user']} {text}"
+
+
+def base_rows(
+    n: int = 1200, seed: int = 1, grounding: float = 0.5, thinking: float = 0.5, mentions: float = 0.5
+) -> list[dict]:
     """What the demo pre-trains a random tiny base on, mirroring what gpt-oss knew before the fine-tune:
     the tasks and the Harmony format, reasoning in any of the seven languages (Portuguese and Dutch
-    included), and what each language's *name* means, learnt from users who ask to think or to be
-    answered in a named language ("Think in Dutch.": the reasoning, captioned "Language: Dutch.", is in
-    Dutch; "Answer in Dutch.": the final answer is). It never sees the instruction `reasoning language: X`
-    (the developer message holds only a system prompt); without a "Think in" the language of its reasoning
-    is drawn at random. Following the developer message's instruction is the fine-tune's job."""
+    included), and what each language's *name* means, learnt from requests to think or to be answered in
+    a named language ("Think in Dutch.": the reasoning, captioned "Language: Dutch.", is in Dutch; "Please
+    answer in Dutch.": the final answer is), in three phrasings, before or after the question or in the
+    developer message, beside names that request nothing ("I am learning Dutch.", in the user's message
+    only). It never sees the instruction `reasoning language: X`; without a request the language of its
+    reasoning is drawn at random. Following that instruction is the fine-tune's job. Each row records
+    what it asked in `requests` ({"think": language or None, "answer": language or None})."""
     rng = random.Random(seed)
     languages = TRAIN_REASONING + HELDOUT_ONLY
     rows = []
     for _ in range(n):
         user_lang, reasoning = rng.choice(USER_LANGUAGES), rng.choice(languages)
-        think = rng.random() < thinking  # the user names the reasoning's language: its caption copies the name
+        think = rng.random() < thinking  # a request names the reasoning's language: its caption copies the name
         named = rng.choice(languages) if rng.random() < grounding else None
+        mention = rng.random() < mentions
         row = make_row(rng, user_lang, reasoning, final_lang=named)
         if think:
-            row["user"] += " " + THINK_IN.format(name=reasoning)
+            _ask(row, rng.choice(THINK_REQUESTS).format(name=reasoning), rng.choice(PLACES))
         if named is not None:  # the answer names its language too: the name is copied from the request
-            row["user"] += " " + ANSWER_IN.format(name=named)
+            _ask(row, rng.choice(ANSWER_REQUESTS).format(name=named), rng.choice(PLACES))
             row["final"] = CAPTION.format(language=named) + row["final"]
-        row["messages"][1]["content"] = row["user"]  # what is rendered: the messages, not the flat fields
+        if mention:  # never the reasoning's language, so a mention cannot be read as a request
+            other = rng.choice([lang for lang in languages if lang != reasoning])
+            _ask(row, rng.choice(MENTIONS).format(name=other), rng.choice(PLACES[:2]))
+        row["requests"] = {"think": reasoning if think else None, "answer": named}
+        row["messages"][0]["content"] = row["developer"]  # what is rendered: the messages, not the flat fields
+        row["messages"][1]["content"] = row["user"]
         row["messages"][2]["content"] = row["final"]
-        row["messages"][0]["content"] = row["developer"]
         rows.append(row)
     return rows
 
