@@ -137,9 +137,9 @@ def _demo_training(folder: Path, args: argparse.Namespace) -> int:
             )
             pretrain.pretrain(model, steps_base, log=lambda line: print("      " + line))
         print("      as gpt-oss was before its fine-tune: the tasks and Harmony, reasoning in any of seven languages,")
-        print("      and what each language's name means (captions 'Language: Dutch. ...', requests such as 'Please")
-        print("      think in Dutch.' in the user's or the developer message, beside names that request nothing, such as")
-        print("      'I am learning Dutch.'); never the instruction 'reasoning language: X'")
+        print("      and what each language's name means (captions 'Language: Dutch. ...', requests such as")
+        print("      'Please think in Dutch.' in the user's or the developer message, beside names that request")
+        print("      nothing, such as 'I am learning Dutch.'); never the instruction 'reasoning language: X'")
         if (base / "model").exists():
             shutil.rmtree(base / "model")  # the demo's own folder, made on another recipe
         save_checkpoint(base / "model", model.config, "hf-mxfp4", model.state_dict())
