@@ -4,6 +4,7 @@ file that is not is refused with the reason, and the caption copies the instruct
 
 import contextlib
 import io
+import json
 
 import pytest
 import torch
@@ -94,6 +95,23 @@ def test_the_shipped_base_is_its_sha256_and_sits_on_the_demos_checkpoint(tmp_pat
 
     model = load_model(write_checkpoint(tmp_path / "tiny", get_preset("tiny"), "hf-mxfp4", seed=0), dtype=torch.float32)
     assert pretrain.shipped_base(model) is None
+
+
+def test_the_shipped_base_records_the_recipe_it_was_made_with():
+    from safetensors import safe_open
+
+    with safe_open(str(pretrain.SHIPPED), "pt") as f:
+        header = json.loads(f.metadata()["gptoss_base"])
+    assert header["recipe"] == pretrain.RECIPE  # `python -m gptoss.train.pretrain` remakes this file
+
+
+def test_the_same_base_is_written_to_the_same_bytes(trained, tmp_path):
+    # the shipped file is checked by its sha256, so writing the same tensors must give the same bytes
+    # every time (safetensors orders a metadata map of several keys differently from run to run)
+    _, model, packed = trained
+    fingerprint = pretrain.experts_fingerprint(model)
+    digests = {pretrain.save(tmp_path / f"base{i}.safetensors", packed, fingerprint, 3) for i in range(8)}
+    assert len(digests) == 1
 
 
 def test_the_caption_names_the_language_with_the_instructions_own_token():

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 SHIPPED = Path(__file__).resolve().parent / "data" / "demo_base.safetensors"
 # sha256 of the shipped file; a file that does not match is not used (the demo pre-trains instead)
-SHIPPED_SHA256 = "779758cbca8160daa205aa6cc7beb1bf90d9f1c6c9155f8bdc4d7b4099728e21"
+SHIPPED_SHA256 = "b4bd01981aedaa8d09cda1a838ee04d5c408c357a3cd1cb44958684636ac8cab"
 RECIPE = dict(rows_seed=3, steps=3000, batch_size=8, lr=3e-3, warmup_ratio=0.03, min_lr_ratio=0.1, seed=0)
 
 
@@ -176,7 +176,10 @@ def save(path: Path, packed: dict[str, torch.Tensor], fingerprint: str, steps: i
     """Writes the packed base with its recipe; returns its sha256."""
     from safetensors.torch import save_file
 
-    metadata = {"recipe": json.dumps({**RECIPE, "steps": steps}, sort_keys=True), "experts_sha256": fingerprint}
+    # one metadata key: safetensors writes its metadata map in an order that changes from run to run, so
+    # two keys would give the same tensors a different sha256 each time
+    header = {"recipe": {**RECIPE, "steps": steps}, "experts_sha256": fingerprint}
+    metadata = {"gptoss_base": json.dumps(header, sort_keys=True)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(packed, str(tmp), metadata=metadata)
@@ -198,7 +201,7 @@ def shipped_base(model, path: Path = SHIPPED, sha256: str | None = None) -> str 
     if found != expected:
         return f"{path} has sha256 {found[:16]}..., expected {expected[:16]}... (a changed or damaged file)"
     with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
+        meta = json.loads((f.metadata() or {}).get("gptoss_base", "{}"))
     if meta.get("experts_sha256") != experts_fingerprint(model):
         return f"{path} was pre-trained on another tiny checkpoint (its experts differ from this one's)"
     unpack(model, load_file(str(path)))
