@@ -22,23 +22,32 @@ a layer is:
                                                             bias, routing weight; summed, x += it, in place
 
 Grids put thousands of warps on the weights: one program per (head, sequence) for q/k/v, per 8 output
-rows for the dense products, per (16 rows, slot) for gate_up, per (4 rows x k slots) for down. Products
-run on CUDA cores (fp32 accumulation): at one token a 16-row MMA would be 15/16 padding.
+rows for the dense products, per (64 rows, slot) for gate_up, per (4 rows x k slots) for down. Products
+run on CUDA cores: at one token a 16-row MMA would be 15/16 padding.
 
-How the expert kernels stream MXFP4 (_mx_matvec): a thread owns one 16-byte MX block of one or more rows
-per trip, loaded as four int32 words; kernels/mxfp4.py's E2M1_F32_PTX turns each word into eight fp32
-values E2M1 * 2^-126 with integer instructions (no bf16 -> fp32 conversion, no per-value scale
-multiply); the 32 products of a block are summed and multiplied by 2^126 and the block's scale once. The
-activation vector is stored in eight strided parts (_eighths) so that the values one thread needs for
-its words come from eight 16-byte loads at constant offsets. The next trip's words are loaded before this
-trip's arithmetic. Blocks and rows past the end read the last one (a cache hit) with scale 0 or are not
-stored, so no weight load carries a mask. The compile gate (tests/compile_gate.py) prints their static
-cost per launch: 20b at one token, sm_90a: 4.75 and 4.91 SASS instructions per weight element, 28 and 16
-resident warps per SM, 1,824 and 1,884 serial instructions per warp.
+How the expert kernels stream MXFP4 (_mx_matvec): their input activations are carried as integers, per
+block of 32 values q = round(v * 32,512 / max|v|) in [-32,512, 32,512] (16 bits), as two int8 parts
+h = round(q / 255) and l = q - 255 h (_quantize_store: the router kernel writes the normed x so, and each
+gate_up program the 32 outputs of its rows, one block of the down product's input). A thread owns one
+16-byte MX block of a row per trip, loaded as four int32 words of eight codes; kernels/mxfp4.py's
+E2M1_DOT_PTX turns four codes into the bytes 12 + 2 E2M1 with two byte permutes (prmt: a table lookup
+with the sign in the selector) and one or, and dp4a sums four byte products exactly in int32, for h and
+l apart: 13 integer instructions per eight codes, no conversion, no float per element. Once per block:
+the correction -12 sum(q) (stored with the block), one conversion and one multiply by 2^(s - 127) x the
+block's scale. What this costs: each input value within max|block| / 65,024 (1.5e-5 of its block's
+largest), where bf16 rounds each value to 2^-9 of itself. Loads run a trip ahead in two sets of
+registers that take turns, so none is waited on in the trip that issues it. Blocks and rows past the
+end read the last one (a cache hit) with scale 0 or are not stored, so no weight load carries a mask.
+Offsets are int32 (fusable() refuses expert weights of 8 GiB or more a layer). The compile gate
+(tests/compile_gate.py) prints their static cost per launch, 20b at one token, sm_90a, Triton 3.9 (3.6):
+gate_up 2.64 (2.69) and down 2.67 (2.69) SASS instructions per weight element (the fp32 route before:
+4.75 and 4.91), 24 resident warps per SM each, 2,028 and 1,026 serial instructions per warp, no
+shared-memory op and no load waited on in the K loop.
 
 Every intermediate is rounded where the plain path rounds it (bf16 after the norm, after each product
 and bias, after RoPE's products, after each residual add), so the two agree to bf16 rounding of
-different summation orders; tests/test_decode_kernels.py holds them to that. Reference: the plain path,
+different summation orders and the experts' 16-bit inputs; tests/test_decode_kernels.py holds them to
+that. Reference: the plain path,
 gptoss.generate.decode_step(..., fused=False).
 """
 
@@ -48,17 +57,25 @@ import torch
 import triton
 import triton.language as tl
 
+from gptoss.kernels import mxfp4
 from gptoss.kernels.attention_core import NO_WINDOW
 from gptoss.kernels.attention_decode import attention_decode
 from gptoss.kernels.moe import ExpertWeights, expert_weights
-from gptoss.kernels.mxfp4 import INTERPRET, TWO_POW_126, e2m1_f32_words
+from gptoss.kernels.mxfp4 import INTERPRET, e2m1_dot_block
+
+# the quantized activations' constants (kernels/mxfp4.py), for @triton.jit code
+Q_MAX, Q_PARTS, U_ZERO = tl.constexpr(mxfp4.Q_MAX), tl.constexpr(mxfp4.Q_PARTS), tl.constexpr(mxfp4.U_ZERO)
+ROUNDER = tl.constexpr(1.5 * 2.0**23)
+QUANTIZE_BLOCKS = tl.constexpr(4)  # blocks of 32 the router kernel quantizes at once
+TRIPS_PER_LOOP = tl.constexpr(2)  # _mx_matvec's trips a loop iteration (its two sets of registers)
+BLOCK_WORDS = tl.constexpr(20)  # int32 a quantized block of 32: 16 of int8 parts, scale, correction, 2 unused
 
 # (BLOCK_N rows, BLOCK_K columns or BLOCK_G MX blocks of 32, num_warps) per kernel
 QKV = (128, 4)  # BLOCK_K, warps; BLOCK_N is half a head (RoPE pairs the halves)
 LINEAR = (8, 256, 4)
 ROUTER = (8, 256, 4)
-GATE_UP = (16, 16, 4)  # 16 rows = 8 SwiGLU outputs; 16 MX blocks = 512 values per trip (2 rows a thread)
-DOWN = (4, 32, 4)  # a warp a row: the k slots run one after another, so a program's K is split 32 ways
+GATE_UP = (64, 4, 8)  # 64 rows = 32 SwiGLU outputs, one block of act; 4 MX blocks a trip: a block a thread
+DOWN = (4, 8, 4)  # 4 rows of each of the k slots' experts; 8 MX blocks a trip: a block a thread
 
 
 @triton.jit
@@ -197,7 +214,7 @@ def _decode_router_kernel(
     w_ptr,
     bias_ptr,  # x [B, D]; router W [E, D], bias [E]
     logits_ptr,  # [B, E] fp32 out (bf16 values, as the plain path's router output)
-    xn_ptr,  # [B, D] fp32 out: the normed x the experts read, in _eighths' order
+    xq_ptr,  # [B, D / 32, BLOCK_WORDS] int32 out: the normed x the experts read, quantized
     D,
     E,
     eps,
@@ -209,13 +226,19 @@ def _decode_router_kernel(
     e_mask = e < E
     xb = x_ptr + b * D
     r = _rms(xb, D, eps, BLOCK_K)
+    if tl.program_id(0) == 0:  # the normed x, quantized in blocks of 32 for the expert kernels
+        G = D // 32
+        for g0 in range(0, G, QUANTIZE_BLOCKS):
+            blocks = g0 + tl.arange(0, QUANTIZE_BLOCKS)
+            k = blocks[:, None] * 32 + tl.arange(0, 32)[None, :]
+            xn = _normed(xb, gain_ptr, k, k < D, r)  # [QUANTIZE_BLOCKS, 32]
+            at = b * G + blocks
+            _quantize_store(xn, xq_ptr + at * BLOCK_WORDS, blocks < G)
     acc = tl.zeros([BLOCK_E, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         mask = k < D
         xn = _normed(xb, gain_ptr, k, mask, r)
-        if tl.program_id(0) == 0:  # in _eighths' order, the one the expert kernels read
-            tl.store(xn_ptr + b * D + _eighths(k, D), xn, mask=mask)
         w = tl.load(w_ptr + e[:, None].to(tl.int64) * D + k[None, :], mask=e_mask[:, None] & mask[None, :], other=0.0)
         acc += w.to(tl.float32) * xn[None, :]
     z = _round(tl.sum(acc, 1) + tl.load(bias_ptr + e, mask=e_mask, other=0.0).to(tl.float32), x_ptr)
@@ -234,57 +257,112 @@ def _mx_words(w_ptr, s_ptr, base, g, G: tl.constexpr):
 
 
 @triton.jit
-def _eighths(k, N):
-    """Where element k of a length-N vector (N a multiple of 32) is stored for _mx_matvec: as eight
-    strided parts, part t holding element 8 w + e(t) of every MX block's word w (e2m1_f32_words' order)."""
-    e = k % 8
-    return ((e % 2) * 4 + e // 2) * (N // 8) + (k // 32) * 4 + (k % 32) // 8
+def _q_words(q_ptr, first, g, G: tl.constexpr):
+    """Blocks g [BLOCK_G] of a quantized vector (_quantize_store's layout: int32 [.., BLOCK_WORDS] per
+    block) whose first block is block `first` of q_ptr, an int32 scalar (one vector) or [BLOCK_N] (one per
+    row): the four parts a block's code word j is dotted with, as [1 or BLOCK_N, BLOCK_G, 4] int32 each
+    (element j: h of codes 8j..8j+3, h of 8j+4..8j+7, then l of the same), the block's scale [1 or BLOCK_N,
+    BLOCK_G] fp32 and its correction -12 sum(q) (int32). Blocks past the end read the last one (_mx_trip
+    gives them scale 0). Offsets are int32, and one address serves the whole block."""
+    at = tl.minimum(g, G - 1)
+    if len(first.shape) == 0:
+        block = (first + at)[None, :]
+    else:
+        block = first[:, None] + at[None, :]
+    m = q_ptr + block * BLOCK_WORDS
+    q = m[:, :, None] + tl.arange(0, 4)[None, None, :]
+    scale = tl.load(m + 16).to(tl.float32, bitcast=True)
+    return tl.load(q), tl.load(q + 4), tl.load(q + 8), tl.load(q + 12), scale, tl.load(m + 17)
 
 
 @triton.jit
-def _mx_trip(word, scale, valid, v, PART: tl.constexpr, INTERPRET: tl.constexpr):
-    """One trip of a product with an MXFP4 weight: the words [BLOCK_N, BLOCK_G, 4] and scale bytes [BLOCK_N,
-    BLOCK_G] of BLOCK_G blocks (those not `valid` [BLOCK_G] count 0), dot the vector at pointers v ([BLOCK_G, 4] for one vector, [BLOCK_N,
-    BLOCK_G, 4] for one per row; its first eighth, the others PART further each: _eighths' order)
-    -> [BLOCK_N, BLOCK_G] fp32: each block's 32 products summed from the values E2M1 * 2^-126
-    (e2m1_f32_words: no conversion, no per-value scale multiply), then times 2^126 and the scale once."""
-    d0, d1, d2, d3, d4, d5, d6, d7 = e2m1_f32_words(word, INTERPRET)  # [BLOCK_N, BLOCK_G, 4] each
-    products = d0 * tl.load(v)
-    products += d1 * tl.load(v + PART)
-    products += d2 * tl.load(v + 2 * PART)
-    products += d3 * tl.load(v + 3 * PART)
-    products += d4 * tl.load(v + 4 * PART)
-    products += d5 * tl.load(v + 5 * PART)
-    products += d6 * tl.load(v + 6 * PART)
-    products += d7 * tl.load(v + 7 * PART)
-    factor = tl.maximum(scale.to(tl.int32) << 23, 0x400000).to(tl.float32, bitcast=True)  # 2^(s-127); s=0: 2^-127
-    return tl.sum(products, 2) * TWO_POW_126 * tl.where(valid[None, :], factor, 0.0)
+def _rint(x):
+    """fp32 x (|x| < 2^22) rounded to the nearest integer, ties to even: adding 1.5 x 2^23 leaves no
+    fraction bits. Plain adds (no floor instruction, which ptxas emits flushing subnormals), the same in
+    the interpreter."""
+    return (x + ROUNDER) - ROUNDER
 
 
 @triton.jit
-def _mx_matvec(w_ptr, s_ptr, rows, G: tl.constexpr, v_ptr, BLOCK_G: tl.constexpr, INTERPRET: tl.constexpr):
-    """Rows `rows` [BLOCK_N] of an MXFP4 weight with G blocks per row, dot a fp32 vector stored in
-    _eighths' order -> [BLOCK_N] fp32. v_ptr: the vector (a pointer), or one per row ([BLOCK_N] pointers).
+def _quantize_store(v, q_ptr, mask):
+    """Blocks of 32 activations v [R, 32] (fp32) -> the integers q = round(v * Q_MAX / max|v|) of each
+    block, stored at q_ptr ([R] pointers to each block's BLOCK_WORDS int32) as int8 parts h = round(q / 255)
+    and l = q - 255 h in words 0-15 (h of words 0, 2, 4, 6 | h of 1, 3, 5, 7 | l of the same, word k
+    holding values 4k..4k+3), then in word 16 the block's scale max|v| / Q_MAX / 2 (fp32 bits; the 1/2
+    because the products are of 2 E2M1) and in word 17 -12 sum(q). |v - 2 scale q| <= max|v| / 65,024."""
+    i = tl.arange(0, 32)
+    top = tl.max(tl.abs(v), 1)  # [R]
+    inv = tl.where(top > 0, Q_MAX / tl.where(top > 0, top, 1.0), 0.0)
+    q = _rint(v * inv[:, None])  # |q| <= Q_MAX, exact in fp32
+    h = _rint(q * (1.0 / Q_PARTS))  # q / 255 is never within 0.002 of a half: h is exact
+    low = q - h * Q_PARTS  # in [-127, 127]
+    k = i // 4
+    at = ((k % 2) * 4 + k // 2) * 4 + i % 4  # byte of h within the block; l is 32 bytes further
+    out = q_ptr.to(tl.pointer_type(tl.int8))[:, None] + at[None, :]
+    tl.store(out, h.to(tl.int32).to(tl.int8), mask=mask[:, None])
+    tl.store(out + 32, low.to(tl.int32).to(tl.int8), mask=mask[:, None])
+    tl.store(q_ptr + 16, (top * (0.5 / Q_MAX)).to(tl.int32, bitcast=True), mask=mask)
+    tl.store(q_ptr + 17, (tl.sum(q, 1) * -U_ZERO).to(tl.int32), mask=mask)
 
-    A thread holds one 16-byte block of one or more rows, so with one vector the 32 values it loads serve
-    them all. The next trip's codes and scales are loaded before this trip's arithmetic (carried in
-    registers as words), so the weight stream is never waited on in the trip that issues it. G is a
-    compile-time constant: the eight vector loads of a trip are one address plus constant offsets."""
-    base = rows * G
-    g = tl.arange(0, BLOCK_G)
+
+@triton.jit
+def _mx_loads(w_ptr, s_ptr, base, q_ptr, first, g, G: tl.constexpr):
+    """What one trip reads: the weight's words and scale bytes of blocks g (_mx_words) and the quantized
+    vector's parts, scales and corrections (_q_words), as one tuple."""
     word, scale = _mx_words(w_ptr, s_ptr, base, g, G)
+    xa, xb, xc, xd, xs, xcorr = _q_words(q_ptr, first, g, G)
+    return word, scale, xa, xb, xc, xd, xs, xcorr
+
+
+@triton.jit
+def _mx_factor(loaded, valid):
+    """A trip's per-block numbers from _mx_loads: the factor 2^(s - 127) x the vector block's scale (0 for
+    blocks not `valid` [BLOCK_G]) and the correction -12 sum(q), [BLOCK_N or 1, BLOCK_G] each."""
+    _, scale, _, _, _, _, xs, xcorr = loaded
+    factor = tl.maximum(scale.to(tl.int32) << 23, 0x400000).to(tl.float32, bitcast=True)  # 2^(s-127); s=0: 2^-127
+    return tl.where(valid[None, :], factor * xs, 0.0), xcorr
+
+
+@triton.jit
+def _mx_trip(loaded, factor, xcorr, tables, INTERPRET: tl.constexpr):
+    """One trip of a product with an MXFP4 weight: _mx_loads' words [BLOCK_N, BLOCK_G, 4] against the
+    quantized vector's parts -> [BLOCK_N, BLOCK_G] fp32: each block's 32 products summed exactly in int32
+    (e2m1_dot_block, from the correction -12 sum(q): the sum of 2 E2M1 q), then scaled once (_mx_factor)."""
+    word, _, xa, xb, xc, xd, _, _ = loaded
+    total = e2m1_dot_block(word, xa, xb, xc, xd, tables, xcorr, INTERPRET)
+    return total.to(tl.float32) * factor
+
+
+@triton.jit
+def _mx_matvec(
+    w_ptr, s_ptr, rows, G: tl.constexpr, q_ptr, first, lut_ptr, BLOCK_G: tl.constexpr, INTERPRET: tl.constexpr
+):
+    """Rows `rows` [BLOCK_N] (int32) of an MXFP4 weight with G blocks per row, dot a vector quantized by
+    _quantize_store (its first block `first` of q_ptr: a scalar, or one per row) -> [BLOCK_N] fp32.
+    lut_ptr: the four words of U_TABLES.
+
+    A thread holds one 16-byte block of a row per trip. Two sets of registers take turns (TRIPS_PER_LOOP
+    trips a loop iteration): a trip reads one set, and that set is loaded again at once, for the trip
+    after next, while the other set's trip runs. So every load has a trip's arithmetic between it and its
+    use, and no set is ever copied into the other (with one set and its successor, ptxas copies the
+    loaded registers at the end of each trip, and the copy waits for the load). A trip past the last
+    block reads the last one with scale 0. G is a compile-time constant."""
+    # the byte tables per row (rows >= 0, so every row reads word 0 on): loaded as one value for all
+    # threads, ptxas keeps them in uniform registers and copies them into vector registers before each use
+    lut = lut_ptr + tl.minimum(rows, 0)[:, None]
+    tables = (tl.load(lut), tl.load(lut + 1), tl.load(lut + 2), tl.load(lut + 3))
+    base = rows * G
+    lane = tl.arange(0, BLOCK_G)
+    first_set = _mx_loads(w_ptr, s_ptr, base, q_ptr, first, lane, G)
+    second_set = _mx_loads(w_ptr, s_ptr, base, q_ptr, first, BLOCK_G + lane, G)
     acc = tl.zeros([rows.shape[0], BLOCK_G], dtype=tl.float32)
-    for g0 in range(BLOCK_G, G + BLOCK_G, BLOCK_G):  # the trip for blocks g0 - BLOCK_G ...; loads blocks g0 ...
-        at = tl.minimum(g, G - 1)[:, None] * 4 + tl.arange(0, 4)[None, :]  # [BLOCK_G, 4]; past the end: scale 0
-        if len(v_ptr.shape) == 0:
-            v = (v_ptr + at)[None, :, :]
-        else:
-            v = v_ptr[:, None, None] + at[None, :, :]
-        valid = g < G
-        g = g0 + tl.arange(0, BLOCK_G)
-        word_next, scale_next = _mx_words(w_ptr, s_ptr, base, g, G)
-        acc += _mx_trip(word, scale, valid, v, G * 4, INTERPRET)
-        word, scale = word_next, scale_next
+    for g0 in range(0, G, TRIPS_PER_LOOP * BLOCK_G):  # trips g0 and g0 + BLOCK_G
+        factor, xcorr = _mx_factor(first_set, g0 + lane < G)
+        acc += _mx_trip(first_set, factor, xcorr, tables, INTERPRET)
+        first_set = _mx_loads(w_ptr, s_ptr, base, q_ptr, first, g0 + 2 * BLOCK_G + lane, G)
+        factor, xcorr = _mx_factor(second_set, g0 + BLOCK_G + lane < G)
+        acc += _mx_trip(second_set, factor, xcorr, tables, INTERPRET)
+        second_set = _mx_loads(w_ptr, s_ptr, base, q_ptr, first, g0 + 3 * BLOCK_G + lane, G)
     return tl.sum(acc, 1)
 
 
@@ -310,13 +388,14 @@ def _slot_expert(logits_ptr, b, slot, E, TOP_K: tl.constexpr, BLOCK_E: tl.conste
 
 @triton.jit
 def _decode_gate_up_kernel(
-    logits_ptr,
-    xn_ptr,  # [B, E] fp32; [B, D] fp32 in _eighths' order
+    logits_ptr,  # [B, E] fp32
+    xq_ptr,  # the normed x, quantized: [B, D / 32, BLOCK_WORDS] int32
     w_ptr,
     s_ptr,
     bias_ptr,  # W1 blocks [E, 2I, D/32, 16], scales [E, 2I, D/32], bias [E, 2I]
-    act_ptr,  # [B, TOP_K, I] fp32 out (values of the model's dtype), in _eighths' order
+    aq_ptr,  # out: the act of each slot, quantized: [B, TOP_K, I / 32, BLOCK_WORDS] int32
     route_ptr,  # [B, TOP_K, 2] fp32 out: each slot's expert id and weight, for the down kernel
+    lut_ptr,  # int32 [4]: U_TABLES
     I,
     E,
     alpha,
@@ -329,35 +408,37 @@ def _decode_gate_up_kernel(
     INTERPRET: tl.constexpr,
 ):
     """Program (rows, pair): the slot's expert's gate_up rows n (gate 2j, linear 2j + 1) . normed x,
-    plus bias, then the clamped SwiGLU: act[j] for the BLOCK_N / 2 outputs of those rows."""
+    plus bias, then the clamped SwiGLU: act[j] for the BLOCK_N / 2 = 32 outputs of those rows, one block
+    of the down product's input, quantized here."""
     pair = tl.program_id(1)
-    b = (pair // TOP_K).to(tl.int64)
+    b = pair // TOP_K
     expert, weight = _slot_expert(logits_ptr, b, pair % TOP_K, E, TOP_K, BLOCK_E)
     if tl.program_id(0) == 0:
         tl.store(route_ptr + pair * 2, expert.to(tl.float32))  # exact: expert ids are far below 2^24
         tl.store(route_ptr + pair * 2 + 1, weight)
-    expert = expert.to(tl.int64)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < 2 * I
     rows = expert * 2 * I + tl.minimum(n, 2 * I - 1)  # rows past the end read the last one, not stored
-    h = _mx_matvec(w_ptr, s_ptr, rows, D // 32, xn_ptr + b * D, BLOCK_G, INTERPRET)
+    G: tl.constexpr = D // 32
+    h = _mx_matvec(w_ptr, s_ptr, rows, G, xq_ptr, b * G, lut_ptr, BLOCK_G, INTERPRET)
     h += tl.load(bias_ptr + expert * 2 * I + n, mask=n_mask, other=0.0).to(tl.float32)  # fp32, as the plain kernel's
     gate, linear = tl.split(tl.reshape(h, (BLOCK_N // 2, 2)))
     gate = tl.minimum(gate, limit)
     linear = tl.minimum(tl.maximum(linear, -limit), limit)
-    act = _round(gate * tl.sigmoid(alpha * gate) * (linear + 1), bias_ptr)  # stored as the plain kernel's bf16 act
-    j = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-    tl.store(act_ptr + pair.to(tl.int64) * I + _eighths(j, I), act, mask=j < I)  # the order xn is stored in
+    act = _round(gate * tl.sigmoid(alpha * gate) * (linear + 1), bias_ptr)  # as the plain kernel's bf16 act
+    at = pair * (I // 32) + tl.program_id(0) + tl.arange(0, 1)  # [1]: this program's block
+    _quantize_store(tl.reshape(act, (1, BLOCK_N // 2)), aq_ptr + at * BLOCK_WORDS, at >= 0)
 
 
 @triton.jit
 def _decode_down_kernel(
-    route_ptr,
-    act_ptr,  # [B, TOP_K, 2] fp32 (expert, weight); [B, TOP_K, I] fp32 in _eighths' order
+    route_ptr,  # [B, TOP_K, 2] fp32 (expert, weight)
+    aq_ptr,  # the act of each slot, quantized: [B, TOP_K, I / 32, BLOCK_WORDS] int32
     w_ptr,
     s_ptr,
     bias_ptr,  # W2 blocks [E, D, I/32, 16], scales [E, D, I/32], bias [E, D]
     x_ptr,  # [B, D] residual stream, updated in place
+    lut_ptr,  # int32 [4]: U_TABLES
     D,
     I: tl.constexpr,
     TOP_K: tl.constexpr,
@@ -372,14 +453,16 @@ def _decode_down_kernel(
     The tile's rows are the k experts' rows n (SLOTS = k rounded up to a power of two; a padding slot reads
     expert 0 with weight 0), each against its own slot's act, so one K loop streams all k experts and
     nothing else runs inside it."""
-    b = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(1)
     r = tl.arange(0, SLOTS * BLOCK_N)
     slot = tl.minimum(r // BLOCK_N, TOP_K - 1)
     n = tl.program_id(0) * BLOCK_N + r % BLOCK_N
-    expert = tl.load(route_ptr + (b * TOP_K + slot) * 2).to(tl.int64)  # [SLOTS * BLOCK_N]
+    expert = tl.load(route_ptr + (b * TOP_K + slot) * 2).to(tl.int32)  # [SLOTS * BLOCK_N]
     weight = tl.where(r // BLOCK_N < TOP_K, tl.load(route_ptr + (b * TOP_K + slot) * 2 + 1), 0.0)
     rows = expert * D + tl.minimum(n, D - 1)  # rows past the end read the last one, not stored
-    y = _mx_matvec(w_ptr, s_ptr, rows, I // 32, act_ptr + (b * TOP_K + slot) * I, BLOCK_G, INTERPRET)
+    G: tl.constexpr = I // 32
+    at = (b * TOP_K + slot) * G  # each row's slot's first act block
+    y = _mx_matvec(w_ptr, s_ptr, rows, G, aq_ptr, at, lut_ptr, BLOCK_G, INTERPRET)
     y += tl.load(bias_ptr + expert * D + n, mask=n < D, other=0.0).to(tl.float32)
     out = tl.sum(tl.reshape(weight * y, (SLOTS, BLOCK_N)), 0)  # slot 0 first
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -444,16 +527,44 @@ def decode_linear_residual(a: torch.Tensor, linear, x: torch.Tensor) -> None:
     )
 
 
+_TABLES: dict = {}
+
+
+def _tables(device) -> torch.Tensor:
+    """U_TABLES as an int32 tensor on `device`, made once per device (the expert kernels' byte tables)."""
+    if device not in _TABLES:
+        words = [w - (1 << 32) if w >= 1 << 31 else w for w in mxfp4.U_TABLES]
+        _TABLES[device] = torch.tensor(words, dtype=torch.int32, device=device)
+    return _TABLES[device]
+
+
+def quantized(*shape: int, device) -> torch.Tensor:
+    """Room for activations of `shape` (the last a multiple of 32) in the expert kernels' form: per block
+    of 32, BLOCK_WORDS int32 (_quantize_store)."""
+    *lead, n = shape
+    return torch.empty(*lead, n // 32, BLOCK_WORDS.value, dtype=torch.int32, device=device)
+
+
 def decode_router(x: torch.Tensor, gain: torch.Tensor, eps: float, router) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> router logits [B, E] fp32 and the normed x [B, D] (fp32 holding values of x's dtype, in
-    _eighths' order: the layout the expert kernels read)."""
+    """-> router logits [B, E] fp32 and the normed x [B, D] quantized: the form the expert kernels read."""
     B, D = x.shape
     E = router.weight.shape[0]
     logits = torch.empty(B, E, dtype=torch.float32, device=x.device)
-    xn = torch.empty(B, D, dtype=torch.float32, device=x.device)
+    xn = quantized(B, D, device=x.device)
     block_e, block_k, warps = ROUTER
     _decode_router_kernel[(triton.cdiv(E, block_e), B)](
-        x, gain, router.weight, router.bias, logits, xn, D, E, eps, BLOCK_E=block_e, BLOCK_K=block_k, num_warps=warps
+        x,
+        gain,
+        router.weight,
+        router.bias,
+        logits,
+        xn,
+        D,
+        E,
+        eps,
+        BLOCK_E=block_e,
+        BLOCK_K=block_k,
+        num_warps=warps,
     )
     return logits, xn
 
@@ -468,13 +579,14 @@ def decode_experts(
     limit: float,
     x: torch.Tensor,
 ) -> None:
-    """x += the MoE of the normed xn [B, D] through gate_up `w1` and down `w2`, experts chosen from
-    `logits` on the device; in place."""
-    B, D = xn.shape
+    """x += the MoE of the normed x (decode_router's) through gate_up `w1` and down `w2`, experts chosen
+    from `logits` on the device; in place."""
+    B, D = x.shape
     E = logits.shape[1]
     I = w2.cols
-    act = torch.empty(B, top_k, I, dtype=torch.float32, device=xn.device)
-    route = torch.empty(B, top_k, 2, dtype=torch.float32, device=xn.device)
+    act = quantized(B, top_k, I, device=x.device)
+    route = torch.empty(B, top_k, 2, dtype=torch.float32, device=x.device)
+    lut = _tables(x.device)
     block_n, block_g, warps = GATE_UP
     _decode_gate_up_kernel[(triton.cdiv(2 * I, block_n), B * top_k)](
         logits,
@@ -484,6 +596,7 @@ def decode_experts(
         w1.bias,
         act,
         route,
+        lut,
         I,
         E,
         alpha,
@@ -504,6 +617,7 @@ def decode_experts(
         w2.scales,
         w2.bias,
         x,
+        lut,
         D,
         I=I,
         TOP_K=top_k,
@@ -527,6 +641,8 @@ def fusable(model) -> str | None:
             return "adapters on the attention projections"
         if type(mlp.router) is not nn.Linear or not mlp.experts.quantized or mlp.experts.has_lora:
             return "dense experts or expert adapters"
+        if max(w.blocks.numel() for w in expert_weights(mlp.experts)) >= 2**33:
+            return "expert weights of 8 GiB or more a layer (the expert kernels' offsets are int32 words)"
         if attn.head_dim % 2 or attn.head_dim & (attn.head_dim - 1):
             return "a head dim that is not a power of two"
     return None

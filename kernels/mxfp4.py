@@ -68,30 +68,73 @@ E2M1_PTX = (
 )
 
 
-# E2M1 -> fp32 for products on CUDA cores (the fused decode kernels, kernels/decode.py): four packed
-# bytes in ($8) -> the low-nibble values of bytes 0..3 ($0..$3) and the high-nibble values ($4..$7), one
-# fp32 per register, each E2M1 * 2^-126 (the block's scale and 2^126 are applied once per block to the
-# fp32 partial sum, not per element). The same gather and nibble masks as E2M1_PTX; then per value one
-# multiply that places two copies of its nibble: the magnitude at bits 22-24 (the low exponent bits and
-# the top mantissa bit of fp32) and the sign at 31, the other value of the 16-bit pair shifted out of the
-# register or into bits the mask drops. 2.75 integer instructions per value, no bf16 -> fp32 conversion.
-E2M1_F32_PTX = (
-    *_nibbles("$8"),
-    *(
-        step
-        for dst, src, factor in (
-            ("$0", "u0", (64 + 4096) << 16),  # byte 0's low nibble (bits 0-3): x 2^22 and x 2^28
-            ("$1", "u0", 64 + 4096),  # byte 1's (bits 16-19): x 2^6 and x 2^12
-            ("$2", "u1", (64 + 4096) << 16),
-            ("$3", "u1", 64 + 4096),
-            ("$4", "u2", (4 + 256) << 16),  # byte 0's high nibble (bits 4-7): x 2^18 and x 2^24
-            ("$5", "u2", 4 + 256),  # byte 1's (bits 20-23): x 2^2 and x 2^8
-            ("$6", "u3", (4 + 256) << 16),
-            ("$7", "u3", 4 + 256),
-        )
-        for step in (("mul", "p", src, factor), ("and", dst, "p", 0x81C00000))
-    ),
-)
+# E2M1 codes . 16-bit integer activations on CUDA cores (DP4A), for the fused decode kernels
+# (kernels/decode.py). The activation is carried per block of 32 as integers q = 255 h + l with int8 parts
+# h, l in [-127, 127] (kernels/decode.py's _quantize_store); a code c becomes the byte u = 12 + 2 E2M1(c)
+# in [0, 24] with two byte permutes, and dp4a.u32.s32 sums four u x int8 products exactly in int32. One
+# MX block: its four code words ($1-$4, eight codes each) against its activations' parts ($5-$8: h of codes
+# 8j..8j+3 of word j; $9-$12: h of 8j+4..8j+7; $13-$16, $17-$20: l of the same) with the two byte tables
+# of u ($21, $22: codes 0-7; $23, $24: codes 8-15; operands, so that they stay in registers) and a start
+# value ($25: the caller passes -12 sum(q), so that the sum is of 2 E2M1 q) -> $0 = $25 + the sum of u q
+# = $25 + 255 sum(u h) + sum(u l), exact (at most 32 x 24 x 32,512 before the start value). The caller
+# scales it once per block. The steps, as (op, dest, a, b, c):
+#   prmt  byte i of d = byte (nibble i of c & 7) of the table {a, b}; where nibble i's bit 3 (the code's
+#         sign) is set, the byte's sign bit replicated instead, 0 for the table's bytes (all below 128).
+#         So the table of positive codes gives u where the sign is 0 and 0 where it is 1, and the table of
+#         negative codes, selected by the codes with their signs flipped, the other way round.
+#   or    the two permutes' bytes, each from the one that is not 0 (codes 0 and 8 give 12 either way)
+#   dp4a  d = c + the four unsigned bytes of a times the four signed bytes of b
+#   mad   d = a * b + c (low 32 bits)
+U_POS = (0x0F0E0D0C, 0x18141210)  # u of codes 0..7: 12 + 2 x (0, 0.5, 1, 1.5, 2, 3, 4, 6)
+U_NEG = (0x090A0B0C, 0x00040608)  # u of codes 8..15: 12 - 2 x the same
+U_TABLES = (*U_POS, *U_NEG)  # $21-$24
+
+
+def _dot_steps(j: int) -> tuple:
+    w, h_lo, h_hi, l_lo, l_hi = f"${1 + j}", f"${5 + j}", f"${9 + j}", f"${13 + j}", f"${17 + j}"
+    first = j == 0  # the first word starts the sums: h at 0, l at the start value
+    return (
+        ("xor", "f", w, 0x88888888, None),  # the codes with their signs flipped
+        ("shr", "wh", w, 16, None),  # codes 4-7 into the selector's nibbles (prmt reads the low 16 bits)
+        ("shr", "fh", "f", 16, None),
+        ("prmt", "p0", "$21", "$22", w),
+        ("prmt", "n0", "$23", "$24", "f"),
+        ("or", "u0", "p0", "n0", None),
+        ("prmt", "p1", "$21", "$22", "wh"),
+        ("prmt", "n1", "$23", "$24", "fh"),
+        ("or", "u1", "p1", "n1", None),
+        ("dp4a", "h", "u0", h_lo, 0 if first else "h"),
+        ("dp4a", "h", "u1", h_hi, "h"),
+        ("dp4a", "l", "u0", l_lo, "$25" if first else "l"),
+        ("dp4a", "l", "u1", l_hi, "l"),
+    )
+
+
+E2M1_DOT_PTX = (*(step for j in range(4) for step in _dot_steps(j)), ("mad", "$0", "h", 255, "l"))
+Q_PARTS = 255  # q = 255 h + l
+Q_MAX = 127 * Q_PARTS + 127  # the largest |q|: h and l both 127
+U_ZERO = 12  # the byte of codes 0 and 8
+_Q_PARTS, _U_ZERO = tl.constexpr(Q_PARTS), tl.constexpr(U_ZERO)  # the same, for @triton.jit code
+
+
+def _ptx_dot(program) -> str:
+    lines = ["{", ".reg .b32 f, wh, fh, p0, n0, u0, p1, n1, u1, h, l;"]
+    for op, dst, a, b, c in program:
+        if op == "xor":
+            lines.append(f"xor.b32 {dst}, {a}, {b:#x};")
+        elif op == "shr":
+            lines.append(f"shr.u32 {dst}, {a}, {b};")
+        elif op == "prmt":
+            lines.append(f"prmt.b32 {dst}, {a}, {b}, {c};")
+        elif op == "or":
+            lines.append(f"or.b32 {dst}, {a}, {b};")
+        elif op == "dp4a":
+            lines.append(f"dp4a.u32.s32 {dst}, {a}, {b}, {c};")
+        elif op == "mad":
+            lines.append(f"mad.lo.s32 {dst}, {a}, {b}, {c};")
+        else:
+            raise ValueError(op)
+    return "\n".join(lines + ["}"])
 
 
 def _ptx(program) -> str:
@@ -111,9 +154,7 @@ def _ptx(program) -> str:
 
 
 _E2M1_ASM = tl.constexpr(_ptx(E2M1_PTX))
-_E2M1_F32_ASM = tl.constexpr(_ptx(E2M1_F32_PTX))
-TWO_POW_M126 = tl.constexpr(2.0**-126)  # what E2M1_F32_PTX's values are scaled by
-TWO_POW_126 = tl.constexpr(2.0**126)
+_E2M1_DOT_ASM = tl.constexpr(_ptx_dot(E2M1_DOT_PTX))
 
 
 @triton.jit
@@ -135,26 +176,46 @@ def e2m1_pairs(byte):
 
 
 @triton.jit
-def e2m1_f32_words(word, INTERPRET: tl.constexpr):
-    """int32 words of four code bytes -> eight fp32 tensors shaped like `word`, each value E2M1 * 2^-126:
-    the low-nibble values of bytes 0..3, then the high-nibble values of bytes 0..3 (so output t holds
-    element 8 w + e of its block for word w, e = 0, 2, 4, 6, 1, 3, 5, 7). On the GPU the integer program
-    E2M1_F32_PTX; in the interpreter the same values by arithmetic (fp32 keeps them exactly: the
-    smallest, 0.5 * 2^-126, is a subnormal, which numpy and the GPU's non-flushing fp32 arithmetic keep)."""
+def _u_interpret(code):
+    """4-bit E2M1 codes (int32, 0..15) -> 12 + 2 E2M1(code) by arithmetic (the interpreter's path)."""
+    m = code & 7
+    twice = tl.where(m < 5, m, tl.where(m == 5, 6, tl.where(m == 6, 8, 12)))  # 2 |E2M1|
+    return tl.where(code >= 8, _U_ZERO - twice, _U_ZERO + twice)
+
+
+@triton.jit
+def _quarters(t):
+    """[A, B, 4] -> its four [A, B] slices, in order (registers of one thread: no data moves)."""
+    even, odd = tl.split(tl.reshape(t, (t.shape[0], t.shape[1], 2, 2)))  # j = 0, 2 and j = 1, 3
+    t0, t2 = tl.split(even)
+    t1, t3 = tl.split(odd)
+    return t0, t1, t2, t3
+
+
+@triton.jit
+def e2m1_dot_block(word, xa, xb, xc, xd, tables, start, INTERPRET: tl.constexpr):
+    """MX blocks [A, B]: their code words (word [A, B, 4] int32, eight codes each) against their
+    activations' int8 parts ([A or 1, B, 4] int32 each; element j: xa, xb the h of codes 8j..8j+3 and
+    8j+4..8j+7 of word j, four to an int32; xc, xd the l of the same) -> [A, B] int32: start + the sum of
+    (12 + 2 E2M1(code)) x (255 h + l) over each block. tables: the four words of U_TABLES (int32 tensors
+    the caller loads once); start: [A or 1, B] int32. On the GPU E2M1_DOT_PTX, one block per instance; in
+    the interpreter the same integers by arithmetic, all eight codes of every word at once."""
     if INTERPRET:
-        b0, b1, b2, b3 = word & 0xFF, (word >> 8) & 0xFF, (word >> 16) & 0xFF, (word >> 24) & 0xFF
-        return (
-            _e2m1_interpret(b0 & 15) * TWO_POW_M126,
-            _e2m1_interpret(b1 & 15) * TWO_POW_M126,
-            _e2m1_interpret(b2 & 15) * TWO_POW_M126,
-            _e2m1_interpret(b3 & 15) * TWO_POW_M126,
-            _e2m1_interpret(b0 >> 4) * TWO_POW_M126,
-            _e2m1_interpret(b1 >> 4) * TWO_POW_M126,
-            _e2m1_interpret(b2 >> 4) * TWO_POW_M126,
-            _e2m1_interpret(b3 >> 4) * TWO_POW_M126,
-        )
+        i = tl.arange(0, 8)[None, None, None, :]  # a word's codes, low nibble first
+        u = _u_interpret((word[:, :, :, None] >> (4 * i)) & 15)  # [A, B, 4, 8]
+        at = 24 - 8 * (i % 4)  # byte i % 4 of the part's word, sign-extended by the shifts
+        h = (tl.where(i < 4, xa[:, :, :, None], xb[:, :, :, None]) << at) >> 24
+        low = (tl.where(i < 4, xc[:, :, :, None], xd[:, :, :, None]) << at) >> 24
+        return start + tl.sum(tl.sum(u * (h * _Q_PARTS + low), 3), 2)
+    w, a, b, c, d = _quarters(word), _quarters(xa), _quarters(xb), _quarters(xc), _quarters(xd)
     return tl.inline_asm_elementwise(
-        _E2M1_F32_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [word], dtype=(tl.float32,) * 8, is_pure=True, pack=1
+        _E2M1_DOT_ASM,
+        "=r" + ",r" * 25,
+        [w[0], w[1], w[2], w[3], a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]
+        + [c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3], tables[0], tables[1], tables[2], tables[3], start],
+        dtype=tl.int32,
+        is_pure=True,
+        pack=1,
     )
 
 

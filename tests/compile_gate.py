@@ -53,7 +53,8 @@ from triton.runtime.autotuner import Autotuner, Heuristics  # noqa: E402
 from triton.runtime.jit import JITFunction, KernelInterface, create_function_from_signature  # noqa: E402
 
 # what a cached row holds: a new format recompiles rather than read a row short of a field
-ROW_FORMAT = 4  # 2: loop_shared_ops; 3: the main loop is the largest innermost loop; 4: loop loads, ftz_ops
+ROW_FORMAT = 5  # 2: loop_shared_ops; 3: the main loop is the largest innermost loop; 4: loop loads, ftz_ops;
+# 5: loop_wide_loads_waited
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 and sm_100 (227 KiB)
 SHAPES = {  # hidden D, intermediate I, experts E, top-k
     "gpt-oss-20b": (2880, 2880, 32, 4),
@@ -385,7 +386,7 @@ def sass_stats(cubin: bytes, num_warps: int, elements_per_iteration: int | None)
     # the main loop's barriers and shared-memory moves: a layout conversion (or a pipelined copy) inside it
     body = [(op, rest) for a, op, rest in code if main[0] <= a <= main[1]] if main else []
     loop_sync = sum(op.startswith(("BAR", "LDS", "STS", "STSM", "LDSM")) for op, _ in body)
-    loads, waited = _loop_loads(body)
+    loads, waited, wide = _loop_loads(body)
     return dict(
         registers=regs,
         spill_bytes=stack + local,
@@ -397,6 +398,7 @@ def sass_stats(cubin: bytes, num_warps: int, elements_per_iteration: int | None)
         loop_shared_ops=loop_sync,
         loop_loads=loads,
         loop_loads_waited=waited,
+        loop_wide_loads_waited=wide,
         ftz_ops=sum(".FTZ" in op for op in ops),
     )
 
@@ -404,11 +406,11 @@ def sass_stats(cubin: bytes, num_warps: int, elements_per_iteration: int | None)
 _REGISTER = re.compile(r"\bR(\d+)\b")
 
 
-def _loop_loads(body) -> tuple[int, int]:
-    """The main loop's global loads, and how many of them are waited on in the trip that issues them: a
-    later instruction of the same trip reads a register the load writes (a load carried to the next trip
-    is read only before it, in program order)."""
-    loads = waited = 0
+def _loop_loads(body) -> tuple[int, int, int]:
+    """The main loop's global loads, how many of them are waited on in the trip that issues them (a later
+    instruction of the same trip reads a register the load writes; a load carried to the next trip is
+    read only before it, in program order), and how many of those waited on are 16-byte loads."""
+    loads = waited = wide = 0
     for i, (op, rest) in enumerate(body):
         if not op.startswith("LDG"):
             continue
@@ -420,21 +422,33 @@ def _loop_loads(body) -> tuple[int, int]:
             sources = later.split(",")[1:] if "," in later else []
             if any(int(r) in written for source in sources for r in _REGISTER.findall(source)):
                 waited += 1
+                wide += width == 4
                 break
-    return loads, waited
+    return loads, waited, wide
 
 
 def weight_elements(name: str, config: dict) -> int | None:
     """MXFP4 weight elements one iteration of a kernel's main loop decodes (None: it decodes none)."""
     if name in moe_kernels():
         return config["BLOCK_N"] * config["BLOCK_K"]
-    if name == "_decode_gate_up_kernel":
-        return config["BLOCK_N"] * config["BLOCK_G"] * 32
-    if name == "_decode_down_kernel":  # the rows of every slot's expert in one tile
-        return config["SLOTS"] * config["BLOCK_N"] * config["BLOCK_G"] * 32
+    if name in DECODE_MXFP4:  # TRIPS_PER_LOOP trips a loop iteration
+        return decode_trip_elements(name, config) * _decode_trips_per_loop()
     if name == "_mxfp4_dequant_fwd_kernel":
         return config["BLOCK_R"] * config["BLOCK_G"] * 32
     return None
+
+
+def decode_trip_elements(name: str, config: dict) -> int:
+    """MXFP4 weight elements one trip of a fused decode kernel decodes (down: the rows of every slot's
+    expert in one tile)."""
+    rows = config["BLOCK_N"] * (config["SLOTS"] if name == "_decode_down_kernel" else 1)
+    return rows * config["BLOCK_G"] * 32
+
+
+def _decode_trips_per_loop() -> int:
+    from gptoss.kernels import decode
+
+    return decode.TRIPS_PER_LOOP.value
 
 
 def compile_one(variant: Variant) -> dict:
@@ -613,9 +627,11 @@ def decode_launch_table(rows: list[dict]) -> list[dict]:
             if row["kernel"] in moe_kernels():
                 per_trip, k = c["BLOCK_N"] * c["BLOCK_K"], 2880  # D = I = 2880 for both products
                 trips = -(-k // c["BLOCK_K"])
-            else:  # the fused decode kernels: BLOCK_G MX blocks of 32 per trip (down: of every slot's rows)
-                per_trip = weight_elements(row["kernel"], c)
-                trips = -(-90 // c["BLOCK_G"])
+            else:  # the fused decode kernels: BLOCK_G MX blocks of 32 per trip (down: of every slot's rows),
+                # TRIPS_PER_LOOP trips a loop iteration (a last odd trip runs as a whole iteration)
+                per_trip = decode_trip_elements(row["kernel"], c)
+                loops = -(-90 // (c["BLOCK_G"] * _decode_trips_per_loop()))
+                trips = loops * _decode_trips_per_loop()
             out.append(
                 dict(
                     kernel=row["kernel"],
@@ -625,12 +641,13 @@ def decode_launch_table(rows: list[dict]) -> list[dict]:
                     bytes_per_program=int(trips * per_trip * 17 / 32),
                     resident_warps=filled,
                     trips=trips,
-                    per_trip=row["main_loop"],
-                    serial=trips * row["main_loop"],
+                    per_trip=row["main_loop"] * per_trip // weight_elements(row["kernel"], c),
+                    serial=trips * row["main_loop"] * per_trip // weight_elements(row["kernel"], c),
                     per_element=row["per_element"],
                     loop_shared_ops=row.get("loop_shared_ops"),
                     loop_loads=row.get("loop_loads"),
                     loop_loads_waited=row.get("loop_loads_waited"),
+                    loop_wide_loads_waited=row.get("loop_wide_loads_waited"),
                 )
             )
     return out

@@ -249,9 +249,9 @@ def test_every_kernel_compiles_without_spills_on_the_gpu_machines_triton(tmp_pat
 def test_fused_decode_kernels_stream_without_shared_memory_in_their_loops(gate):
     """The fused decode kernels (gptoss.kernels.decode) compile clean everywhere, and the two that
     stream MXFP4 experts do it in registers: no barrier or shared-memory move in their main loop (a
-    layout conversion there makes every K step wait), within 5 SASS instructions per decoded weight
-    element on sm_90a, and no flush-to-zero arithmetic anywhere (their E2M1 values are E2M1 * 2^-126:
-    0.5 of them is an fp32 subnormal, which a .FTZ multiply would make 0)."""
+    layout conversion there makes every K step wait), within 3 SASS instructions per decoded weight
+    element on sm_90a, and no flush-to-zero arithmetic anywhere (a block's factor 2^(s - 127) is the
+    fp32 subnormal 2^-127 for s = 0, which a .FTZ multiply would make 0)."""
     _, rows = gate
     fused = [r for r in rows if r["kernel"].startswith("_decode_") and "error" not in r]
     assert {r["kernel"] for r in fused} >= {
@@ -267,15 +267,16 @@ def test_fused_decode_kernels_stream_without_shared_memory_in_their_loops(gate):
             assert r["loop_shared_ops"] == 0, (r["kernel"], r["target"], r["config"], r["loop_shared_ops"])
             assert r["ftz_ops"] == 0, (r["kernel"], r["target"], r["config"], r["ftz_ops"])
             if r["target"] == "sm_90a":
-                assert r["per_element"] <= 5, (r["kernel"], r["config"], r["per_element"])
+                assert r["per_element"] <= 3, (r["kernel"], r["config"], r["per_element"])
 
 
 def test_fused_decode_tiles_meet_the_static_goals_at_one_token(gate):
     """gpt-oss-20b, one token, bf16, sm_90a: each fused MXFP4 decode launch keeps at least 16 warps
     resident per SM (so the weights stream from many SMs at once), runs at most 3,000 SASS instructions
-    per warp in its K loop (trips x instructions per trip: a short serial chain), and the loop loads
-    the next trip's weight words before this trip's arithmetic (the loads it waits on in the same trip
-    are the activation vector's, one per eighth, and the scale bytes: at most 8 + 1 per row group)."""
+    per warp in its K loop (trips x instructions per trip: a short serial chain), decodes and multiplies
+    a weight element in at most 3 SASS instructions, and loads the next trip's weight words and vector
+    parts (16-byte loads) before this trip's arithmetic: of its loads, at most one 4-byte load is waited
+    on in the trip that issues it (gate_up's per-block correction, which ptxas copies at the trip's end)."""
     interpret = os.environ.get("TRITON_INTERPRET")
     try:
         from compile_gate import decode_launch_table  # its import clears TRITON_INTERPRET for its own compiling
@@ -289,4 +290,5 @@ def test_fused_decode_tiles_meet_the_static_goals_at_one_token(gate):
     for name, r in table.items():
         assert r["resident_warps"] >= 16, (name, r)
         assert r["serial"] <= 3000, (name, r)
-        assert r["loop_loads_waited"] < r["loop_loads"], (name, r)  # some load is carried to the next trip
+        assert r["per_element"] <= 3, (name, r)
+        assert r["loop_loads_waited"] <= 1 and r["loop_wide_loads_waited"] == 0, (name, r)

@@ -1,10 +1,13 @@
 """The fused decode step (gptoss.kernels.decode) against the plain path, under TRITON_INTERPRET=1.
 
 The plain path (decode_step(..., fused=False): gptoss.model on the Triton attention and MoE kernels) is
-the reference. In fp32 the two differ only by summation order (same roundings, every one a no-op), so
-they agree to 1e-5. In bf16 both round every intermediate to bf16, in different summation orders, so
-neither is "the" answer: the fused step must be no further from the fp32 step than the plain bf16 step
-is. The structure is counted: launches per layer within the budget, and no host synchronisation.
+the reference. The fused expert kernels carry their input activations as 16-bit integers per block of 32
+(each value within 1/65,024 of its block's largest: kernels/decode.py), so in fp32 the two agree to 1e-4
+of the largest value, where summation order alone gave 1e-5, and the fused step's fp32 error must stay
+under 1/50 of what bf16 costs the plain step. In bf16 both round every intermediate to bf16, in
+different summation orders, so neither is "the" answer: the fused step must be no further from the fp32
+step than the plain bf16 step is. The structure is counted: launches per layer within the budget, and no
+host synchronisation.
 """
 
 import pytest
@@ -50,17 +53,25 @@ def models():
     }
 
 
+def _close(got, want, share):
+    """|got - want| <= share of want's largest magnitude, everywhere."""
+    err, top = (got - want).abs().max().item(), want.abs().max().item()
+    assert err <= share * top, (err, top)
+    return err
+
+
 def test_fused_step_is_the_plain_step_in_fp32(models):
     model = models[torch.float32]
     assert fusable(model) is None
     plain, plain_cache = _steps(model, torch.float32, False, 2)  # the sliding ring (5 slots) wraps at once
     fused, fused_cache = _steps(model, torch.float32, True, 2)
-    for a, b in zip(plain, fused):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    rounded, _ = _steps(models[torch.bfloat16], torch.bfloat16, False, 2)  # what bf16 costs the plain step
+    for a, b, c in zip(plain, fused, rounded):
+        assert _close(b, a, 1e-4) <= (c - a).abs().max().item() / 50
     for p, f in zip(plain_cache.layers, fused_cache.layers):
         assert torch.equal(p.pos, f.pos)  # the same slots written with the same positions
-        torch.testing.assert_close(f.k, p.k, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(f.v, p.v, rtol=1e-5, atol=1e-5)
+        _close(f.k, p.k, 1e-4)
+        _close(f.v, p.v, 1e-4)
     assert int(fused_cache.column) == PROMPT + 2
 
 
@@ -107,3 +118,41 @@ def test_models_the_fused_step_cannot_run_take_the_plain_path(models):
     cache = _prefilled(model, torch.float32)
     logits = decode_step(model, torch.tensor([[1], [2]]), torch.tensor([[PROMPT], [PROMPT - 1]]), cache)
     assert logits.shape == (B, model.config.vocab_size) and torch.isfinite(logits).all()
+
+
+def _unpacked(xn):
+    """A quantized vector [B, G, 20] int32 back to (h, l) [B, G, 32] and (scale, correction) [B, G], by the
+    layout _quantize_store documents: per block, h of words 0, 2, 4, 6 | h of 1, 3, 5, 7 | l of the same
+    (16 words, word k of h or l holding values 4k..4k+3), the scale's fp32 bits, the correction."""
+    raw = xn[..., :16].contiguous().view(torch.uint8).to(torch.int32)  # [B, G, 64]
+    raw = torch.where(raw > 127, raw - 256, raw)
+    i = torch.arange(32)
+    k = i // 4
+    at = ((k % 2) * 4 + k // 2) * 4 + i % 4
+    return raw[..., at], raw[..., at + 32], xn[..., 16].contiguous().view(torch.float32), xn[..., 17]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_experts_read_the_normed_x_as_16_bit_integers_per_block_of_32(models, dtype):
+    from gptoss.kernels.decode import decode_router
+    from gptoss.kernels.mxfp4 import Q_MAX
+
+    layer = models[dtype].model.layers[0]
+    norm = layer.post_attention_layernorm
+    D = models[dtype].config.hidden_size
+    x = torch.randn(3, D, generator=torch.Generator().manual_seed(0)) * torch.logspace(-4, 2, D)  # 6 decades
+    x[1, 32:64] = 0.0  # a block of zeros
+    x = x.to(dtype)
+    _, xn = decode_router(x, norm.weight, norm.eps, layer.mlp.router)
+    h, low, scale, correction = _unpacked(xn)
+    assert h.abs().max() <= 127 and low.abs().max() <= 127
+    q = 255 * h + low
+    assert torch.equal(correction, -12 * q.sum(-1))
+    want = norm(x).float().view(3, D // 32, 32)  # the experts' input, rounded as the plain path rounds it
+    top = want.abs().amax(-1)
+    assert torch.equal(q.abs().amax(-1), torch.where(top > 0, Q_MAX, 0))  # each block uses the whole range
+    err = (2 * scale[..., None] * q - want).abs()
+    # in bf16 the kernel's norm may round a value to the next bf16 number: its own sums of squares
+    slack = want.abs() * 2.0**-7 if dtype == torch.bfloat16 else 0.0
+    assert (err <= top[..., None] * (0.5 / Q_MAX + 1e-6) + slack).all(), (err / top[..., None].clamp_min(1e-30)).max()
+    assert torch.equal(scale[1, 1], torch.tensor(0.0)) and not q[1, 1].any()

@@ -44,8 +44,8 @@ def test_bad_inputs():
 
 def _run_e2m1_program(program, word: int) -> dict[str, int]:
     """Each PTX instruction of the decode, modelled bit for bit on 32-bit registers."""
-    # the input operand: $4 after E2M1_PTX's four outputs, $8 after the eight of E2M1_F32_PTX
-    regs = {"$4": word, "$8": word}
+    # the input operand: $4, after E2M1_PTX's four outputs
+    regs = {"$4": word}
     for op, dst, src, imm in program:
         x = regs[src]
         if op == "prmt":  # prmt.b32 d, a, 0, selector: byte i of d is byte (selector nibble i) of the pair {0, a}
@@ -109,46 +109,113 @@ def test_e2m1_ptx_model_catches_a_mutation(mutation):
     assert mutated != E2M1_PTX and _wrong_values(mutated) > 0
 
 
-def _wrong_f32_values(program) -> int:
-    """E2M1_F32_PTX: how many of 256 x 86 byte pairs' fp32 outputs differ from FP4_VALUES * 2^-126 (their
-    bit patterns, so the sign of -0 and the subnormal 0.5 * 2^-126 count)."""
-    import struct
+def _dot_model(program, regs: dict[str, int]) -> dict[str, int]:
+    """E2M1_DOT_PTX's instructions, each modelled bit for bit on 32-bit registers."""
+    regs = dict(regs)
 
+    def val(x):
+        return x if isinstance(x, int) else regs[x]
+
+    for op, dst, a, b, c in program:
+        if op == "xor":
+            regs[dst] = regs[a] ^ b
+        elif op == "shr":  # shr.u32
+            regs[dst] = regs[a] >> b
+        elif op == "prmt":  # prmt.b32 d, a, b, c: selector nibble i of c (low 16 bits) picks byte i of d
+            pool, sel, out = regs[a].to_bytes(4, "little") + regs[b].to_bytes(4, "little"), regs[c], 0
+            for i in range(4):
+                nibble = (sel >> (4 * i)) & 15
+                byte = pool[nibble & 7]
+                if nibble & 8:  # the selected byte's sign bit, replicated
+                    byte = 0xFF if byte & 0x80 else 0
+                out |= byte << (8 * i)
+            regs[dst] = out
+        elif op == "or":
+            regs[dst] = regs[a] | regs[b]
+        elif op == "dp4a":  # dp4a.u32.s32: unsigned bytes of a . signed bytes of b, plus c, mod 2^32
+            ua = regs[a].to_bytes(4, "little")
+            sb = regs[b].to_bytes(4, "little")
+            total = val(c) + sum(x * (y - 256 if y > 127 else y) for x, y in zip(ua, sb))
+            regs[dst] = total & 0xFFFFFFFF
+        elif op == "mad":  # mad.lo.s32
+            regs[dst] = (regs[a] * b + regs[c]) & 0xFFFFFFFF
+        else:
+            raise AssertionError(op)
+    return regs
+
+
+def _packed(values) -> int:
+    """Four int8 values -> the int32 word holding them, value 0 in the low byte."""
+    return int.from_bytes(bytes(v & 0xFF for v in values), "little")
+
+
+def _wrong_dots(program, trials: int = 400) -> int:
+    """How many of `trials` MX blocks (random codes, every code in every position over the trials, random
+    int8 parts with the extremes +-127 often, a random start value) give another sum than start +
+    sum((12 + 2 E2M1(code)) (255 h + l))."""
+    from gptoss.kernels.mxfp4 import U_TABLES
+
+    g = torch.Generator().manual_seed(0)
     wrong = 0
-    for b0 in range(256):
-        for b1 in range(0, 256, 3):
-            word = (b0, b1, (7 * b0 + 3) % 256, (13 * b1 + 5) % 256)
-            regs = _run_e2m1_program(program, int.from_bytes(bytes(word), "little"))
-            for i, b in enumerate(word):
-                for out, code in ((f"${i}", b & 15), (f"${i + 4}", b >> 4)):
-                    want = struct.unpack("<I", struct.pack("<f", mxfp4.FP4_VALUES[code] * 2.0**-126))[0]
-                    wrong += regs[out] != want
+    for t in range(trials):
+        codes = torch.randint(0, 16, (32,), generator=g)
+        codes[t % 32] = t % 16
+        h = torch.randint(-127, 128, (32,), generator=g)
+        low = torch.randint(-127, 128, (32,), generator=g)
+        if t % 5 == 0:  # the extremes
+            h[: t % 32] = 127 if t % 2 else -127
+            low[t % 32 :] = -127 if t % 2 else 127
+        regs = {}
+        for j in range(4):  # word j: codes 8j..8j+7, low nibble first; its parts: h, l of 8j..8j+3, 8j+4..8j+7
+            c = codes[8 * j : 8 * j + 8].tolist()
+            regs[f"${1 + j}"] = int.from_bytes(bytes(c[2 * i] | c[2 * i + 1] << 4 for i in range(4)), "little")
+            regs[f"${5 + j}"] = _packed(h[8 * j : 8 * j + 4].tolist())
+            regs[f"${9 + j}"] = _packed(h[8 * j + 4 : 8 * j + 8].tolist())
+            regs[f"${13 + j}"] = _packed(low[8 * j : 8 * j + 4].tolist())
+            regs[f"${17 + j}"] = _packed(low[8 * j + 4 : 8 * j + 8].tolist())
+        for k, word in enumerate(U_TABLES):
+            regs[f"${21 + k}"] = word
+        start = int(torch.randint(-(2**24), 2**24, (), generator=g))
+        regs["$25"] = start & 0xFFFFFFFF
+        got = _dot_model(program, regs)["$0"]
+        got = got - (1 << 32) if got >= 1 << 31 else got
+        want = start + sum((12 + 2 * mxfp4.FP4_VALUES[c]) * (255 * a + b) for c, a, b in zip(codes.tolist(), h, low))
+        wrong += got != want
     return wrong
 
 
-def test_e2m1_f32_ptx_program_decodes_every_byte_pair():
-    # The fused decode kernels' E2M1 -> fp32 program, modelled exactly: every value of every byte pair,
-    # as the bits of fp32 E2M1 * 2^-126
-    from gptoss.kernels.mxfp4 import E2M1_F32_PTX
+def test_e2m1_dot_ptx_program_sums_every_code_exactly():
+    # The fused decode kernels' dot product on the GPU is the integer program E2M1_DOT_PTX
+    # (kernels/mxfp4.py), which the interpreter cannot run: modelled exactly, every block's sum is exact
+    from gptoss.kernels.mxfp4 import E2M1_DOT_PTX
 
-    assert _wrong_f32_values(E2M1_F32_PTX) == 0
+    assert _wrong_dots(E2M1_DOT_PTX) == 0
 
 
 @pytest.mark.parametrize(
     "mutation",
     [
-        ("mul", (64 + 4096) << 16, (64 + 2048) << 16),  # the sign of byte 0's low nibble on the wrong bit
-        ("mul", 4 + 256, 8 + 256),  # byte 1's high-nibble magnitude one bit too high
-        ("and", 0x81C00000, 0x83C00000),  # a stray bit kept: the sign copy's neighbour
-        ("prmt", 0x4342, 0x4341),  # the wrong byte gathered
+        (("xor", 0x88888888), 0x88888880),  # one code's sign left unflipped: both tables give 0 there
+        (("shr", 16), 12),  # codes 4-7 read from the wrong nibbles
+        (("mad", 255), 256),  # the parts recombined with the wrong base
     ],
 )
-def test_e2m1_f32_ptx_model_catches_a_mutation(mutation):
-    from gptoss.kernels.mxfp4 import E2M1_F32_PTX
+def test_e2m1_dot_ptx_model_catches_a_mutation(mutation):
+    from gptoss.kernels.mxfp4 import E2M1_DOT_PTX
 
-    op, old, new = mutation
-    mutated = tuple((o, d, s, new if (o, imm) == (op, old) else imm) for o, d, s, imm in E2M1_F32_PTX)
-    assert mutated != E2M1_F32_PTX and _wrong_f32_values(mutated) > 0
+    (op, old), new = mutation
+    mutated = tuple((o, d, a, new if (o, b) == (op, old) else b, c) for o, d, a, b, c in E2M1_DOT_PTX)
+    assert mutated != E2M1_DOT_PTX and _wrong_dots(mutated, trials=40) > 0
+
+
+def test_e2m1_dot_tables_hold_twelve_plus_twice_each_value():
+    from gptoss.kernels.mxfp4 import U_NEG, U_POS
+
+    pos = (U_POS[0] | U_POS[1] << 32).to_bytes(8, "little")
+    neg = (U_NEG[0] | U_NEG[1] << 32).to_bytes(8, "little")
+    assert [b - 12 for b in pos] == [2 * v for v in mxfp4.FP4_VALUES[:8]]
+    assert [b - 12 for b in neg] == [2 * v for v in mxfp4.FP4_VALUES[8:]]
+    assert max(pos + neg) < 128  # prmt's sign replication gives 0 for every table byte
 
 
 @pytest.mark.parametrize("scale", [0, 1, 127, 254, 255])
