@@ -27,6 +27,7 @@ each run's decode rate is printed against the bound of its own moment (`decode_r
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import time
@@ -85,9 +86,10 @@ LAUNCH_FLOOR_US = 2.0  # what a kernel costs at least on Hopper, inside a CUDA g
 def step_profile(model, fused: bool | None, top: int = 8) -> dict:
     """One batch-1 decode step (static cache, the step decode="graph" replays), counted: the kernels it
     launches (PyTorch dispatcher kernels plus Triton launches: gptoss.launches) per token and per layer,
-    and the host synchronisations inside it. On a GPU also the kernels one replay of its CUDA graph
-    runs (its kernel nodes, from torch.profiler) and the replay's top kernels by device time."""
-    from gptoss.generate import GraphedStep, KVCache, decode_step
+    and the host synchronisations inside it. On a GPU also the kernels one replay of a token's CUDA graph
+    runs (the step, the greedy pick and the feedback, as generate(decode="graph") records it: TokenStep;
+    its kernel nodes, from torch.profiler) and the replay's top kernels by device time."""
+    from gptoss.generate import KVCache, TokenStep, decode_step, row_seeds, sample_rows
     from gptoss.launches import LaunchCounter
 
     config, device = model.config, model.device
@@ -105,12 +107,14 @@ def step_profile(model, fused: bool | None, top: int = 8) -> dict:
             "triton_per_token": len(counted.triton),
             "syncs_per_token": len(counted.syncs),
         }
-        if device.type == "cuda":
-            step = GraphedStep(model, cache, 1, fused)
-            step(ids, pos + 2)  # runs once and records the graph
+        if device.type == "cuda":  # one greedy token as generate(decode="graph") makes it: step and pick
+            made = torch.zeros(1, 4, dtype=torch.long, device=device)
+            pick = functools.partial(sample_rows, temperature=0.0, top_p=1.0, top_k=0, seeds=row_seeds(0, 1, device))
+            token = TokenStep(model, cache, ids, pos + 2, made, pick, fused, graph=True)
+            token()  # runs once and records the graph
             torch.cuda.synchronize()
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                step(ids, pos + 3)
+                token()
                 torch.cuda.synchronize()
             events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
             names = {}

@@ -154,42 +154,49 @@ def _fusable(model: GptOss) -> str | None:
     return fusable(model)
 
 
-class GraphedStep:
-    """decode_step captured once as a CUDA graph and replayed: inputs are copied into fixed buffers,
-    the logits come back in a fixed buffer (valid until the next call)."""
+def _record(body: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object, object]:
+    """Runs body() once for real on a side stream (kernel autotuning and lazy set-up happen there), then
+    records it as a CUDA graph; recording runs nothing, so body's effects happen once. -> (the graph, what
+    the real run returned, what the recording returned: the buffers each replay refills)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        first = body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        recorded = body()
+    return graph, first, recorded
 
-    def __init__(self, model: GptOss, cache: KVCache, batch: int, fused: bool | None = None):
-        self.model, self.cache, self.fused = model, cache, fused
-        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
-        self.pos = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None
 
-    def __call__(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+class TokenStep:
+    """One decode token made on the device: decode_step at the current ids and positions [B, 1], the next
+    ids picked from its logits (pick: sample_rows with the settings bound, drawing the noise of step t),
+    written into made[:, t] and fed back; ids, positions and t advance in place. A call reads nothing from
+    the host. graph=True: the first call runs the token and records it as a CUDA graph (_record), every
+    later call replays it, so a token, sampling included, is one replay."""
+
+    def __init__(self, model: GptOss, cache: KVCache, ids, pos, made, pick, fused: bool | None, graph: bool):
+        self.model, self.cache, self.made, self.pick, self.fused = model, cache, made, pick, fused
+        self.ids, self.pos = ids.clone(), pos.clone()  # [B, 1] long: fixed buffers
+        self.t = torch.zeros((), dtype=torch.long, device=ids.device)  # the column of made last written
+        self.use_graph, self.graph = graph, None
+
+    def _token(self) -> None:
+        logits = decode_step(self.model, self.ids, self.pos, self.cache, self.fused)
+        self.t.add_(1)
+        ids = self.pick(logits, step=self.t)
+        self.made.index_copy_(1, self.t.view(1), ids)
         self.ids.copy_(ids)
-        self.pos.copy_(pos)
-        if self.graph is not None:
+        self.pos.add_(1)
+
+    def __call__(self) -> None:
+        if not self.use_graph:
+            self._token()
+        elif self.graph is None:
+            self.graph, _, _ = _record(self._token)
+        else:
             self.graph.replay()
-            return self.logits
-        # the first step runs for real on a side stream (kernel autotuning and lazy set-up happen here),
-        # then the same step is recorded; recording runs nothing, so the cache advances once
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            logits = decode_step(self.model, self.ids, self.pos, self.cache, self.fused)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = decode_step(self.model, self.ids, self.pos, self.cache, self.fused)
-        return logits
-
-
-def _step(
-    model: GptOss, cache: KVCache, mode: str, fused: bool | None, ids: torch.Tensor, pos: torch.Tensor
-) -> torch.Tensor:
-    if mode == "static":
-        return decode_step(model, ids, pos, cache, fused)
-    return model(ids, pos, cache, last_only=True)[:, -1]
 
 
 DECODE_MODES = ("auto", "dynamic", "static", "graph")
@@ -312,8 +319,9 @@ def generate(
     `decode`: "dynamic" (a cache that grows), "static" (fixed shapes, see KVCache), "graph" (static,
     each step replayed as a CUDA graph); "auto" picks "graph" on CUDA with the triton backend.
     `fused`: static and graph steps on the fused decode kernels (decode_step's default: where they apply);
-    False keeps the plain path. Static and graph decoding pick each token on the device (greedy or
-    sampled: sample_rows) and the host reads the new tokens every `read_every` steps (one
+    False keeps the plain path. Static and graph decoding make each token on the device (TokenStep: the
+    step, then greedy or sampled picking, sample_rows; in graph mode all of it one CUDA-graph replay) and
+    the host reads the new tokens every `read_every` steps (one
     synchronisation per `read_every` tokens, not one per token; on_token is then called in bursts); a
     sequence that stops inside such a stretch runs on to its end (its extra tokens are dropped; rows
     never see each other, so the others' tokens are the same). Dynamic decoding reads every step. For a
@@ -346,9 +354,6 @@ def generate(
         )
     if mode != "dynamic":
         cache.column.fill_(longest)  # the prompt filled columns 0 .. longest-1
-    step = (
-        GraphedStep(model, cache, B, fused) if mode == "graph" else functools.partial(_step, model, cache, mode, fused)
-    )
     prefill_s = time.perf_counter() - start
     next_pos = positions[:, -1] + 1  # [B]
     out: list[list[int]] = [[] for _ in range(B)]
@@ -358,7 +363,9 @@ def generate(
     pick = functools.partial(sample_rows, temperature=temperature, top_p=top_p, top_k=top_k, seeds=seeds)
     on_device = mode != "dynamic"  # tokens picked on the device, read in stretches
     if on_device:
-        setup_s, start = _on_device(logits, step, pick, next_pos, max_new_tokens, read_every, stop, on_token, out, mode)
+        setup_s, start = _on_device(
+            model, cache, logits, pick, next_pos, max_new_tokens, read_every, stop, on_token, out, mode, fused
+        )
         if setup_s is not None:  # the recording step made token 1 of every sequence that got that far
             setup = (setup_s, sum(len(o) >= 2 for o in out))
     for t in range(0 if on_device else max_new_tokens):
@@ -376,12 +383,8 @@ def generate(
             step_ids[b, 0], step_pos[b, 0] = token, next_pos[b]
         if all(done):
             break
-        logits = step(step_ids, step_pos)  # finished sequences feed padding
+        logits = model(step_ids, step_pos, cache, last_only=True)[:, -1]  # finished sequences feed padding
         next_pos += 1
-        if mode == "graph" and setup is None:  # the first step warms up and records the graph: timed apart
-            torch.cuda.synchronize()
-            setup = (time.perf_counter() - start, B - sum(done))  # seconds, tokens that step makes
-            start = time.perf_counter()
     decode_s = time.perf_counter() - start
     if stats is not None:
         # each sequence's first token comes from the prefill's logits; the decode steps made the rest
@@ -397,35 +400,33 @@ def generate(
     return out
 
 
-def _on_device(logits, step, pick, next_pos, max_new_tokens, read_every, stop, on_token, out, mode):
-    """Decoding with each token picked on the device (pick: sample_rows with the settings bound): ids
-    [B, n] collect there and the host reads them every `read_every` steps (or when the last is made), so
-    no step waits for the host. Fills `out`; returns the graph's set-up seconds (None outside graph mode)
-    and the time the timed steps began."""
+def _on_device(model, cache, logits, pick, next_pos, max_new_tokens, read_every, stop, on_token, out, mode, fused):
+    """Decoding with each token made on the device (TokenStep; pick: sample_rows with the settings bound):
+    ids [B, n] collect there and the host reads them every `read_every` steps (or when the last is made),
+    so no step waits for the host. Fills `out`; returns the graph's set-up seconds (None outside graph
+    mode) and the time the timed steps began."""
     B = logits.shape[0]
     made = torch.empty(B, max_new_tokens, dtype=torch.long, device=logits.device)
-    ids = pick(logits, step=0)  # [B, 1]
-    pos = next_pos.view(B, 1).clone()
+    made[:, :1] = pick(logits, step=0)
+    token = TokenStep(model, cache, made[:, :1], next_pos.view(B, 1), made, pick, fused, graph=mode == "graph")
     done = [False] * B
     setup, began, read = None, time.perf_counter(), 0
-    for t in range(max_new_tokens):
-        made[:, t : t + 1] = ids
+    for t in range(max_new_tokens):  # made[:, t] holds token t
         if t + 1 == max_new_tokens or (t + 1 - read) == read_every:  # read the stretch: one synchronisation
             for b, row in enumerate(made[:, read : t + 1].tolist()):
-                for token in row:
+                for tok in row:
                     if done[b]:
                         break
-                    out[b].append(token)
+                    out[b].append(tok)
                     if on_token is not None:
-                        on_token(b, token)
-                    done[b] = token in stop or len(out[b]) == max_new_tokens
+                        on_token(b, tok)
+                    done[b] = tok in stop or len(out[b]) == max_new_tokens
             read = t + 1
             if all(done):
                 break
         if t + 1 == max_new_tokens:
             break
-        logits = step(ids, pos)
-        ids, pos = pick(logits, step=t + 1), pos + 1
+        token()  # makes token t + 1
         if mode == "graph" and setup is None:  # the first step warms up and records the graph: timed apart
             torch.cuda.synchronize()
             setup = time.perf_counter() - began

@@ -107,6 +107,32 @@ def test_the_step_stays_within_the_launch_budget_and_never_waits_on_the_host(mod
     assert per_layer_at_20b <= LAUNCH_BUDGET, (triton_per_layer, ops)
 
 
+def test_a_token_made_on_the_device_sampling_included_never_waits_on_the_host(models):
+    """What generate(decode="graph") records as one CUDA graph (TokenStep): the fused step, a sampled pick
+    (top-k, top-p, Gumbel noise of the step counter on the device), the token written and fed back. No
+    host synchronisation, and the same tokens as picking each step's logits on the host's step count."""
+    import functools
+
+    from gptoss.generate import TokenStep, decode_step, row_seeds, sample_rows
+    from gptoss.launches import LaunchCounter
+
+    model = models[torch.bfloat16]
+    pick = functools.partial(sample_rows, temperature=0.8, top_p=0.9, top_k=20, seeds=row_seeds(3, B, "cpu"))
+    tokens, pos = torch.tensor([[5], [6]]), torch.tensor([[PROMPT], [PROMPT - 1]])
+    made = torch.zeros(B, 3, dtype=torch.long)
+    made[:, :1] = tokens
+    token = TokenStep(model, _prefilled(model, torch.bfloat16), tokens, pos, made, pick, True, graph=False)
+    with LaunchCounter() as counted:
+        token()
+    assert not counted.syncs, counted.torch
+    token()
+    cache, want = _prefilled(model, torch.bfloat16), [tokens]
+    for t in (1, 2):
+        logits = decode_step(model, want[-1], pos + t - 1, cache, fused=True)
+        want.append(pick(logits, step=t))
+    assert torch.equal(made, torch.cat(want, 1)) and int(token.t) == 2
+
+
 def test_models_the_fused_step_cannot_run_take_the_plain_path(models):
     from gptoss.adapter import apply_lora
 
