@@ -22,7 +22,7 @@ a layer is:
                                                             bias, routing weight; summed, x += it, in place
 
 Grids put thousands of warps on the weights: one program per (head, sequence) for q/k/v, per 8 output
-rows for the dense products, per (64 rows, slot) for gate_up, per (4 rows x k slots) for down. Products
+rows for the dense products, per (64 rows, slot) for gate_up, per (8 rows x k slots) for down. Products
 run on CUDA cores: at one token a 16-row MMA would be 15/16 padding.
 
 How the expert kernels stream MXFP4 (_mx_matvec): their input activations are carried as integers, per
@@ -40,9 +40,9 @@ registers that take turns, so none is waited on in the trip that issues it. Bloc
 end read the last one (a cache hit) with scale 0 or are not stored, so no weight load carries a mask.
 Offsets are int32 (fusable() refuses expert weights of 8 GiB or more a layer). The compile gate
 (tests/compile_gate.py) prints their static cost per launch, 20b at one token, sm_90a, Triton 3.9 (3.6):
-gate_up 2.64 (2.69) and down 2.67 (2.69) SASS instructions per weight element (the fp32 route before:
-4.75 and 4.91), 24 resident warps per SM each, 2,028 and 1,026 serial instructions per warp, no
-shared-memory op and no load waited on in the K loop.
+gate_up 2.64 (2.69) and down 2.64 (2.66) SASS instructions per weight element (the fp32 route before:
+4.75 and 4.91), 24 resident warps per SM each, 2,028 (2,064) and 1,014 (1,020) serial instructions per
+warp, no shared-memory op and no load waited on in the K loop.
 
 Every intermediate is rounded where the plain path rounds it (bf16 after the norm, after each product
 and bias, after RoPE's products, after each residual add), so the two agree to bf16 rounding of
@@ -75,7 +75,7 @@ QKV = (128, 4)  # BLOCK_K, warps; BLOCK_N is half a head (RoPE pairs the halves)
 LINEAR = (8, 256, 4)
 ROUTER = (8, 256, 4)
 GATE_UP = (64, 4, 8)  # 64 rows = 32 SwiGLU outputs, one block of act; 4 MX blocks a trip: a block a thread
-DOWN = (4, 8, 4)  # 4 rows of each of the k slots' experts; 8 MX blocks a trip: a block a thread
+DOWN = (8, 8, 8)  # 8 rows of each of the k slots' experts; 8 MX blocks a trip: a block a thread
 
 
 @triton.jit

@@ -53,8 +53,7 @@ from triton.runtime.autotuner import Autotuner, Heuristics  # noqa: E402
 from triton.runtime.jit import JITFunction, KernelInterface, create_function_from_signature  # noqa: E402
 
 # what a cached row holds: a new format recompiles rather than read a row short of a field
-ROW_FORMAT = 5  # 2: loop_shared_ops; 3: the main loop is the largest innermost loop; 4: loop loads, ftz_ops;
-# 5: loop_wide_loads_waited
+ROW_FORMAT = 4  # 2: loop_shared_ops; 3: the main loop is the largest innermost loop; 4: loop loads, ftz_ops
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 and sm_100 (227 KiB)
 SHAPES = {  # hidden D, intermediate I, experts E, top-k
     "gpt-oss-20b": (2880, 2880, 32, 4),
@@ -386,7 +385,7 @@ def sass_stats(cubin: bytes, num_warps: int, elements_per_iteration: int | None)
     # the main loop's barriers and shared-memory moves: a layout conversion (or a pipelined copy) inside it
     body = [(op, rest) for a, op, rest in code if main[0] <= a <= main[1]] if main else []
     loop_sync = sum(op.startswith(("BAR", "LDS", "STS", "STSM", "LDSM")) for op, _ in body)
-    loads, waited, wide = _loop_loads(body)
+    loads, waited = _loop_loads(body)
     return dict(
         registers=regs,
         spill_bytes=stack + local,
@@ -398,7 +397,6 @@ def sass_stats(cubin: bytes, num_warps: int, elements_per_iteration: int | None)
         loop_shared_ops=loop_sync,
         loop_loads=loads,
         loop_loads_waited=waited,
-        loop_wide_loads_waited=wide,
         ftz_ops=sum(".FTZ" in op for op in ops),
     )
 
@@ -406,11 +404,11 @@ def sass_stats(cubin: bytes, num_warps: int, elements_per_iteration: int | None)
 _REGISTER = re.compile(r"\bR(\d+)\b")
 
 
-def _loop_loads(body) -> tuple[int, int, int]:
-    """The main loop's global loads, how many of them are waited on in the trip that issues them (a later
-    instruction of the same trip reads a register the load writes; a load carried to the next trip is
-    read only before it, in program order), and how many of those waited on are 16-byte loads."""
-    loads = waited = wide = 0
+def _loop_loads(body) -> tuple[int, int]:
+    """The main loop's global loads, and how many of them are waited on in the trip that issues them: a
+    later instruction of the same trip reads a register the load writes (a load carried to the next trip
+    is read only before it, in program order)."""
+    loads = waited = 0
     for i, (op, rest) in enumerate(body):
         if not op.startswith("LDG"):
             continue
@@ -422,9 +420,8 @@ def _loop_loads(body) -> tuple[int, int, int]:
             sources = later.split(",")[1:] if "," in later else []
             if any(int(r) in written for source in sources for r in _REGISTER.findall(source)):
                 waited += 1
-                wide += width == 4
                 break
-    return loads, waited, wide
+    return loads, waited
 
 
 def weight_elements(name: str, config: dict) -> int | None:
@@ -647,7 +644,6 @@ def decode_launch_table(rows: list[dict]) -> list[dict]:
                     loop_shared_ops=row.get("loop_shared_ops"),
                     loop_loads=row.get("loop_loads"),
                     loop_loads_waited=row.get("loop_loads_waited"),
-                    loop_wide_loads_waited=row.get("loop_wide_loads_waited"),
                 )
             )
     return out

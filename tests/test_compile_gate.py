@@ -236,14 +236,17 @@ def test_a_cached_row_never_outlives_its_compiler(tmp_path):
 
 
 def test_every_kernel_compiles_without_spills_on_the_gpu_machines_triton(tmp_path):
-    # sm_90a only: the GPU those machines have (H100, H200)
+    # the Triton the GPU machines' PyTorch ships, for sm_90a (their H100 and H200) and sm_100a; the fused
+    # decode tiles meet their static goals there too
     side = side_triton(GPU_TRITON)
     out = tmp_path / "rows.json"
-    done = compiling(str(GATE), "--targets", "90", "--json", str(out), path=side)
+    done = compiling(str(GATE), "--targets", "90,100", "--json", str(out), path=side)
     assert f"on Triton {GPU_TRITON} ({side / 'triton'})" in done.stdout, done.stdout[-1000:] + done.stderr[-2000:]
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads(out.read_text())
-    assert rows and {row["target"] for row in rows} == {"sm_90a"} and all("error" not in row for row in rows)
+    assert rows and {row["target"] for row in rows} == {"sm_90a", "sm_100a"}
+    assert all("error" not in row for row in rows)
+    _meet_the_static_goals(rows)
 
 
 def test_fused_decode_kernels_stream_without_shared_memory_in_their_loops(gate):
@@ -275,8 +278,11 @@ def test_fused_decode_tiles_meet_the_static_goals_at_one_token(gate):
     resident per SM (so the weights stream from many SMs at once), runs at most 3,000 SASS instructions
     per warp in its K loop (trips x instructions per trip: a short serial chain), decodes and multiplies
     a weight element in at most 3 SASS instructions, and loads the next trip's weight words and vector
-    parts (16-byte loads) before this trip's arithmetic: of its loads, at most one 4-byte load is waited
-    on in the trip that issues it (gate_up's per-block correction, which ptxas copies at the trip's end)."""
+    parts a trip ahead: none of its loads is waited on in the trip that issues it."""
+    _meet_the_static_goals(gate[1])
+
+
+def _meet_the_static_goals(rows):
     interpret = os.environ.get("TRITON_INTERPRET")
     try:
         from compile_gate import decode_launch_table  # its import clears TRITON_INTERPRET for its own compiling
@@ -284,11 +290,10 @@ def test_fused_decode_tiles_meet_the_static_goals_at_one_token(gate):
         if interpret is not None:  # the rest of the suite runs its kernels under the interpreter
             os.environ["TRITON_INTERPRET"] = interpret
 
-    _, rows = gate
     table = {r["kernel"]: r for r in decode_launch_table(rows) if r["kernel"].startswith("_decode_")}
     assert set(table) == {"_decode_gate_up_kernel", "_decode_down_kernel"}, set(table)
     for name, r in table.items():
         assert r["resident_warps"] >= 16, (name, r)
         assert r["serial"] <= 3000, (name, r)
         assert r["per_element"] <= 3, (name, r)
-        assert r["loop_loads_waited"] <= 1 and r["loop_wide_loads_waited"] == 0, (name, r)
+        assert r["loop_loads_waited"] == 0, (name, r)
