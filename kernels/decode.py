@@ -14,10 +14,10 @@ a layer is:
                                                             (kernels/attention_decode.py, two launches)
   _decode_linear_kernel  attention out, W_o, b_o, x         x += o_proj(out), in place
   _decode_router_kernel  x, norm gain, router W, b          RMSNorm; router logits; the normed x for the
-                                                            experts (the first program)
+                                                            experts, quantized (the first program)
   _decode_gate_up_kernel logits, normed x, W1 (MXFP4), b1   top-k of the logits on the device (no sort),
-                                                            the slot's expert's gate_up rows, SwiGLU;
-                                                            each slot's expert id and weight
+                                                            the slot's expert's gate_up rows, SwiGLU,
+                                                            quantized; each slot's expert id and weight
   _decode_down_kernel    act, W2 (MXFP4), b2, x             every slot's expert's down rows in one tile,
                                                             bias, routing weight; summed, x += it, in place
 

@@ -117,44 +117,35 @@ U_ZERO = 12  # the byte of codes 0 and 8
 _Q_PARTS, _U_ZERO = tl.constexpr(Q_PARTS), tl.constexpr(U_ZERO)  # the same, for @triton.jit code
 
 
-def _ptx_dot(program) -> str:
-    lines = ["{", ".reg .b32 f, wh, fh, p0, n0, u0, p1, n1, u1, h, l;"]
-    for op, dst, a, b, c in program:
-        if op == "xor":
-            lines.append(f"xor.b32 {dst}, {a}, {b:#x};")
-        elif op == "shr":
-            lines.append(f"shr.u32 {dst}, {a}, {b};")
-        elif op == "prmt":
-            lines.append(f"prmt.b32 {dst}, {a}, {b}, {c};")
-        elif op == "or":
-            lines.append(f"or.b32 {dst}, {a}, {b};")
-        elif op == "dp4a":
-            lines.append(f"dp4a.u32.s32 {dst}, {a}, {b}, {c};")
-        elif op == "mad":
-            lines.append(f"mad.lo.s32 {dst}, {a}, {b}, {c};")
-        else:
+def _ptx(program, registers: str, templates: dict[str, str], prologue: tuple[str, ...] = ()) -> str:
+    """A program of (op, dest, operands...) steps as one PTX block: its scratch registers declared, each
+    step written by its op's template ({0}: the destination, {1}...: the operands)."""
+    lines = ["{", f".reg .b32 {registers};", *prologue]
+    for op, *operands in program:
+        if op not in templates:
             raise ValueError(op)
+        lines.append(templates[op].format(*operands))
     return "\n".join(lines + ["}"])
 
 
-def _ptx(program) -> str:
-    lines = ["{", ".reg .b32 t0, t1, u0, u1, u2, u3, p, zero, k;", "mov.b32 zero, 0;"]
-    for op, dst, src, imm in program:
-        if op == "prmt":
-            lines.append(f"prmt.b32 {dst}, {src}, zero, {imm:#x};")
-        elif op == "and":
-            lines.append(f"and.b32 {dst}, {src}, {imm:#x};")
-        elif op == "mul":
-            lines.append(f"mul.lo.u32 {dst}, {src}, {imm};")
-        elif op == "bf16x2":
-            lines += [f"mov.b32 k, {imm:#x};", f"mul.rn.bf16x2 {dst}, {src}, k;"]
-        else:
-            raise ValueError(op)
-    return "\n".join(lines + ["}"])
-
-
-_E2M1_ASM = tl.constexpr(_ptx(E2M1_PTX))
-_E2M1_DOT_ASM = tl.constexpr(_ptx_dot(E2M1_DOT_PTX))
+_E2M1_STEPS = {
+    "prmt": "prmt.b32 {0}, {1}, zero, {2:#x};",
+    "and": "and.b32 {0}, {1}, {2:#x};",
+    "mul": "mul.lo.u32 {0}, {1}, {2};",
+    "bf16x2": "mov.b32 k, {2:#x};\nmul.rn.bf16x2 {0}, {1}, k;",
+}
+_DOT_STEPS = {
+    "xor": "xor.b32 {0}, {1}, {2:#x};",
+    "shr": "shr.u32 {0}, {1}, {2};",
+    "prmt": "prmt.b32 {0}, {1}, {2}, {3};",
+    "or": "or.b32 {0}, {1}, {2};",
+    "dp4a": "dp4a.u32.s32 {0}, {1}, {2}, {3};",
+    "mad": "mad.lo.s32 {0}, {1}, {2}, {3};",
+}
+_E2M1_ASM = tl.constexpr(
+    _ptx(E2M1_PTX, "t0, t1, u0, u1, u2, u3, p, zero, k", _E2M1_STEPS, prologue=("mov.b32 zero, 0;",))
+)
+_E2M1_DOT_ASM = tl.constexpr(_ptx(E2M1_DOT_PTX, "f, wh, fh, p0, n0, u0, p1, n1, u1, h, l", _DOT_STEPS))
 
 
 @triton.jit
