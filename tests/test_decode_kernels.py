@@ -47,7 +47,7 @@ def _steps(model, dtype, fused, n):
 
 @pytest.fixture(scope="module")
 def models():
-    config = small_config()
+    config = small_config(num_hidden_layers=2)  # one sliding and one full layer
     return {
         dtype: random_model(config, dtype=dtype, seed=3, backend="triton") for dtype in (torch.float32, torch.bfloat16)
     }
