@@ -163,6 +163,10 @@ HOSTILE_ARGS = [
     (["--jobs"], "expected one argument"),
     (["--json", "/"], "give a file path in an existing folder"),  # a folder: it used to fail after the whole run
     (["--json", "/nonexistent-folder/rows.json"], "give a file path in an existing folder"),
+    (["--only", ""], "kernel-name prefixes such as _decode_"),
+    (["--only", "_decode_,"], "kernel-name prefixes such as _decode_"),
+    (["--only", "no_such_kernel"], "matches no kernel of gptoss.kernels"),
+    (["--only"], "expected one argument"),
 ]
 
 
@@ -236,16 +240,19 @@ def test_a_cached_row_never_outlives_its_compiler(tmp_path):
 
 
 def test_every_kernel_compiles_without_spills_on_the_gpu_machines_triton(tmp_path):
-    # the Triton the GPU machines' PyTorch ships, for sm_90a (their H100 and H200) and sm_100a; the fused
-    # decode tiles meet their static goals there too
+    # the Triton the GPU machines' PyTorch ships: every kernel for sm_90a (their H100 and H200), where the
+    # fused decode tiles meet their static goals too, and the fused decode kernels for sm_100a as well
     side = side_triton(GPU_TRITON)
-    out = tmp_path / "rows.json"
-    done = compiling(str(GATE), "--targets", "90,100", "--json", str(out), path=side)
-    assert f"on Triton {GPU_TRITON} ({side / 'triton'})" in done.stdout, done.stdout[-1000:] + done.stderr[-2000:]
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rows = json.loads(out.read_text())
-    assert rows and {row["target"] for row in rows} == {"sm_90a", "sm_100a"}
-    assert all("error" not in row for row in rows)
+    rows = []
+    for targets, only in (("90", ()), ("100", ("--only", "_decode_"))):
+        out = tmp_path / f"rows-{targets}.json"
+        done = compiling(str(GATE), "--targets", targets, *only, "--json", str(out), path=side)
+        assert f"on Triton {GPU_TRITON} ({side / 'triton'})" in done.stdout, done.stdout[-1000:] + done.stderr[-2000:]
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        rows += json.loads(out.read_text())
+    assert {row["target"] for row in rows} == {"sm_90a", "sm_100a"} and all("error" not in row for row in rows)
+    assert {r["kernel"] for r in rows if r["target"] == "sm_100a"} >= {"_decode_gate_up_kernel", "_decode_down_kernel"}
+    assert all(r["kernel"].startswith("_decode_") for r in rows if r["target"] == "sm_100a")
     _meet_the_static_goals(rows)
 
 
