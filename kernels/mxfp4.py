@@ -14,6 +14,9 @@ How a tile is decoded (shared with the grouped expert matmul, kernels/moe.py):
   packed multiply by 2^126 gives the E2M1 value and one by the block's scale finishes it.
   Under TRITON_INTERPRET=1 (no PTX) the same values come from plain arithmetic (_e2m1_interpret).
 
+The fused decode kernels (kernels/decode.py) take codes another way: E2M1_DOT_PTX turns them into the
+bytes 12 + 2 E2M1 and sums their products with int8 activations exactly in int32 (e2m1_dot_block).
+
 Dequantization grid: (cdiv(rows, BLOCK_R), cdiv(G, BLOCK_G)); each program streams BLOCK_R x BLOCK_G
 blocks: 16 bytes + 1 scale read, 32 values written, per block.
 """
