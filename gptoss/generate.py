@@ -154,19 +154,18 @@ def _fusable(model: GptOss) -> str | None:
     return fusable(model)
 
 
-def _record(body: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object, object]:
+def _record(body: Callable[[], None]) -> torch.cuda.CUDAGraph:
     """Runs body() once for real on a side stream (kernel autotuning and lazy set-up happen there), then
-    records it as a CUDA graph; recording runs nothing, so body's effects happen once. -> (the graph, what
-    the real run returned, what the recording returned: the buffers each replay refills)."""
+    records it as a CUDA graph; recording runs nothing, so body's effects happen once."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        first = body()
+        body()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        recorded = body()
-    return graph, first, recorded
+        body()
+    return graph
 
 
 class TokenStep:
@@ -194,7 +193,7 @@ class TokenStep:
         if not self.use_graph:
             self._token()
         elif self.graph is None:
-            self.graph, _, _ = _record(self._token)
+            self.graph = _record(self._token)
         else:
             self.graph.replay()
 

@@ -633,12 +633,11 @@ def decode_launch_table(rows: list[dict]) -> list[dict]:
             filled = min(blocks, -(-programs // SMS)) * warps
             if row["kernel"] in moe_kernels():
                 per_trip, k = c["BLOCK_N"] * c["BLOCK_K"], 2880  # D = I = 2880 for both products
-                trips = -(-k // c["BLOCK_K"])
+                trips, loop_trips = -(-k // c["BLOCK_K"]), 1
             else:  # the fused decode kernels: BLOCK_G MX blocks of 32 per trip (down: of every slot's rows),
                 # TRIPS_PER_LOOP trips a loop iteration (a last odd trip runs as a whole iteration)
-                per_trip = decode_trip_elements(row["kernel"], c)
-                loops = -(-90 // (c["BLOCK_G"] * _decode_trips_per_loop()))
-                trips = loops * _decode_trips_per_loop()
+                per_trip, loop_trips = decode_trip_elements(row["kernel"], c), _decode_trips_per_loop()
+                trips = -(-90 // (c["BLOCK_G"] * loop_trips)) * loop_trips
             out.append(
                 dict(
                     kernel=row["kernel"],
@@ -648,8 +647,8 @@ def decode_launch_table(rows: list[dict]) -> list[dict]:
                     bytes_per_program=int(trips * per_trip * 17 / 32),
                     resident_warps=filled,
                     trips=trips,
-                    per_trip=row["main_loop"] * per_trip // weight_elements(row["kernel"], c),
-                    serial=trips * row["main_loop"] * per_trip // weight_elements(row["kernel"], c),
+                    per_trip=row["main_loop"] // loop_trips,
+                    serial=trips * row["main_loop"] // loop_trips,
                     per_element=row["per_element"],
                     loop_shared_ops=row.get("loop_shared_ops"),
                     loop_loads=row.get("loop_loads"),
