@@ -22,8 +22,10 @@ torch as one masked rank product for all experts (kernels/expert_lora.py).
 
 Weights stay MXFP4: each K step loads [rows, blocks, 16] packed bytes (16-byte vectors along the
 packed dimension) and one scale per 32 values, decodes them in registers (kernels/mxfp4.py:
-mxfp4_tile) and feeds a bf16 dot with fp32 accumulation. The forward kernels read the weight along its
-rows' packed dimension (K) and transpose the decoded tile; the backward kernels read it along N.
+mxfp4_decode) and feeds a bf16 dot with fp32 accumulation. The forward kernels read the weight along its
+rows' packed dimension (K) and transpose the decoded tile; the backward kernels read it along N. The
+wgmma tiles (64+ rows) load each trip's scales a trip ahead (a byte a block is too small for the
+asynchronous copies that bring the codes and `a`, and a plain load read in its own trip stalls it).
 
 Grid: (row tiles, cdiv(N, BLOCK_N)). Expert e needs cdiv(count_e, BLOCK_M) row tiles; in all at most
 cdiv(P, BLOCK_M) + min(E, P) - 1 (ceil(a) + ceil(b) <= ceil(a + b) + 1, over the non-empty experts),
@@ -44,7 +46,7 @@ import triton
 import triton.language as tl
 
 from gptoss.kernels.expert_lora import expert_mask, lora_backward, lora_update
-from gptoss.kernels.mxfp4 import INTERPRET, mxfp4_tile
+from gptoss.kernels.mxfp4 import INTERPRET, mxfp4_blocks, mxfp4_decode, mxfp4_scales, mxfp4_tile
 from gptoss.kernels.routing import Routing, route
 
 SEARCH = tl.constexpr(128)  # experts examined per step of the tile -> expert search
@@ -260,17 +262,35 @@ def _product_along_rows(
     BLOCK_K: tl.constexpr,
 ):
     """acc[m, n] = sum_k a[a_row[m], k] W[n, k]: the weight's rows are n, its packed blocks run along k.
-    A decoded tile comes as its even and odd positions along k (mxfp4_tile); the even and odd columns of
-    `a` meet them in two dots, no interleaving needed."""
+    A decoded tile comes as its even and odd positions along k (mxfp4_tile). wgmma tiles (64+ rows)
+    interleave them in registers, so that `a` goes from shared memory to the tensor cores untouched;
+    mma.sync tiles take `a` into registers anyway and meet the even and odd columns of `a` in two dots.
+    wgmma tiles also load the scales a trip ahead; the mma.sync tiles, short of registers, don't."""
+    WGMMA: tl.constexpr = BLOCK_M >= 64
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    G = K // 32
+    if WGMMA:
+        g = tl.arange(0, BLOCK_K // 32)
+        scale = mxfp4_scales(s_e, n, g, n_mask[:, None] & (g[None, :] < G), G)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(a_ptr + a_row[:, None] * K + k[None, :], mask=m_mask[:, None] & (k[None, :] < K), other=0.0)
         g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
-        w_even, w_odd = mxfp4_tile(w_e, s_e, n, g, n_mask[:, None] & (g[None, :] < K // 32), K // 32, INTERPRET)
-        a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))  # columns 2i and 2i + 1
-        acc = _dot(a_even, tl.trans(w_even), acc, UPCAST)  # [BLOCK_M, BLOCK_K/2] x [BLOCK_K/2, BLOCK_N]
-        acc = _dot(a_odd, tl.trans(w_odd), acc, UPCAST)
+        if WGMMA:  # this trip's scales came a trip ahead; the next trip's are loaded now
+            w_even, w_odd = mxfp4_decode(
+                mxfp4_blocks(w_e, n, g, n_mask[:, None] & (g[None, :] < G), G), scale, INTERPRET
+            )
+            g_next = g + BLOCK_K // 32
+            scale = mxfp4_scales(s_e, n, g_next, n_mask[:, None] & (g_next[None, :] < G), G)
+        else:
+            w_even, w_odd = mxfp4_tile(w_e, s_e, n, g, n_mask[:, None] & (g[None, :] < G), G, INTERPRET)
+        if WGMMA:  # `a` stays in shared memory; the decoded tile is interleaved in registers
+            w = tl.reshape(tl.permute(tl.join(tl.trans(w_even), tl.trans(w_odd)), (0, 2, 1)), (BLOCK_K, BLOCK_N))
+            acc = _dot(a, w, acc, UPCAST)  # [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N]
+        else:  # mma.sync takes both operands from registers: splitting the few rows of `a` costs less
+            a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))  # columns 2i and 2i + 1
+            acc = _dot(a_even, tl.trans(w_even), acc, UPCAST)  # [BLOCK_M, BLOCK_K/2] x [BLOCK_K/2, BLOCK_N]
+            acc = _dot(a_odd, tl.trans(w_odd), acc, UPCAST)
     return acc
 
 
@@ -291,13 +311,26 @@ def _product_across_rows(
     BLOCK_K: tl.constexpr,
 ):
     """acc[m, n] = sum_k a[a_row[m], k] W[k, n] for n = n0 .. n0 + BLOCK_N - 1: the weight's rows are k,
-    its packed blocks run along n; the decoded even and odd halves are interleaved back into one tile."""
+    its packed blocks run along n; the decoded even and odd halves are interleaved back into one tile.
+    wgmma tiles load the scales a trip ahead, as _product_along_rows does."""
+    WGMMA: tl.constexpr = BLOCK_M >= 64
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    G = N // 32
+    g = n0 // 32 + tl.arange(0, BLOCK_N // 32)
+    if WGMMA:
+        k = tl.arange(0, BLOCK_K)
+        scale = mxfp4_scales(s_e, k, g, (k[:, None] < K) & (g[None, :] < G), G)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(a_ptr + a_row[:, None] * K + k[None, :], mask=m_mask[:, None] & (k[None, :] < K), other=0.0)
-        g = n0 // 32 + tl.arange(0, BLOCK_N // 32)
-        w_even, w_odd = mxfp4_tile(w_e, s_e, k, g, (k[:, None] < K) & (g[None, :] < N // 32), N // 32, INTERPRET)
+        if WGMMA:  # this trip's scales came a trip ahead; the next trip's are loaded now
+            w_even, w_odd = mxfp4_decode(
+                mxfp4_blocks(w_e, k, g, (k[:, None] < K) & (g[None, :] < G), G), scale, INTERPRET
+            )
+            k_next = k + BLOCK_K
+            scale = mxfp4_scales(s_e, k_next, g, (k_next[:, None] < K) & (g[None, :] < G), G)
+        else:
+            w_even, w_odd = mxfp4_tile(w_e, s_e, k, g, (k[:, None] < K) & (g[None, :] < G), G, INTERPRET)
         w = tl.reshape(tl.join(w_even, w_odd), (BLOCK_K, BLOCK_N))  # columns n0, n0 + 1, ...
         acc = _dot(a, w, acc, UPCAST)
     return acc

@@ -222,17 +222,29 @@ def e8m0_to_bf16(scale):
 
 
 @triton.jit
-def mxfp4_tile(blocks_ptr, scales_ptr, r, g, mask, G, INTERPRET: tl.constexpr):
-    """Rows r [R] and MX blocks g [B] (32 values each) of an MXFP4 weight with G blocks per row
-    -> (even, odd) [R, B * 16] each: the values at even and odd positions along the row, kept apart
-    (a matmul contracts them against the even and odd columns of its other operand, so no register
-    shuffle interleaves them). bf16 on the GPU, fp32 in the interpreter (which has no bf16
-    arithmetic: it would multiply the raw 16-bit patterns)."""
+def mxfp4_blocks(blocks_ptr, r, g, mask, G):
+    """The packed codes of rows r [R] and MX blocks g [B] of a weight with G blocks per row -> [R, B, 16]
+    uint8: 16 contiguous bytes (one block) per vector load."""
     j = tl.arange(0, 16)
-    byte = tl.load(
+    return tl.load(
         blocks_ptr + ((r[:, None] * G + g[None, :]) * 16)[:, :, None] + j[None, None, :], mask=mask[:, :, None], other=0
-    )  # [R, B, 16] uint8, 16 contiguous bytes per block
-    scale = tl.load(scales_ptr + r[:, None] * G + g[None, :], mask=mask, other=127)  # [R, B] uint8
+    )
+
+
+@triton.jit
+def mxfp4_scales(scales_ptr, r, g, mask, G):
+    """The E8M0 scale bytes [R, B] of the same blocks, as loaded. Apart from the codes so that a main loop
+    can load them a trip ahead and read them a trip later: one byte a block is too small for an
+    asynchronous copy, and a plain load read in its own trip stalls that trip."""
+    return tl.load(scales_ptr + r[:, None] * G + g[None, :], mask=mask, other=127)
+
+
+@triton.jit
+def mxfp4_decode(byte, scale, INTERPRET: tl.constexpr):
+    """Codes [R, B, 16] and scale bytes [R, B] -> (even, odd) [R, B * 16] each: the values at even and odd
+    positions along the row, kept apart (a matmul can contract them against the even and odd columns of
+    its other operand, or tl.join interleaves them in registers). bf16 on the GPU, fp32 in the
+    interpreter (which has no bf16 arithmetic: it would multiply the raw 16-bit patterns)."""
     if INTERPRET:
         code = byte.to(tl.int32)
         low, high = _e2m1_interpret(code & 15), _e2m1_interpret(code >> 4)
@@ -240,8 +252,16 @@ def mxfp4_tile(blocks_ptr, scales_ptr, r, g, mask, G, INTERPRET: tl.constexpr):
     else:
         low, high = e2m1_pairs(byte)  # [R, B, 16] each: elements 2j and 2j + 1 of the block
         scale = e8m0_to_bf16(scale)
-    shape: tl.constexpr = (r.shape[0], g.shape[0] * 16)
+    shape: tl.constexpr = (byte.shape[0], byte.shape[1] * 16)
     return tl.reshape(low * scale[:, :, None], shape), tl.reshape(high * scale[:, :, None], shape)
+
+
+@triton.jit
+def mxfp4_tile(blocks_ptr, scales_ptr, r, g, mask, G, INTERPRET: tl.constexpr):
+    """Rows r [R] and MX blocks g [B] (32 values each) of an MXFP4 weight with G blocks per row
+    -> (even, odd) [R, B * 16] each (mxfp4_decode): codes and scales loaded in the same trip."""
+    byte = mxfp4_blocks(blocks_ptr, r, g, mask, G)
+    return mxfp4_decode(byte, mxfp4_scales(scales_ptr, r, g, mask, G), INTERPRET)
 
 
 @triton.jit

@@ -53,7 +53,8 @@ from triton.runtime.autotuner import Autotuner, Heuristics  # noqa: E402
 from triton.runtime.jit import JITFunction, KernelInterface, create_function_from_signature  # noqa: E402
 
 # what a cached row holds: a new format recompiles rather than read a row short of a field
-ROW_FORMAT = 4  # 2: loop_shared_ops; 3: the main loop is the largest innermost loop; 4: loop loads, ftz_ops
+ROW_FORMAT = 5  # 2: loop_shared_ops; 3: the main loop is the largest innermost loop; 4: loop loads, ftz_ops;
+# 5: asynchronous copies to shared memory (LDGSTS) are not loads into registers
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 and sm_100 (227 KiB)
 SHAPES = {  # hidden D, intermediate I, experts E, top-k
     "gpt-oss-20b": (2880, 2880, 32, 4),
@@ -405,12 +406,13 @@ _REGISTER = re.compile(r"\bR(\d+)\b")
 
 
 def _loop_loads(body) -> tuple[int, int]:
-    """The main loop's global loads, and how many of them are waited on in the trip that issues them: a
-    later instruction of the same trip reads a register the load writes (a load carried to the next trip
-    is read only before it, in program order)."""
+    """The main loop's global loads into registers, and how many of them are waited on in the trip that
+    issues them: a later instruction of the same trip reads a register the load writes (a load carried to
+    the next trip is read only before it, in program order). Asynchronous copies to shared memory (LDGSTS,
+    the pipelined operands of a tensor-core tile) write no register and are not counted."""
     loads = waited = 0
     for i, (op, rest) in enumerate(body):
-        if not op.startswith("LDG"):
+        if not op.startswith("LDG") or op.startswith(("LDGSTS", "LDGDEPBAR")):  # copies to shared write no register
             continue
         loads += 1
         first = _REGISTER.search(rest.split(",")[0])

@@ -129,6 +129,31 @@ def test_prefill_configs_use_wgmma(gate):
         and not r["config"]["UPCAST"]
     ]
     assert big and all(r["mma"] == "wgmma" for r in big)
+    _prefill_tiles_stream(rows)
+
+
+def _prefill_tiles_stream(rows):
+    """The grouped MoE kernels' wgmma tiles (64+ rows, prefill and training), bf16 on sm_90a: no global
+    load of the main loop is waited on in the trip that issues it (the E8M0 scales, one byte a block,
+    are too small for the asynchronous copies that bring the codes and activations, so they come a trip
+    ahead), and the 128 x 128 forward tiles decode a weight element in at most BLOCK_M / 16 = 8 SASS
+    instructions: an SM issues 128 thread-instructions a cycle and its tensor cores do 2,048 bf16 MACs,
+    so a trip's instructions then take no longer to issue than its BLOCK_M MACs per element take."""
+    tiles = [
+        r
+        for r in rows
+        if r["kernel"] in MOE_KERNELS
+        and r["target"] == "sm_90a"
+        and r["config"]["BLOCK_M"] >= 64
+        and not r["config"]["UPCAST"]
+    ]
+    assert tiles
+    for r in tiles:
+        assert r["loop_loads_waited"] == 0, (r["kernel"], r["config"], r["loop_loads_waited"], r["loop_loads"])
+    square = [r for r in tiles if r["config"]["BLOCK_M"] == r["config"]["BLOCK_N"] == 128]
+    assert {r["kernel"] for r in square} == {"_moe_gate_up_kernel", "_moe_down_kernel"}
+    for r in square:
+        assert r["per_element"] <= r["config"]["BLOCK_M"] / 16, (r["kernel"], r["config"], r["per_element"])
 
 
 def test_a_kernel_outside_the_workloads_fails_the_gate(tmp_path):
@@ -254,6 +279,7 @@ def test_every_kernel_compiles_without_spills_on_the_gpu_machines_triton(tmp_pat
     assert {r["kernel"] for r in rows if r["target"] == "sm_100a"} >= {"_decode_gate_up_kernel", "_decode_down_kernel"}
     assert all(r["kernel"].startswith("_decode_") for r in rows if r["target"] == "sm_100a")
     _meet_the_static_goals(rows)
+    _prefill_tiles_stream(rows)
 
 
 def test_fused_decode_kernels_stream_without_shared_memory_in_their_loops(gate):
