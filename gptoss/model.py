@@ -48,8 +48,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
         # the gain stays fp32 whatever the model dtype (it is stored bf16 on disk; both references upcast)
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
+        self.backend = "torch"  # "triton": the same math in gptoss.kernels.rmsnorm (one launch each way)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "triton":
+            from gptoss.kernels.rmsnorm import rmsnorm
+
+            return rmsnorm(x, self.weight, self.eps)
         x32 = x.float()
         y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
         return y.to(x.dtype)  # plain gain, no (1 + g)
@@ -412,12 +417,16 @@ class GptOss(nn.Module):
         return self.model.embed_tokens.weight.dtype
 
     def set_backend(self, backend: str) -> GptOss:
-        """ "torch" (the reference) or "triton" (attention and MoE kernels; the MoE kernels need MXFP4 experts)."""
+        """ "torch" (the reference) or "triton" (attention, MoE and RMSNorm kernels; the MoE kernels need
+        MXFP4 experts)."""
         if backend == "triton" and not all(layer.mlp.experts.quantized for layer in self.model.layers):
             raise ValueError("the Triton MoE kernels need MXFP4 experts; this model holds dense (bf16) experts")
         self.backend = backend
         for layer in self.model.layers:
             layer.self_attn.backend = layer.mlp.backend = backend
+        for norm in self.modules():
+            if isinstance(norm, RMSNorm):
+                norm.backend = backend
         return self
 
     def dequantize_experts(self) -> GptOss:

@@ -179,8 +179,8 @@ def meta_experts(E: int, D: int, I: int, dtype: torch.dtype):
 
 def run_workloads() -> list[Launch]:
     """The launchers at the gpt-oss shapes on meta tensors: routing, the four MoE matmuls, dequantization,
-    attention (forward, both backward kernels, the split-K decode and its merge)."""
-    from gptoss.kernels import attention, moe, mxfp4, routing
+    RMSNorm (forward and backward), attention (forward, both backward kernels, the split-K decode and its merge)."""
+    from gptoss.kernels import attention, moe, mxfp4, rmsnorm, routing
 
     launches: list[Launch] = []
     meta = dict(device="meta")
@@ -206,6 +206,10 @@ def run_workloads() -> list[Launch]:
                         moe.moe_gate_up_bwd(gh, r, w1, add=add[D] if lora else None)
                     label["what"] = "dequantize"
                     mxfp4.mxfp4_dequant_fwd(w1.blocks[:1], w1.scales[:1], dtype)
+                    label["what"] = "rmsnorm"
+                    gain = torch.empty(D, dtype=torch.float32, **meta)
+                    _, r = rmsnorm.rmsnorm_fwd(x, gain, 1e-5)
+                    rmsnorm.rmsnorm_bwd(x, x, gain, r)
     K, G, Dh = ATTENTION
     for workload, T in WORKLOADS.items():  # decode: one token against a 4096-token cache; prefill: training rows
         S = 4096

@@ -403,6 +403,37 @@ def test_under_the_gpu_settings_every_triton_kernel_takes_bf16_operands(tmp_path
     assert not fp32, {name: seen[name] for name in fp32}
 
 
+def test_a_training_step_on_the_triton_backend_runs_each_rmsnorm_as_one_kernel_each_way(tmp_path):
+    # the torch RMSNorm is eight launches forward (upcast, square, mean, add, rsqrt, two products, cast)
+    # and a dozen backward over the residual stream; the triton backend's is one kernel each way
+    from conftest import small_config
+
+    from gptoss import load_model
+    from gptoss.adapter import apply_lora
+    from gptoss.launches import LaunchCounter
+    from gptoss.train.loss import next_token_loss
+
+    config = small_config()
+    folder = write_checkpoint(tmp_path / "c", config, "hf-mxfp4", seed=2)
+    model = load_model(folder, backend="triton", dtype=torch.bfloat16)
+    apply_lora(model, 4, 8, [1])
+    model.gradient_checkpointing = True
+    model.train()
+    ids = torch.randint(0, 300, (1, 12))
+    with LaunchCounter() as forward:
+        loss, _ = next_token_loss(model, ids)
+    with LaunchCounter() as backward:
+        loss.backward()
+    norms = 2 * config.num_hidden_layers + 1
+    assert forward.triton.count("_rmsnorm_fwd_kernel") == norms
+    # backward: the checkpointed layers run their two norms forward again, then every norm backward once,
+    # but the first: its input, the frozen embedding's output, needs no gradient
+    assert backward.triton.count("_rmsnorm_fwd_kernel") == 2 * config.num_hidden_layers
+    assert backward.triton.count("_rmsnorm_bwd_kernel") == norms - 1
+    for ops in (forward.torch, backward.torch):
+        assert not {"pow", "rsqrt", "mean"} & set(ops), sorted(set(ops))
+
+
 @pytest.mark.parametrize("holder", ["alive", "other-host", "unreadable"])
 def test_a_second_run_on_a_locked_output_is_refused_naming_the_holder(base, tmp_path, holder):
     import socket
