@@ -59,7 +59,8 @@ class LoRALinear(nn.Linear):
         self.scaling = alpha / r
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        delta = self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))) * self.scaling
+        # the scaling on the rank-r product: r columns, not the output's (a pass over [T, out] saved)
+        delta = self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype)) * self.scaling)
         return F.linear(x, self.weight, self.bias) + delta.to(x.dtype)
 
 

@@ -171,7 +171,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.kv_dim, bias=True)
         self.o_proj = nn.Linear(config.q_dim, config.hidden_size, bias=True)
         self.sinks = nn.Parameter(torch.zeros(config.num_attention_heads))
-        self.backend = "torch"  # "triton": the same math in gptoss.kernels.attention (tiled, scores never stored)
+        self.backend = "torch"  # "triton": gptoss.kernels.attention (tiled, scores never stored) and .rope
 
     def forward(
         self,
@@ -186,7 +186,12 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, K, G, Dh)  # query head h = kv_head * G + g
         k = self.k_proj(x).view(B, T, K, Dh)
         v = self.v_proj(x).view(B, T, K, Dh)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.backend == "triton":  # the same rotation in one kernel per tensor (gptoss.kernels.rope)
+            from gptoss.kernels.rope import rotary
+
+            q, k = rotary(q, cos, sin), rotary(k, cos, sin)
+        else:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         k_pos = positions
         if cache is not None:  # earlier keys (after RoPE) and values, plus these: see gptoss/generate.py
             k, v, k_pos = cache.update(k, v, positions)  # [B, S, K, Dh] x 2, [B, S]

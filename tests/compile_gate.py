@@ -179,8 +179,8 @@ def meta_experts(E: int, D: int, I: int, dtype: torch.dtype):
 
 def run_workloads() -> list[Launch]:
     """The launchers at the gpt-oss shapes on meta tensors: routing, the four MoE matmuls, dequantization,
-    RMSNorm (forward and backward), attention (forward, both backward kernels, the split-K decode and its merge)."""
-    from gptoss.kernels import attention, moe, mxfp4, rmsnorm, routing
+    RMSNorm and RoPE (forward and backward), attention (forward, both backward kernels, the split-K decode and its merge)."""
+    from gptoss.kernels import attention, moe, mxfp4, rmsnorm, rope, routing
 
     launches: list[Launch] = []
     meta = dict(device="meta")
@@ -222,6 +222,11 @@ def run_workloads() -> list[Launch]:
                 sinks = torch.empty(K * G, dtype=torch.float32, **meta)
                 q_pos = torch.empty(1, T, dtype=torch.int32, **meta)
                 k_pos = torch.empty(1, S, dtype=torch.int32, **meta)
+                label["what"] = "rope"
+                table = torch.empty(T, Dh // 2, dtype=dtype, **meta)
+                for sign in (1, -1):  # forward and backward
+                    rope.rope(q, table, table, sign)
+                    rope.rope(torch.empty(1, T, K, Dh, dtype=dtype, **meta), table, table, sign)
                 for window in (128, attention.NO_WINDOW):
                     if T * G <= attention.DECODE_ROWS:
                         label["what"] = "decode"

@@ -403,9 +403,10 @@ def test_under_the_gpu_settings_every_triton_kernel_takes_bf16_operands(tmp_path
     assert not fp32, {name: seen[name] for name in fp32}
 
 
-def test_a_training_step_on_the_triton_backend_runs_each_rmsnorm_as_one_kernel_each_way(tmp_path):
+def test_a_training_step_on_the_triton_backend_runs_each_rmsnorm_and_rope_as_one_kernel_each_way(tmp_path):
     # the torch RMSNorm is eight launches forward (upcast, square, mean, add, rsqrt, two products, cast)
-    # and a dozen backward over the residual stream; the triton backend's is one kernel each way
+    # and a dozen backward over the residual stream, the torch RoPE eight per tensor (split, four
+    # products, sub, add, cat); the triton backend's are one kernel each way
     from conftest import small_config
 
     from gptoss import load_model
@@ -430,8 +431,11 @@ def test_a_training_step_on_the_triton_backend_runs_each_rmsnorm_as_one_kernel_e
     # but the first: its input, the frozen embedding's output, needs no gradient
     assert backward.triton.count("_rmsnorm_fwd_kernel") == 2 * config.num_hidden_layers
     assert backward.triton.count("_rmsnorm_bwd_kernel") == norms - 1
+    # RoPE: queries and keys, one launch each, in every layer forward, again in its recomputation, and back
+    assert forward.triton.count("_rope_kernel") == 2 * config.num_hidden_layers
+    assert backward.triton.count("_rope_kernel") == 4 * config.num_hidden_layers
     for ops in (forward.torch, backward.torch):
-        assert not {"pow", "rsqrt", "mean"} & set(ops), sorted(set(ops))
+        assert not {"pow", "rsqrt", "mean", "cat", "split"} & set(ops), sorted(set(ops))
 
 
 @pytest.mark.parametrize("holder", ["alive", "other-host", "unreadable"])
