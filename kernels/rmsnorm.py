@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gptoss.kernels.rounding import INTERPRET, rounded
+
 
 @triton.jit
 def _rmsnorm_fwd_kernel(
@@ -34,6 +36,7 @@ def _rmsnorm_fwd_kernel(
     eps,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.arange(0, BLOCK_D)
@@ -42,7 +45,8 @@ def _rmsnorm_fwd_kernel(
     x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
     r = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)  # [BLOCK_T]
     g = tl.load(g_ptr + d, mask=d < D, other=0.0)
-    tl.store(y_ptr + at, (x * r[:, None] * g[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
+    y = rounded(x * r[:, None] * g[None, :], y_ptr, INTERPRET)
+    tl.store(y_ptr + at, y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(r_ptr + t, r, mask=t < T)
 
 
@@ -57,6 +61,7 @@ def _rmsnorm_bwd_kernel(
     D,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.arange(0, BLOCK_D)
@@ -69,7 +74,8 @@ def _rmsnorm_bwd_kernel(
     x_hat = x * r[:, None]
     dyg = dy * g[None, :]
     c = tl.sum(dyg * x_hat, axis=1) / D  # [BLOCK_T]
-    tl.store(dx_ptr + at, ((dyg - x_hat * c[:, None]) * r[:, None]).to(dx_ptr.dtype.element_ty), mask=mask)
+    dx = rounded((dyg - x_hat * c[:, None]) * r[:, None], dx_ptr, INTERPRET)
+    tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 def _blocks(D: int) -> tuple[int, int, int]:
@@ -97,7 +103,7 @@ def rmsnorm_fwd(x: torch.Tensor, gain: torch.Tensor, eps: float) -> tuple[torch.
         return y, r
     BLOCK_T, BLOCK_D, num_warps = _blocks(D)
     _rmsnorm_fwd_kernel[(triton.cdiv(T, BLOCK_T),)](
-        x, gain, y, r, T, D, eps, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=num_warps
+        x, gain, y, r, T, D, eps, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, INTERPRET=INTERPRET, num_warps=num_warps
     )
     return y, r
 
@@ -110,7 +116,7 @@ def rmsnorm_bwd(dy: torch.Tensor, x: torch.Tensor, gain: torch.Tensor, r: torch.
         return dx
     BLOCK_T, BLOCK_D, num_warps = _blocks(D)
     _rmsnorm_bwd_kernel[(triton.cdiv(T, BLOCK_T),)](
-        dy, x, gain, r, dx, T, D, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=num_warps
+        dy, x, gain, r, dx, T, D, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, INTERPRET=INTERPRET, num_warps=num_warps
     )
     return dx
 

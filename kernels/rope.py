@@ -7,8 +7,9 @@ Rotates the pairs (j, j + Dh/2) of every head of every token (gptoss.model.apply
 The torch path splits, multiplies four times, subtracts, adds and concatenates: eight launches for the
 queries and eight for the keys of every layer, forward, and as many backward. The backward of a
 rotation is the rotation by the opposite angle, so the same kernel runs it with sin negated (SIGN).
-The arithmetic is fp32 on cos and sin as the caller passes them (the model casts them to its dtype
-once, as the reference does); the result is rounded to x's dtype once.
+Each product, difference and sum is rounded to x's dtype as the torch path's tensors round them (the
+model casts cos and sin to its dtype once, as the reference does): in bf16 the result is the
+reference's, bit for bit, and the same as the fused decode step's rotation (kernels/decode.py).
 
 Kernel: _rope_kernel, grid (tokens,): one token's heads [H, Dh] per program.
 """
@@ -18,6 +19,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from gptoss.kernels.rounding import INTERPRET, rounded
 
 
 @triton.jit
@@ -33,6 +36,7 @@ def _rope_kernel(
     SIGN: tl.constexpr,  # 1: rotate; -1: rotate back (the backward)
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     n = tl.program_id(0)
     b, t = n // T, n % T
@@ -45,9 +49,11 @@ def _rope_kernel(
     mask = (h < H)[:, None] & (j < HALF)[None, :]
     x1 = tl.load(x_ptr + first, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptr + first + HALF, mask=mask, other=0.0).to(tl.float32)
-    out = y_ptr.dtype.element_ty
-    tl.store(y_ptr + first, (x1 * cos[None, :] - x2 * sin[None, :]).to(out), mask=mask)
-    tl.store(y_ptr + first + HALF, (x2 * cos[None, :] + x1 * sin[None, :]).to(out), mask=mask)
+    c, s = cos[None, :], sin[None, :]
+    y1 = rounded(rounded(x1 * c, y_ptr, INTERPRET) - rounded(x2 * s, y_ptr, INTERPRET), y_ptr, INTERPRET)
+    y2 = rounded(rounded(x2 * c, y_ptr, INTERPRET) + rounded(x1 * s, y_ptr, INTERPRET), y_ptr, INTERPRET)
+    tl.store(y_ptr + first, y1.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + first + HALF, y2.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: int = 1) -> torch.Tensor:
@@ -82,6 +88,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: int = 1) -
         SIGN=sign,
         BLOCK_H=triton.next_power_of_2(H),
         BLOCK_HALF=triton.next_power_of_2(half),
+        INTERPRET=INTERPRET,
         num_warps=4,
     )
     return y

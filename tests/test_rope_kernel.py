@@ -2,8 +2,11 @@
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from gptoss.kernels.rope import rope, rotary
+from gptoss.kernels.rounding import INTERPRET, rounded
 from gptoss.model import apply_rotary
 
 
@@ -37,6 +40,8 @@ def test_rotation_and_its_gradient_match_the_torch_path(shape, per_batch, dtype)
         outs.append(y)
         grads.append(xi.grad)
     assert outs[1].dtype == dtype and outs[1].shape == x.shape
+    if dtype == torch.bfloat16:  # each operation rounded as the torch path's bf16 tensors round it
+        assert torch.equal(outs[1], outs[0])
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=1e-2)
     torch.testing.assert_close(outs[1].float(), outs[0].float(), **tol)
     torch.testing.assert_close(grads[1].float(), grads[0].float(), **tol)
@@ -70,3 +75,26 @@ def test_bad_inputs_are_explained(x, tables, error, match):
     cos = torch.zeros(tables)
     with pytest.raises(error, match=match):
         rope(x, cos, cos)
+
+
+@triton.jit
+def _probe_kernel(x_ptr, y_ptr, N, INTERPRET: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + i, mask=i < N, other=0.0)
+    tl.store(y_ptr + i, rounded(x, y_ptr, INTERPRET).to(y_ptr.dtype.element_ty), mask=i < N)
+
+
+def test_rounding_to_bf16_is_torchs_under_the_interpreter_too():
+    # the interpreter's own fp32 -> bf16 conversion truncates; kernels/rounding.py rounds to nearest even
+    ties = [
+        1 + 2**-8,
+        1 + 3 * 2**-8,
+        -(1 + 2**-8),
+        1 + 2**-8 + 2**-10,
+        0.0,
+        -0.0,
+    ]  # (the interpreter flushes subnormals)
+    x = torch.cat((torch.tensor(ties), torch.randn(4000) * torch.logspace(-20, 20, 4000)))
+    y = torch.empty(x.shape, dtype=torch.bfloat16)
+    _probe_kernel[(1,)](x, y, x.numel(), INTERPRET=INTERPRET, BLOCK=4096)
+    assert torch.equal(y, x.to(torch.bfloat16))
