@@ -25,7 +25,7 @@ import triton.language as tl
 from gptoss.kernels.rounding import INTERPRET, rounded
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "eps"])  # one compilation per dtype and width, one token or many
 def _rmsnorm_fwd_kernel(
     x_ptr,  # [T, D] bf16 or fp32
     g_ptr,  # [D] fp32
@@ -50,7 +50,7 @@ def _rmsnorm_fwd_kernel(
     tl.store(r_ptr + t, r, mask=t < T)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _rmsnorm_bwd_kernel(
     dy_ptr,  # [T, D] the output's gradient
     x_ptr,  # [T, D] the forward's input

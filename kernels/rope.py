@@ -6,7 +6,7 @@ Rotates the pairs (j, j + Dh/2) of every head of every token (gptoss.model.apply
 
 The torch path splits, multiplies four times, subtracts, adds and concatenates: eight launches for the
 queries and eight for the keys of every layer, forward, and as many backward. The backward of a
-rotation is the rotation by the opposite angle, so the same kernel runs it with sin negated (SIGN).
+rotation is the rotation by the opposite angle, so the same kernel runs it with sin negated (`sign`).
 Each product, difference and sum is rounded to x's dtype as the torch path's tensors round them (the
 model casts cos and sin to its dtype once, as the reference does): in bf16 the result is the
 reference's, bit for bit, and the same as the fused decode step's rotation (kernels/decode.py).
@@ -23,7 +23,7 @@ import triton.language as tl
 from gptoss.kernels.rounding import INTERPRET, rounded
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "H", "cos_batch", "HALF", "sign"])  # one compilation per dtype and head count
 def _rope_kernel(
     x_ptr,  # [N, H, Dh] N = B * T tokens, contiguous
     cos_ptr,  # [T, Dh/2] or [B, T, Dh/2]
@@ -33,7 +33,7 @@ def _rope_kernel(
     H,
     cos_batch,  # elements between batches in cos / sin: 0 (one table for every batch) or T * Dh/2
     HALF,  # Dh / 2
-    SIGN: tl.constexpr,  # 1: rotate; -1: rotate back (the backward)
+    sign,  # 1.0: rotate; -1.0: rotate back (the backward)
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     INTERPRET: tl.constexpr,
@@ -43,7 +43,7 @@ def _rope_kernel(
     j = tl.arange(0, BLOCK_HALF)
     at = b.to(tl.int64) * cos_batch + t * HALF + j
     cos = tl.load(cos_ptr + at, mask=j < HALF, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + at, mask=j < HALF, other=0.0).to(tl.float32) * SIGN
+    sin = tl.load(sin_ptr + at, mask=j < HALF, other=0.0).to(tl.float32) * sign
     h = tl.arange(0, BLOCK_H)
     first = n.to(tl.int64) * H * 2 * HALF + h[:, None] * 2 * HALF + j[None, :]  # [BLOCK_H, BLOCK_HALF]
     mask = (h < H)[:, None] & (j < HALF)[None, :]
@@ -85,7 +85,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: int = 1) -
         H,
         0 if cos.dim() == 2 else T * half,
         half,
-        SIGN=sign,
+        float(sign),
         BLOCK_H=triton.next_power_of_2(H),
         BLOCK_HALF=triton.next_power_of_2(half),
         INTERPRET=INTERPRET,
