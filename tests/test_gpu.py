@@ -72,6 +72,33 @@ def test_moe_kernel_bf16_at_20b_shape(tokens, monkeypatch):
         assert (got.float() - want).abs().max() <= 2e-2 * want.abs().max(), name
 
 
+def test_rmsnorm_and_rope_kernels_at_gpt_oss_shape():
+    # a training row's residual stream [2048, 2880] and its rotated queries [1, 2048, 8, 8, 64], bf16: the
+    # norm within an ulp of the torch path (its sums in another order), the rotation its bits exactly
+    # (each operation rounded to nearest even, as the torch path's bf16 tensors are), gradients included
+    from gptoss.kernels.rmsnorm import rmsnorm
+    from gptoss.kernels.rope import rotary
+    from gptoss.model import RMSNorm, apply_rotary
+
+    norm = RMSNorm(2880).cuda()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = (torch.randn(2048, 2880, device="cuda") * 4).to(torch.bfloat16)
+    dy = torch.randn_like(x)
+    grads = []
+    for fn in (norm, lambda t: rmsnorm(t, norm.weight, norm.eps)):
+        xi = x.clone().requires_grad_()
+        y = fn(xi)
+        y.backward(dy)
+        grads.append((y.float(), xi.grad.float()))
+    for got, want in zip(grads[1], grads[0]):
+        assert (got - want).abs().max() <= 2**-7 * want.abs().max()
+    angle = torch.arange(2048, device="cuda").float()[:, None] * torch.logspace(0, -4, 32, device="cuda")
+    cos, sin = angle.cos().to(torch.bfloat16), angle.sin().to(torch.bfloat16)
+    q = torch.randn(1, 2048, 8, 8, 64, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(rotary(q, cos, sin), apply_rotary(q, cos, sin))
+
+
 @pytest.mark.parametrize("window", [None, 128])
 def test_attention_kernel_bf16_at_gpt_oss_shape(window):
     # training rows: 2048 tokens, 8 KV heads x 8 query heads, head dim 64; forward and every gradient
