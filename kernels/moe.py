@@ -60,16 +60,18 @@ _FORWARD = {
     64: [(32, 64, 128, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 8, 3)],
     256: [(64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3)],
 }
-# Backward: 128 x 128 tiles spill (the epilogue holds h and both gradients beside the accumulator), and
-# Triton 3.6 (PyTorch 2.11's) fails to lower 64 x 128 x 64 and every 4-warp 64-row wgmma tile of these
-# kernels (TritonGPUOptimizeDotOperands) and spills at 128 x 64. With the LoRA update in the epilogue (ADD)
-# 3.6 also spills 8 bytes at (16, 64, 128, 2, 3) and (32, 64, 128, 4, 3): two stages (5.8-6.0 SASS
-# instructions per element on sm_90a, against 5.9-6.1) and K = 64 (8.0-8.5 on 3.9) instead; 3.9 spills
-# (16, 64, 64, 2, 3) and, on sm_100a, (32, 64, 128, 4, 2). The tiles below compile clean on 3.6 and 3.9.
+# Backward: the wgmma tiles contract the decoded even and odd columns in two products and interleave
+# the accumulators once after the loop (interleaving the decoded tile each trip, Triton 3.6, PyTorch
+# 2.11's, failed to lower every 64 x 128 and 4-warp 64-row tile, TritonGPUOptimizeDotOperands). 64 x 128
+# now compiles clean on 3.6 and 3.9 at 6.6-6.8 SASS instructions per element (8.2-8.6 on 3.6), where
+# 64 x 64 x 64, before the only one, took 9.3-10.1 (now 10.3-10.9); 128 x 128 spills on sm_100a with ADD.
+# With the LoRA update in the epilogue (ADD) 3.6 spills 8 bytes at (16, 64, 128, 2, 3) and
+# (32, 64, 128, 4, 3): two stages (5.8-6.0 instructions per element on sm_90a, against 5.9-6.1) and
+# K = 64 (8.0-8.5 on 3.9) instead; 3.9 spills (16, 64, 64, 2, 3) and, on sm_100a, (32, 64, 128, 4, 2).
 _BACKWARD = {
     16: [(16, 64, 128, 2, 2), (16, 128, 128, 4, 3)],
-    64: [(32, 64, 64, 4, 3), (64, 64, 64, 8, 3)],
-    256: [(64, 64, 64, 8, 3), (64, 64, 64, 8, 4)],
+    64: [(32, 64, 64, 4, 3), (64, 128, 64, 8, 3)],
+    256: [(64, 128, 64, 8, 3), (64, 64, 64, 8, 3)],
 }
 # By kernel (the names of KERNELS, below): the compile gate compiles every tile listed here.
 CONFIGS = {
@@ -314,7 +316,11 @@ def _product_across_rows(
     its packed blocks run along n; the decoded even and odd halves are interleaved back into one tile.
     wgmma tiles load the scales a trip ahead, as _product_along_rows does."""
     WGMMA: tl.constexpr = BLOCK_M >= 64
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if WGMMA:  # the even and odd columns in two products, interleaved once after the loop
+        acc_even = tl.zeros([BLOCK_M, BLOCK_N // 2], tl.float32)
+        acc_odd = tl.zeros([BLOCK_M, BLOCK_N // 2], tl.float32)
+    else:  # mma.sync: the decoded halves interleaved each trip, one product (two cost twice the registers)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     G = N // 32
     g = n0 // 32 + tl.arange(0, BLOCK_N // 32)
     if WGMMA:
@@ -331,8 +337,14 @@ def _product_across_rows(
             scale = mxfp4_scales(s_e, k_next, g, (k_next[:, None] < K) & (g[None, :] < G), G)
         else:
             w_even, w_odd = mxfp4_tile(w_e, s_e, k, g, (k[:, None] < K) & (g[None, :] < G), G, INTERPRET)
-        w = tl.reshape(tl.join(w_even, w_odd), (BLOCK_K, BLOCK_N))  # columns n0, n0 + 1, ...
-        acc = _dot(a, w, acc, UPCAST)
+        if WGMMA:
+            acc_even = _dot(a, w_even, acc_even, UPCAST)  # columns n0, n0 + 2, ...
+            acc_odd = _dot(a, w_odd, acc_odd, UPCAST)  # columns n0 + 1, n0 + 3, ...
+        else:
+            w = tl.reshape(tl.join(w_even, w_odd), (BLOCK_K, BLOCK_N))  # columns n0, n0 + 1, ...
+            acc = _dot(a, w, acc, UPCAST)
+    if WGMMA:
+        acc = tl.reshape(tl.join(acc_even, acc_odd), (BLOCK_M, BLOCK_N))
     return acc
 
 
