@@ -25,6 +25,14 @@ import triton.language as tl
 from gptoss.kernels.rounding import INTERPRET, rounded
 
 
+@triton.jit
+def _row_block(T, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's rows t [BLOCK_T] and columns d [BLOCK_D], their offsets in a [T, D] tensor and mask."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = tl.arange(0, BLOCK_D)
+    return t, d, t.to(tl.int64)[:, None] * D + d[None, :], (t[:, None] < T) & (d[None, :] < D)
+
+
 @triton.jit(do_not_specialize=["T", "eps"])  # one compilation per dtype and width, one token or many
 def _rmsnorm_fwd_kernel(
     x_ptr,  # [T, D] bf16 or fp32
@@ -38,10 +46,7 @@ def _rmsnorm_fwd_kernel(
     BLOCK_D: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    d = tl.arange(0, BLOCK_D)
-    mask = (t[:, None] < T) & (d[None, :] < D)
-    at = t.to(tl.int64)[:, None] * D + d[None, :]
+    t, d, at, mask = _row_block(T, D, BLOCK_T, BLOCK_D)
     x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
     r = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)  # [BLOCK_T]
     g = tl.load(g_ptr + d, mask=d < D, other=0.0)
@@ -63,10 +68,7 @@ def _rmsnorm_bwd_kernel(
     BLOCK_D: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    d = tl.arange(0, BLOCK_D)
-    mask = (t[:, None] < T) & (d[None, :] < D)
-    at = t.to(tl.int64)[:, None] * D + d[None, :]
+    t, d, at, mask = _row_block(T, D, BLOCK_T, BLOCK_D)
     x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + at, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + d, mask=d < D, other=0.0)

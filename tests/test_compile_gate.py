@@ -118,9 +118,9 @@ def test_decode_configs_meet_the_instruction_budget(gate):
             assert min(grids) >= 132, (r["config"], grids)
 
 
-def test_prefill_configs_use_wgmma(gate):
-    _, rows = gate
-    big = [
+def _prefill_tiles(rows) -> list[dict]:
+    """The grouped MoE kernels' tiles of 64+ rows (prefill and training), bf16, sm_90a."""
+    return [
         r
         for r in rows
         if r["kernel"] in MOE_KERNELS
@@ -128,6 +128,11 @@ def test_prefill_configs_use_wgmma(gate):
         and r["config"]["BLOCK_M"] >= 64
         and not r["config"]["UPCAST"]
     ]
+
+
+def test_prefill_configs_use_wgmma(gate):
+    _, rows = gate
+    big = _prefill_tiles(rows)
     assert big and all(r["mma"] == "wgmma" for r in big)
     _prefill_tiles_stream(rows)
 
@@ -139,14 +144,7 @@ def _prefill_tiles_stream(rows):
     ahead), and the 128 x 128 forward tiles decode a weight element in at most BLOCK_M / 16 = 8 SASS
     instructions: an SM issues 128 thread-instructions a cycle and its tensor cores do 2,048 bf16 MACs,
     so a trip's instructions then take no longer to issue than its BLOCK_M MACs per element take."""
-    tiles = [
-        r
-        for r in rows
-        if r["kernel"] in MOE_KERNELS
-        and r["target"] == "sm_90a"
-        and r["config"]["BLOCK_M"] >= 64
-        and not r["config"]["UPCAST"]
-    ]
+    tiles = _prefill_tiles(rows)
     assert tiles
     for r in tiles:
         assert r["loop_loads_waited"] == 0, (r["kernel"], r["config"], r["loop_loads_waited"], r["loop_loads"])
