@@ -284,12 +284,12 @@ def _product_along_rows(
             )
             g_next = g + BLOCK_K // 32
             scale = mxfp4_scales(s_e, n, g_next, n_mask[:, None] & (g_next[None, :] < G), G)
-        else:
-            w_even, w_odd = mxfp4_tile(w_e, s_e, n, g, n_mask[:, None] & (g[None, :] < G), G, INTERPRET)
-        if WGMMA:  # `a` stays in shared memory; the decoded tile is interleaved in registers
+            # `a` stays in shared memory; the decoded halves are interleaved in registers (each half
+            # transposed first: Triton 3.6 fails to lower the transpose of the interleaved tile)
             w = tl.reshape(tl.permute(tl.join(tl.trans(w_even), tl.trans(w_odd)), (0, 2, 1)), (BLOCK_K, BLOCK_N))
             acc = _dot(a, w, acc, UPCAST)  # [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N]
         else:  # mma.sync takes both operands from registers: splitting the few rows of `a` costs less
+            w_even, w_odd = mxfp4_tile(w_e, s_e, n, g, n_mask[:, None] & (g[None, :] < G), G, INTERPRET)
             a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))  # columns 2i and 2i + 1
             acc = _dot(a_even, tl.trans(w_even), acc, UPCAST)  # [BLOCK_M, BLOCK_K/2] x [BLOCK_K/2, BLOCK_N]
             acc = _dot(a_odd, tl.trans(w_odd), acc, UPCAST)
@@ -313,8 +313,10 @@ def _product_across_rows(
     BLOCK_K: tl.constexpr,
 ):
     """acc[m, n] = sum_k a[a_row[m], k] W[k, n] for n = n0 .. n0 + BLOCK_N - 1: the weight's rows are k,
-    its packed blocks run along n; the decoded even and odd halves are interleaved back into one tile.
-    wgmma tiles load the scales a trip ahead, as _product_along_rows does."""
+    its packed blocks run along n, so a decoded tile comes as its even and odd columns. wgmma tiles (64+
+    rows) contract them in two products and interleave the two accumulators once after the loop (a
+    per-trip interleave made Triton 3.6 fail to lower every 64 x 128 tile), and load the scales a trip
+    ahead as _product_along_rows does; mma.sync tiles interleave the decoded halves each trip."""
     WGMMA: tl.constexpr = BLOCK_M >= 64
     if WGMMA:  # the even and odd columns in two products, interleaved once after the loop
         acc_even = tl.zeros([BLOCK_M, BLOCK_N // 2], tl.float32)
@@ -335,12 +337,10 @@ def _product_across_rows(
             )
             k_next = k + BLOCK_K
             scale = mxfp4_scales(s_e, k_next, g, (k_next[:, None] < K) & (g[None, :] < G), G)
-        else:
-            w_even, w_odd = mxfp4_tile(w_e, s_e, k, g, (k[:, None] < K) & (g[None, :] < G), G, INTERPRET)
-        if WGMMA:
             acc_even = _dot(a, w_even, acc_even, UPCAST)  # columns n0, n0 + 2, ...
             acc_odd = _dot(a, w_odd, acc_odd, UPCAST)  # columns n0 + 1, n0 + 3, ...
         else:
+            w_even, w_odd = mxfp4_tile(w_e, s_e, k, g, (k[:, None] < K) & (g[None, :] < G), G, INTERPRET)
             w = tl.reshape(tl.join(w_even, w_odd), (BLOCK_K, BLOCK_N))  # columns n0, n0 + 1, ...
             acc = _dot(a, w, acc, UPCAST)
     if WGMMA:
