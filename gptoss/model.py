@@ -422,8 +422,8 @@ class GptOss(nn.Module):
         return self.model.embed_tokens.weight.dtype
 
     def set_backend(self, backend: str) -> GptOss:
-        """ "torch" (the reference) or "triton" (attention, MoE and RMSNorm kernels; the MoE kernels need
-        MXFP4 experts)."""
+        """ "torch" (the reference) or "triton" (attention, RoPE, MoE and RMSNorm kernels; the MoE kernels
+        need MXFP4 experts)."""
         if backend == "triton" and not all(layer.mlp.experts.quantized for layer in self.model.layers):
             raise ValueError("the Triton MoE kernels need MXFP4 experts; this model holds dense (bf16) experts")
         self.backend = backend

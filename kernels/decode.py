@@ -62,6 +62,7 @@ from gptoss.kernels.attention_core import NO_WINDOW
 from gptoss.kernels.attention_decode import attention_decode
 from gptoss.kernels.moe import ExpertWeights, expert_weights
 from gptoss.kernels.mxfp4 import INTERPRET, e2m1_dot_block
+from gptoss.kernels.rounding import rounded
 
 # the quantized activations' constants (kernels/mxfp4.py), for @triton.jit code
 Q_MAX, Q_PARTS, U_ZERO = tl.constexpr(mxfp4.Q_MAX), tl.constexpr(mxfp4.Q_PARTS), tl.constexpr(mxfp4.U_ZERO)
@@ -90,18 +91,11 @@ def _rms(x_ptr, D, eps, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _round(x, like):
-    """fp32 x rounded to the element type of pointer `like` (the model's dtype), back in fp32: where the
-    plain path holds a tensor in that dtype, the fused kernels round the same value the same way."""
-    return x.to(like.dtype.element_ty).to(tl.float32)
-
-
-@triton.jit
 def _normed(x_ptr, gain_ptr, k, mask, r):
     """RMSNorm of columns k as the plain path rounds it: (x * r) * gain in fp32, to x's dtype."""
     x = tl.load(x_ptr + k, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(gain_ptr + k, mask=mask, other=0.0)
-    return _round(x * r * g, x_ptr)
+    return rounded(x * r * g, x_ptr)
 
 
 @triton.jit
@@ -154,14 +148,14 @@ def _decode_qkv_kernel(
         w2 = tl.load(w_ptr + (rows + HALF)[:, None].to(tl.int64) * D + k[None, :], mask=mask[None, :], other=0.0)
         first += w1.to(tl.float32) * xn
         second += w2.to(tl.float32) * xn
-    a = _round(tl.sum(first, 1) + tl.load(bias_ptr + rows).to(tl.float32), x_ptr)
-    c = _round(tl.sum(second, 1) + tl.load(bias_ptr + rows + HALF).to(tl.float32), x_ptr)
+    a = rounded(tl.sum(first, 1) + tl.load(bias_ptr + rows).to(tl.float32), x_ptr)
+    c = rounded(tl.sum(second, 1) + tl.load(bias_ptr + rows + HALF).to(tl.float32), x_ptr)
     if h < HQ + HKV:  # RoPE, rounded per operation as bf16 tensors are: (a cos - c sin, c cos + a sin)
         cos = tl.load(cos_ptr + b * HALF + j).to(tl.float32)
         sin = tl.load(sin_ptr + b * HALF + j).to(tl.float32)
         a, c = (
-            _round(_round(a * cos, x_ptr) - _round(c * sin, x_ptr), x_ptr),
-            _round(_round(c * cos, x_ptr) + _round(a * sin, x_ptr), x_ptr),
+            rounded(rounded(a * cos, x_ptr) - rounded(c * sin, x_ptr), x_ptr),
+            rounded(rounded(c * cos, x_ptr) + rounded(a * sin, x_ptr), x_ptr),
         )
     if h < HQ:
         out = q_ptr + (b * HQ + head) * HEAD_DIM + j
@@ -202,7 +196,7 @@ def _decode_linear_kernel(
         a = tl.load(a_ptr + b * K + k, mask=mask, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + n[:, None].to(tl.int64) * K + k[None, :], mask=n_mask[:, None] & mask[None, :], other=0.0)
         acc += w.to(tl.float32) * a[None, :]
-    y = _round(tl.sum(acc, 1) + tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32), x_ptr)
+    y = rounded(tl.sum(acc, 1) + tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32), x_ptr)
     x = tl.load(x_ptr + b * N + n, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(x_ptr + b * N + n, (x + y).to(x_ptr.dtype.element_ty), mask=n_mask)
 
@@ -241,7 +235,7 @@ def _decode_router_kernel(
         xn = _normed(xb, gain_ptr, k, mask, r)
         w = tl.load(w_ptr + e[:, None].to(tl.int64) * D + k[None, :], mask=e_mask[:, None] & mask[None, :], other=0.0)
         acc += w.to(tl.float32) * xn[None, :]
-    z = _round(tl.sum(acc, 1) + tl.load(bias_ptr + e, mask=e_mask, other=0.0).to(tl.float32), x_ptr)
+    z = rounded(tl.sum(acc, 1) + tl.load(bias_ptr + e, mask=e_mask, other=0.0).to(tl.float32), x_ptr)
     tl.store(logits_ptr + b * E + e, z, mask=e_mask)
 
 
@@ -425,7 +419,7 @@ def _decode_gate_up_kernel(
     gate, linear = tl.split(tl.reshape(h, (BLOCK_N // 2, 2)))
     gate = tl.minimum(gate, limit)
     linear = tl.minimum(tl.maximum(linear, -limit), limit)
-    act = _round(gate * tl.sigmoid(alpha * gate) * (linear + 1), bias_ptr)  # as the plain kernel's bf16 act
+    act = rounded(gate * tl.sigmoid(alpha * gate) * (linear + 1), bias_ptr)  # as the plain kernel's bf16 act
     at = pair * (I // 32) + tl.program_id(0) + tl.arange(0, 1)  # [1]: this program's block
     _quantize_store(tl.reshape(act, (1, BLOCK_N // 2)), aq_ptr + at * BLOCK_WORDS, at >= 0)
 
@@ -467,7 +461,7 @@ def _decode_down_kernel(
     out = tl.sum(tl.reshape(weight * y, (SLOTS, BLOCK_N)), 0)  # slot 0 first
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     x = tl.load(x_ptr + b * D + n, mask=n < D, other=0.0).to(tl.float32)
-    tl.store(x_ptr + b * D + n, (x + _round(out, x_ptr)).to(x_ptr.dtype.element_ty), mask=n < D)
+    tl.store(x_ptr + b * D + n, (x + rounded(out, x_ptr)).to(x_ptr.dtype.element_ty), mask=n < D)
 
 
 # --- launchers ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gptoss.kernels.rounding import INTERPRET, rounded
+from gptoss.kernels.rounding import rounded
 
 
 @triton.jit
@@ -44,13 +44,12 @@ def _rmsnorm_fwd_kernel(
     eps,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    INTERPRET: tl.constexpr,
 ):
     t, d, at, mask = _row_block(T, D, BLOCK_T, BLOCK_D)
     x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
     r = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)  # [BLOCK_T]
     g = tl.load(g_ptr + d, mask=d < D, other=0.0)
-    y = rounded(x * r[:, None] * g[None, :], y_ptr, INTERPRET)
+    y = rounded(x * r[:, None] * g[None, :], y_ptr)
     tl.store(y_ptr + at, y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(r_ptr + t, r, mask=t < T)
 
@@ -66,7 +65,6 @@ def _rmsnorm_bwd_kernel(
     D,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    INTERPRET: tl.constexpr,
 ):
     t, d, at, mask = _row_block(T, D, BLOCK_T, BLOCK_D)
     x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
@@ -76,7 +74,7 @@ def _rmsnorm_bwd_kernel(
     x_hat = x * r[:, None]
     dyg = dy * g[None, :]
     c = tl.sum(dyg * x_hat, axis=1) / D  # [BLOCK_T]
-    dx = rounded((dyg - x_hat * c[:, None]) * r[:, None], dx_ptr, INTERPRET)
+    dx = rounded((dyg - x_hat * c[:, None]) * r[:, None], dx_ptr)
     tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -105,7 +103,7 @@ def rmsnorm_fwd(x: torch.Tensor, gain: torch.Tensor, eps: float) -> tuple[torch.
         return y, r
     BLOCK_T, BLOCK_D, num_warps = _blocks(D)
     _rmsnorm_fwd_kernel[(triton.cdiv(T, BLOCK_T),)](
-        x, gain, y, r, T, D, eps, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, INTERPRET=INTERPRET, num_warps=num_warps
+        x, gain, y, r, T, D, eps, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=num_warps
     )
     return y, r
 
@@ -118,7 +116,7 @@ def rmsnorm_bwd(dy: torch.Tensor, x: torch.Tensor, gain: torch.Tensor, r: torch.
         return dx
     BLOCK_T, BLOCK_D, num_warps = _blocks(D)
     _rmsnorm_bwd_kernel[(triton.cdiv(T, BLOCK_T),)](
-        dy, x, gain, r, dx, T, D, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, INTERPRET=INTERPRET, num_warps=num_warps
+        dy, x, gain, r, dx, T, D, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=num_warps
     )
     return dx
 

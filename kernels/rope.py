@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gptoss.kernels.rounding import INTERPRET, rounded
+from gptoss.kernels.rounding import rounded
 
 
 @triton.jit(do_not_specialize=["T", "H", "cos_batch", "HALF", "sign"])  # one compilation per dtype and head count
@@ -36,7 +36,6 @@ def _rope_kernel(
     sign,  # 1.0: rotate; -1.0: rotate back (the backward)
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
-    INTERPRET: tl.constexpr,
 ):
     n = tl.program_id(0)
     b, t = n // T, n % T
@@ -50,8 +49,8 @@ def _rope_kernel(
     x1 = tl.load(x_ptr + first, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptr + first + HALF, mask=mask, other=0.0).to(tl.float32)
     c, s = cos[None, :], sin[None, :]
-    y1 = rounded(rounded(x1 * c, y_ptr, INTERPRET) - rounded(x2 * s, y_ptr, INTERPRET), y_ptr, INTERPRET)
-    y2 = rounded(rounded(x2 * c, y_ptr, INTERPRET) + rounded(x1 * s, y_ptr, INTERPRET), y_ptr, INTERPRET)
+    y1 = rounded(rounded(x1 * c, y_ptr) - rounded(x2 * s, y_ptr), y_ptr)
+    y2 = rounded(rounded(x2 * c, y_ptr) + rounded(x1 * s, y_ptr), y_ptr)
     tl.store(y_ptr + first, y1.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(y_ptr + first + HALF, y2.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -88,7 +87,6 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: int = 1) -
         float(sign),
         BLOCK_H=triton.next_power_of_2(H),
         BLOCK_HALF=triton.next_power_of_2(half),
-        INTERPRET=INTERPRET,
         num_warps=4,
     )
     return y

@@ -53,8 +53,9 @@ from triton.runtime.autotuner import Autotuner, Heuristics  # noqa: E402
 from triton.runtime.jit import JITFunction, KernelInterface, create_function_from_signature  # noqa: E402
 
 # what a cached row holds: a new format recompiles rather than read a row short of a field
-ROW_FORMAT = 5  # 2: loop_shared_ops; 3: the main loop is the largest innermost loop; 4: loop loads, ftz_ops;
-# 5: asynchronous copies to shared memory (LDGSTS) are not loads into registers
+ROW_FORMAT = 6  # 2: loop_shared_ops; 3: the main loop is the largest innermost loop; 4: loop loads, ftz_ops;
+# 5: loop_wide_loads_waited (since dropped); 6: asynchronous copies to shared memory (LDGSTS) are not loads
+# into registers
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 and sm_100 (227 KiB)
 SHAPES = {  # hidden D, intermediate I, experts E, top-k
     "gpt-oss-20b": (2880, 2880, 32, 4),
