@@ -16,7 +16,7 @@ loops (_product_along_rows: the weight's packed dimension is K; _product_across_
 W1's rows interleave gate (2j) and linear (2j+1), so in gate_up one dot yields both halves of a tile
 and the epilogue splits the column pairs; down_bwd writes its two gradients back interleaved.
 The combine over the k slots of a token is a torch sum over [T, k, D]. Weights are frozen; LoRA
-adapters on the experts join through ADD: an fp32 [P, N] update (sorted rows) added to the product
+adapters on the experts join through ADD: an fp32 or bf16 [P, N] update (sorted rows) added to the product
 in the epilogue (to h and y forward; to d act before the SwiGLU's backward and to gx), computed by
 torch as one masked rank product for all experts (kernels/expert_lora.py).
 
@@ -360,7 +360,7 @@ def _moe_gate_up_kernel(
     bias_ptr,  # [E, 2I] b1
     act_ptr,  # out: [P, I] swiglu(h), sorted rows
     h_ptr,  # SAVE: [P, 2I] h, sorted rows (the backward's)
-    add_ptr,  # ADD: [P, 2I] fp32, sorted rows: the LoRA update of h
+    add_ptr,  # ADD: [P, 2I] fp32 or bf16, sorted rows: the LoRA update of h
     counts_ptr,
     offsets_ptr,
     sorted_pairs_ptr,  # the routing: [E] rows per expert, [E] first row, [P] pairs
@@ -417,7 +417,7 @@ def _moe_down_kernel(
     gate_ptr,  # [P] fp32 routing weight of each pair
     out_ptr,  # out: [P, D] fp32, pair order: w * y
     y_ptr,  # SAVE: [P, D] fp32, pair order: y (the routing weight's gradient)
-    add_ptr,  # ADD: [P, D] fp32, sorted rows: the LoRA update of y
+    add_ptr,  # ADD: [P, D] fp32 or bf16, sorted rows: the LoRA update of y
     counts_ptr,
     offsets_ptr,
     sorted_pairs_ptr,
@@ -461,7 +461,7 @@ def _moe_down_bwd_kernel(
     h_ptr,  # [P, 2I] the forward's h, sorted rows
     gate_ptr,  # [P] fp32 routing weight of each pair
     gh_ptr,  # out: [P, 2I] d loss / d h, sorted rows, gate and linear interleaved as h
-    add_ptr,  # ADD: [P, I] fp32, sorted rows: the adapter's path to d act (routing weight included)
+    add_ptr,  # ADD: [P, I] fp32 or bf16, sorted rows: the adapter's path to d act (routing weight included)
     counts_ptr,
     offsets_ptr,
     sorted_pairs_ptr,
@@ -495,7 +495,9 @@ def _moe_down_bwd_kernel(
     d_act = acc * gate[:, None]
     if ADD:
         n = n0 + tl.arange(0, BLOCK_N)
-        d_act += tl.load(add_ptr + m[:, None] * N + n[None, :], mask=m_mask[:, None] & (n[None, :] < N), other=0.0)
+        d_act += tl.load(
+            add_ptr + m[:, None] * N + n[None, :], mask=m_mask[:, None] & (n[None, :] < N), other=0.0
+        ).to(tl.float32)
     j = 2 * n0 + tl.arange(0, 2 * BLOCK_N)  # the interleaved columns of h and gh
     hj_mask = m_mask[:, None] & (j[None, :] < 2 * N)
     h = tl.load(h_ptr + m[:, None] * (2 * N) + j[None, :], mask=hj_mask, other=0.0).to(tl.float32)
@@ -512,7 +514,7 @@ def _moe_gate_up_bwd_kernel(
     w_ptr,  # [E, 2I, D/32, 16] uint8: W1 in MXFP4, read across its rows
     s_ptr,  # [E, 2I, D/32] uint8 scales
     gx_ptr,  # out: [P, D] fp32, pair order: d loss / d x of each pair
-    add_ptr,  # ADD: [P, D] fp32, sorted rows: the adapter's part of it
+    add_ptr,  # ADD: [P, D] fp32 or bf16, sorted rows: the adapter's part of it
     counts_ptr,
     offsets_ptr,
     sorted_pairs_ptr,
@@ -563,9 +565,11 @@ def _flags(a: torch.Tensor, add: torch.Tensor | None) -> dict:
 
 
 def _check_add(add: torch.Tensor | None, P: int, N: int) -> None:
-    if add is not None and (add.shape != (P, N) or add.dtype != torch.float32 or not add.is_contiguous()):
+    if add is not None and (
+        add.shape != (P, N) or add.dtype not in (torch.float32, torch.bfloat16) or not add.is_contiguous()
+    ):
         raise ValueError(
-            f"the added update must be a contiguous fp32 [{P}, {N}] tensor, got {add.dtype} {tuple(add.shape)}"
+            f"the added update must be a contiguous fp32 or bf16 [{P}, {N}] tensor, got {add.dtype} {tuple(add.shape)}"
         )
 
 
@@ -579,7 +583,7 @@ def moe_gate_up_fwd(
     add: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x [T, D] -> act [P, I] in sorted-row order (and h [P, 2I] when `save`); `add` [P, 2I] fp32
-    (sorted rows) joins h before the SwiGLU."""
+    or bf16 (sorted rows) joins h before the SwiGLU."""
     w1.check(x)
     P, D, I2 = routing.sorted_pairs.numel(), x.shape[1], w1.rows
     _check_add(add, P, I2)
@@ -619,7 +623,7 @@ def moe_down_fwd(
     add: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """act [P, I] (sorted rows) -> weighted outputs [P, D] fp32 in pair order (and y unweighted when
-    `save`); `add` [P, D] fp32 (sorted rows) joins y before the routing weight."""
+    `save`); `add` [P, D] fp32 or bf16 (sorted rows) joins y before the routing weight."""
     w2.check(act)
     P, I, D = act.shape[0], act.shape[1], w2.rows
     _check_add(add, P, D)
@@ -659,7 +663,7 @@ def moe_down_bwd(
     add: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """grad of the MoE output [T, D] -> grad of the pre-activation h [P, 2I] (sorted rows); `add`
-    [P, I] fp32 (sorted rows) joins the gradient of act before the SwiGLU's backward."""
+    [P, I] fp32 or bf16 (sorted rows) joins the gradient of act before the SwiGLU's backward."""
     w2.check(grad_out)
     P, D, I = h.shape[0], grad_out.shape[1], h.shape[1] // 2
     _check_add(add, P, I)
@@ -692,7 +696,7 @@ def moe_gate_up_bwd(
     gh: torch.Tensor, routing: Routing, w1: ExpertWeights, add: torch.Tensor | None = None
 ) -> torch.Tensor:
     """grad of h [P, 2I] (sorted rows) -> grad of the gathered inputs [P, D] fp32 in pair order; `add`
-    [P, D] fp32 (sorted rows) joins it."""
+    [P, D] fp32 or bf16 (sorted rows) joins it."""
     w1.check(gh)
     P, I2, D = gh.shape[0], gh.shape[1], w1.cols
     _check_add(add, P, D)
@@ -746,7 +750,7 @@ class MoEFunction(torch.autograd.Function):
         mask = z1 = z2 = u1 = u2 = None
         if A1 is not None or A2 is not None:
             A = A1 if A1 is not None else A2
-            mask = expert_mask(routing, w1.experts, A.shape[0] // w1.experts, A.dtype)
+            mask = expert_mask(routing, w1.experts, A.shape[0] // w1.experts, x.dtype)
         if A1 is not None:
             rows = routing.sorted_pairs.long() // routing.top_k  # the token of each sorted row
             z1, u1 = lora_update(x.index_select(0, rows), A1, B1, mask, scaling)
@@ -772,7 +776,7 @@ class MoEFunction(torch.autograd.Function):
         if need[1]:  # d out / d w[t, s] = y[t, s] (the adapter's update included)
             grad_w = torch.einsum("tkd,td->tk", y.view(T, K, D), grad_out.float())
         if A2 is not None:  # d loss / d y of each sorted row: its token's gradient times its routing weight
-            g_y = grad_out.float().index_select(0, rows) * gate[routing.sorted_pairs.long()].unsqueeze(-1)
+            g_y = grad_out.index_select(0, rows) * gate[routing.sorted_pairs.long()].unsqueeze(-1).to(grad_out.dtype)
             dA2, dB2, d_act = lora_backward(g_y, act, z2, A2, B2, mask, s)
         if need[0] or need[2] or need[3]:
             gh = moe_down_bwd(grad_out, routing, gate, ctx.w2, h, ctx.alpha, ctx.limit, add=d_act)

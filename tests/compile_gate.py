@@ -194,9 +194,10 @@ def run_workloads() -> list[Launch]:
                     w1, w2 = meta_experts(E, D, I, dtype)
                     x = torch.empty(T, D, dtype=dtype, **meta)
                     gate = torch.empty(T * k, dtype=torch.float32, **meta)
-                    # every kernel of moe.KERNELS, without and with the LoRA update (fp32, sorted rows) in its epilogue
+                    # every kernel of moe.KERNELS, without and with the LoRA update (sorted rows, in the
+                    # activations' dtype: kernels/expert_lora.py) in its epilogue
                     P = T * k
-                    add = {n: torch.empty(P, n, dtype=torch.float32, **meta) for n in (D, I, 2 * I)}
+                    add = {n: torch.empty(P, n, dtype=dtype, **meta) for n in (D, I, 2 * I)}
                     for lora in (False, True):
                         plus = "+lora" if lora else ""
                         label["what"] = "forward" + plus

@@ -352,17 +352,36 @@ def test_auto_trains_in_bf16_on_a_gpu_and_fp32_on_the_cpu():
         train_dtype("fp16", torch.device("cpu"))
 
 
-def test_under_the_gpu_settings_every_triton_kernel_takes_bf16_operands(tmp_path, monkeypatch):
+def test_under_the_gpu_settings_every_kernel_and_matrix_product_takes_bf16_operands(tmp_path, monkeypatch):
     # what `gptoss train` builds on a GPU with the default --dtype auto, run here on the interpreter: the
-    # operand each kernel multiplies (MoE: x / act / grad / gh; attention: q, k, v, dO) is never fp32
+    # operand each kernel multiplies (MoE: x / act / grad / gh; attention: q, k, v, dO) is never fp32;
+    # nor is any matrix product PyTorch runs, forward (under autocast, as the trainer's on CUDA: here the
+    # CPU's) or backward (outside it, as on CUDA, where the autograd engine's threads have it off). An
+    # fp32 product there is an fp32 GEMM on CUDA cores: the expert adapters' backward was, at E times
+    # the rank-r work. Matrix-vector products (the routing weights' gradient) are bandwidth-bound: left out.
     from conftest import small_config
     from triton.runtime.autotuner import Autotuner, Heuristics
     from triton.runtime.jit import KernelInterface
 
     from gptoss import load_model
     from gptoss.adapter import apply_lora
+    from gptoss.launches import LaunchCounter
     from gptoss.train.loss import next_token_loss
     from gptoss.train.trainer import train_dtype
+
+    class Products(LaunchCounter):  # PyTorch's matrix products outside the Triton kernels, with dtypes
+        def __init__(self):
+            super().__init__()
+            self.fp32 = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            name = func.overloadpacket.__name__
+            if not self._inside and name in {"mm", "addmm", "bmm", "baddbmm", "_grouped_mm"} and min(out.shape[-2:]) > 1:
+                dtypes = [a.dtype for a in args if isinstance(a, torch.Tensor)]
+                if torch.float32 in dtypes:
+                    self.fp32.append((name, tuple(out.shape)))
+            return out
 
     dtype, _ = train_dtype("auto", torch.device("cuda", 0))
     operands = {"x_ptr", "act_ptr", "grad_ptr", "gh_ptr", "q_ptr", "k_ptr", "v_ptr", "do_ptr"}
@@ -390,8 +409,11 @@ def test_under_the_gpu_settings_every_triton_kernel_takes_bf16_operands(tmp_path
     model.gradient_checkpointing = True
     model.train()
     ids = torch.randint(0, 300, (1, 12))
-    loss, _ = next_token_loss(model, ids)
-    loss.backward()
+    with Products() as forward, torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = next_token_loss(model, ids)
+    with Products() as backward:
+        loss.backward()
+    assert not forward.fp32 and not backward.fp32, (forward.fp32, backward.fp32)
     moe = {
         "_moe_gate_up_kernel.x_ptr",
         "_moe_down_kernel.act_ptr",
