@@ -495,9 +495,8 @@ def _moe_down_bwd_kernel(
     d_act = acc * gate[:, None]
     if ADD:
         n = n0 + tl.arange(0, BLOCK_N)
-        d_act += tl.load(
-            add_ptr + m[:, None] * N + n[None, :], mask=m_mask[:, None] & (n[None, :] < N), other=0.0
-        ).to(tl.float32)
+        mn_mask = m_mask[:, None] & (n[None, :] < N)
+        d_act += tl.load(add_ptr + m[:, None] * N + n[None, :], mask=mn_mask, other=0.0).to(tl.float32)
     j = 2 * n0 + tl.arange(0, 2 * BLOCK_N)  # the interleaved columns of h and gh
     hj_mask = m_mask[:, None] & (j[None, :] < 2 * N)
     h = tl.load(h_ptr + m[:, None] * (2 * N) + j[None, :], mask=hj_mask, other=0.0).to(tl.float32)

@@ -377,10 +377,9 @@ def test_under_the_gpu_settings_every_kernel_and_matrix_product_takes_bf16_opera
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = super().__torch_dispatch__(func, types, args, kwargs)
             name = func.overloadpacket.__name__
-            if not self._inside and name in {"mm", "addmm", "bmm", "baddbmm", "_grouped_mm"} and min(out.shape[-2:]) > 1:
-                dtypes = [a.dtype for a in args if isinstance(a, torch.Tensor)]
-                if torch.float32 in dtypes:
-                    self.fp32.append((name, tuple(out.shape)))
+            matrix = name in {"mm", "addmm", "bmm", "baddbmm", "_grouped_mm"} and min(out.shape[-2:]) > 1
+            if matrix and not self._inside and any(getattr(a, "dtype", None) == torch.float32 for a in args):
+                self.fp32.append((name, tuple(out.shape)))
             return out
 
     dtype, _ = train_dtype("auto", torch.device("cuda", 0))
