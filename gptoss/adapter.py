@@ -59,9 +59,15 @@ class LoRALinear(nn.Linear):
         self.scaling = alpha / r
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the scaling on the rank-r product: r columns, not the output's (a pass over [T, out] saved)
+        base = F.linear(x, self.weight, self.bias)
+        if torch.is_autocast_enabled(x.device.type):
+            # autocast multiplies in its dtype anyway: x goes in as it is (an upcast to the fp32 factors'
+            # dtype would be a pass over [T, in] cast straight back), and B's product adds to the base
+            # output inside its GEMM (addmm), not in a pass of its own over [T, out]
+            z = self.lora_A(x) * self.scaling  # the scaling on the rank-r product: r columns, not out
+            return torch.addmm(base.flatten(0, -2), z.flatten(0, -2), self.lora_B.weight.t()).view(base.shape)
         delta = self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype)) * self.scaling)
-        return F.linear(x, self.weight, self.bias) + delta.to(x.dtype)
+        return base + delta.to(x.dtype)
 
 
 class ExpertLoRA(nn.Module):

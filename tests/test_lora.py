@@ -2,6 +2,7 @@
 peft.PeftModel on transformers' GptOssForCausalLM, and merging."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -172,3 +173,49 @@ def test_merged_expert_layers_on_the_triton_backend_say_once_that_they_run_on_to
         model(torch.tensor([[1, 2, 3, 4]]))
         model(torch.tensor([[1, 2, 3, 4]]))
     assert capsys.readouterr().err.count("run on the torch path") == 1
+
+
+def test_a_lora_projection_under_autocast_makes_no_fp32_activation():
+    # on a GPU the trainer runs the forward under bf16 autocast and the backward outside it. An adapted
+    # q/k/v/o projection there: the same product as without autocast (the factors are fp32, x bf16), and
+    # no pass over the activations that only converts them: x is not upcast to the factors' dtype (autocast
+    # casts it straight back), the adapter's product joins the base output inside its GEMM (addmm)
+    from gptoss.adapter import LoRALinear
+    from gptoss.launches import LaunchCounter
+
+    class Made(LaunchCounter):  # every launch, with the shape and dtype of what it made
+        def __init__(self):
+            super().__init__()
+            self.made = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            if len(self.torch) > len(self.made):
+                self.made.append((self.torch[-1], tuple(out.shape), out.dtype))
+            return out
+
+    T, IN, OUT = 24, 64, 80
+    torch.manual_seed(0)
+    lin = LoRALinear(torch.nn.Linear(IN, OUT, dtype=torch.bfloat16), 4, 8)
+    torch.nn.init.normal_(lin.lora_B.weight)
+    x = torch.randn(2, T // 2, IN).to(torch.bfloat16).requires_grad_()
+    grad = torch.randn(2, T // 2, OUT).to(torch.bfloat16)
+    with Made() as forward, torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lin(x)
+    with Made() as backward:
+        y.backward(grad)
+    over_activations = [m for m in forward.made + backward.made if math.prod(m[1][:-1]) == T and m[1][-1] in (IN, OUT)]
+    assert not [m for m in over_activations if m[2] == torch.float32], over_activations
+    assert [m for m in forward.made if m[1] in ((T, OUT), (2, T // 2, OUT))] == [
+        ("addmm", (T, OUT), torch.bfloat16),  # x W^T + b
+        ("addmm", (T, OUT), torch.bfloat16),  # + s (x A^T) B^T
+    ], forward.made
+    assert lin.lora_A.weight.grad.dtype == lin.lora_B.weight.grad.dtype == torch.float32
+
+    # the same values as the fp32 product of the same bf16 operands, to bf16's rounding
+    x32 = x.detach().float()
+    want = x32 @ lin.weight.float().T + lin.bias.float()
+    want = want + lin.scaling * (x32 @ lin.lora_A.weight.bfloat16().float().T).bfloat16().float() @ (
+        lin.lora_B.weight.bfloat16().float().T
+    )
+    assert torch.allclose(y.float(), want, atol=0.05, rtol=0.02), (y.float() - want).abs().max()
