@@ -65,7 +65,8 @@ class LoRALinear(nn.Linear):
             # dtype would be a pass over [T, in] cast straight back), and B's product adds to the base
             # output inside its GEMM (addmm), not in a pass of its own over [T, out]
             z = self.lora_A(x) * self.scaling  # the scaling on the rank-r product: r columns, not out
-            return torch.addmm(base.flatten(0, -2), z.flatten(0, -2), self.lora_B.weight.t()).view(base.shape)
+            flat = base.reshape(-1, base.shape[-1])
+            return torch.addmm(flat, z.reshape(-1, z.shape[-1]), self.lora_B.weight.t()).view(base.shape)
         delta = self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype)) * self.scaling)
         return base + delta.to(x.dtype)
 
