@@ -19,9 +19,10 @@ log-sum-exp L = m + log2(l) per row ([B, K, T * G] fp32) for the backward.
 Backward (FlashAttention-2): P = exp2(s - L) is recomputed from L; with dP = dO V^T and
 Delta = rowsum(dO * O), dS = P * (dP - Delta), dQ = dS K / sqrt(Dh), dK = dS^T Q / sqrt(Dh),
 dV = P^T dO. The sink's softmax weight is exp2(z - L); its gradient is -sum over rows of that
-weight times Delta (a torch reduction over [B, K, T, G]). Two kernels, no atomics: one program per
-query tile accumulates dQ over key tiles, one per key tile accumulates dK, dV over the query tiles
-of all G heads (which is where GQA's sum over the group happens).
+weight times Delta. A preamble kernel makes Delta and each row's term of that sum in one pass over dO
+and O (a torch sum over the rows finishes the sink's gradient); then two kernels, no atomics: one
+program per query tile accumulates dQ over key tiles, one per key tile accumulates dK, dV over the
+query tiles of all G heads (which is where GQA's sum over the group happens).
 
 Which tiles meet. Positions are data (left padding, cache rings, continuation), so the pairs of
 tiles that may contain a visible (query, key) are found on the device before the launch: per query
@@ -33,7 +34,8 @@ over its [first, last] query tiles. Without host synchronisation, so a CUDA grap
 Decode (few rows, no gradient) takes the split-K kernels of kernels/attention_decode.py;
 attention_with_sinks below sends it there. What the two files share: kernels/attention_core.py.
 
-Grids: forward and dQ (cdiv(T * G, BLOCK_M), B * K); dK/dV (cdiv(S, BLOCK_N), B * K). Tiles are fixed per kernel and dtype (chosen with the compile gate,
+Grids: forward and dQ (cdiv(T * G, BLOCK_M), B * K); dK/dV (cdiv(S, BLOCK_N), B * K); the backward's
+preamble (cdiv(T * G, DELTA_ROWS), B * K). Tiles are fixed per kernel and dtype (chosen with the compile gate,
 tests/compile_gate.py), not autotuned: the tile-pair table is built for the tiles of the launch.
 """
 
@@ -467,6 +469,41 @@ def attention_fwd(
     return out, lse
 
 
+@triton.jit
+def _attn_bwd_delta_kernel(
+    do_ptr,  # [B, T, K, G, Dh] d loss / d out, contiguous
+    out_ptr,  # [B, T, K, G, Dh] the forward's out, contiguous
+    lse_ptr,  # [B, K, T * G] fp32: the forward's base-2 log-sum-exp per row
+    sinks_ptr,  # [K * G] the sinks' logits
+    delta_ptr,  # out: [B, K, T * G] fp32, Delta = rowsum(dO * O)
+    sink_ptr,  # out: [B, K, T * G] fp32, -exp2(z - L) Delta: the row's part of its sink logit's gradient
+    T,
+    G,
+    KH,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """The backward's per-row preamble, one pass over dO and O: Delta in the dQ and dK/dV kernels' row
+    order (r = t * G + g of one (batch, KV head)), and each row's term of its sink's gradient."""
+    bh = tl.program_id(1)  # batch * KH + KV head
+    b, kv = bh // KH, bh % KH
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = rows < T * G
+    t, g = rows // G, rows % G
+    at = (((b.to(tl.int64) * T + t) * KH + kv) * G + g)[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+    do = tl.load(do_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32)
+    o = tl.load(out_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32)
+    delta = tl.sum(do * o, axis=1)
+    row = bh.to(tl.int64) * T * G + rows
+    z = tl.load(sinks_ptr + kv * G + g, mask=ok, other=0.0).to(tl.float32) * LOG2E_IN_KERNELS
+    lse = tl.load(lse_ptr + row, mask=ok, other=0.0)
+    tl.store(delta_ptr + row, delta, mask=ok)
+    tl.store(sink_ptr + row, -tl.exp2(z - lse) * delta, mask=ok)
+
+
+DELTA_ROWS = 64  # rows of dO and O per program of the preamble (8 warps): [64, Dh] tiles of each
+
+
 def attention_bwd(
     do: torch.Tensor,
     q: torch.Tensor,
@@ -485,12 +522,26 @@ def attention_bwd(
     bm, bn, warps, stages = CONFIGS["bwd"][path(q.dtype)]
     q_ranges, k_ranges = tile_ranges(q_pos, k_pos, window, G, bm, bn)
     do = do.contiguous()
-    delta = (do.float() * out.float()).sum(-1)  # [B, T, K, G] = rowsum(dO * O)
-    delta_rows = delta.permute(0, 2, 1, 3).reshape(B, K, T * G).contiguous()
-    # the sink's share of each row's softmax is 2^(z - L); its logit's gradient sums -share * Delta
-    z2 = sinks.float().view(1, K, 1, G) * LOG2E
-    share = torch.exp2(z2 - lse.view(B, K, T, G))
-    dsinks = -(share * delta_rows.view(B, K, T, G)).sum((0, 2)).reshape(K * G)
+    # Delta = rowsum(dO * O) per row, and the sink's part: its share of each row's softmax is 2^(z - L),
+    # its logit's gradient sums -share * Delta over the rows of its head
+    delta_rows = torch.empty(B, K, T * G, dtype=torch.float32, device=q.device)
+    sink_rows = torch.empty_like(delta_rows)
+    if T * G:
+        _attn_bwd_delta_kernel[(triton.cdiv(T * G, DELTA_ROWS), B * K)](
+            do,
+            out.contiguous(),
+            lse,
+            sinks,
+            delta_rows,
+            sink_rows,
+            T,
+            G,
+            K,
+            HEAD_DIM=Dh,
+            BLOCK_R=DELTA_ROWS,
+            num_warps=8,
+        )
+    dsinks = sink_rows.view(B, K, T, G).sum((0, 2)).reshape(K * G)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty(B, S, K, Dh, dtype=k.dtype, device=k.device)
     dv = torch.empty_like(dk)

@@ -114,6 +114,27 @@ def test_sink_only_rows_are_zero_and_their_gradients_vanish():
     )
 
 
+def test_the_backward_is_four_kernels_and_one_sum():
+    # the tile table, the preamble (Delta = rowsum(dO * O) and each row's part of its sink's gradient, one
+    # pass over dO and O), dQ, dK/dV; then the sum of the sink's parts over the rows. The preamble was
+    # eleven PyTorch kernels: both tensors upcast to fp32, their product, sums, a transpose, the share
+    from gptoss.launches import LaunchCounter
+
+    q, k, v, sinks = (t.requires_grad_() for t in _inputs(1, 24, 24, 2, 4, torch.bfloat16))
+    pos = torch.arange(24)
+    out = kernel.attention_with_sinks(q, k, v, sinks, pos, pos, 8)
+    grad = torch.randn_like(out)
+    with LaunchCounter() as counted:
+        out.backward(grad)
+    assert counted.triton == [
+        "_tile_ranges_kernel",
+        "_attn_bwd_delta_kernel",
+        "_attn_bwd_dq_kernel",
+        "_attn_bwd_dkdv_kernel",
+    ], counted.triton
+    assert counted.torch == ["sum"], counted.torch
+
+
 @pytest.mark.parametrize("splits", [1, 3, None])
 @pytest.mark.parametrize("rows", [(1, 8), (2, 4), (1, 1)])  # (T, G): decode, a two-token step, MHA
 def test_decode_kernel_matches_the_reference(rows, splits):
