@@ -7,6 +7,12 @@ import torch
 # Triton kernels run on the CPU through Triton's interpreter (set before gptoss.kernels is imported).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Triton's own @jit helpers (tl.sum, tl.cumsum, ... in triton.language.standard) are made interpreted or
+# compiled when triton.language is first imported. Imported here, under the setting above: a test that
+# imports tests/compile_gate.py (which clears TRITON_INTERPRET for its own compiling) before anything
+# imported Triton would otherwise leave them compiled, and every interpreted kernel calling one fails with
+# "Cannot call @triton.jit'd outside of the scope of a kernel".
+import triton.language  # noqa: E402, F401
 
 from gptoss.config import ModelConfig  # noqa: E402
 

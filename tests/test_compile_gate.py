@@ -194,6 +194,23 @@ HOSTILE_ARGS = [
 ]
 
 
+def test_the_gate_imported_first_leaves_the_interpreted_kernels_working():
+    # a test that imports the gate (which clears TRITON_INTERPRET for its own compiling) before anything
+    # imported Triton: the suite's kernels, which call Triton's own @jit helpers (tl.sum), still interpret
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "import os, conftest, compile_gate, torch\n"  # the suite's setting, then the gate
+        "os.environ['TRITON_INTERPRET'] = '1'\n"  # put back, as _meet_the_static_goals does
+        "from gptoss.kernels.rmsnorm import rmsnorm\n"
+        "y = rmsnorm(torch.ones(2, 64), torch.full((64,), 2.0), 1e-6)\n"
+        "assert torch.allclose(y, torch.full((2, 64), 2.0)), y\n"
+        "print('interpreted')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(GATE.parent)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and "interpreted" in done.stdout, done.stderr[-2000:]
+
+
 def test_hostile_arguments_are_refused_in_one_line():
     # one subprocess for all rows: each row's exit code and stderr, from argparse's own exit
     script = (
