@@ -233,15 +233,18 @@ def mxfp4_blocks(blocks_ptr, r, g, mask, G):
 
 @triton.jit
 def mxfp4_scales(scales_ptr, r, g, mask, G):
-    """The E8M0 scale bytes [R, B] of the same blocks, as loaded. Apart from the codes so that a main loop
-    can load them a trip ahead and read them a trip later: one byte a block is too small for an
-    asynchronous copy, and a plain load read in its own trip stalls that trip."""
-    return tl.load(scales_ptr + r[:, None] * G + g[None, :], mask=mask, other=127)
+    """The E8M0 scale bytes of the same blocks, as loaded, shaped [R, B, 1] as mxfp4_decode broadcasts them
+    over each block's 16 bytes. Apart from the codes so that a main loop can load them a trip ahead and
+    read them a trip later: one byte a block is too small for an asynchronous copy, and a plain load read
+    in its own trip stalls that trip. Loaded in the decode's shape, they stay in the codes' register
+    layout: loaded [R, B], Triton 3.6 moved them there through shared memory every trip of a wgmma tile
+    (an extra barrier, and its loads waited on at 128 columns of K)."""
+    return tl.load(scales_ptr + (r[:, None] * G + g[None, :])[:, :, None], mask=mask[:, :, None], other=127)
 
 
 @triton.jit
 def mxfp4_decode(byte, scale, INTERPRET: tl.constexpr):
-    """Codes [R, B, 16] and scale bytes [R, B] -> (even, odd) [R, B * 16] each: the values at even and odd
+    """Codes [R, B, 16] and scale bytes [R, B] or [R, B, 1] -> (even, odd) [R, B * 16] each: the values at even and odd
     positions along the row, kept apart (a matmul can contract them against the even and odd columns of
     its other operand, or tl.join interleaves them in registers). bf16 on the GPU, fp32 in the
     interpreter (which has no bf16 arithmetic: it would multiply the raw 16-bit patterns)."""
@@ -252,16 +255,20 @@ def mxfp4_decode(byte, scale, INTERPRET: tl.constexpr):
     else:
         low, high = e2m1_pairs(byte)  # [R, B, 16] each: elements 2j and 2j + 1 of the block
         scale = e8m0_to_bf16(scale)
+    if len(scale.shape) == 2:
+        scale = scale[:, :, None]
     shape: tl.constexpr = (byte.shape[0], byte.shape[1] * 16)
-    return tl.reshape(low * scale[:, :, None], shape), tl.reshape(high * scale[:, :, None], shape)
+    return tl.reshape(low * scale, shape), tl.reshape(high * scale, shape)
 
 
 @triton.jit
 def mxfp4_tile(blocks_ptr, scales_ptr, r, g, mask, G, INTERPRET: tl.constexpr):
     """Rows r [R] and MX blocks g [B] (32 values each) of an MXFP4 weight with G blocks per row
-    -> (even, odd) [R, B * 16] each (mxfp4_decode): codes and scales loaded in the same trip."""
+    -> (even, odd) [R, B * 16] each (mxfp4_decode): codes and scales loaded in the same trip, the scales
+    [R, B] (the mma.sync tiles of kernels/moe.py take fewer instructions that way than with mxfp4_scales)."""
     byte = mxfp4_blocks(blocks_ptr, r, g, mask, G)
-    return mxfp4_decode(byte, mxfp4_scales(scales_ptr, r, g, mask, G), INTERPRET)
+    scale = tl.load(scales_ptr + r[:, None] * G + g[None, :], mask=mask, other=127)
+    return mxfp4_decode(byte, scale, INTERPRET)
 
 
 @triton.jit
