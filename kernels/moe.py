@@ -15,10 +15,11 @@ They share three @triton.jit helpers: the expert search (_find_expert, _expert_r
 loops (_product_along_rows: the weight's packed dimension is K; _product_across_rows: it is N).
 W1's rows interleave gate (2j) and linear (2j+1), so in gate_up one dot yields both halves of a tile
 and the epilogue splits the column pairs; down_bwd writes its two gradients back interleaved.
-The combine over the k slots of a token is a torch sum over [T, k, D]. Weights are frozen; LoRA
-adapters on the experts join through ADD: an fp32 or bf16 [P, N] update (sorted rows) added to the product
-in the epilogue (to h and y forward; to d act before the SwiGLU's backward and to gx), computed by
-torch as one masked rank product for all experts (kernels/expert_lora.py).
+The combine over the k slots of a token is a fifth, small kernel (_moe_combine_kernel: the fp32 sum,
+rounded once to the activations' dtype). Weights are frozen; LoRA adapters on the experts join through
+ADD: an fp32 or bf16 [P, N] update (sorted rows) added to the product in the epilogue (to h and y
+forward; to d act before the SwiGLU's backward and to gx), computed by torch as one masked rank product
+for all experts (kernels/expert_lora.py).
 
 Weights stay MXFP4: each K step loads [rows, blocks, 16] packed bytes (16-byte vectors along the
 packed dimension) and one scale per 32 values, decodes them in registers (kernels/mxfp4.py:
@@ -47,6 +48,7 @@ import triton.language as tl
 
 from gptoss.kernels.expert_lora import expert_mask, lora_backward, lora_update
 from gptoss.kernels.mxfp4 import INTERPRET, mxfp4_blocks, mxfp4_decode, mxfp4_scales, mxfp4_tile
+from gptoss.kernels.rounding import rounded
 from gptoss.kernels.routing import Routing, route
 
 SEARCH = tl.constexpr(128)  # experts examined per step of the tile -> expert search
@@ -547,6 +549,28 @@ def _moe_gate_up_bwd_kernel(
 
 
 # The four kernels by the names of CONFIGS (the compile gate reads both).
+@triton.jit
+def _moe_combine_kernel(
+    pairs_ptr,  # [T, TOPK, D] fp32: each (token, slot) pair's output, pair order
+    out_ptr,  # out: [T, D], the activations' dtype
+    D,
+    TOPK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """out[t] = the sum over the k slots of token t, in fp32, rounded once to out's dtype: the combine of
+    the forward (the weighted expert outputs) and of the backward (the gathered inputs' gradients)."""
+    t = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = d < D
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for slot in tl.static_range(TOPK):
+        acc += tl.load(pairs_ptr + (t * TOPK + slot) * D + d, mask=mask, other=0.0)
+    tl.store(out_ptr + t * D + d, rounded(acc, out_ptr).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+COMBINE_COLUMNS = 1024  # columns of D per combine program
+
+
 KERNELS = {
     "gate_up": _moe_gate_up_kernel,
     "down": _moe_down_kernel,
@@ -722,6 +746,19 @@ def moe_gate_up_bwd(
     return gx
 
 
+def moe_combine(pairs: torch.Tensor, top_k: int, dtype: torch.dtype) -> torch.Tensor:
+    """[T * k, D] fp32 in pair order -> [T, D] in `dtype`: the sum over each token's k slots, in fp32, one
+    launch (in torch: a sum into an fp32 [T, D], then a cast)."""
+    if pairs.dtype != torch.float32 or pairs.dim() != 2 or pairs.shape[0] % max(1, top_k) or top_k < 1:
+        raise ValueError(f"expected fp32 [T * {top_k}, D] pair outputs, got {pairs.dtype} {tuple(pairs.shape)}")
+    P, D = pairs.shape
+    out = torch.empty(P // top_k, D, dtype=dtype, device=pairs.device)
+    if P and D:
+        grid = (P // top_k, triton.cdiv(D, COMBINE_COLUMNS))
+        _moe_combine_kernel[grid](pairs.contiguous(), out, D, TOPK=top_k, BLOCK_D=COMBINE_COLUMNS, num_warps=4)
+    return out
+
+
 # --- the MoE block as one differentiable function -----------------------------------------------------------
 
 
@@ -764,7 +801,7 @@ class MoEFunction(torch.autograd.Function):
             ctx.save_for_backward(x, h, y, gate, act if A2 is not None else None, mask, z1, z2, A1, B1, A2, B2)
             ctx.routing, ctx.w1, ctx.w2 = routing, w1, w2  # frozen buffers: held, never differentiated
             ctx.alpha, ctx.limit, ctx.scaling = alpha, limit, scaling
-        return out_pairs.view(T, routing.top_k, D).sum(1).to(x.dtype)
+        return moe_combine(out_pairs, routing.top_k, x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -787,7 +824,7 @@ class MoEFunction(torch.autograd.Function):
                 dA1, dB1, dx = lora_backward(gh, x.index_select(0, rows), z1, A1, B1, mask, s)
             if need[0]:
                 gx_pairs = moe_gate_up_bwd(gh, routing, ctx.w1, add=dx)
-                grad_x = gx_pairs.view(T, K, D).sum(1).to(x.dtype)
+                grad_x = moe_combine(gx_pairs, K, x.dtype)
         return (
             grad_x,
             grad_w,

@@ -262,3 +262,22 @@ def test_grid_bound_covers_every_tile():
         bound = -(-P // block) + min(E, P) - 1
         assert needed <= bound, (counts.tolist(), block)
     assert moe_kernel.rows_bucket(4, 32) == 16 and moe_kernel.rows_bucket(4096 * 4, 32) == 256
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_combine_is_the_torch_sum_rounded_once(dtype):
+    # one kernel for what torch does in two (an fp32 sum over the slots, then the cast): the same values,
+    # bit for bit, on a width that is no multiple of the kernel's column block
+    pairs = torch.randn(7 * 4, 1100) * torch.logspace(-3, 3, 1100)
+    got = moe_kernel.moe_combine(pairs, 4, dtype)
+    assert got.dtype == dtype and torch.equal(got, pairs.view(7, 4, 1100).sum(1).to(dtype))
+    assert moe_kernel.moe_combine(torch.empty(0, 16), 4, dtype).shape == (0, 16)
+
+
+@pytest.mark.parametrize(
+    "pairs, k",
+    [(torch.zeros(8, 4, dtype=torch.bfloat16), 4), (torch.zeros(7, 4), 4), (torch.zeros(8), 4), (torch.zeros(8, 4), 0)],
+)
+def test_the_combine_refuses_what_it_cannot_sum(pairs, k):
+    with pytest.raises(ValueError, match="expected fp32"):
+        moe_kernel.moe_combine(pairs, k, torch.bfloat16)
