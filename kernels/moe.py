@@ -548,7 +548,6 @@ def _moe_gate_up_bwd_kernel(
     tl.store(gx_ptr + pair[:, None] * N + n[None, :], acc.to(gx_ptr.dtype.element_ty), mask=mn_mask)
 
 
-# The four kernels by the names of CONFIGS (the compile gate reads both).
 @triton.jit
 def _moe_combine_kernel(
     pairs_ptr,  # [T, TOPK, D] fp32: each (token, slot) pair's output, pair order
@@ -570,7 +569,7 @@ def _moe_combine_kernel(
 
 COMBINE_COLUMNS = 1024  # columns of D per combine program
 
-
+# The four kernels by the names of CONFIGS (the compile gate reads both).
 KERNELS = {
     "gate_up": _moe_gate_up_kernel,
     "down": _moe_down_kernel,
@@ -783,7 +782,6 @@ class MoEFunction(torch.autograd.Function):
         limit: float,
         scaling: float,
     ) -> torch.Tensor:
-        T, D = x.shape
         save = any(ctx.needs_input_grad[:6])
         gate = weights.reshape(-1).float().contiguous()
         mask = z1 = z2 = u1 = u2 = None
