@@ -2,6 +2,7 @@
 
     python benchmarks/bench_moe.py                 # on an H100: gpt-oss-20b and -120b expert shapes
     python benchmarks/bench_moe.py --quick         # fewer token counts
+    python benchmarks/bench_moe.py --train         # prefill sizes, forward and backward (a training step's MoE)
     GPTOSS_MOE_CONFIG=64,64,64,4,3 python benchmarks/bench_moe.py   # pin one kernel config
 
 Providers, all in the same process on the same weights and routing:
@@ -20,6 +21,12 @@ copy_pct is GB/s against the copy bandwidth measured at the start of the same ru
 the providers that never synchronise (triton, torch-grouped-mm); vs_grouped_mm is torch-grouped-mm's time over this provider's at the same
 token count (the prefill goal: 0.5 or more for triton, MXFP4 against dense bf16).
 Without a GPU: small shapes, torch providers only, and the GPU figures are reported as not taken.
+
+--train times what a LoRA step pays for the layer: forward, then the backward to the input and the
+router logits (the expert weights frozen), at prefill sizes, for the providers with a backward on the
+GPU (triton: its two backward kernels; torch-grouped-mm: autograd through torch._grouped_mm). Rows
+carry pass = "forward+backward"; TFLOP/s counts twice the forward's products (the input's gradient
+goes through both matrices again) and vs_grouped_mm compares like with like.
 """
 
 from __future__ import annotations
@@ -79,9 +86,25 @@ def grouped_mm_moe(x, weights, ids, w1_EDF, b1, w2_EIF, b2):
     return torch.zeros(T, x.shape[1], device=x.device).index_add_(0, order // k, y).to(x.dtype)
 
 
+def _with_backward(forward, x, logits, grad):
+    """A provider's forward, run with gradients to x and the router logits, then the backward of `grad`:
+    what a training step pays for the layer (its expert weights frozen). Returns the output, detached."""
+
+    def run():
+        xg, lg = x.detach().requires_grad_(), logits.detach().requires_grad_()
+        out = forward(xg, lg)
+        out.backward(grad)
+        return out.detach()
+
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer token counts")
+    parser.add_argument(
+        "--train", action="store_true", help="prefill sizes, forward and backward to the input and the router logits"
+    )
     parser.add_argument("--presets", default=None, help="comma-separated expert shapes (default: 20b,120b on GPU)")
     args = parser.parse_args()
     if args.presets is not None:
@@ -97,9 +120,14 @@ def main() -> None:
         names = (args.presets or "gpt-oss-20b,gpt-oss-120b").split(",")
         configs = {n: get_preset(n) for n in names}
         tokens = [1, 4, 16, 64, 256, 1024, 4096, 16384] if not args.quick else [1, 64, 4096]
+        if args.train:
+            tokens = [1024, 4096, 16384] if not args.quick else [4096]
     else:  # a 2-core CPU: gpt-oss's routing (E=32, top-4) at a small width
         configs = {"small (D=I=256, E=32)": ModelConfig(hidden_size=256, intermediate_size=256, num_local_experts=32)}
         tokens = [1, 4, 16, 64, 256] if not args.quick else [1, 16, 64]
+        if args.train:
+            tokens = [64, 256] if not args.quick else [64]
+    passes = "forward+backward" if args.train else "forward"
 
     copy_gbs = copy_bandwidth_gbs(device)
     print(f"copy bandwidth on {device}: {copy_gbs:.0f} GB/s (read + write)", flush=True)
@@ -117,32 +145,38 @@ def main() -> None:
             logits = x @ router.T
             weights, ids = route(logits, k)
             used = int((torch.bincount(ids.flatten(), minlength=E) > 0).sum())
-            flops = 2 * T * k * 3 * I * D
+            flops = 2 * T * k * 3 * I * D * (2 if args.train else 1)
             nbytes = used * expert_bytes + 2 * T * D * 2
-            providers = {
-                "torch-mxfp4": lambda: experts_forward(x, *route(logits, k), experts, 1.702, 7.0),
-                "torch-bf16-loop": lambda: experts_forward(x, *route(logits, k), dense, 1.702, 7.0),
-            }
+            providers = {}
+            if not args.train:  # the torch loops read each expert's rows on the host: no training path here
+                providers["torch-mxfp4"] = lambda: experts_forward(x, *route(logits, k), experts, 1.702, 7.0)
+                providers["torch-bf16-loop"] = lambda: experts_forward(x, *route(logits, k), dense, 1.702, 7.0)
             if hasattr(torch, "_grouped_mm"):
-                providers["torch-grouped-mm"] = lambda: grouped_mm_moe(
+                providers["torch-grouped-mm"] = lambda x=x, logits=logits: grouped_mm_moe(
                     x, *route(logits, k), w1_EDF, dense.gate_up_proj_bias, w2_EIF, dense.down_proj_bias
                 )
             if gpu:
                 from gptoss.kernels.moe import moe
 
-                providers["triton"] = lambda: moe(x, logits, k, experts)
+                providers["triton"] = lambda x=x, logits=logits: moe(x, logits, k, experts)
+            if args.train:  # each call: the forward with gradients, then the backward of a fixed gradient
+                grad = torch.randn(T, D, device=device, dtype=torch.bfloat16)
+                providers = {p: _with_backward(fn, x, logits, grad) for p, fn in providers.items()}
             reference = experts_forward(x.float(), weights, ids, copy.deepcopy(experts).float(), 1.702, 7.0)
             for provider, fn in providers.items():
-                with torch.no_grad():
+                with torch.set_grad_enabled(args.train):
                     err = (fn().float() - reference).abs().max().item() / reference.abs().max().item()
                     t = time_ms(fn, reps=5 if not gpu and T >= 256 else 10)
-                row = {"shape": name, "tokens": T, "experts_used": used, "provider": provider, "device": device, **t}
+                row = {"shape": name, "tokens": T, "experts_used": used, "provider": provider, "pass": passes}
+                row |= {"device": device, **t}
                 perf = roofline(flops, nbytes, t["ms"])
                 row |= {"tflops": perf["tflops"], "gbs": perf["gbs"], "copy_pct": 100 * perf["gbs"] / copy_gbs}
                 row["rel_err_vs_fp32"] = err
                 if gpu:
                     row["roofline_pct"] = perf["roofline_pct"]
-                    if T <= GRAPH_TOKENS and provider in GRAPHED:  # decode: the GPU's time, not the host's
+                    if (
+                        T <= GRAPH_TOKENS and provider in GRAPHED and not args.train
+                    ):  # decode: the GPU's time, not the host's
                         with torch.no_grad():
                             row["graph_ms"] = time_graph_ms(fn)
                         row["graph_copy_pct"] = 100 * roofline(flops, nbytes, row["graph_ms"])["gbs"] / copy_gbs
@@ -157,6 +191,7 @@ def main() -> None:
         "tokens",
         "experts_used",
         "provider",
+        "pass",
         "ms",
         "tflops",
         "gbs",
@@ -166,7 +201,7 @@ def main() -> None:
         "rel_err_vs_fp32",
     ]
     if gpu:
-        cols[5:5] = ["graph_ms", "graph_copy_pct"]
+        cols[6:6] = ["graph_ms", "graph_copy_pct"]
     print(table(rows, cols))
     if not gpu:
         print(
@@ -175,7 +210,12 @@ def main() -> None:
     print(f"machine: {machine()}")
     record("moe", rows, copy_bandwidth_gbs=copy_gbs)
     png = plot(
-        rows, "tokens", "tflops", "provider", RESULTS_DIR / "moe.png", f"MoE layer, {device}, {', '.join(configs)}"
+        rows,
+        "tokens",
+        "tflops",
+        "provider",
+        RESULTS_DIR / ("moe-train.png" if args.train else "moe.png"),
+        f"MoE layer ({passes}), {device}, {', '.join(configs)}",
     )
     print(f"results appended to {RESULTS_DIR / 'moe.jsonl'}" + (f"; plot {png}" if png else ""))
     print(json.dumps({"bench": "moe", "results": rows}))

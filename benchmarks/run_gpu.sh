@@ -3,7 +3,8 @@
 #   benchmarks/run_gpu.sh [OUT]        (or: make bench-gpu)
 # installs this checkout without reaching any index, runs the recipe's LoRA step at real size (gpt-oss-20b
 # against transformers + PEFT, gpt-oss-120b), decode of both models with the Triton backend (each step a
-# replayed CUDA graph), the MoE and attention kernel benchmarks, the GPU tests and the MXFP4 benchmark, and
+# replayed CUDA graph), the MoE and attention kernel benchmarks, the GPU tests, the MoE layer forward and
+# backward (bench_moe --train) and the MXFP4 benchmark, and
 # writes one results file, OUT/gpu-results.jsonl (every JSON line of every step, plus each step's exit
 # code and time), beside each step's log. The whole run stays within a budget (below), 7.5 minutes by default.
 set -uo pipefail
@@ -64,10 +65,12 @@ else
 fi
 # decode at batch 1 and 8, each step one CUDA-graph replay: gpt-oss-20b and -120b, fused kernels and the plain path
 step bench_e2e 150 $PY benchmarks/bench_e2e.py --configs gpt-oss-20b,gpt-oss-120b --impls gptoss-triton,gptoss-triton-fused --random-weights
-# the MoE layer from 1 to 16,384 tokens (decode rows also graph-timed), attention, then the GPU tests
-step bench_moe 80 $PY benchmarks/bench_moe.py
+# the MoE layer from 1 to 16,384 tokens (decode rows also graph-timed; the prefill bucket autotunes five
+# forward tiles), attention, the GPU tests, then the MoE layer forward and backward at prefill sizes
+step bench_moe 100 $PY benchmarks/bench_moe.py
 step bench_attention 45 $PY benchmarks/bench_attention.py
 step test_gpu 90 $PY -m pytest -q -rs tests/test_gpu.py
+step bench_moe_train 60 $PY benchmarks/bench_moe.py --train
 step bench_mxfp4 30 $PY benchmarks/bench_mxfp4.py
 
 cat "$OUT"/steps.jsonl "$OUT"/*.jsonl 2>/dev/null | grep -v '^$' | sort -u >"$OUT/gpu-results.tmp"

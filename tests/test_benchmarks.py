@@ -1,5 +1,6 @@
 """The benchmark scripts run (quick mode) and end with their JSON line; speed itself is never asserted."""
 
+import copy
 import json
 import os
 import subprocess
@@ -12,11 +13,14 @@ import torch
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-@pytest.mark.parametrize("script", ["bench_mxfp4.py", "bench_moe.py", "bench_attention.py"])
-def test_benchmark_runs_and_reports(script, tmp_path):
+@pytest.mark.parametrize(
+    "script, flags",
+    [("bench_mxfp4.py", []), ("bench_moe.py", []), ("bench_moe.py", ["--train"]), ("bench_attention.py", [])],
+)
+def test_benchmark_runs_and_reports(script, flags, tmp_path):
     env = dict(os.environ, GPTOSS_RESULTS_DIR=str(tmp_path))
     out = subprocess.run(
-        [sys.executable, str(BENCH / script), "--quick"], capture_output=True, text=True, env=env, check=True
+        [sys.executable, str(BENCH / script), "--quick", *flags], capture_output=True, text=True, env=env, check=True
     )
     last = json.loads(out.stdout.strip().splitlines()[-1])
     assert last["results"] and all(r["ms"] > 0 for r in last["results"])
@@ -26,6 +30,38 @@ def test_benchmark_runs_and_reports(script, tmp_path):
         assert "GPU figures were not taken" in out.stdout
     if name == "moe":  # every provider computes the same layer (bf16 rounding only)
         assert all(r["rel_err_vs_fp32"] < 2e-2 for r in last["results"])
+        assert {r["pass"] for r in last["results"]} == {"forward+backward" if flags else "forward"}
+
+
+def test_the_moe_training_rows_run_each_provider_forward_and_backward():
+    # bench_moe --train times the Triton kernels only on a GPU; here its wrapper runs them (and the
+    # grouped_mm provider) on tiny shapes under the interpreter: the output, and gradients that reach the
+    # input and the router logits as a training step's do
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_moe
+    finally:
+        sys.path.remove(str(BENCH))
+    from gptoss.config import ModelConfig
+    from gptoss.kernels.moe import moe
+    from gptoss.model import experts_forward, route
+
+    config = ModelConfig(hidden_size=64, intermediate_size=64, num_local_experts=5, num_experts_per_tok=2)
+    experts = bench_moe.random_experts(config, "cpu")
+    x = torch.randn(6, 64, dtype=torch.bfloat16)
+    logits = torch.randn(6, 5, dtype=torch.bfloat16)
+    grad = torch.randn(6, 64, dtype=torch.bfloat16)
+    seen = []
+
+    def triton(x, logits):
+        seen.append((x, logits))
+        return moe(x, logits, 2, experts)
+
+    out = bench_moe._with_backward(triton, x, logits, grad)()
+    xg, lg = seen[-1]
+    want = experts_forward(x.float(), *route(logits.float(), 2), copy.deepcopy(experts).float(), 1.702, 7.0)
+    assert not out.requires_grad and (out.float() - want).abs().max() <= 0.02 * want.abs().max()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0 and lg.grad is not None and lg.grad.abs().sum() > 0
 
 
 def test_fa2_baseline_is_attention_without_sinks_in_the_kernel_layout():
