@@ -196,8 +196,8 @@ def _attn_bwd_dq_kernel(
         kp = tl.load(kpos_ptr + b * skp_b + cols, mask=col_ok, other=-1)
         k = tl.load(k_base + cols[:, None] * sk_s + d[None, :], mask=col_ok[:, None], other=0.0)  # [BLOCK_N, Dh]
         vt = tl.load(v_base + cols[None, :] * sv_s + d[:, None], mask=col_ok[None, :], other=0.0)  # [Dh, BLOCK_N]
-        s = dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, IEEE) * scale2
-        p = tl.exp2(tl.where(visible(qp, oldest, kp), s, float("-inf")) - lse[:, None])
+        s = dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, IEEE)
+        p = tl.exp2(tl.where(visible(qp, oldest, kp), s, float("-inf")) * scale2 - lse[:, None])  # one FFMA
         dp = dot(do, vt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, IEEE)
         ds = p * (dp - delta[:, None])
         dq = dot(ds.to(k.dtype), k, dq, UPCAST, IEEE)
@@ -270,9 +270,9 @@ def _attn_bwd_dkdv_kernel(
         delta = tl.load(delta_ptr + bh * T * G + rows, mask=row_ok, other=0.0)
         qp = tl.load(qpos_ptr + b * sqp_b + t, mask=row_ok, other=-1)
         oldest = tl.maximum(qp - window, -1)
-        st = dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST, IEEE) * scale2  # [BLOCK_N, BLOCK_M]
+        st = dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST, IEEE)  # [BLOCK_N, BLOCK_M]
         seen = (kp[:, None] > oldest[None, :]) & (kp[:, None] <= qp[None, :])
-        pt = tl.exp2(tl.where(seen, st, float("-inf")) - lse[None, :])
+        pt = tl.exp2(tl.where(seen, st, float("-inf")) * scale2 - lse[None, :])  # one FFMA
         dv = dot(pt.to(do.dtype), do, dv, UPCAST, IEEE)
         dpt = dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST, IEEE)
         dst = pt * (dpt - delta[None, :])

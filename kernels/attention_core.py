@@ -45,11 +45,12 @@ def visible(qp, oldest, kp):
 @triton.jit
 def attend(q, kt, v, seen, m_i, l_i, acc, scale2, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """One key tile of the online softmax: scores of q [rows, Dh] against kt [Dh, keys] (base 2),
-    masked by `seen`; returns the running max, sum and unnormalised output [rows, Dh] after it."""
-    s = dot(q, kt, tl.zeros((q.shape[0], kt.shape[1]), tl.float32), UPCAST, IEEE) * scale2
-    s = tl.where(seen, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.exp2(s - m_new[:, None])
+    masked by `seen`; returns the running max, sum and unnormalised output [rows, Dh] after it. The
+    scale goes into the exponent's fused multiply-add (scale2 > 0: the max of the scaled scores is the
+    scaled max), one instruction a score where a multiply and a subtraction were two."""
+    s = tl.where(seen, dot(q, kt, tl.zeros((q.shape[0], kt.shape[1]), tl.float32), UPCAST, IEEE), float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * scale2)
+    p = tl.exp2(s * scale2 - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     acc = dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, IEEE)
     return m_new, l_i * alpha + tl.sum(p, 1), acc
