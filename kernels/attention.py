@@ -52,7 +52,7 @@ from gptoss.kernels.attention_core import (
     LOG2E,
     LOG2E_IN_KERNELS,
     NO_WINDOW,
-    attend,
+    attend_tile,
     check,
     dot,
     flags,
@@ -121,13 +121,17 @@ def _attn_fwd_kernel(
     first = tl.load(ranges_ptr + (b * n_qtiles + pid_m) * 2)
     last = tl.load(ranges_ptr + (b * n_qtiles + pid_m) * 2 + 1)
     k_base, v_base = k_ptr + b * sk_b + h * sk_h, v_ptr + b * sv_b + h * sv_h
+    newest_first, oldest_last = tl.min(qp, 0), tl.max(oldest, 0)  # the tile's rows: -1 where one is padding
     for start in range(first * BLOCK_N, last * BLOCK_N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < S
         kp = tl.load(kpos_ptr + b * skp_b + cols, mask=col_ok, other=-1)
         kt = tl.load(k_base + cols[None, :] * sk_s + d[:, None], mask=col_ok[None, :], other=0.0)  # [Dh, BLOCK_N]
         v = tl.load(v_base + cols[:, None] * sv_s + d[None, :], mask=col_ok[:, None], other=0.0)  # [BLOCK_N, Dh]
-        m_i, l_i, acc = attend(q, kt, v, visible(qp, oldest, kp), m_i, l_i, acc, scale2, UPCAST, IEEE)
+        # every row sees every key of the tile (no padding, nothing ahead, nothing out of the window): the
+        # scores go unmasked, the per-score comparisons skipped
+        full = (tl.max(kp, 0) <= newest_first) & (tl.min(kp, 0) > oldest_last)
+        m_i, l_i, acc = attend_tile(q, kt, v, qp, oldest, kp, full, m_i, l_i, acc, scale2, UPCAST, IEEE)
     out = acc / l_i[:, None]
     o_off = b * so_b + h * so_h + (t * so_t + g * so_g)[:, None] + d[None, :]
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])

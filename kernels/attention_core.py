@@ -43,17 +43,34 @@ def visible(qp, oldest, kp):
 
 
 @triton.jit
-def attend(q, kt, v, seen, m_i, l_i, acc, scale2, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """One key tile of the online softmax: scores of q [rows, Dh] against kt [Dh, keys] (base 2),
-    masked by `seen`; returns the running max, sum and unnormalised output [rows, Dh] after it. The
-    scale goes into the exponent's fused multiply-add (scale2 > 0: the max of the scaled scores is the
-    scaled max), one instruction a score where a multiply and a subtraction were two."""
-    s = tl.where(seen, dot(q, kt, tl.zeros((q.shape[0], kt.shape[1]), tl.float32), UPCAST, IEEE), float("-inf"))
+def online_step(s, v, m_i, l_i, acc, scale2, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """The online softmax after one key tile's unscaled scores s [rows, keys] (masked ones -inf): the
+    running max, sum and unnormalised output [rows, Dh]. The scale goes into the exponent's fused
+    multiply-add (scale2 > 0: the max of the scaled scores is the scaled max), one instruction a score
+    where a multiply and a subtraction were two."""
     m_new = tl.maximum(m_i, tl.max(s, 1) * scale2)
     p = tl.exp2(s * scale2 - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     acc = dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, IEEE)
     return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+
+@triton.jit
+def attend(q, kt, v, seen, m_i, l_i, acc, scale2, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """One key tile of the online softmax: scores of q [rows, Dh] against kt [Dh, keys] (base 2),
+    masked by `seen`; returns the running max, sum and unnormalised output [rows, Dh] after it."""
+    s = tl.where(seen, dot(q, kt, tl.zeros((q.shape[0], kt.shape[1]), tl.float32), UPCAST, IEEE), float("-inf"))
+    return online_step(s, v, m_i, l_i, acc, scale2, UPCAST, IEEE)
+
+
+@triton.jit
+def attend_tile(q, kt, v, qp, oldest, kp, full, m_i, l_i, acc, scale2, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """attend() of a key tile against query positions qp (oldest: each row's last position too old) and
+    key positions kp, the mask built only where `full` (every key seen by every row) is false."""
+    s = dot(q, kt, tl.zeros((q.shape[0], kt.shape[1]), tl.float32), UPCAST, IEEE)
+    if not full:
+        s = tl.where(visible(qp, oldest, kp), s, float("-inf"))
+    return online_step(s, v, m_i, l_i, acc, scale2, UPCAST, IEEE)
 
 
 def positions(pos: torch.Tensor, B: int, n: int, what: str) -> torch.Tensor:

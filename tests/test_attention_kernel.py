@@ -114,6 +114,22 @@ def test_sink_only_rows_are_zero_and_their_gradients_vanish():
     )
 
 
+@pytest.mark.parametrize("window", [None, 5, 17, 24, 31])
+def test_unmasked_tiles_only_where_every_row_sees_every_key(window):
+    # the forward skips the mask on key tiles every row of the query tile sees whole; continuing after c
+    # cached tokens for every c up to a key tile (16 keys in the interpreter) puts a tile's edges at every
+    # offset from the query tiles' first and last positions, and from the window's edge
+    B, T, K, G = 1, 24, 1, 4
+    for c in range(17):
+        S = T + c
+        q, k, v, sinks = _inputs(B, T, S, K, G, torch.float32, Dh=16, seed=c)
+        q_pos, k_pos = torch.arange(c, c + T), torch.arange(S)
+        with torch.no_grad():
+            got = kernel.attention_with_sinks(q, k, v, sinks, q_pos, k_pos, window)
+            want = reference(q, k, v, sinks, q_pos, k_pos, window)
+        _close(got, want, torch.float32, f"cached {c}, window {window}")
+
+
 def test_the_backward_is_four_kernels_and_one_sum():
     # the tile table, the preamble (Delta = rowsum(dO * O) and each row's part of its sink's gradient, one
     # pass over dO and O), dQ, dK/dV; then the sum of the sink's parts over the rows. The preamble was
