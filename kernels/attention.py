@@ -194,6 +194,7 @@ def _attn_bwd_dq_kernel(
     first = tl.load(ranges_ptr + (b * n_qtiles + pid_m) * 2)
     last = tl.load(ranges_ptr + (b * n_qtiles + pid_m) * 2 + 1)
     k_base, v_base = k_ptr + b * sk_b + h * sk_h, v_ptr + b * sv_b + h * sv_h
+    newest_first, oldest_last = tl.min(qp, 0), tl.max(oldest, 0)  # as in the forward: unmasked whole tiles
     for start in range(first * BLOCK_N, last * BLOCK_N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < S
@@ -201,7 +202,9 @@ def _attn_bwd_dq_kernel(
         k = tl.load(k_base + cols[:, None] * sk_s + d[None, :], mask=col_ok[:, None], other=0.0)  # [BLOCK_N, Dh]
         vt = tl.load(v_base + cols[None, :] * sv_s + d[:, None], mask=col_ok[None, :], other=0.0)  # [Dh, BLOCK_N]
         s = dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, IEEE)
-        p = tl.exp2(tl.where(visible(qp, oldest, kp), s, float("-inf")) * scale2 - lse[:, None])  # one FFMA
+        if not ((tl.max(kp, 0) <= newest_first) & (tl.min(kp, 0) > oldest_last)):
+            s = tl.where(visible(qp, oldest, kp), s, float("-inf"))
+        p = tl.exp2(s * scale2 - lse[:, None])  # the scale in the exponent's fused multiply-add
         dp = dot(do, vt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, IEEE)
         ds = p * (dp - delta[:, None])
         dq = dot(ds.to(k.dtype), k, dq, UPCAST, IEEE)
@@ -258,6 +261,7 @@ def _attn_bwd_dkdv_kernel(
     k = tl.load(k_ptr + b * sk_b + h * sk_h + cols[:, None] * sk_s + d[None, :], mask=col_ok[:, None], other=0.0)
     v = tl.load(v_ptr + b * sv_b + h * sv_h + cols[:, None] * sv_s + d[None, :], mask=col_ok[:, None], other=0.0)
     kp = tl.load(kpos_ptr + b * skp_b + cols, mask=col_ok, other=-1)
+    key_first, key_last = tl.min(kp, 0), tl.max(kp, 0)  # -1 where a key is padding or past S
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     n_ktiles = tl.cdiv(S, BLOCK_N)
@@ -275,8 +279,14 @@ def _attn_bwd_dkdv_kernel(
         qp = tl.load(qpos_ptr + b * sqp_b + t, mask=row_ok, other=-1)
         oldest = tl.maximum(qp - window, -1)
         st = dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST, IEEE)  # [BLOCK_N, BLOCK_M]
+        # as in the forward: the mask only where some row does not see the whole key tile (fp32, the parity
+        # runs, masks every tile: the test costs that tile 8 bytes of spill on sm_90a)
         seen = (kp[:, None] > oldest[None, :]) & (kp[:, None] <= qp[None, :])
-        pt = tl.exp2(tl.where(seen, st, float("-inf")) * scale2 - lse[None, :])  # one FFMA
+        if IEEE:
+            st = tl.where(seen, st, float("-inf"))
+        elif not ((key_last <= tl.min(qp, 0)) & (key_first > tl.max(oldest, 0))):
+            st = tl.where(seen, st, float("-inf"))
+        pt = tl.exp2(st * scale2 - lse[None, :])  # the scale in the exponent's fused multiply-add
         dv = dot(pt.to(do.dtype), do, dv, UPCAST, IEEE)
         dpt = dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST, IEEE)
         dst = pt * (dpt - delta[None, :])
