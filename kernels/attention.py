@@ -28,8 +28,10 @@ Which tiles meet. Positions are data (left padding, cache rings, continuation), 
 tiles that may contain a visible (query, key) are found on the device before the launch: per query
 tile the largest position and the smallest window start, per key tile the smallest and largest
 valid position; a pair is visited when those ranges overlap (a superset of the visible pairs; the
-exact mask is applied inside). Each query tile loops over its [first, last] key tiles, each key tile
-over its [first, last] query tiles. Without host synchronisation, so a CUDA graph can capture it.
+exact mask is applied inside, and only where some row of the pair does not see the whole key tile: a
+uniform test on the tiles' extreme positions each trip, which most pairs of a long causal row pass).
+Each query tile loops over its [first, last] key tiles, each key tile over its [first, last] query
+tiles. Without host synchronisation, so a CUDA graph can capture it.
 
 Decode (few rows, no gradient) takes the split-K kernels of kernels/attention_decode.py;
 attention_with_sinks below sends it there. What the two files share: kernels/attention_core.py.
