@@ -174,9 +174,7 @@ def main() -> None:
                 row["rel_err_vs_fp32"] = err
                 if gpu:
                     row["roofline_pct"] = perf["roofline_pct"]
-                    if (
-                        T <= GRAPH_TOKENS and provider in GRAPHED and not args.train
-                    ):  # decode: the GPU's time, not the host's
+                    if T <= GRAPH_TOKENS and provider in GRAPHED:  # decode: the GPU's time, not the host's
                         with torch.no_grad():
                             row["graph_ms"] = time_graph_ms(fn)
                         row["graph_copy_pct"] = 100 * roofline(flops, nbytes, row["graph_ms"])["gbs"] / copy_gbs
