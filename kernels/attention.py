@@ -59,9 +59,10 @@ from gptoss.kernels.attention_core import (
     dot,
     flags,
     last_contiguous,
+    masked,
     path,
     positions,
-    visible,
+    seen_whole,
 )
 from gptoss.kernels.attention_decode import DECODE_ROWS, attention_decode  # noqa: F401 (attention_decode: also this module's)
 
@@ -130,10 +131,8 @@ def _attn_fwd_kernel(
         kp = tl.load(kpos_ptr + b * skp_b + cols, mask=col_ok, other=-1)
         kt = tl.load(k_base + cols[None, :] * sk_s + d[:, None], mask=col_ok[None, :], other=0.0)  # [Dh, BLOCK_N]
         v = tl.load(v_base + cols[:, None] * sv_s + d[None, :], mask=col_ok[:, None], other=0.0)  # [BLOCK_N, Dh]
-        # every row sees every key of the tile (no padding, nothing ahead, nothing out of the window): the
-        # scores go unmasked, the per-score comparisons skipped
-        full = (tl.max(kp, 0) <= newest_first) & (tl.min(kp, 0) > oldest_last)
-        m_i, l_i, acc = attend_tile(q, kt, v, qp, oldest, kp, full, m_i, l_i, acc, scale2, UPCAST, IEEE)
+        whole = seen_whole(tl.min(kp, 0), tl.max(kp, 0), newest_first, oldest_last)  # then no per-score mask
+        m_i, l_i, acc = attend_tile(q, kt, v, qp, oldest, kp, whole, m_i, l_i, acc, scale2, UPCAST, IEEE)
     out = acc / l_i[:, None]
     o_off = b * so_b + h * so_h + (t * so_t + g * so_g)[:, None] + d[None, :]
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -204,8 +203,7 @@ def _attn_bwd_dq_kernel(
         k = tl.load(k_base + cols[:, None] * sk_s + d[None, :], mask=col_ok[:, None], other=0.0)  # [BLOCK_N, Dh]
         vt = tl.load(v_base + cols[None, :] * sv_s + d[:, None], mask=col_ok[None, :], other=0.0)  # [Dh, BLOCK_N]
         s = dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, IEEE)
-        if not ((tl.max(kp, 0) <= newest_first) & (tl.min(kp, 0) > oldest_last)):
-            s = tl.where(visible(qp, oldest, kp), s, float("-inf"))
+        s = masked(s, qp, oldest, kp, seen_whole(tl.min(kp, 0), tl.max(kp, 0), newest_first, oldest_last))
         p = tl.exp2(s * scale2 - lse[:, None])  # the scale in the exponent's fused multiply-add
         dp = dot(do, vt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, IEEE)
         ds = p * (dp - delta[:, None])
@@ -286,7 +284,7 @@ def _attn_bwd_dkdv_kernel(
         seen = (kp[:, None] > oldest[None, :]) & (kp[:, None] <= qp[None, :])
         if IEEE:
             st = tl.where(seen, st, float("-inf"))
-        elif not ((key_last <= tl.min(qp, 0)) & (key_first > tl.max(oldest, 0))):
+        elif not seen_whole(key_first, key_last, tl.min(qp, 0), tl.max(oldest, 0)):
             st = tl.where(seen, st, float("-inf"))
         pt = tl.exp2(st * scale2 - lse[None, :])  # the scale in the exponent's fused multiply-add
         dv = dot(pt.to(do.dtype), do, dv, UPCAST, IEEE)

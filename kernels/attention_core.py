@@ -64,12 +64,26 @@ def attend(q, kt, v, seen, m_i, l_i, acc, scale2, UPCAST: tl.constexpr, IEEE: tl
 
 
 @triton.jit
-def attend_tile(q, kt, v, qp, oldest, kp, full, m_i, l_i, acc, scale2, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """attend() of a key tile against query positions qp (oldest: each row's last position too old) and
-    key positions kp, the mask built only where `full` (every key seen by every row) is false."""
-    s = dot(q, kt, tl.zeros((q.shape[0], kt.shape[1]), tl.float32), UPCAST, IEEE)
-    if not full:
+def seen_whole(key_first, key_last, newest_first, oldest_last):
+    """Every row of a query tile sees every key of a key tile: the keys' smallest and largest positions
+    against the rows' smallest position and largest last-too-old one (no padding on either side: a -1
+    position makes it false). Where it holds, the kernels skip the per-score mask."""
+    return (key_last <= newest_first) & (key_first > oldest_last)
+
+
+@triton.jit
+def masked(s, qp, oldest, kp, whole):
+    """Scores [rows, keys] with what a row does not see at -inf; left as they are where `whole`."""
+    if not whole:
         s = tl.where(visible(qp, oldest, kp), s, float("-inf"))
+    return s
+
+
+@triton.jit
+def attend_tile(q, kt, v, qp, oldest, kp, whole, m_i, l_i, acc, scale2, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """attend() of a key tile against query positions qp (oldest: each row's last position too old) and
+    key positions kp, the mask built only where not `whole` (seen_whole)."""
+    s = masked(dot(q, kt, tl.zeros((q.shape[0], kt.shape[1]), tl.float32), UPCAST, IEEE), qp, oldest, kp, whole)
     return online_step(s, v, m_i, l_i, acc, scale2, UPCAST, IEEE)
 
 
