@@ -281,3 +281,24 @@ def test_the_combine_is_the_torch_sum_rounded_once(dtype):
 def test_the_combine_refuses_what_it_cannot_sum(pairs, k):
     with pytest.raises(ValueError, match="expected fp32"):
         moe_kernel.moe_combine(pairs, k, torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda P, N: torch.zeros(P, N, dtype=torch.float16),  # neither fp32 nor bf16
+        lambda P, N: torch.zeros(P, N, dtype=torch.int32),
+        lambda P, N: torch.zeros(P, N + 1),  # the wrong width
+        lambda P, N: torch.zeros(0, N),  # empty
+        lambda P, N: torch.zeros(N, P).T,  # not contiguous
+    ],
+)
+def test_an_added_update_the_kernels_cannot_read_is_refused(bad):
+    # the epilogue's `add` (the expert adapters' update): fp32 or bf16, [P, N], contiguous; anything else
+    # is one line naming what was expected, before a launch
+    experts = _experts(5, 64, 64, torch.bfloat16)
+    routing = route_kernel(torch.randn(6, 5), 2)
+    w1, _ = moe_kernel.expert_weights(experts)
+    x = torch.randn(6, 64).to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"the added update must be a contiguous fp32 or bf16 \[12, 128\] tensor"):
+        moe_kernel.moe_gate_up_fwd(x, routing, w1, 1.702, 7.0, save=True, add=bad(12, 128))
