@@ -164,6 +164,10 @@ def main() -> None:
                 providers = {p: _with_backward(fn, x, logits, grad) for p, fn in providers.items()}
             reference = experts_forward(x.float(), weights, ids, copy.deepcopy(experts).float(), 1.702, 7.0)
             for provider, fn in providers.items():
+                if provider == "triton":
+                    from gptoss.kernels.moe import autotuned
+
+                    before = autotuned()
                 with torch.set_grad_enabled(args.train):
                     err = (fn().float() - reference).abs().max().item() / reference.abs().max().item()
                     t = time_ms(fn, reps=5 if not gpu and T >= 256 else 10)
@@ -172,6 +176,14 @@ def main() -> None:
                 perf = roofline(flops, nbytes, t["ms"])
                 row |= {"tflops": perf["tflops"], "gbs": perf["gbs"], "copy_pct": 100 * perf["gbs"] / copy_gbs}
                 row["rel_err_vs_fp32"] = err
+                if provider == "triton":  # the tiles its autotuners chose here, and what each tile they timed took
+                    from gptoss.kernels.moe import chosen_tiles
+
+                    row["autotune"] = chosen_tiles(since=before)
+                    row["tiles"] = " ".join(
+                        f"{k}:{'x'.join(map(str, v['tile'][:3]))}{'s' if len(v['tile']) > 5 else ''}"
+                        for k, v in row["autotune"].items()
+                    )
                 if gpu:
                     row["roofline_pct"] = perf["roofline_pct"]
                     if T <= GRAPH_TOKENS and provider in GRAPHED:  # decode: the GPU's time, not the host's
@@ -200,6 +212,7 @@ def main() -> None:
     ]
     if gpu:
         cols[6:6] = ["graph_ms", "graph_copy_pct"]
+        cols.append("tiles")  # x: M x N x K; s: swapped
     print(table(rows, cols))
     if not gpu:
         print(

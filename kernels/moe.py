@@ -59,11 +59,22 @@ SEARCH = tl.constexpr(128)  # experts examined per step of the tile -> expert se
 # 180-360 programs for 132 SMs. Prefill: 64- and 128-row tiles on wgmma. 2880 = 45 x 64. K = 128 a trip
 # spreads a trip's fixed costs (barriers, copies, descriptors) over twice the elements: 5.8-6.1 SASS
 # instructions per element against 6.6-6.8 at K = 64, on Triton 3.6 and 3.9 (the backward's K = 128 tiles
-# wait on their scale loads on 3.6, so the backward keeps K = 64).
+# wait on their scale loads on 3.6, so the backward keeps K = 64). A sixth field of 1: the tile swapped
+# (_product_along_rows' SWAP: the decoded tile as wgmma's register operand, the product asynchronous) at
+# 7.8-7.9 instructions per element; the autotuner weighs that against the unswapped tiles' synchronous
+# products. Swapped, the backward took 13 instructions per element: it has no swapped tiles.
 _FORWARD = {
     16: [(16, 64, 128, 2, 3), (16, 128, 64, 4, 3)],
-    64: [(32, 64, 128, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 8, 3)],
-    256: [(64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 128, 128, 8, 3), (128, 128, 128, 8, 2)],
+    64: [(32, 64, 128, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 8, 3), (64, 128, 64, 8, 3, 1)],
+    256: [
+        (64, 128, 64, 8, 3),
+        (128, 64, 64, 8, 3),
+        (128, 128, 64, 8, 3),
+        (64, 128, 128, 8, 3),
+        (128, 128, 128, 8, 2),
+        (64, 128, 64, 8, 3, 1),
+        (128, 128, 64, 8, 3, 1),
+    ],
 }
 # Backward: the wgmma tiles contract the decoded even and odd columns in two products and interleave
 # the accumulators once after the loop (interleaving the decoded tile each trip, Triton 3.6, PyTorch
@@ -138,26 +149,46 @@ def rows_bucket(pairs: int, experts: int) -> int:
     return 16 if rows <= 16 else 64 if rows <= 64 else 256
 
 
-def _config(m, n, k, warps, stages) -> triton.Config:
-    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
+def _config(m, n, k, warps, stages, swap=0) -> triton.Config:
+    tile = {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, **({"SWAP": True} if swap else {})}
+    return triton.Config(tile, num_warps=warps, num_stages=stages)
+
+
+def tile_of(config: triton.Config) -> tuple:
+    """A config as CONFIGS and GPTOSS_MOE_CONFIG write it: (M, N, K, warps, stages), then 1 if swapped."""
+    kw = config.kwargs
+    return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages) + (
+        (1,) if kw.get("SWAP") else ()
+    )
 
 
 def pinned_config() -> triton.Config | None:
-    """GPTOSS_MOE_CONFIG="BLOCK_M,BLOCK_N,BLOCK_K,num_warps,num_stages" pins one config, read at launch."""
+    """GPTOSS_MOE_CONFIG="BLOCK_M,BLOCK_N,BLOCK_K,num_warps,num_stages[,swap]" pins one config, read at
+    launch (swap, 0 or 1: the forward kernels' wgmma tiles take the product transposed; the backward
+    kernels take the same tile unswapped)."""
     pinned = os.environ.get("GPTOSS_MOE_CONFIG")
     if not pinned:
         return None
     try:
-        m, n, k, warps, stages = (int(v) for v in pinned.split(","))
+        m, n, k, warps, stages, *rest = (int(v) for v in pinned.split(","))
+        if len(rest) > 1:
+            raise ValueError
     except ValueError:
-        raise ValueError(f"GPTOSS_MOE_CONFIG must be five integers M,N,K,warps,stages, got {pinned!r}") from None
+        raise ValueError(
+            f"GPTOSS_MOE_CONFIG must be five integers M,N,K,warps,stages and an optional sixth, swap, got {pinned!r}"
+        ) from None
+    swap = rest[0] if rest else 0
     if not all(v > 0 and v & (v - 1) == 0 for v in (m, n, k, warps)) or stages < 1:
         raise ValueError(f"GPTOSS_MOE_CONFIG {pinned!r}: tiles and warps must be powers of two, stages >= 1")
     if m < 16 or n < 32 or k < 32:
         raise ValueError(
             f"GPTOSS_MOE_CONFIG {pinned!r}: needs BLOCK_M >= 16 (the MMA's rows), BLOCK_N >= 32 and BLOCK_K >= 32 (one MX block)"
         )
-    return _config(m, n, k, warps, stages)
+    if swap not in (0, 1) or (swap and (m < 64 or n < 64)):
+        raise ValueError(
+            f"GPTOSS_MOE_CONFIG {pinned!r}: swap is 0 or 1, and 1 only for a wgmma tile (BLOCK_M >= 64, BLOCK_N >= 64)"
+        )
+    return _config(m, n, k, warps, stages, swap)
 
 
 def _pruner(kernel: str):
@@ -166,8 +197,8 @@ def _pruner(kernel: str):
 
     def prune(configs, named_args, **kwargs):
         pinned = pinned_config()
-        if pinned is not None:
-            return [pinned]
+        if pinned is not None:  # the backward kernels have no swapped form
+            return [pinned if kernel in SWAPPABLE else _config(*tile_of(pinned)[:5])]
         if INTERPRET:
             return [_config(*INTERPRET_CONFIG)]
         table = FP32_CONFIGS if kwargs["UPCAST"] else CONFIGS[kernel]
@@ -183,6 +214,9 @@ def _tiles(kernel: str) -> list[tuple]:
 def all_configs() -> list[triton.Config]:
     """Every tile any of the four kernels may try (GPTOSS_MOE_CONFIG may pin any of them)."""
     return [_config(*c) for c in sorted({c for kernel in CONFIGS for c in _tiles(kernel)})]
+
+
+SWAPPABLE = ("gate_up", "down")  # the kernels whose tiles may be swapped (a sixth field of 1 in CONFIGS)
 
 
 def _autotune(kernel: str):
@@ -267,14 +301,22 @@ def _product_along_rows(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SWAP: tl.constexpr,
 ):
     """acc[m, n] = sum_k a[a_row[m], k] W[n, k]: the weight's rows are n, its packed blocks run along k.
     A decoded tile comes as its even and odd positions along k (mxfp4_tile). wgmma tiles (64+ rows)
     interleave them in registers, so that `a` goes from shared memory to the tensor cores untouched;
     mma.sync tiles take `a` into registers anyway and meet the even and odd columns of `a` in two dots.
-    wgmma tiles also load the scales a trip ahead; the mma.sync tiles, short of registers, don't."""
+    wgmma tiles also load the scales a trip ahead; the mma.sync tiles, short of registers, don't.
+    SWAP (wgmma tiles): the product is taken transposed, acc^T = W a^T, so that the decoded tile is
+    wgmma's register operand. Unswapped, it is written to shared memory every trip (wgmma reads its
+    second operand only from there), behind a barrier, and each trip waits for its own product; swapped,
+    no copy of it is made and the product is still running while the next trip loads and decodes."""
     WGMMA: tl.constexpr = BLOCK_M >= 64
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if WGMMA and SWAP:
+        accT = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     G = K // 32
     if WGMMA:
         g = tl.arange(0, BLOCK_K // 32)
@@ -289,15 +331,21 @@ def _product_along_rows(
             )
             g_next = g + BLOCK_K // 32
             scale = mxfp4_scales(s_e, n, g_next, n_mask[:, None] & (g_next[None, :] < G), G)
-            # `a` stays in shared memory; the decoded halves are interleaved in registers (each half
-            # transposed first: Triton 3.6 fails to lower the transpose of the interleaved tile)
-            w = tl.reshape(tl.permute(tl.join(tl.trans(w_even), tl.trans(w_odd)), (0, 2, 1)), (BLOCK_K, BLOCK_N))
-            acc = _dot(a, w, acc, UPCAST)  # [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N]
+            if SWAP:  # the decoded halves interleaved along k: W's tile in its own order, [BLOCK_N, BLOCK_K]
+                w = tl.reshape(tl.join(w_even, w_odd), (BLOCK_N, BLOCK_K))
+                accT = _dot(w, tl.trans(a), accT, UPCAST)  # [BLOCK_N, BLOCK_K] x [BLOCK_K, BLOCK_M]
+            else:
+                # `a` stays in shared memory; the decoded halves are interleaved in registers (each half
+                # transposed first: Triton 3.6 fails to lower the transpose of the interleaved tile)
+                w = tl.reshape(tl.permute(tl.join(tl.trans(w_even), tl.trans(w_odd)), (0, 2, 1)), (BLOCK_K, BLOCK_N))
+                acc = _dot(a, w, acc, UPCAST)  # [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N]
         else:  # mma.sync takes both operands from registers: splitting the few rows of `a` costs less
             w_even, w_odd = mxfp4_tile(w_e, s_e, n, g, n_mask[:, None] & (g[None, :] < G), G, INTERPRET)
             a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))  # columns 2i and 2i + 1
             acc = _dot(a_even, tl.trans(w_even), acc, UPCAST)  # [BLOCK_M, BLOCK_K/2] x [BLOCK_K/2, BLOCK_N]
             acc = _dot(a_odd, tl.trans(w_odd), acc, UPCAST)
+    if WGMMA and SWAP:
+        acc = tl.trans(accT)
     return acc
 
 
@@ -383,6 +431,7 @@ def _moe_gate_up_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SWAP: tl.constexpr = False,  # the tile's, from its config (CONFIGS: a sixth field)
 ):
     expert, first = _find_expert(counts_ptr, E, BLOCK_M)
     if expert >= E:
@@ -394,7 +443,20 @@ def _moe_gate_up_kernel(
     n_mask = n < N
     w_e, s_e = w_ptr + expert.to(tl.int64) * N * K // 2, s_ptr + expert.to(tl.int64) * N * K // 32
     acc = _product_along_rows(
-        x_ptr, (pair // TOPK).to(tl.int64), m_mask, w_e, s_e, n, n_mask, K, UPCAST, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K
+        x_ptr,
+        (pair // TOPK).to(tl.int64),
+        m_mask,
+        w_e,
+        s_e,
+        n,
+        n_mask,
+        K,
+        UPCAST,
+        INTERPRET,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+        SWAP,
     )
     mn_mask = m_mask[:, None] & n_mask[None, :]
     if ADD:
@@ -437,6 +499,7 @@ def _moe_down_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SWAP: tl.constexpr = False,  # the tile's, from its config (CONFIGS: a sixth field)
 ):
     expert, first = _find_expert(counts_ptr, E, BLOCK_M)
     if expert >= E:
@@ -446,7 +509,9 @@ def _moe_down_kernel(
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
     w_e, s_e = w_ptr + expert.to(tl.int64) * N * K // 2, s_ptr + expert.to(tl.int64) * N * K // 32
-    acc = _product_along_rows(act_ptr, m, m_mask, w_e, s_e, n, n_mask, K, UPCAST, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc = _product_along_rows(
+        act_ptr, m, m_mask, w_e, s_e, n, n_mask, K, UPCAST, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, SWAP
+    )
     mn_mask = m_mask[:, None] & n_mask[None, :]
     if ADD:
         acc += tl.load(add_ptr + m[:, None] * N + n[None, :], mask=mn_mask, other=0.0).to(tl.float32)
@@ -576,6 +641,30 @@ KERNELS = {
     "down_bwd": _moe_down_bwd_kernel,
     "gate_up_bwd": _moe_gate_up_bwd_kernel,
 }
+
+
+def autotuned() -> dict[str, int]:
+    """How many choices each kernel's autotuner holds (one per autotune key it has met)."""
+    return {name: len(kernel.cache) for name, kernel in KERNELS.items()}
+
+
+def chosen_tiles(since: dict[str, int] | None = None) -> dict[str, dict]:
+    """What each kernel's autotuner chose at its latest launch: {kernel: {"tile": (M, N, K, warps, stages[,
+    1]), "ms": {"M-N-K-warps-stages[-1]": milliseconds}}}, for the benchmarks' records. "ms" holds every
+    tile timed for that choice, and only where the choice was made after `since` (an autotuned()
+    snapshot): a choice met before was timed for another launch. Kernels not yet launched are left out."""
+    chosen = {}
+    for name, kernel in KERNELS.items():
+        best = getattr(kernel, "best_config", None)
+        if best is None:
+            continue
+        fresh = since is not None and len(kernel.cache) > since.get(name, 0)
+        timed = (getattr(kernel, "configs_timings", None) or {}) if fresh else {}
+        ms = {
+            "-".join(map(str, tile_of(c))): float(t[0] if isinstance(t, list | tuple) else t) for c, t in timed.items()
+        }
+        chosen[name] = {"tile": tile_of(best), "ms": ms}
+    return chosen
 
 
 # --- launchers --------------------------------------------------------------------------------------------

@@ -53,9 +53,9 @@ from triton.runtime.autotuner import Autotuner, Heuristics  # noqa: E402
 from triton.runtime.jit import JITFunction, KernelInterface, create_function_from_signature  # noqa: E402
 
 # what a cached row holds: a new format recompiles rather than read a row short of a field
-ROW_FORMAT = 6  # 2: loop_shared_ops; 3: the main loop is the largest innermost loop; 4: loop loads, ftz_ops;
+ROW_FORMAT = 7  # 2: loop_shared_ops; 3: the main loop is the largest innermost loop; 4: loop loads, ftz_ops;
 # 5: loop_wide_loads_waited (since dropped); 6: asynchronous copies to shared memory (LDGSTS) are not loads
-# into registers
+# into registers; 7: loop_wgmma_pending
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 and sm_100 (227 KiB)
 SHAPES = {  # hidden D, intermediate I, experts E, top-k
     "gpt-oss-20b": (2880, 2880, 32, 4),
@@ -341,7 +341,8 @@ def unreached_tiles(variants, targets) -> list[str]:
             seen = {
                 (
                     bool(v.config["UPCAST"]),
-                    tuple(v.config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")),
+                    tuple(v.config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"))
+                    + ((1,) if v.config.get("SWAP") else ()),
                     bool(v.config["ADD"]),
                 )
                 for v in variants
@@ -400,6 +401,12 @@ def sass_stats(cubin: bytes, num_warps: int, elements_per_iteration: int | None)
     body = [(op, rest) for a, op, rest in code if main[0] <= a <= main[1]] if main else []
     loop_sync = sum(op.startswith(("BAR", "LDS", "STS", "STSM", "LDSM")) for op, _ in body)
     loads, waited = _loop_loads(body)
+    # wgmma's waits in the main loop (WARPGROUP.DEPBAR.LE gsb0, N: until at most N products are pending):
+    # the smallest N. 0: each trip waits for its own products; 1 or more: a product still runs while
+    # the loop goes on (None: no wgmma in the loop)
+    pending = [
+        int(n, 16) for op, rest in body if op.startswith("WARPGROUP.DEPBAR") for n in re.findall(r"0x([0-9a-f]+)", rest)
+    ]
     return dict(
         registers=regs,
         spill_bytes=stack + local,
@@ -411,6 +418,7 @@ def sass_stats(cubin: bytes, num_warps: int, elements_per_iteration: int | None)
         loop_shared_ops=loop_sync,
         loop_loads=loads,
         loop_loads_waited=waited,
+        loop_wgmma_pending=min(pending) if pending else None,
         ftz_ops=sum(".FTZ" in op for op in ops),
     )
 

@@ -213,7 +213,7 @@ def test_triton_backend_needs_mxfp4(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "config", sorted({tuple(c.kwargs.values()) + (c.num_warps, c.num_stages) for c in moe_kernel.all_configs()})
+    "config", sorted({moe_kernel.tile_of(c) for c in moe_kernel.all_configs()}), ids=lambda c: "-".join(map(str, c))
 )
 def test_every_autotune_config(config, monkeypatch):
     # each tile shape a GPU launch may pick, pinned through GPTOSS_MOE_CONFIG, on the ragged case
@@ -239,6 +239,12 @@ def test_every_autotune_config(config, monkeypatch):
         ("16,64,64,4,0", "stages >= 1"),
         ("-16,64,64,4,3", "powers of two"),
         ("nan,64,64,4,3", "five integers"),
+        ("64,128,64,8,3,1,1", "five integers"),  # a seventh field
+        ("64,128,64,8,3,2", "swap is 0 or 1"),
+        ("64,128,64,8,3,-1", "swap is 0 or 1"),
+        ("32,128,64,4,3,1", "only for a wgmma tile"),  # mma.sync rows: no swapped form
+        ("64,32,64,4,3,1", "only for a wgmma tile"),
+        ("64,128,64,8,3,", "five integers"),  # an empty sixth field
     ],
 )
 def test_bad_pinned_config_is_explained(value, message, monkeypatch):
@@ -302,3 +308,34 @@ def test_an_added_update_the_kernels_cannot_read_is_refused(bad):
     x = torch.randn(6, 64).to(torch.bfloat16)
     with pytest.raises(ValueError, match=r"the added update must be a contiguous fp32 or bf16 \[12, 128\] tensor"):
         moe_kernel.moe_gate_up_fwd(x, routing, w1, 1.702, 7.0, save=True, add=bad(12, 128))
+
+
+def test_a_pinned_swapped_tile_swaps_the_forward_only(monkeypatch):
+    # the backward kernels have no swapped form: pinned "…,1" gives them the same tile unswapped
+    monkeypatch.setenv("GPTOSS_MOE_CONFIG", "64,128,64,8,3,1")
+    for kernel, want in (("gate_up", True), ("down", True), ("down_bwd", False), ("gate_up_bwd", False)):
+        (config,) = moe_kernel._pruner(kernel)([], {}, UPCAST=False)
+        assert moe_kernel.tile_of(config) == (64, 128, 64, 8, 3) + ((1,) if want else ()), kernel
+        assert config.kwargs.get("SWAP", False) is want
+
+
+def test_chosen_tiles_reports_each_launch_and_only_fresh_timings(monkeypatch):
+    # what bench_moe records of the autotuners: the tile each kernel launched last, and the timings of
+    # the tiles it compared only where that choice was made during the measured call
+    for kernel in moe_kernel.KERNELS.values():
+        monkeypatch.setattr(kernel, "best_config", None, raising=False)
+        monkeypatch.setattr(kernel, "cache", {})
+    assert moe_kernel.chosen_tiles() == {}
+    before = moe_kernel.autotuned()
+    experts = _experts(4, 64, 64, torch.float32)
+    x = torch.randn(6, 64)
+    routing = route_kernel(torch.randn(6, 4), 2)
+    _apply(x, torch.softmax(torch.randn(6, 2), -1), routing, experts)  # the forward: gate_up and down
+    chosen = moe_kernel.chosen_tiles(since=before)
+    assert set(chosen) == {"gate_up", "down"}
+    assert all(v["tile"] == moe_kernel.INTERPRET_CONFIG for v in chosen.values())
+    gate_up = moe_kernel.KERNELS["gate_up"]
+    timed = {moe_kernel._config(64, 128, 64, 8, 3, 1): [0.25], moe_kernel._config(64, 128, 64, 8, 3): [0.5]}
+    monkeypatch.setattr(gate_up, "configs_timings", timed, raising=False)
+    assert moe_kernel.chosen_tiles(since=before)["gate_up"]["ms"] == {"64-128-64-8-3-1": 0.25, "64-128-64-8-3": 0.5}
+    assert moe_kernel.chosen_tiles(since=moe_kernel.autotuned())["gate_up"]["ms"] == {}  # chosen before: not fresh
