@@ -24,7 +24,9 @@ for all experts (kernels/expert_lora.py).
 Weights stay MXFP4: each K step loads [rows, blocks, 16] packed bytes (16-byte vectors along the
 packed dimension) and one scale per 32 values, decodes them in registers (kernels/mxfp4.py:
 mxfp4_decode) and feeds a bf16 dot with fp32 accumulation. The forward kernels read the weight along its
-rows' packed dimension (K) and transpose the decoded tile; the backward kernels read it along N. The
+rows' packed dimension (K) and transpose the decoded tile, or, in a swapped tile (SWAP), keep it as it
+is and take the product transposed, acc^T = W a^T, with the decoded tile as wgmma's register operand;
+the backward kernels read it along N. The
 wgmma tiles (64+ rows) load each trip's scales a trip ahead (a byte a block is too small for the
 asynchronous copies that bring the codes and `a`, and a plain load read in its own trip stalls it).
 
