@@ -63,8 +63,9 @@ SEARCH = tl.constexpr(128)  # experts examined per step of the tile -> expert se
 # instructions per element against 6.6-6.8 at K = 64, on Triton 3.6 and 3.9 (the backward's K = 128 tiles
 # wait on their scale loads on 3.6, so the backward keeps K = 64). A sixth field of 1: the tile swapped
 # (_product_along_rows' SWAP: the decoded tile as wgmma's register operand, the product asynchronous) at
-# 7.8-7.9 instructions per element; the autotuner weighs that against the unswapped tiles' synchronous
-# products. Swapped, the backward took 13 instructions per element: it has no swapped tiles.
+# 7.0-7.5 instructions per element on Triton 3.9, 6.7-7.1 on 3.6; the autotuner weighs that against the
+# unswapped tiles' synchronous products. Swapped, the backward took 13 instructions per element: it has
+# no swapped tiles.
 _FORWARD = {
     16: [(16, 64, 128, 2, 3), (16, 128, 64, 4, 3)],
     64: [(32, 64, 128, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 8, 3), (64, 128, 64, 8, 3, 1)],
@@ -123,9 +124,10 @@ class ExpertWeights(NamedTuple):
     def cols(self) -> int:  # C: its inputs
         return self.blocks.shape[2] * 32
 
-    def check(self, a: torch.Tensor) -> None:
+    def check(self, a: torch.Tensor, width: int) -> None:
         """Refuses what the kernels cannot read: other layouts, strided buffers, activations `a` that
-        are neither bf16 nor fp32."""
+        are neither bf16 nor fp32 or not [rows, width] (width: the side of W the product contracts,
+        which must not be empty: the main loops take at least one trip)."""
         b, s = self.blocks, self.scales
         if b.dtype != torch.uint8 or b.dim() != 4 or b.shape[-1] != 16 or s.shape != b.shape[:-1]:
             raise ValueError(
@@ -135,6 +137,10 @@ class ExpertWeights(NamedTuple):
             raise ValueError("MXFP4 expert blocks and scales must be contiguous")
         if a.dtype not in (torch.bfloat16, torch.float32):
             raise TypeError(f"activations must be bfloat16 or float32, got {a.dtype}")
+        if a.dim() != 2 or a.shape[1] != width or width < 1:
+            raise ValueError(
+                f"expected activations [rows, {width}] for experts of {self.rows} x {self.cols}, got {tuple(a.shape)}"
+            )
 
 
 def expert_weights(experts) -> tuple[ExpertWeights, ExpertWeights]:
@@ -315,6 +321,10 @@ def _product_along_rows(
     second operand only from there), behind a barrier, and each trip waits for its own product; swapped,
     no copy of it is made and the product is still running while the next trip loads and decodes."""
     WGMMA: tl.constexpr = BLOCK_M >= 64
+    # the loop takes at least one trip (the launchers refuse K = 0): without a path that skips it, ptxas
+    # keeps a swapped tile's products asynchronous (a skipping path defines the accumulator outside them,
+    # and ptxas then serialised every wgmma of some swapped tiles)
+    tl.assume(K > 0)
     if WGMMA and SWAP:
         accT = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     else:
@@ -329,7 +339,7 @@ def _product_along_rows(
         g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
         if WGMMA:  # this trip's scales came a trip ahead; the next trip's are loaded now
             w_even, w_odd = mxfp4_decode(
-                mxfp4_blocks(w_e, n, g, n_mask[:, None] & (g[None, :] < G), G), scale, INTERPRET
+                mxfp4_blocks(w_e, n, g, n_mask[:, None] & (g[None, :] < G), G), scale, INTERPRET, SWAP
             )
             g_next = g + BLOCK_K // 32
             scale = mxfp4_scales(s_e, n, g_next, n_mask[:, None] & (g_next[None, :] < G), G)
@@ -700,7 +710,7 @@ def moe_gate_up_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x [T, D] -> act [P, I] in sorted-row order (and h [P, 2I] when `save`); `add` [P, 2I] fp32
     or bf16 (sorted rows) joins h before the SwiGLU."""
-    w1.check(x)
+    w1.check(x, w1.cols)
     P, D, I2 = routing.sorted_pairs.numel(), x.shape[1], w1.rows
     _check_add(add, P, I2)
     act = torch.empty(P, I2 // 2, dtype=x.dtype, device=x.device)
@@ -740,7 +750,7 @@ def moe_down_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """act [P, I] (sorted rows) -> weighted outputs [P, D] fp32 in pair order (and y unweighted when
     `save`); `add` [P, D] fp32 or bf16 (sorted rows) joins y before the routing weight."""
-    w2.check(act)
+    w2.check(act, w2.cols)
     P, I, D = act.shape[0], act.shape[1], w2.rows
     _check_add(add, P, D)
     out = torch.empty(P, D, dtype=torch.float32, device=act.device)
@@ -780,7 +790,7 @@ def moe_down_bwd(
 ) -> torch.Tensor:
     """grad of the MoE output [T, D] -> grad of the pre-activation h [P, 2I] (sorted rows); `add`
     [P, I] fp32 or bf16 (sorted rows) joins the gradient of act before the SwiGLU's backward."""
-    w2.check(grad_out)
+    w2.check(grad_out, w2.rows)
     P, D, I = h.shape[0], grad_out.shape[1], h.shape[1] // 2
     _check_add(add, P, I)
     gh = torch.empty(P, 2 * I, dtype=h.dtype, device=h.device)
@@ -813,7 +823,7 @@ def moe_gate_up_bwd(
 ) -> torch.Tensor:
     """grad of h [P, 2I] (sorted rows) -> grad of the gathered inputs [P, D] fp32 in pair order; `add`
     [P, D] fp32 or bf16 (sorted rows) joins it."""
-    w1.check(gh)
+    w1.check(gh, w1.rows)
     P, I2, D = gh.shape[0], gh.shape[1], w1.cols
     _check_add(add, P, D)
     gx = torch.empty(P, D, dtype=torch.float32, device=gh.device)

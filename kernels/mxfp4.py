@@ -14,6 +14,9 @@ How a tile is decoded (shared with the grouped expert matmul, kernels/moe.py):
   packed multiply by 2^126 gives the E2M1 value and one by the block's scale finishes it.
   Under TRITON_INTERPRET=1 (no PTX) the same values come from plain arithmetic (_e2m1_interpret).
 
+The swapped tiles of the grouped MoE matmul, whose codes reach each thread a byte at a time, decode
+one byte into one register holding both its values instead (E2M1_PAIR_PTX, mxfp4_decode's PAIRED).
+
 The fused decode kernels (kernels/decode.py) take codes another way: E2M1_DOT_PTX turns them into the
 bytes 12 + 2 E2M1 and sums their products with int8 activations exactly in int32 (e2m1_dot_block).
 
@@ -68,6 +71,24 @@ E2M1_PTX = (
     ("bf16x2", "$1", "u1", 0x7E807E80),
     ("bf16x2", "$2", "u2", 0x7E807E80),
     ("bf16x2", "$3", "u3", 0x7E807E80),
+)
+
+
+# E2M1 -> bf16, one byte ($2, zero-extended) -> its two values scaled by the block's scale, each in a
+# 16-bit half of one register ($0: the low nibble's, $1: the high nibble's), the pair a tensor-core
+# register operand takes for two neighbouring k. $3: the scale's bf16 2^(s-127) in both halves.
+#   mul      byte x 4097 = byte | byte << 12: the low nibble at bits 0-3, the high nibble at bits 16-19
+#   and      keep them (0x000F000F)
+#   mul, and, bf16x2   as E2M1_PTX: magnitude to bits 6-8, sign to 15, times 2^126
+#   bf16x2r  times the scale pair; split: the halves to $0 and $1
+E2M1_PAIR_PTX = (
+    ("mul", "u", "$2", 4097),
+    ("and", "u", "u", 0x000F000F),
+    ("mul", "u", "u", 64 + 4096),
+    ("and", "u", "u", 0x81C081C0),
+    ("bf16x2", "u", "u", 0x7E807E80),
+    ("bf16x2r", "u", "u", "$3"),
+    ("split", "$0", "u", "$1"),
 )
 
 
@@ -145,6 +166,13 @@ _DOT_STEPS = {
     "dp4a": "dp4a.u32.s32 {0}, {1}, {2}, {3};",
     "mad": "mad.lo.s32 {0}, {1}, {2}, {3};",
 }
+_E2M1_PAIR_ASM = tl.constexpr(
+    _ptx(
+        E2M1_PAIR_PTX,
+        "u, k",
+        {**_E2M1_STEPS, "bf16x2r": "mul.rn.bf16x2 {0}, {1}, {2};", "split": "mov.b32 {{{0}, {2}}}, {1};"},
+    )
+)
 _E2M1_ASM = tl.constexpr(
     _ptx(E2M1_PTX, "t0, t1, u0, u1, u2, u3, p, zero, k", _E2M1_STEPS, prologue=("mov.b32 zero, 0;",))
 )
@@ -166,6 +194,22 @@ def e2m1_pairs(byte):
     """uint8 codes -> (low-nibble values, high-nibble values) in bf16, each shaped like `byte` (GPU only)."""
     return tl.inline_asm_elementwise(
         _E2M1_ASM, "=r,=r,=r,=r,r", [byte], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4
+    )
+
+
+@triton.jit
+def e2m1_pairs_scaled(byte, scale):
+    """uint8 codes and bf16 scales (broadcast to the codes' shape) -> (low-nibble values, high-nibble
+    values) times the scale, bf16, each shaped like `byte`; a byte's two values come out in one register,
+    as a tensor-core register operand holds two neighbouring k (GPU only)."""
+    bits = scale.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return tl.inline_asm_elementwise(
+        _E2M1_PAIR_ASM,
+        "=h,=h,r,r",
+        [byte.to(tl.int32), bits | (bits << 16)],
+        dtype=(tl.bfloat16, tl.bfloat16),
+        is_pure=True,
+        pack=1,
     )
 
 
@@ -243,22 +287,29 @@ def mxfp4_scales(scales_ptr, r, g, mask, G):
 
 
 @triton.jit
-def mxfp4_decode(byte, scale, INTERPRET: tl.constexpr):
+def mxfp4_decode(byte, scale, INTERPRET: tl.constexpr, PAIRED: tl.constexpr = False):
     """Codes [R, B, 16] and scale bytes [R, B] or [R, B, 1] -> (even, odd) [R, B * 16] each: the values at even and odd
     positions along the row, kept apart (a matmul can contract them against the even and odd columns of
     its other operand, or tl.join interleaves them in registers). bf16 on the GPU, fp32 in the
-    interpreter (which has no bf16 arithmetic: it would multiply the raw 16-bit patterns)."""
+    interpreter (which has no bf16 arithmetic: it would multiply the raw 16-bit patterns). PAIRED: each
+    byte decoded alone, its two values made in one register (E2M1_PAIR_PTX), for a caller that joins
+    them as a tensor-core register operand (there E2M1_PTX's four bytes a word cost byte permutes to
+    gather and to pair the values again); the same values either way."""
+    shape: tl.constexpr = (byte.shape[0], byte.shape[1] * 16)
+    if len(scale.shape) == 2:
+        scale = scale[:, :, None]
     if INTERPRET:
         code = byte.to(tl.int32)
         low, high = _e2m1_interpret(code & 15), _e2m1_interpret(code >> 4)
         scale = tl.maximum(scale.to(tl.int32) << 23, 0x400000).to(tl.float32, bitcast=True)  # fp32 2^(s-127)
+        low, high = low * scale, high * scale
+    elif PAIRED:  # a byte's two values in one register, scaled there
+        low, high = e2m1_pairs_scaled(byte, tl.broadcast_to(e8m0_to_bf16(scale), byte.shape))
     else:
         low, high = e2m1_pairs(byte)  # [R, B, 16] each: elements 2j and 2j + 1 of the block
         scale = e8m0_to_bf16(scale)
-    if len(scale.shape) == 2:
-        scale = scale[:, :, None]
-    shape: tl.constexpr = (byte.shape[0], byte.shape[1] * 16)
-    return tl.reshape(low * scale, shape), tl.reshape(high * scale, shape)
+        low, high = low * scale, high * scale
+    return tl.reshape(low, shape), tl.reshape(high, shape)
 
 
 @triton.jit

@@ -339,3 +339,26 @@ def test_chosen_tiles_reports_each_launch_and_only_fresh_timings(monkeypatch):
     monkeypatch.setattr(gate_up, "configs_timings", timed, raising=False)
     assert moe_kernel.chosen_tiles(since=before)["gate_up"]["ms"] == {"64-128-64-8-3-1": 0.25, "64-128-64-8-3": 0.5}
     assert moe_kernel.chosen_tiles(since=moe_kernel.autotuned())["gate_up"]["ms"] == {}  # chosen before: not fresh
+
+
+@pytest.mark.parametrize(
+    "launch, expected",
+    [
+        (lambda w1, w2, r, g: moe_kernel.moe_gate_up_fwd(torch.zeros(6, 96), r, w1, 1.702, 7.0, save=False), 64),
+        (lambda w1, w2, r, g: moe_kernel.moe_gate_up_fwd(torch.zeros(6, 0), r, w1, 1.702, 7.0, save=False), 64),
+        (lambda w1, w2, r, g: moe_kernel.moe_gate_up_fwd(torch.zeros(6, 64, 1), r, w1, 1.702, 7.0, save=False), 64),
+        (lambda w1, w2, r, g: moe_kernel.moe_down_fwd(torch.zeros(12, 32), r, g, w2, save=False), 64),
+        (
+            lambda w1, w2, r, g: moe_kernel.moe_down_bwd(torch.zeros(6, 65), r, g, w2, torch.zeros(12, 128), 1.7, 7.0),
+            64,
+        ),
+        (lambda w1, w2, r, g: moe_kernel.moe_gate_up_bwd(torch.zeros(12, 64), r, w1), 128),
+    ],
+)
+def test_activations_of_the_wrong_width_are_refused_before_a_launch(launch, expected):
+    # the kernels would read past each row (or, at width 0, promise the compiler a loop that never runs)
+    experts = _experts(5, 64, 64, torch.float32)
+    w1, w2 = moe_kernel.expert_weights(experts)
+    routing = route_kernel(torch.randn(6, 5), 2)
+    with pytest.raises(ValueError, match=rf"expected activations \[rows, {expected}\] for experts of"):
+        launch(w1, w2, routing, torch.rand(12))

@@ -42,12 +42,17 @@ def test_bad_inputs():
         mxfp4_dequant_fwd(torch.zeros(1, 2, 16, dtype=torch.uint8), torch.zeros(1, 3, dtype=torch.uint8))
 
 
-def _run_e2m1_program(program, word: int) -> dict[str, int]:
+def _run_e2m1_program(program, word: int, regs: dict[str, int] | None = None) -> dict[str, int]:
     """Each PTX instruction of the decode, modelled bit for bit on 32-bit registers."""
-    # the input operand: $4, after E2M1_PTX's four outputs
-    regs = {"$4": word}
+    # the input operand: $4, after E2M1_PTX's four outputs (regs: other programs' inputs)
+    regs = {"$4": word} if regs is None else dict(regs)
     for op, dst, src, imm in program:
         x = regs[src]
+        if op == "bf16x2r":  # mul.rn.bf16x2 by a register
+            op, imm = "bf16x2", regs[imm]
+        if op == "split":  # mov.b32 {d, imm}, x: the low half to d, the high half to imm
+            regs[dst], regs[imm] = x & 0xFFFF, x >> 16
+            continue
         if op == "prmt":  # prmt.b32 d, a, 0, selector: byte i of d is byte (selector nibble i) of the pair {0, a}
             pool = x.to_bytes(4, "little") + bytes(4)
             regs[dst] = int.from_bytes(bytes(pool[(imm >> (4 * i)) & 7] for i in range(4)), "little")
@@ -107,6 +112,49 @@ def test_e2m1_ptx_model_catches_a_mutation(mutation):
     op, old, new = mutation
     mutated = tuple((o, d, s, new if (o, imm) == (op, old) else imm) for o, d, s, imm in E2M1_PTX)
     assert mutated != E2M1_PTX and _wrong_values(mutated) > 0
+
+
+def _bf16_bits(value: float) -> int:
+    return int(torch.tensor(value, dtype=torch.bfloat16).view(torch.int16)) & 0xFFFF
+
+
+def _wrong_pairs(program) -> int:
+    """How many values E2M1_PAIR_PTX-like `program` gets wrong over every byte and several scales (2^-10 to
+    2^10: products exact in bf16), against FP4_VALUES x scale (sign of -0 included)."""
+    values, wrong = mxfp4.FP4_VALUES, 0
+    for exponent in (-10, -1, 0, 3, 10):
+        bits = _bf16_bits(2.0**exponent)
+        for b in range(256):
+            regs = _run_e2m1_program(program, 0, {"$2": b, "$3": bits | bits << 16})
+            for reg, code in (("$0", b & 15), ("$1", b >> 4)):
+                got = _bf16_pair(regs[reg])[0]
+                want = values[code] * 2.0**exponent
+                wrong += got != want or math.copysign(1, got) != math.copysign(1, want)
+    return wrong
+
+
+def test_e2m1_pair_ptx_program_decodes_every_byte():
+    # the swapped MoE tiles decode a byte into one register holding both its values, scaled there
+    from gptoss.kernels.mxfp4 import E2M1_PAIR_PTX
+
+    assert _wrong_pairs(E2M1_PAIR_PTX) == 0
+
+
+@pytest.mark.parametrize(
+    "mutation",
+    [
+        (0, 4097, 4096 + 16),  # the high nibble not moved to the second half
+        (2, 64 + 4096, 64 + 2048),  # the sign bit lands one place off
+        (4, 0x7E807E80, 0x7E807F00),  # the second value scaled by 2^127, not 2^126
+    ],
+)
+def test_e2m1_pair_ptx_model_catches_a_mutation(mutation):
+    from gptoss.kernels.mxfp4 import E2M1_PAIR_PTX
+
+    index, old, new = mutation
+    assert E2M1_PAIR_PTX[index][3] == old
+    mutated = tuple((*step[:3], new) if i == index else step for i, step in enumerate(E2M1_PAIR_PTX))
+    assert _wrong_pairs(mutated) > 0
 
 
 def _dot_model(program, regs: dict[str, int]) -> dict[str, int]:
