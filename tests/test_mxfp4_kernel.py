@@ -84,10 +84,13 @@ def _wrong_values(program) -> int:
             low = _bf16_pair(regs["$0"]) + _bf16_pair(regs["$1"])
             high = _bf16_pair(regs["$2"]) + _bf16_pair(regs["$3"])
             for i, b in enumerate(word):
-                for got, code in ((low[i], b & 15), (high[i], b >> 4)):
-                    want = values[code]
-                    wrong += got != want or math.copysign(1, got) != math.copysign(1, want)
+                wrong += _differs(low[i], values[b & 15]) + _differs(high[i], values[b >> 4])
     return wrong
+
+
+def _differs(got: float, want: float) -> bool:
+    """A decoded value is not the expected one, the sign of -0 included."""
+    return got != want or math.copysign(1, got) != math.copysign(1, want)
 
 
 def test_e2m1_ptx_program_decodes_every_byte_pair():
@@ -123,13 +126,11 @@ def _wrong_pairs(program) -> int:
     2^10: products exact in bf16), against FP4_VALUES x scale (sign of -0 included)."""
     values, wrong = mxfp4.FP4_VALUES, 0
     for exponent in (-10, -1, 0, 3, 10):
-        bits = _bf16_bits(2.0**exponent)
+        bits, scale = _bf16_bits(2.0**exponent), 2.0**exponent
         for b in range(256):
             regs = _run_e2m1_program(program, 0, {"$2": b, "$3": bits | bits << 16})
-            for reg, code in (("$0", b & 15), ("$1", b >> 4)):
-                got = _bf16_pair(regs[reg])[0]
-                want = values[code] * 2.0**exponent
-                wrong += got != want or math.copysign(1, got) != math.copysign(1, want)
+            low, high = _bf16_pair(regs["$0"])[0], _bf16_pair(regs["$1"])[0]
+            wrong += _differs(low, values[b & 15] * scale) + _differs(high, values[b >> 4] * scale)
     return wrong
 
 
