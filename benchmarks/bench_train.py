@@ -237,6 +237,10 @@ def ours_real(name, ids, mask, device, dtype, steps_n, profile_step):
 
     step_s = steps(step, device, steps_n)
     result = {"step_s": step_s, "build_s": build_s, **_gpu_peak(device), "backend": model.backend}
+    if model.backend == "triton":  # the MoE tiles the autotuners chose, at each kernel's last launch in a step
+        from gptoss.kernels.moe import chosen_tiles
+
+        result["moe_tiles"] = {kernel: chosen["tile"] for kernel, chosen in chosen_tiles().items()}
     if profile_step:
         result["top_kernels"] = top_kernels(step, device)
     return result
@@ -355,6 +359,8 @@ def real_size(args) -> None:
     for row in rows:
         if "skipped" in row or "failed" in row:
             print(f"{row['config']} {row['impl']}: {row.get('skipped') or row['failed']}")
+        if row.get("moe_tiles"):  # (M, N, K, warps, stages[, 1: swapped])
+            print(f"  {row['config']} {row['impl']}: MoE tiles {row['moe_tiles']}")
         for k in row.get("top_kernels", []):
             print(f"  {row['config']} {row['impl']}: {k['ms']:9.2f} ms {k['calls']:6d}x {k['kernel']}")
     for name in dict.fromkeys(r["config"] for r in rows):
