@@ -49,7 +49,14 @@ import triton
 import triton.language as tl
 
 from gptoss.kernels.expert_lora import expert_mask, lora_backward, lora_update
-from gptoss.kernels.mxfp4 import INTERPRET, mxfp4_blocks, mxfp4_decode, mxfp4_scales, mxfp4_tile
+from gptoss.kernels.mxfp4 import (
+    INTERPRET,
+    mxfp4_blocks,
+    mxfp4_decode,
+    mxfp4_decode_columns,
+    mxfp4_scales,
+    mxfp4_tile,
+)
 from gptoss.kernels.rounding import rounded
 from gptoss.kernels.routing import Routing, route
 
@@ -64,8 +71,7 @@ SEARCH = tl.constexpr(128)  # experts examined per step of the tile -> expert se
 # wait on their scale loads on 3.6, so the backward keeps K = 64). A sixth field of 1: the tile swapped
 # (_product_along_rows' SWAP: the decoded tile as wgmma's register operand, the product asynchronous) at
 # 7.0-7.5 instructions per element on Triton 3.9, 6.7-7.1 on 3.6; the autotuner weighs that against the
-# unswapped tiles' synchronous products. Swapped, the backward took 13 instructions per element: it has
-# no swapped tiles.
+# unswapped tiles' synchronous products.
 _FORWARD = {
     16: [(16, 64, 128, 2, 3), (16, 128, 64, 4, 3)],
     64: [(32, 64, 128, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 8, 3), (64, 128, 64, 8, 3, 1)],
@@ -87,10 +93,13 @@ _FORWARD = {
 # With the LoRA update in the epilogue (ADD) 3.6 spills 8 bytes at (16, 64, 128, 2, 3) and
 # (32, 64, 128, 4, 3): two stages (5.8-6.0 instructions per element on sm_90a, against 5.9-6.1) and
 # K = 64 (8.0-8.5 on 3.9) instead; 3.9 spills (16, 64, 64, 2, 3) and, on sm_100a, (32, 64, 128, 4, 2).
+# Swapped backward tiles (_product_across_rows' SWAP), asynchronous like the forward's: 64 x 128 x 64 at
+# 7.8-8.0 instructions per element (3.6: 7.6-7.8), and K = 128, which swapped waits on no load on either
+# Triton, at 6.3-7.0 (3.6: 7.4-7.9); swapped 128 x 128 x 128 spills on sm_100a (down_bwd).
 _BACKWARD = {
     16: [(16, 64, 128, 2, 2), (16, 128, 128, 4, 3)],
-    64: [(32, 64, 64, 4, 3), (64, 128, 64, 8, 3)],
-    256: [(64, 128, 64, 8, 3), (64, 64, 64, 8, 3)],
+    64: [(32, 64, 64, 4, 3), (64, 128, 64, 8, 3), (64, 128, 64, 8, 3, 1)],
+    256: [(64, 128, 64, 8, 3), (64, 64, 64, 8, 3), (64, 128, 128, 8, 2, 1)],
 }
 # By kernel (the names of KERNELS, below): the compile gate compiles every tile listed here.
 CONFIGS = {
@@ -172,8 +181,7 @@ def tile_of(config: triton.Config) -> tuple:
 
 def pinned_config() -> triton.Config | None:
     """GPTOSS_MOE_CONFIG="BLOCK_M,BLOCK_N,BLOCK_K,num_warps,num_stages[,swap]" pins one config, read at
-    launch (swap, 0 or 1: the forward kernels' wgmma tiles take the product transposed; the backward
-    kernels take the same tile unswapped)."""
+    launch (swap, 0 or 1: a wgmma tile that takes its product transposed)."""
     pinned = os.environ.get("GPTOSS_MOE_CONFIG")
     if not pinned:
         return None
@@ -205,8 +213,8 @@ def _pruner(kernel: str):
 
     def prune(configs, named_args, **kwargs):
         pinned = pinned_config()
-        if pinned is not None:  # the backward kernels have no swapped form
-            return [pinned if kernel in SWAPPABLE else _config(*tile_of(pinned)[:5])]
+        if pinned is not None:
+            return [pinned]
         if INTERPRET:
             return [_config(*INTERPRET_CONFIG)]
         table = FP32_CONFIGS if kwargs["UPCAST"] else CONFIGS[kernel]
@@ -222,9 +230,6 @@ def _tiles(kernel: str) -> list[tuple]:
 def all_configs() -> list[triton.Config]:
     """Every tile any of the four kernels may try (GPTOSS_MOE_CONFIG may pin any of them)."""
     return [_config(*c) for c in sorted({c for kernel in CONFIGS for c in _tiles(kernel)})]
-
-
-SWAPPABLE = ("gate_up", "down")  # the kernels whose tiles may be swapped (a sixth field of 1 in CONFIGS)
 
 
 def _autotune(kernel: str):
@@ -376,14 +381,22 @@ def _product_across_rows(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SWAP: tl.constexpr,
 ):
     """acc[m, n] = sum_k a[a_row[m], k] W[k, n] for n = n0 .. n0 + BLOCK_N - 1: the weight's rows are k,
     its packed blocks run along n, so a decoded tile comes as its even and odd columns. wgmma tiles (64+
     rows) contract them in two products and interleave the two accumulators once after the loop (a
     per-trip interleave made Triton 3.6 fail to lower every 64 x 128 tile), and load the scales a trip
-    ahead as _product_along_rows does; mma.sync tiles interleave the decoded halves each trip."""
+    ahead as _product_along_rows does; mma.sync tiles interleave the decoded halves each trip.
+    SWAP (wgmma tiles): as in _product_along_rows, acc^T = W^T a^T with the decoded tile as wgmma's
+    register operand, its product asynchronous. The even columns' values and the odd columns' are stacked
+    as the operand's rows, so one product takes both; the accumulator's rows are put back in column
+    order once after the loop."""
     WGMMA: tl.constexpr = BLOCK_M >= 64
-    if WGMMA:  # the even and odd columns in two products, interleaved once after the loop
+    tl.assume(K > 0)  # as in _product_along_rows: no path that skips the loop
+    if WGMMA and SWAP:  # rows: columns n0, n0 + 2, ..., then n0 + 1, n0 + 3, ...
+        accT = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    elif WGMMA:  # the even and odd columns in two products, interleaved once after the loop
         acc_even = tl.zeros([BLOCK_M, BLOCK_N // 2], tl.float32)
         acc_odd = tl.zeros([BLOCK_M, BLOCK_N // 2], tl.float32)
     else:  # mma.sync: the decoded halves interleaved each trip, one product (two cost twice the registers)
@@ -396,7 +409,14 @@ def _product_across_rows(
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(a_ptr + a_row[:, None] * K + k[None, :], mask=m_mask[:, None] & (k[None, :] < K), other=0.0)
-        if WGMMA:  # this trip's scales came a trip ahead; the next trip's are loaded now
+        if WGMMA and SWAP:  # this trip's scales came a trip ahead; the next trip's are loaded now
+            byte = mxfp4_blocks(w_e, k, g, (k[:, None] < K) & (g[None, :] < G), G)
+            w_even, w_odd = mxfp4_decode_columns(byte, scale, INTERPRET)  # [BLOCK_N / 2, BLOCK_K] each
+            k_next = k + BLOCK_K
+            scale = mxfp4_scales(s_e, k_next, g, (k_next[:, None] < K) & (g[None, :] < G), G)
+            w = tl.reshape(tl.permute(tl.join(w_even, w_odd), (2, 0, 1)), (BLOCK_N, BLOCK_K))
+            accT = _dot(w, tl.trans(a), accT, UPCAST)  # [BLOCK_N, BLOCK_K] x [BLOCK_K, BLOCK_M]
+        elif WGMMA:  # this trip's scales came a trip ahead; the next trip's are loaded now
             w_even, w_odd = mxfp4_decode(
                 mxfp4_blocks(w_e, k, g, (k[:, None] < K) & (g[None, :] < G), G), scale, INTERPRET
             )
@@ -408,7 +428,9 @@ def _product_across_rows(
             w_even, w_odd = mxfp4_tile(w_e, s_e, k, g, (k[:, None] < K) & (g[None, :] < G), G, INTERPRET)
             w = tl.reshape(tl.join(w_even, w_odd), (BLOCK_K, BLOCK_N))  # columns n0, n0 + 1, ...
             acc = _dot(a, w, acc, UPCAST)
-    if WGMMA:
+    if WGMMA and SWAP:  # rows (parity, j) -> columns 2j + parity
+        acc = tl.reshape(tl.permute(tl.reshape(accT, (2, BLOCK_N // 2, BLOCK_M)), (2, 1, 0)), (BLOCK_M, BLOCK_N))
+    elif WGMMA:
         acc = tl.reshape(tl.join(acc_even, acc_odd), (BLOCK_M, BLOCK_N))
     return acc
 
@@ -560,6 +582,7 @@ def _moe_down_bwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SWAP: tl.constexpr = False,  # the tile's, from its config (CONFIGS: a sixth field)
 ):
     expert, first = _find_expert(counts_ptr, E, BLOCK_M)
     if expert >= E:
@@ -570,7 +593,7 @@ def _moe_down_bwd_kernel(
     n0 = tl.program_id(1) * BLOCK_N
     w_e, s_e = w_ptr + expert.to(tl.int64) * N * K // 2, s_ptr + expert.to(tl.int64) * N * K // 32
     acc = _product_across_rows(
-        grad_ptr, a_row, m_mask, w_e, s_e, n0, K, N, UPCAST, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K
+        grad_ptr, a_row, m_mask, w_e, s_e, n0, K, N, UPCAST, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, SWAP
     )
     # acc = sum_d grad_out[d] W2[d, n]; times the routing weight = d loss / d act
     gate = tl.load(gate_ptr + pair, mask=m_mask, other=0.0)
@@ -609,6 +632,7 @@ def _moe_gate_up_bwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SWAP: tl.constexpr = False,  # the tile's, from its config (CONFIGS: a sixth field)
 ):
     expert, first = _find_expert(counts_ptr, E, BLOCK_M)
     if expert >= E:
@@ -618,7 +642,9 @@ def _moe_gate_up_bwd_kernel(
     n0 = tl.program_id(1) * BLOCK_N
     n = n0 + tl.arange(0, BLOCK_N)
     w_e, s_e = w_ptr + expert.to(tl.int64) * N * K // 2, s_ptr + expert.to(tl.int64) * N * K // 32
-    acc = _product_across_rows(gh_ptr, m, m_mask, w_e, s_e, n0, K, N, UPCAST, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc = _product_across_rows(
+        gh_ptr, m, m_mask, w_e, s_e, n0, K, N, UPCAST, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, SWAP
+    )
     mn_mask = m_mask[:, None] & (n[None, :] < N)
     if ADD:
         acc += tl.load(add_ptr + m[:, None] * N + n[None, :], mask=mn_mask, other=0.0).to(tl.float32)

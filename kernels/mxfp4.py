@@ -92,6 +92,24 @@ E2M1_PAIR_PTX = (
 )
 
 
+# E2M1 -> bf16 for a tile read across its packed dimension: two bytes of one column from neighbouring rows
+# ($2: a 16-bit pair, b0 | b1 << 8) -> $0: their low-nibble values, $1: their high-nibble values, each a bf16
+# pair in one register (the values of one weight column at two neighbouring k, as a tensor-core register
+# operand holds them). E2M1_PTX's steps on one word (the caller multiplies by the scales).
+E2M1_COLUMN_PTX = (
+    ("cvt", "w", "$2", None),  # the 16-bit pair, zero-extended
+    ("prmt", "t0", "w", 0x4140),
+    ("and", "u0", "t0", 0x000F000F),
+    ("and", "u2", "t0", 0x00F000F0),
+    ("mul", "u0", "u0", 64 + 4096),
+    ("mul", "u2", "u2", 4 + 256),
+    ("and", "u0", "u0", 0x81C081C0),
+    ("and", "u2", "u2", 0x81C081C0),
+    ("bf16x2", "$0", "u0", 0x7E807E80),
+    ("bf16x2", "$1", "u2", 0x7E807E80),
+)
+
+
 # E2M1 codes . 16-bit integer activations on CUDA cores (DP4A), for the fused decode kernels
 # (kernels/decode.py). The activation is carried per block of 32 as integers q = 255 h + l with int8 parts
 # h, l in [-127, 127] (kernels/decode.py's _quantize_store); a code c becomes the byte u = 12 + 2 E2M1(c)
@@ -173,6 +191,14 @@ _E2M1_PAIR_ASM = tl.constexpr(
         {**_E2M1_STEPS, "bf16x2r": "mul.rn.bf16x2 {0}, {1}, {2};", "split": "mov.b32 {{{0}, {2}}}, {1};"},
     )
 )
+_E2M1_COLUMN_ASM = tl.constexpr(
+    _ptx(
+        E2M1_COLUMN_PTX,
+        "w, t0, u0, u2, zero, k",
+        {**_E2M1_STEPS, "cvt": "cvt.u32.u16 {0}, {1};"},
+        prologue=("mov.b32 zero, 0;",),
+    )
+)
 _E2M1_ASM = tl.constexpr(
     _ptx(E2M1_PTX, "t0, t1, u0, u1, u2, u3, p, zero, k", _E2M1_STEPS, prologue=("mov.b32 zero, 0;",))
 )
@@ -211,6 +237,27 @@ def e2m1_pairs_scaled(byte, scale):
         is_pure=True,
         pack=1,
     )
+
+
+@triton.jit
+def mxfp4_decode_columns(byte, scale, INTERPRET: tl.constexpr):
+    """Codes [K, B, 16] (K rows of B MX blocks along the packed dimension) and their scale bytes [K, B, 1]
+    -> (even, odd) [B * 16, K] each: the values of the even and of the odd columns, transposed, so that
+    each column's values at neighbouring rows k, k + 1 sit together (E2M1_COLUMN_PTX), as a tensor-core
+    register operand [columns, k] holds them. bf16 on the GPU, fp32 in the interpreter."""
+    columns: tl.constexpr = byte.shape[1] * 16
+    code = tl.trans(tl.reshape(byte, (byte.shape[0], columns)))  # [columns / 2 bytes, K]
+    if INTERPRET:
+        c = code.to(tl.int32)
+        low, high = _e2m1_interpret(c & 15), _e2m1_interpret(c >> 4)
+        scale = tl.maximum(scale.to(tl.int32) << 23, 0x400000).to(tl.float32, bitcast=True)  # fp32 2^(s-127)
+    else:
+        low, high = tl.inline_asm_elementwise(
+            _E2M1_COLUMN_ASM, "=r,=r,h", [code], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=2
+        )
+        scale = e8m0_to_bf16(scale)
+    scale = tl.trans(tl.reshape(tl.broadcast_to(scale, byte.shape), (byte.shape[0], columns)))
+    return low * scale, high * scale
 
 
 @triton.jit

@@ -153,10 +153,10 @@ def _prefill_tiles_stream(rows):
     assert {r["kernel"] for r in square} == set(forward)
     for r in square:
         assert r["per_element"] <= r["config"]["BLOCK_M"] / 16, (r["kernel"], r["config"], r["per_element"])
-    # swapped forward tiles (the decoded tile as wgmma's register operand): the loop never waits for all
-    # of its products, so the tensor cores still work while the next trip loads and decodes
+    # swapped tiles (the decoded tile as wgmma's register operand): the loop never waits for all of its
+    # products, so the tensor cores still work while the next trip loads and decodes
     swapped = [r for r in tiles if r["config"].get("SWAP")]
-    assert {r["kernel"] for r in swapped} == set(forward)
+    assert {r["kernel"] for r in swapped} == set(MOE_KERNELS)
     for r in swapped:
         assert r["loop_wgmma_pending"] is not None and r["loop_wgmma_pending"] >= 1, (r["kernel"], r["config"])
 

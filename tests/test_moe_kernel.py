@@ -310,13 +310,14 @@ def test_an_added_update_the_kernels_cannot_read_is_refused(bad):
         moe_kernel.moe_gate_up_fwd(x, routing, w1, 1.702, 7.0, save=True, add=bad(12, 128))
 
 
-def test_a_pinned_swapped_tile_swaps_the_forward_only(monkeypatch):
-    # the backward kernels have no swapped form: pinned "…,1" gives them the same tile unswapped
+def test_a_pinned_swapped_tile_swaps_every_kernel(monkeypatch):
     monkeypatch.setenv("GPTOSS_MOE_CONFIG", "64,128,64,8,3,1")
-    for kernel, want in (("gate_up", True), ("down", True), ("down_bwd", False), ("gate_up_bwd", False)):
+    for kernel in moe_kernel.KERNELS:
         (config,) = moe_kernel._pruner(kernel)([], {}, UPCAST=False)
-        assert moe_kernel.tile_of(config) == (64, 128, 64, 8, 3) + ((1,) if want else ()), kernel
-        assert config.kwargs.get("SWAP", False) is want
+        assert moe_kernel.tile_of(config) == (64, 128, 64, 8, 3, 1) and config.kwargs["SWAP"] is True, kernel
+    monkeypatch.setenv("GPTOSS_MOE_CONFIG", "64,128,64,8,3,0")
+    (config,) = moe_kernel._pruner("down_bwd")([], {}, UPCAST=False)
+    assert moe_kernel.tile_of(config) == (64, 128, 64, 8, 3) and "SWAP" not in config.kwargs
 
 
 def test_chosen_tiles_reports_each_launch_and_only_fresh_timings(monkeypatch):

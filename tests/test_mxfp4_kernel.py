@@ -53,6 +53,9 @@ def _run_e2m1_program(program, word: int, regs: dict[str, int] | None = None) ->
         if op == "split":  # mov.b32 {d, imm}, x: the low half to d, the high half to imm
             regs[dst], regs[imm] = x & 0xFFFF, x >> 16
             continue
+        if op == "cvt":  # cvt.u32.u16: the 16-bit operand, zero-extended
+            regs[dst] = x & 0xFFFF
+            continue
         if op == "prmt":  # prmt.b32 d, a, 0, selector: byte i of d is byte (selector nibble i) of the pair {0, a}
             pool = x.to_bytes(4, "little") + bytes(4)
             regs[dst] = int.from_bytes(bytes(pool[(imm >> (4 * i)) & 7] for i in range(4)), "little")
@@ -156,6 +159,44 @@ def test_e2m1_pair_ptx_model_catches_a_mutation(mutation):
     assert E2M1_PAIR_PTX[index][3] == old
     mutated = tuple((*step[:3], new) if i == index else step for i, step in enumerate(E2M1_PAIR_PTX))
     assert _wrong_pairs(mutated) > 0
+
+
+def _wrong_columns(program) -> int:
+    """How many values E2M1_COLUMN_PTX-like `program` gets wrong over 256 x 86 pairs of bytes (two rows
+    of one column), against FP4_VALUES (sign of -0 included)."""
+    values, wrong = mxfp4.FP4_VALUES, 0
+    for b0 in range(256):
+        for b1 in range(0, 256, 3):
+            regs = _run_e2m1_program(program, 0, {"$2": b0 | b1 << 8})
+            (l0, l1), (h0, h1) = _bf16_pair(regs["$0"]), _bf16_pair(regs["$1"])
+            wrong += _differs(l0, values[b0 & 15]) + _differs(l1, values[b1 & 15])
+            wrong += _differs(h0, values[b0 >> 4]) + _differs(h1, values[b1 >> 4])
+    return wrong
+
+
+def test_e2m1_column_ptx_program_decodes_every_byte_pair():
+    # the swapped backward tiles decode a column's bytes at two neighbouring rows into the register pair
+    # their operand takes
+    from gptoss.kernels.mxfp4 import E2M1_COLUMN_PTX
+
+    assert _wrong_columns(E2M1_COLUMN_PTX) == 0
+
+
+@pytest.mark.parametrize(
+    "mutation",
+    [
+        (1, 0x4140, 0x4041),  # the two rows' bytes swapped
+        (5, 4 + 256, 4 + 128),  # the high nibble's sign on the wrong bit
+        (7, 0x81C081C0, 0x81C0C1C0),  # a stray bit kept
+    ],
+)
+def test_e2m1_column_ptx_model_catches_a_mutation(mutation):
+    from gptoss.kernels.mxfp4 import E2M1_COLUMN_PTX
+
+    index, old, new = mutation
+    assert E2M1_COLUMN_PTX[index][3] == old
+    mutated = tuple((*step[:3], new) if i == index else step for i, step in enumerate(E2M1_COLUMN_PTX))
+    assert _wrong_columns(mutated) > 0
 
 
 def _dot_model(program, regs: dict[str, int]) -> dict[str, int]:
