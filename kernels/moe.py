@@ -26,7 +26,8 @@ packed dimension) and one scale per 32 values, decodes them in registers (kernel
 mxfp4_decode) and feeds a bf16 dot with fp32 accumulation. The forward kernels read the weight along its
 rows' packed dimension (K) and transpose the decoded tile, or, in a swapped tile (SWAP), keep it as it
 is and take the product transposed, acc^T = W a^T, with the decoded tile as wgmma's register operand;
-the backward kernels read it along N. The
+the backward kernels read it along N (swapped: each byte pair of one column at two neighbouring rows
+decoded into the register pair that operand takes, mxfp4_decode_columns). The
 wgmma tiles (64+ rows) load each trip's scales a trip ahead (a byte a block is too small for the
 asynchronous copies that bring the codes and `a`, and a plain load read in its own trip stalls it).
 
