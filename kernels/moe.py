@@ -107,7 +107,8 @@ CONFIGS = {
     "gate_up": _FORWARD,
     "down": {**_FORWARD, 16: [(16, 32, 128, 1, 3), (16, 64, 128, 2, 3)]},  # N = D: 2880 columns, not 5760
     "down_bwd": _BACKWARD,
-    "gate_up_bwd": _BACKWARD,
+    # 128 token rows a tile: twice the MACs a decoded element; swapped, down_bwd's spills on sm_100a with ADD
+    "gate_up_bwd": {**_BACKWARD, 256: [*_BACKWARD[256], (128, 128, 64, 8, 2, 1)]},
 }
 FP32_CONFIGS = {16: [(16, 32, 64, 4, 2)], 64: [(32, 32, 64, 4, 2)], 256: [(64, 64, 32, 4, 2)]}  # parity runs
 INTERPRET_CONFIG = (16, 32, 64, 1, 1)
