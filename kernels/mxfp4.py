@@ -95,18 +95,14 @@ E2M1_PAIR_PTX = (
 # E2M1 -> bf16 for a tile read across its packed dimension: two bytes of one column from neighbouring rows
 # ($2: a 16-bit pair, b0 | b1 << 8) -> $0: their low-nibble values, $1: their high-nibble values, each a bf16
 # pair in one register (the values of one weight column at two neighbouring k, as a tensor-core register
-# operand holds them). E2M1_PTX's steps on one word (the caller multiplies by the scales).
+# operand holds them). E2M1_PTX's steps on one word, t0 (the caller multiplies by the scales).
 E2M1_COLUMN_PTX = (
     ("cvt", "w", "$2", None),  # the 16-bit pair, zero-extended
-    ("prmt", "t0", "w", 0x4140),
-    ("and", "u0", "t0", 0x000F000F),
-    ("and", "u2", "t0", 0x00F000F0),
-    ("mul", "u0", "u0", 64 + 4096),
-    ("mul", "u2", "u2", 4 + 256),
-    ("and", "u0", "u0", 0x81C081C0),
-    ("and", "u2", "u2", 0x81C081C0),
-    ("bf16x2", "$0", "u0", 0x7E807E80),
-    ("bf16x2", "$1", "u2", 0x7E807E80),
+    *(
+        (op, {"$2": "$1"}.get(dst, dst), "w" if src == "$4" else src, imm)
+        for op, dst, src, imm in E2M1_PTX
+        if dst in ("t0", "u0", "u2", "$0", "$2")
+    ),
 )
 
 
