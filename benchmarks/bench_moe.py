@@ -156,7 +156,7 @@ def main() -> None:
                     x, *route(logits, k), w1_EDF, dense.gate_up_proj_bias, w2_EIF, dense.down_proj_bias
                 )
             if gpu:
-                from gptoss.kernels.moe import moe
+                from gptoss.kernels.moe import autotuned, chosen_tiles, moe
 
                 providers["triton"] = lambda x=x, logits=logits: moe(x, logits, k, experts)
             if args.train:  # each call: the forward with gradients, then the backward of a fixed gradient
@@ -165,8 +165,6 @@ def main() -> None:
             reference = experts_forward(x.float(), weights, ids, copy.deepcopy(experts).float(), 1.702, 7.0)
             for provider, fn in providers.items():
                 if provider == "triton":
-                    from gptoss.kernels.moe import autotuned
-
                     before = autotuned()
                 with torch.set_grad_enabled(args.train):
                     err = (fn().float() - reference).abs().max().item() / reference.abs().max().item()
@@ -177,8 +175,6 @@ def main() -> None:
                 row |= {"tflops": perf["tflops"], "gbs": perf["gbs"], "copy_pct": 100 * perf["gbs"] / copy_gbs}
                 row["rel_err_vs_fp32"] = err
                 if provider == "triton":  # the tiles its autotuners chose here, and what each tile they timed took
-                    from gptoss.kernels.moe import chosen_tiles
-
                     row["autotune"] = chosen_tiles(since=before)
                     row["tiles"] = " ".join(
                         f"{k}:{'x'.join(map(str, v['tile'][:3]))}{'s' if len(v['tile']) > 5 else ''}"

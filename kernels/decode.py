@@ -61,7 +61,7 @@ from gptoss.kernels import mxfp4
 from gptoss.kernels.attention_core import NO_WINDOW
 from gptoss.kernels.attention_decode import attention_decode
 from gptoss.kernels.moe import ExpertWeights, expert_weights
-from gptoss.kernels.mxfp4 import INTERPRET, e2m1_dot_block
+from gptoss.kernels.mxfp4 import INTERPRET, e2m1_dot_block, e8m0_to_fp32
 from gptoss.kernels.rounding import rounded
 
 # the quantized activations' constants (kernels/mxfp4.py), for @triton.jit code
@@ -313,7 +313,7 @@ def _mx_factor(loaded, valid):
     """A trip's per-block numbers from _mx_loads: the factor 2^(s - 127) x the vector block's scale (0 for
     blocks not `valid` [BLOCK_G]) and the correction -12 sum(q), [BLOCK_N or 1, BLOCK_G] each."""
     _, scale, _, _, _, _, xs, xcorr = loaded
-    factor = tl.maximum(scale.to(tl.int32) << 23, 0x400000).to(tl.float32, bitcast=True)  # 2^(s-127); s=0: 2^-127
+    factor = e8m0_to_fp32(scale)  # 2^(s-127); s=0: 2^-127
     return tl.where(valid[None, :], factor * xs, 0.0), xcorr
 
 

@@ -173,12 +173,13 @@ def _config(m, n, k, warps, stages, swap=0) -> triton.Config:
     return triton.Config(tile, num_warps=warps, num_stages=stages)
 
 
-def tile_of(config: triton.Config) -> tuple:
-    """A config as CONFIGS and GPTOSS_MOE_CONFIG write it: (M, N, K, warps, stages), then 1 if swapped."""
-    kw = config.kwargs
-    return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages) + (
-        (1,) if kw.get("SWAP") else ()
-    )
+def tile_of(config: triton.Config | dict) -> tuple:
+    """A config (or a launch's chosen constexprs with num_warps and num_stages, as the compile gate holds
+    them) as CONFIGS and GPTOSS_MOE_CONFIG write it: (M, N, K, warps, stages), then 1 if swapped."""
+    if isinstance(config, triton.Config):
+        config = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    tile = tuple(config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"))
+    return tile + ((1,) if config.get("SWAP") else ())
 
 
 def pinned_config() -> triton.Config | None:

@@ -212,6 +212,13 @@ def _e2m1_interpret(code):
 
 
 @triton.jit
+def _e2m1_interpret_byte(byte):
+    """uint8 codes -> (low-nibble values, high-nibble values) in fp32 by arithmetic (the interpreter's path)."""
+    code = byte.to(tl.int32)
+    return _e2m1_interpret(code & 15), _e2m1_interpret(code >> 4)
+
+
+@triton.jit
 def e2m1_pairs(byte):
     """uint8 codes -> (low-nibble values, high-nibble values) in bf16, each shaped like `byte` (GPU only)."""
     return tl.inline_asm_elementwise(
@@ -244,9 +251,8 @@ def mxfp4_decode_columns(byte, scale, INTERPRET: tl.constexpr):
     columns: tl.constexpr = byte.shape[1] * 16
     code = tl.trans(tl.reshape(byte, (byte.shape[0], columns)))  # [columns / 2 bytes, K]
     if INTERPRET:
-        c = code.to(tl.int32)
-        low, high = _e2m1_interpret(c & 15), _e2m1_interpret(c >> 4)
-        scale = tl.maximum(scale.to(tl.int32) << 23, 0x400000).to(tl.float32, bitcast=True)  # fp32 2^(s-127)
+        low, high = _e2m1_interpret_byte(code)
+        scale = e8m0_to_fp32(scale)
     else:
         low, high = tl.inline_asm_elementwise(
             _E2M1_COLUMN_ASM, "=r,=r,h", [code], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=2
@@ -301,6 +307,13 @@ def e2m1_dot_block(word, xa, xb, xc, xd, tables, start, INTERPRET: tl.constexpr)
 
 
 @triton.jit
+def e8m0_to_fp32(scale):
+    """uint8 E8M0 scale s -> fp32 2^(s-127): s becomes the exponent field (s << 23); s = 0 gives 2^-127, the
+    subnormal 0x400000."""
+    return tl.maximum(scale.to(tl.int32) << 23, 0x400000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def e8m0_to_bf16(scale):
     """uint8 E8M0 scale s -> bf16 2^(s-127): s becomes the exponent field (s << 7). For s = 0 that gives
     0; the max turns it into 0x0040, the subnormal 2^-127 (every s >= 1 gives at least 0x0080). s = 255
@@ -342,9 +355,8 @@ def mxfp4_decode(byte, scale, INTERPRET: tl.constexpr, PAIRED: tl.constexpr = Fa
     if len(scale.shape) == 2:
         scale = scale[:, :, None]
     if INTERPRET:
-        code = byte.to(tl.int32)
-        low, high = _e2m1_interpret(code & 15), _e2m1_interpret(code >> 4)
-        scale = tl.maximum(scale.to(tl.int32) << 23, 0x400000).to(tl.float32, bitcast=True)  # fp32 2^(s-127)
+        low, high = _e2m1_interpret_byte(byte)
+        scale = e8m0_to_fp32(scale)
         low, high = low * scale, high * scale
     elif PAIRED:  # a byte's two values in one register, scaled there
         low, high = e2m1_pairs_scaled(byte, tl.broadcast_to(e8m0_to_bf16(scale), byte.shape))

@@ -341,8 +341,7 @@ def unreached_tiles(variants, targets) -> list[str]:
             seen = {
                 (
                     bool(v.config["UPCAST"]),
-                    tuple(v.config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"))
-                    + ((1,) if v.config.get("SWAP") else ()),
+                    moe.tile_of(v.config),
                     bool(v.config["ADD"]),
                 )
                 for v in variants
