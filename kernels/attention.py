@@ -226,7 +226,7 @@ def _attn_bwd_dkdv_kernel(
     ranges_ptr,
     T,
     S,
-    G,
+    G: tl.constexpr,  # query heads per KV head: the loop splits its rows into (token, head), shifts at G = 8
     KH,
     window,
     scale2,

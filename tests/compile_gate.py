@@ -53,9 +53,9 @@ from triton.runtime.autotuner import Autotuner, Heuristics  # noqa: E402
 from triton.runtime.jit import JITFunction, KernelInterface, create_function_from_signature  # noqa: E402
 
 # what a cached row holds: a new format recompiles rather than read a row short of a field
-ROW_FORMAT = 7  # 2: loop_shared_ops; 3: the main loop is the largest innermost loop; 4: loop loads, ftz_ops;
+ROW_FORMAT = 8  # 2: loop_shared_ops; 3: the main loop is the largest innermost loop; 4: loop loads, ftz_ops;
 # 5: loop_wide_loads_waited (since dropped); 6: asynchronous copies to shared memory (LDGSTS) are not loads
-# into registers; 7: loop_wgmma_pending
+# into registers; 7: loop_wgmma_pending; 8: loop_skippable, attention's per_element (a trip's scores)
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 and sm_100 (227 KiB)
 SHAPES = {  # hidden D, intermediate I, experts E, top-k
     "gpt-oss-20b": (2880, 2880, 32, 4),
@@ -396,6 +396,14 @@ def sass_stats(cubin: bytes, num_warps: int, elements_per_iteration: int | None)
     if elements_per_iteration:
         body = main_size or len(code)  # no loop: the whole kernel is one iteration
         per_element = body * 32 * num_warps / elements_per_iteration
+    # the most instructions of the main loop that one forward branch inside it skips: a trip's optional part
+    # (attention's per-score mask, skipped by a uniform branch on tiles every row sees whole)
+    skippable = 0
+    for address, op, rest in code if main else []:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if target and main[0] <= address < int(target.group(1), 16) <= main[1]:
+            end = int(target.group(1), 16)
+            skippable = max(skippable, sum(address < a < end for a, _, _ in code))
     # the main loop's barriers and shared-memory moves: a layout conversion (or a pipelined copy) inside it
     body = [(op, rest) for a, op, rest in code if main[0] <= a <= main[1]] if main else []
     loop_sync = sum(op.startswith(("BAR", "LDS", "STS", "STSM", "LDSM")) for op, _ in body)
@@ -418,6 +426,7 @@ def sass_stats(cubin: bytes, num_warps: int, elements_per_iteration: int | None)
         loop_loads=loads,
         loop_loads_waited=waited,
         loop_wgmma_pending=min(pending) if pending else None,
+        loop_skippable=skippable,
         ftz_ops=sum(".FTZ" in op for op in ops),
     )
 
@@ -446,8 +455,14 @@ def _loop_loads(body) -> tuple[int, int]:
     return loads, waited
 
 
-def weight_elements(name: str, config: dict) -> int | None:
-    """MXFP4 weight elements one iteration of a kernel's main loop decodes (None: it decodes none)."""
+ATTENTION_TILES = ("_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel")  # a trip: one tile of scores
+
+
+def trip_elements(name: str, config: dict) -> int | None:
+    """What one iteration of a kernel's main loop works through: the MXFP4 weight elements it decodes, or
+    for the attention kernels of ATTENTION_TILES the scores of its tile pair (None: neither)."""
+    if name in ATTENTION_TILES:
+        return config["BLOCK_M"] * config["BLOCK_N"]
     if name in moe_kernels():
         return config["BLOCK_N"] * config["BLOCK_K"]
     if name in DECODE_MXFP4:  # TRIPS_PER_LOOP trips a loop iteration
@@ -480,9 +495,7 @@ def compile_one(variant: Variant) -> dict:
     except Exception as error:  # noqa: BLE001 - every compile error is a finding of the gate
         first = str(error).strip().splitlines()
         return dict(row, error=f"{type(error).__name__}: {first[0] if first else ''}"[:300])
-    stats = sass_stats(
-        compiled.asm["cubin"], variant.config["num_warps"], weight_elements(variant.name, variant.config)
-    )
+    stats = sass_stats(compiled.asm["cubin"], variant.config["num_warps"], trip_elements(variant.name, variant.config))
     return dict(row, shared=compiled.metadata.shared, seconds=round(time.perf_counter() - start, 2), **stats)
 
 

@@ -264,6 +264,37 @@ def test_attention_uses_tensor_cores_without_spills(gate):
         }
         expected = expected.get(r["kernel"], "wgmma")
         assert r["mma"] == expected, (r["kernel"], r["mma"])
+    _attention_trips_keep_pace(rows)
+
+
+# tensor-core MACs a score element takes in each training kernel at head dim 64: the forward's two products
+# (Q K^T, P V), dQ's three (Q K^T again, dO V^T, dS K), dK/dV's four (K Q^T, P^T dO, V dO^T, dS^T Q)
+SCORE_MACS = {"_attn_fwd_kernel": 128, "_attn_bwd_dq_kernel": 192, "_attn_bwd_dkdv_kernel": 256}
+
+
+def _attention_trips_keep_pace(rows):
+    """The training attention kernels, bf16 on sm_90a: SASS instructions a score element in the loop.
+    An SM issues 128 thread-instructions a cycle and its tensor cores do 2,048 bf16 MACs, so a trip issues
+    no slower than its products run at MACs / 16 instructions a score: 8 forward, 12 dQ, 16 dK/dV. The
+    backward kernels keep that pace on the tiles every row sees whole (the mask skipped: most tile pairs
+    of a long causal row), and the forward, with its softmax, comes within 11 (its 128 x 64 tile took 12-14:
+    a 128-key tile halves a trip's fixed costs and the rescaling of the output a key); a masked trip takes
+    at most 22 in all three. Dividing the rows into (token, head) by a runtime G in dK/dV's loop took 30
+    (masked) and 25 on Triton 3.6."""
+    tiles = [
+        r
+        for r in rows
+        if r["kernel"] in SCORE_MACS
+        and r["target"] == "sm_90a"
+        and {launch["dtype"] for launch in r["launches"]} == {"bfloat16"}
+    ]
+    assert {r["kernel"] for r in tiles} == set(SCORE_MACS), [r["kernel"] for r in tiles]
+    for r in tiles:
+        masked = r["per_element"]
+        unmasked = masked * (1 - r["loop_skippable"] / r["main_loop"])
+        pace = SCORE_MACS[r["kernel"]] / 16 if r["kernel"] != "_attn_fwd_kernel" else 11
+        assert r["loop_skippable"] > 0, (r["kernel"], "no tile skips the per-score mask")
+        assert unmasked <= pace and masked <= 22, (r["kernel"], r["config"], round(unmasked, 2), round(masked, 2))
 
 
 def test_a_cached_row_never_outlives_its_compiler(tmp_path):
@@ -308,6 +339,7 @@ def test_every_kernel_compiles_without_spills_on_the_gpu_machines_triton(tmp_pat
     assert all(r["kernel"].startswith("_decode_") for r in rows if r["target"] == "sm_100a")
     _meet_the_static_goals(rows)
     _prefill_tiles_stream(rows)
+    _attention_trips_keep_pace(rows)
 
 
 def test_fused_decode_kernels_stream_without_shared_memory_in_their_loops(gate):
