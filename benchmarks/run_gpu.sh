@@ -67,9 +67,9 @@ fi
 # decode at batch 1 and 8, each step one CUDA-graph replay: gpt-oss-20b and -120b, fused kernels and the plain path
 step bench_e2e 150 $PY benchmarks/bench_e2e.py --configs gpt-oss-20b,gpt-oss-120b --impls gptoss-triton,gptoss-triton-fused --random-weights
 # the MoE layer from 1 to 16,384 tokens (decode rows also graph-timed; the prefill bucket autotunes five
-# forward tiles), attention, the GPU tests, then the MoE layer forward and backward at prefill sizes
+# forward tiles), attention (its bf16 tiles and the earlier ones), the GPU tests, then the MoE layer forward and backward at prefill sizes
 step bench_moe 100 $PY benchmarks/bench_moe.py
-step bench_attention 45 $PY benchmarks/bench_attention.py
+step bench_attention 60 $PY benchmarks/bench_attention.py
 step test_gpu 90 $PY -m pytest -q -rs tests/test_gpu.py
 step bench_moe_train 60 $PY benchmarks/bench_moe.py --train
 step bench_mxfp4 30 $PY benchmarks/bench_mxfp4.py

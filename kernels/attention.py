@@ -333,10 +333,13 @@ def _tile_ranges_kernel(
     stride_kb,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    KEY_BLOCK_M: tl.constexpr,
+    KEY_BLOCK_N: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
-    """Programs [0, n_q) write each query tile's [first, last) key tiles, programs [n_q, n_q + n_k)
-    each key tile's [first, last) query tiles; CHUNK tiles of the other side are examined at a time."""
+    """Programs [0, n_q) write each query tile's [first, last) key tiles (tiles BLOCK_M x BLOCK_N: the
+    forward's or dQ's), programs [n_q, n_q + n_k) each key tile's [first, last) query tiles (tiles
+    KEY_BLOCK_M x KEY_BLOCK_N: dK/dV's); CHUNK tiles of the other side are examined at a time."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     qpos_ptr += b * stride_qb
@@ -344,23 +347,25 @@ def _tile_ranges_kernel(
     lane = tl.arange(0, CHUNK)
     if pid < n_q:
         q_last, q_oldest = _query_tiles(qpos_ptr, pid + 0 * lane, T, G, window, BLOCK_M)  # CHUNK equal copies
-        first, last = n_k, n_k * 0
-        for start in range(0, n_k, CHUNK):
+        other = tl.cdiv(S, BLOCK_N)
+        first, last = other, other * 0
+        for start in range(0, other, CHUNK):
             j = start + lane
             k_min, k_max = _key_tiles(kpos_ptr, j, S, BLOCK_N)
-            meet = (k_min <= q_last) & (k_max > q_oldest) & (j < n_k)
-            first = tl.minimum(first, tl.min(tl.where(meet, j, n_k), 0))
+            meet = (k_min <= q_last) & (k_max > q_oldest) & (j < other)
+            first = tl.minimum(first, tl.min(tl.where(meet, j, other), 0))
             last = tl.maximum(last, tl.max(tl.where(meet, j + 1, 0), 0))
         out = q_ranges_ptr + (b * n_q + pid) * 2
     else:
         tile = pid - n_q
-        k_min, k_max = _key_tiles(kpos_ptr, tile + 0 * lane, S, BLOCK_N)
-        first, last = n_q, n_q * 0
-        for start in range(0, n_q, CHUNK):
+        k_min, k_max = _key_tiles(kpos_ptr, tile + 0 * lane, S, KEY_BLOCK_N)
+        other = tl.cdiv(T * G, KEY_BLOCK_M)
+        first, last = other, other * 0
+        for start in range(0, other, CHUNK):
             i = start + lane
-            q_last, q_oldest = _query_tiles(qpos_ptr, i, T, G, window, BLOCK_M)
-            meet = (k_min <= q_last) & (k_max > q_oldest) & (i < n_q)
-            first = tl.minimum(first, tl.min(tl.where(meet, i, n_q), 0))
+            q_last, q_oldest = _query_tiles(qpos_ptr, i, T, G, window, KEY_BLOCK_M)
+            meet = (k_min <= q_last) & (k_max > q_oldest) & (i < other)
+            first = tl.minimum(first, tl.min(tl.where(meet, i, other), 0))
             last = tl.maximum(last, tl.max(tl.where(meet, i + 1, 0), 0))
         out = k_ranges_ptr + (b * n_k + tile) * 2
     tl.store(out, tl.minimum(first, last))
@@ -374,14 +379,23 @@ RANGE_CHUNK = 16  # tiles of the other side one step of _tile_ranges_kernel exam
 
 
 def tile_ranges(
-    q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, G: int, block_m: int, block_n: int, keys: bool = True
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    window: int,
+    G: int,
+    block_m: int,
+    block_n: int,
+    keys: bool = True,
+    key_tiles: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """For each (batch, query tile) the [first, last) key tiles it may see, and (keys=True) for each
-    (batch, key tile) the [first, last) query tiles that may see it: int32 [B, tiles, 2] each, in one
-    launch (see the header). q_pos [B, T] and k_pos [B, S] int32, last dimension contiguous."""
+    """For each (batch, query tile) the [first, last) key tiles it may see (tiles block_m x block_n), and
+    (keys=True) for each (batch, key tile) the [first, last) query tiles that may see it (tiles key_tiles,
+    by default the same): int32 [B, tiles, 2] each, in one launch (see the header). q_pos [B, T] and
+    k_pos [B, S] int32, last dimension contiguous."""
     B, T = q_pos.shape
     S = k_pos.shape[1]
-    n_q, n_k = triton.cdiv(T * G, block_m), triton.cdiv(S, block_n)
+    key_m, key_n = key_tiles or (block_m, block_n)
+    n_q, n_k = triton.cdiv(T * G, block_m), triton.cdiv(S, key_n)
     q_ranges = torch.empty(B, n_q, 2, dtype=torch.int32, device=q_pos.device)
     k_ranges = torch.empty(B, n_k, 2, dtype=torch.int32, device=q_pos.device) if keys else q_ranges
     _tile_ranges_kernel[(n_q + n_k if keys else n_q, B)](
@@ -399,6 +413,8 @@ def tile_ranges(
         k_pos.stride(0),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
+        KEY_BLOCK_M=key_m,
+        KEY_BLOCK_N=key_n,
         CHUNK=RANGE_CHUNK,
         num_warps=4,
     )
@@ -533,8 +549,9 @@ def attention_bwd(
     """-> dq, dk, dv (the inputs' dtypes and shapes) and dsinks fp32 [K * G]."""
     B, T, K, G, Dh = q.shape
     S = k.shape[1]
-    bm, bn, warps, stages = CONFIGS["bwd"][path(q.dtype)]
-    q_ranges, k_ranges = tile_ranges(q_pos, k_pos, window, G, bm, bn)
+    bm, bn, warps, stages = CONFIGS["dq"][path(q.dtype)]
+    key_m, key_n, key_warps, key_stages = CONFIGS["dkdv"][path(q.dtype)]
+    q_ranges, k_ranges = tile_ranges(q_pos, k_pos, window, G, bm, bn, key_tiles=(key_m, key_n))
     do = do.contiguous()
     # Delta = rowsum(dO * O) per row, and the sink's part: its share of each row's softmax is 2^(z - L),
     # its logit's gradient sums -share * Delta over the rows of its head
@@ -560,7 +577,7 @@ def attention_bwd(
     dk = torch.empty(B, S, K, Dh, dtype=k.dtype, device=k.device)
     dv = torch.empty_like(dk)
     scale = 1.0 / math.sqrt(Dh)
-    common = dict(HEAD_DIM=Dh, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags(q.dtype))
+    common = dict(HEAD_DIM=Dh, **flags(q.dtype))
     qc = q.contiguous()  # dO and dQ are read and written with q's strides
     _attn_bwd_dq_kernel[(triton.cdiv(T * G, bm), B * K)](
         qc,
@@ -585,9 +602,13 @@ def attention_bwd(
         *v.stride()[:3],
         q_pos.stride(0),
         k_pos.stride(0),
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        num_warps=warps,
+        num_stages=stages,
         **common,
     )
-    _attn_bwd_dkdv_kernel[(triton.cdiv(S, bn), B * K)](
+    _attn_bwd_dkdv_kernel[(triton.cdiv(S, key_n), B * K)](
         qc,
         k,
         v,
@@ -612,6 +633,10 @@ def attention_bwd(
         *dk.stride()[:3],
         q_pos.stride(0),
         k_pos.stride(0),
+        BLOCK_M=key_m,
+        BLOCK_N=key_n,
+        num_warps=key_warps,
+        num_stages=key_stages,
         **common,
     )
     return dq, dk, dv, dsinks

@@ -18,11 +18,13 @@ NO_WINDOW = 1 << 30  # a window no position reaches: full causal attention
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and dtype path; "interpret" keeps tests fast. The
 # bf16 tiles, read in the compile gate's SASS (sm_90a, instructions a score on tiles every row sees whole,
 # Triton 3.9 / 3.6): forward 128 x 128, 8.6 / 10.5, where 128 x 64 took 11.8 / 13.9 (twice the keys a trip
-# halve its fixed costs and the output's rescaling a key); backward 64 x 64, 4 warps (dQ 11.1 / 12.0, dK/dV
-# 12.9 / 14.9): its 128-key tiles spill in dK/dV, and dQ and dK/dV share the tile-pair table.
+# halve its fixed costs and the output's rescaling a key); dQ 128 x 128, 8.3 / 9.8, where 64 x 64 took
+# 11.1 / 12.0; dK/dV 64 x 64, 4 warps, 12.9 / 14.9 (its 128 x 128 and 128 x 64 tiles spill or take more).
+# The backward's tile-pair table has one side for dQ's tiles and one for dK/dV's (tile_ranges' key_tiles).
 CONFIGS = {
     "fwd": {"bf16": (128, 128, 8, 2), "fp32": (32, 32, 4, 2), "interpret": (32, 16, 1, 1)},
-    "bwd": {"bf16": (64, 64, 4, 2), "fp32": (16, 32, 4, 1), "interpret": (32, 16, 1, 1)},
+    "dq": {"bf16": (128, 128, 8, 2), "fp32": (16, 32, 4, 1), "interpret": (32, 16, 1, 1)},
+    "dkdv": {"bf16": (64, 64, 4, 2), "fp32": (16, 32, 4, 1), "interpret": (16, 32, 1, 1)},
     "decode": {"bf16": (16, 64, 4, 3), "fp32": (16, 32, 4, 2), "interpret": (16, 16, 1, 1)},
 }
 

@@ -243,6 +243,11 @@ def test_tile_ranges_kernel_equals_the_torch_definition(window, tiles, G):
     assert (want[0][..., 1] > 0).any() and (want[0][2] == 0).all()  # some tiles meet; the empty row meets none
     q_only, none = kernel.tile_ranges(q_pos, k_pos, w, G, bm, bn, keys=False)
     assert none is None and torch.equal(q_only, want[0])
+    # dQ and dK/dV on tiles of their own: each side's table for its own tiles, still one launch
+    other = (bn, bm * 2)
+    mixed = kernel.tile_ranges(q_pos, k_pos, w, G, bm, bn, key_tiles=other)
+    assert torch.equal(mixed[0], want[0])
+    assert torch.equal(mixed[1], kernel.tile_ranges_reference(q_pos, k_pos, w, G, *other)[1])
 
 
 BAD = [

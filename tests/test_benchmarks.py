@@ -64,6 +64,49 @@ def test_the_moe_training_rows_run_each_provider_forward_and_backward():
     assert xg.grad is not None and xg.grad.abs().sum() > 0 and lg.grad is not None and lg.grad.abs().sum() > 0
 
 
+def test_attention_bench_times_the_earlier_tiles_with_the_kernels_own_launches():
+    # its "earlier tiles" rows must launch the kernels with those tiles (forward and dQ), and the chosen
+    # tiles must come back after them, also when a timing fails
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_attention
+    finally:
+        sys.path.remove(str(BENCH))
+    from triton.runtime.jit import KernelInterface
+
+    from gptoss.kernels import attention
+    from gptoss.kernels.attention_core import CONFIGS
+
+    chosen = copy.deepcopy(CONFIGS)
+    earlier = {"fwd": (16, 16, 1, 1), "dq": (16, 16, 1, 1)}
+    assert all(CONFIGS[name]["interpret"] != tile for name, tile in earlier.items())
+    seen = []
+    launch = KernelInterface.__getitem__
+
+    def recording(kernel, grid):
+        run = launch(kernel, grid)
+
+        def call(*args, **kwargs):
+            if "BLOCK_M" in kwargs:
+                seen.append((kernel.__name__, kwargs["BLOCK_M"], kwargs["BLOCK_N"]))
+            return run(*args, **kwargs)
+
+        return call
+
+    q, k, v, sinks = bench_attention._inputs(1, 20, 20, "cpu", torch.float32, grad=True)
+    pos = torch.arange(20)
+    KernelInterface.__getitem__ = recording
+    try:
+        with bench_attention.tiles(earlier, "interpret"):
+            attention.attention_with_sinks(q, k, v, sinks, pos, pos, None).sum().backward()
+        with pytest.raises(RuntimeError), bench_attention.tiles(earlier, "interpret"):
+            raise RuntimeError("a timing failed")
+    finally:
+        KernelInterface.__getitem__ = launch
+    assert ("_attn_fwd_kernel", 16, 16) in seen and ("_attn_bwd_dq_kernel", 16, 16) in seen, seen
+    assert CONFIGS == chosen
+
+
 def test_fa2_baseline_is_attention_without_sinks_in_the_kernel_layout():
     # the FlashAttention-2 row times SDPA on the same [B, T, K, G, Dh] tensors; its output (and so the
     # gradient the backward timing feeds it) must have the kernel's layout and be causal GQA attention
