@@ -31,7 +31,8 @@ decoded into the register pair that operand takes, mxfp4_decode_columns). The
 wgmma tiles (64+ rows) load each trip's scales a trip ahead (a byte a block is too small for the
 asynchronous copies that bring the codes and `a`, and a plain load read in its own trip stalls it).
 
-Grid: (row tiles, cdiv(N, BLOCK_N)). Expert e needs cdiv(count_e, BLOCK_M) row tiles; in all at most
+Grid: (8 row tiles, cdiv(N, BLOCK_N), row tiles / 8): the programs walk 8 row tiles at a time across every
+column tile (_program_tile). Expert e needs cdiv(count_e, BLOCK_M) row tiles; in all at most
 cdiv(P, BLOCK_M) + min(E, P) - 1 (ceil(a) + ceil(b) <= ceil(a + b) + 1, over the non-empty experts),
 so at decode (P = 4, BLOCK_M = 16) all 4 row tiles do work. Each program finds its expert from the
 counts on the device (a search in chunks of 128 experts, no host synchronisation).
@@ -62,6 +63,8 @@ from gptoss.kernels.rounding import rounded
 from gptoss.kernels.routing import Routing, route
 
 SEARCH = tl.constexpr(128)  # experts examined per step of the tile -> expert search
+GROUP_ROWS = 8  # row tiles whose programs run together, over every column tile (_grid, _program_tile)
+WIDE_OFFSETS = 2**31  # gate_up_bwd's [P, D] output this large or larger takes 64-bit offsets (WIDE)
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per kernel and rows-per-expert bucket, chosen with the
 # compile gate (tests/compile_gate.py) for SASS instructions per decoded weight element, registers and
@@ -273,10 +276,23 @@ def _swiglu_bwd(g, lin, grad, alpha, limit):
 
 
 @triton.jit
-def _find_expert(counts_ptr, E, BLOCK_M: tl.constexpr):
-    """This program's expert and the number of row tiles of the experts before it (`first`); the
-    expert is E (none) for the programs past the last tile: the grid is an upper bound."""
-    pid_m = tl.program_id(0)
+def _program_tile(BLOCK_N: tl.constexpr):
+    """This program's row tile and first column. The grid is (G, column tiles, row tiles / G): blocks
+    start in order of their index, x fastest, so the programs running at once walk G row tiles (a group)
+    across every column tile, row tiles fastest, then the next group. They share a few row tiles'
+    activations (read once while they stay in L2) and the weight tiles of those rows' experts. Row tiles
+    fastest over the whole grid ran every row tile against one column tile at a time, and read all the
+    activations again for each column tile: at 2,048 tokens down's [P, I] act is 47 MB and gate_up_bwd's
+    [P, 2I] gradient 94 MB, each read 23 times (128-column tiles), more than the H100's 50 MB L2 holds.
+    A weight tile is now read about once per group its expert's rows fall in, instead of once. Both
+    indices come from the block's coordinates (no division, nothing held in a register for it)."""
+    return tl.program_id(2) * tl.num_programs(0) + tl.program_id(0), tl.program_id(1) * BLOCK_N
+
+
+@triton.jit
+def _find_expert(counts_ptr, E, pid_m, BLOCK_M: tl.constexpr):
+    """Row tile pid_m's expert and the number of row tiles of the experts before it (`first`); the
+    expert is E (none) for the row tiles past the last: the grid is an upper bound."""
     expert = 0
     first = 0
     done = 0  # tiles of the experts already examined
@@ -291,11 +307,11 @@ def _find_expert(counts_ptr, E, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _expert_rows(counts_ptr, offsets_ptr, sorted_pairs_ptr, expert, first, BLOCK_M: tl.constexpr):
-    """The program's [BLOCK_M] sorted rows m (int32), which of them exist, and their pairs (token * TOPK
+def _expert_rows(counts_ptr, offsets_ptr, sorted_pairs_ptr, expert, first, pid_m, BLOCK_M: tl.constexpr):
+    """Row tile pid_m's [BLOCK_M] sorted rows m (int32), which of them exist, and their pairs (token * TOPK
     + slot, int32)."""
     count = tl.load(counts_ptr + expert)
-    local = (tl.program_id(0) - first) * BLOCK_M + tl.arange(0, BLOCK_M)
+    local = (pid_m - first) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = local < count
     m = tl.load(offsets_ptr + expert) + local
     pair = tl.load(sorted_pairs_ptr + m, mask=m_mask, other=0)
@@ -470,12 +486,12 @@ def _moe_gate_up_kernel(
     BLOCK_K: tl.constexpr,
     SWAP: tl.constexpr = False,  # the tile's, from its config (CONFIGS: a sixth field)
 ):
-    expert, first = _find_expert(counts_ptr, E, BLOCK_M)
+    pid_m, n0 = _program_tile(BLOCK_N)
+    expert, first = _find_expert(counts_ptr, E, pid_m, BLOCK_M)
     if expert >= E:
         return
-    m, m_mask, pair = _expert_rows(counts_ptr, offsets_ptr, sorted_pairs_ptr, expert, first, BLOCK_M)
+    m, m_mask, pair = _expert_rows(counts_ptr, offsets_ptr, sorted_pairs_ptr, expert, first, pid_m, BLOCK_M)
     m = m.to(tl.int64)
-    n0 = tl.program_id(1) * BLOCK_N
     n = n0 + tl.arange(0, BLOCK_N)
     n_mask = n < N
     w_e, s_e = w_ptr + expert.to(tl.int64) * N * K // 2, s_ptr + expert.to(tl.int64) * N * K // 32
@@ -538,12 +554,13 @@ def _moe_down_kernel(
     BLOCK_K: tl.constexpr,
     SWAP: tl.constexpr = False,  # the tile's, from its config (CONFIGS: a sixth field)
 ):
-    expert, first = _find_expert(counts_ptr, E, BLOCK_M)
+    pid_m, n0 = _program_tile(BLOCK_N)
+    expert, first = _find_expert(counts_ptr, E, pid_m, BLOCK_M)
     if expert >= E:
         return
-    m, m_mask, pair = _expert_rows(counts_ptr, offsets_ptr, sorted_pairs_ptr, expert, first, BLOCK_M)
+    m, m_mask, pair = _expert_rows(counts_ptr, offsets_ptr, sorted_pairs_ptr, expert, first, pid_m, BLOCK_M)
     m, pair = m.to(tl.int64), pair.to(tl.int64)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n = n0 + tl.arange(0, BLOCK_N)
     n_mask = n < N
     w_e, s_e = w_ptr + expert.to(tl.int64) * N * K // 2, s_ptr + expert.to(tl.int64) * N * K // 32
     acc = _product_along_rows(
@@ -587,13 +604,13 @@ def _moe_down_bwd_kernel(
     BLOCK_K: tl.constexpr,
     SWAP: tl.constexpr = False,  # the tile's, from its config (CONFIGS: a sixth field)
 ):
-    expert, first = _find_expert(counts_ptr, E, BLOCK_M)
+    pid_m, n0 = _program_tile(BLOCK_N)
+    expert, first = _find_expert(counts_ptr, E, pid_m, BLOCK_M)
     if expert >= E:
         return
-    m, m_mask, pair = _expert_rows(counts_ptr, offsets_ptr, sorted_pairs_ptr, expert, first, BLOCK_M)
+    m, m_mask, pair = _expert_rows(counts_ptr, offsets_ptr, sorted_pairs_ptr, expert, first, pid_m, BLOCK_M)
     a_row = (pair // TOPK).to(tl.int64)
     m, pair = m.to(tl.int64), pair.to(tl.int64)
-    n0 = tl.program_id(1) * BLOCK_N
     w_e, s_e = w_ptr + expert.to(tl.int64) * N * K // 2, s_ptr + expert.to(tl.int64) * N * K // 32
     acc = _product_across_rows(
         grad_ptr, a_row, m_mask, w_e, s_e, n0, K, N, UPCAST, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, SWAP
@@ -635,14 +652,15 @@ def _moe_gate_up_bwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    WIDE: tl.constexpr,  # P * N reaches 2^31: 64-bit offsets for gx
     SWAP: tl.constexpr = False,  # the tile's, from its config (CONFIGS: a sixth field)
 ):
-    expert, first = _find_expert(counts_ptr, E, BLOCK_M)
+    pid_m, n0 = _program_tile(BLOCK_N)
+    expert, first = _find_expert(counts_ptr, E, pid_m, BLOCK_M)
     if expert >= E:
         return
-    m, m_mask, pair = _expert_rows(counts_ptr, offsets_ptr, sorted_pairs_ptr, expert, first, BLOCK_M)
-    m, pair = m.to(tl.int64), pair.to(tl.int64)
-    n0 = tl.program_id(1) * BLOCK_N
+    m, m_mask, pair = _expert_rows(counts_ptr, offsets_ptr, sorted_pairs_ptr, expert, first, pid_m, BLOCK_M)
+    m = m.to(tl.int64)
     n = n0 + tl.arange(0, BLOCK_N)
     w_e, s_e = w_ptr + expert.to(tl.int64) * N * K // 2, s_ptr + expert.to(tl.int64) * N * K // 32
     acc = _product_across_rows(
@@ -651,7 +669,13 @@ def _moe_gate_up_bwd_kernel(
     mn_mask = m_mask[:, None] & (n[None, :] < N)
     if ADD:
         acc += tl.load(add_ptr + m[:, None] * N + n[None, :], mask=mn_mask, other=0.0).to(tl.float32)
-    tl.store(gx_ptr + pair[:, None] * N + n[None, :], acc.to(gx_ptr.dtype.element_ty), mask=mn_mask)
+    # gx's row offsets in 32 bits where [P, N] allows it, and the unswapped tiles read the rows' pairs again
+    # here rather than hold them through the loop: on sm_100a ptxas gives the 64 x 128 tiles 64 registers a
+    # thread (four blocks an SM), and either otherwise spilled there
+    if not SWAP:
+        pair = tl.load(sorted_pairs_ptr + m, mask=m_mask, other=0)
+    row = pair.to(tl.int64) * N if WIDE else (pair * N).to(tl.int64)
+    tl.store(gx_ptr + row[:, None] + n[None, :], acc.to(gx_ptr.dtype.element_ty), mask=mn_mask)
 
 
 @triton.jit
@@ -712,7 +736,15 @@ def chosen_tiles(since: dict[str, int] | None = None) -> dict[str, dict]:
 
 
 def _grid(P: int, E: int, N: int):
-    return lambda meta: (triton.cdiv(P, meta["BLOCK_M"]) + min(E, P) - 1, triton.cdiv(N, meta["BLOCK_N"]))
+    """(G, column tiles, groups): the row tiles' upper bound in groups of G = GROUP_ROWS (fewer where
+    there are fewer row tiles, as at decode), rounded up to whole groups (_program_tile)."""
+
+    def grid(meta):
+        rows = triton.cdiv(P, meta["BLOCK_M"]) + min(E, P) - 1
+        group = min(GROUP_ROWS, rows)
+        return (group, triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(rows, group))
+
+    return grid
 
 
 def _flags(a: torch.Tensor, add: torch.Tensor | None) -> dict:
@@ -870,6 +902,7 @@ def moe_gate_up_bwd(
             D,
             w1.experts,
             rows_bucket(P, w1.experts),
+            WIDE=P * D >= WIDE_OFFSETS,
             **_flags(gh, add),
         )
     return gx

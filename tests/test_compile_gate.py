@@ -4,6 +4,7 @@ the grouped MXFP4 matmul meet the static bandwidth goal. It runs in a subprocess
 the suite imports the kernels under TRITON_INTERPRET=1, where @triton.jit compiles nothing."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -113,7 +114,7 @@ def test_decode_configs_meet_the_instruction_budget(gate):
         assert r["per_element"] <= DECODE_BUDGET, f"{r['config']}: {r['per_element']:.2f} instructions per element"
     # at one token the 4 routed experts must give every one of the 132 SMs a program
     for r in decode:
-        grids = [launch["grid"][0] * launch["grid"][1] for launch in r["launches"] if launch["workload"] == "decode"]
+        grids = [math.prod(launch["grid"]) for launch in r["launches"] if launch["workload"] == "decode"]
         if r["config"]["BLOCK_N"] <= 64:
             assert min(grids) >= 132, (r["config"], grids)
 

@@ -6,6 +6,8 @@ import copy
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from conftest import small_config
 
 from gptoss import load_model
@@ -251,6 +253,49 @@ def test_bad_pinned_config_is_explained(value, message, monkeypatch):
     monkeypatch.setenv("GPTOSS_MOE_CONFIG", value)
     with pytest.raises(ValueError, match=message):
         moe_kernel.pinned_config()
+
+
+@triton.jit
+def _program_tiles_probe(out_ptr, BLOCK_N: tl.constexpr):
+    pid_m, n0 = moe_kernel._program_tile(BLOCK_N)
+    block = tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1) * tl.program_id(2))
+    tl.store(out_ptr + 2 * block, pid_m)  # in the order blocks start: x fastest, then y, then z
+    tl.store(out_ptr + 2 * block + 1, n0)
+
+
+@pytest.mark.parametrize("P", [4, 40, 700])
+@pytest.mark.parametrize("N", [32, 96, 640])
+def test_programs_take_every_tile_once_in_groups_of_row_tiles(P, N):
+    # the grid's programs must cover every (row tile, column tile) once, the row tiles' upper bound rounded
+    # up to whole groups; and in the order blocks start, a group's programs (so those running together)
+    # take its GROUP_ROWS row tiles across all the column tiles, row tiles fastest: the activations in
+    # flight are a few row tiles' (read once while in L2), not all of them
+    E, meta = 32, dict(BLOCK_M=16, BLOCK_N=32)
+    grid = moe_kernel._grid(P, E, N)(meta)
+    group, cols, groups = grid
+    rows = -(-P // 16) + min(E, P) - 1
+    assert group == min(moe_kernel.GROUP_ROWS, rows) and cols == -(-N // 32) and (groups - 1) * group < rows
+    out = torch.full((group * cols * groups, 2), -1, dtype=torch.int32)
+    _program_tiles_probe[grid](out, BLOCK_N=32)
+    tiles = [(m, n // 32) for m, n in out.tolist()]
+    assert sorted(tiles) == [(m, c) for m in range(group * groups) for c in range(cols)]
+    for block, (m, c) in enumerate(tiles):
+        first = block // (group * cols) * group
+        assert (m, c) == (first + block % group, block // group % cols), (block, m, c)
+
+
+def test_moe_in_groups_of_row_tiles_matches_the_torch_path(monkeypatch):
+    # prefill's groups of row tiles on a case small enough for the interpreter: 9 row tiles in groups of
+    # 4, the grid rounded up to 12 (its last 3 row tiles find no rows and leave)
+    monkeypatch.setattr(moe_kernel, "GROUP_ROWS", 4)
+    test_moe_forward_and_backward("prime-experts-ragged-tiles", torch.float32)
+
+
+def test_gate_up_bwd_with_64_bit_offsets_matches_the_torch_path(monkeypatch):
+    # gate_up_bwd writes gx with 32-bit row offsets below 2^31 elements and 64-bit ones from there on; the
+    # threshold lowered to 0, the 64-bit path on a small case
+    monkeypatch.setattr(moe_kernel, "WIDE_OFFSETS", 0)
+    test_moe_forward_and_backward("prime-experts-ragged-tiles", torch.float32)
 
 
 def test_grid_bound_covers_every_tile():
