@@ -247,6 +247,10 @@ def test_every_autotune_config(config, monkeypatch):
         ("32,128,64,4,3,1", "only for a wgmma tile"),  # mma.sync rows: no swapped form
         ("64,32,64,4,3,1", "only for a wgmma tile"),
         ("64,128,64,8,3,", "five integers"),  # an empty sixth field
+        ("64,128,64,8,3,nan", "five integers"),  # the sixth field not a number
+        ("64,128,64,8,3,yes", "five integers"),
+        ("64,128,64,8,3,1.0", "five integers"),
+        ("64,128,64,8,3,99999999999999999999", "swap is 0 or 1"),  # huge
     ],
 )
 def test_bad_pinned_config_is_explained(value, message, monkeypatch):
