@@ -10,6 +10,8 @@ Providers, all in the same process on the same weights and routing:
   torch-mxfp4        the reference: per used expert, dequantize to bf16 then two matmuls
   torch-bf16-loop    the same loop over experts with weights already dense in bf16 (2 B per weight)
   torch-grouped-mm   torch._grouped_mm on dense bf16 weights, pairs sorted by expert (where it exists)
+  triton (row tiles fastest)   at 1,024+ tokens: triton with its programs in their order before groups of
+                     row tiles (all row tiles against one column tile at a time), on the same tiles
 Routing is top-4 of router logits computed from random activations and a random router, so experts
 get roughly equal, randomly varying loads, as in a trained model without heavy skew.
 TFLOP/s counts 2 x pairs x (D x 2I + I x D); GB/s counts the MXFP4 bytes of the experts actually used
@@ -86,6 +88,25 @@ def grouped_mm_moe(x, weights, ids, w1_EDF, b1, w2_EIF, b2):
     return torch.zeros(T, x.shape[1], device=x.device).index_add_(0, order // k, y).to(x.dtype)
 
 
+ROW_TILES_FASTEST = "triton (row tiles fastest)"  # prefill rows: the programs' order before groups
+
+
+def row_tiles_fastest(fn):
+    """`fn` with the MoE kernels' programs in their order before groups of row tiles: one group of every
+    row tile, so row tiles fastest over the whole grid (gptoss.kernels.moe._program_tile), timed beside
+    the groups in the same run on the same tiles (the autotuner's choice is kept)."""
+    from gptoss.kernels import moe as moe_kernels
+
+    def run():
+        saved, moe_kernels.GROUP_ROWS = moe_kernels.GROUP_ROWS, 1 << 30
+        try:
+            return fn()
+        finally:
+            moe_kernels.GROUP_ROWS = saved
+
+    return run
+
+
 def _with_backward(forward, x, logits, grad):
     """A provider's forward, run with gradients to x and the router logits, then the backward of `grad`:
     what a training step pays for the layer (its expert weights frozen). Returns the output, detached."""
@@ -159,6 +180,8 @@ def main() -> None:
                 from gptoss.kernels.moe import autotuned, chosen_tiles, moe
 
                 providers["triton"] = lambda x=x, logits=logits: moe(x, logits, k, experts)
+                if T >= 1024:  # where the activations outgrow the L2 (see _program_tile)
+                    providers[ROW_TILES_FASTEST] = row_tiles_fastest(providers["triton"])
             if args.train:  # each call: the forward with gradients, then the backward of a fixed gradient
                 grad = torch.randn(T, D, device=device, dtype=torch.bfloat16)
                 providers = {p: _with_backward(fn, x, logits, grad) for p, fn in providers.items()}

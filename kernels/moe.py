@@ -285,7 +285,8 @@ def _program_tile(BLOCK_N: tl.constexpr):
     activations again for each column tile: at 2,048 tokens down's [P, I] act is 47 MB and gate_up_bwd's
     [P, 2I] gradient 94 MB, each read 23 times (128-column tiles), more than the H100's 50 MB L2 holds.
     A weight tile is now read about once per group its expert's rows fall in, instead of once. Both
-    indices come from the block's coordinates (no division, nothing held in a register for it)."""
+    indices come from the block's coordinates: no division (one in a one-dimensional grid tipped a
+    backward tile into spilling on sm_100a)."""
     return tl.program_id(2) * tl.num_programs(0) + tl.program_id(0), tl.program_id(1) * BLOCK_N
 
 

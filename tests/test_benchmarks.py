@@ -107,6 +107,31 @@ def test_attention_bench_times_the_earlier_tiles_with_the_kernels_own_launches()
     assert CONFIGS == chosen
 
 
+def test_moe_bench_times_the_row_tiles_fastest_order_inside_its_provider_only():
+    # its "row tiles fastest" rows: every row tile in one group while the provider runs (so the grid is
+    # the one before groups: row tiles along x, one group along z), groups again afterwards, also after
+    # a failure
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_moe
+    finally:
+        sys.path.remove(str(BENCH))
+    from gptoss.kernels import moe
+
+    meta = dict(BLOCK_M=16, BLOCK_N=32)
+    rows = -(-100 // 16) + 32 - 1
+    seen = bench_moe.row_tiles_fastest(lambda: moe._grid(100, 32, 256)(meta))()
+    assert seen == (rows, 8, 1)
+    assert moe._grid(100, 32, 256)(meta) == (moe.GROUP_ROWS, 8, -(-rows // moe.GROUP_ROWS))
+
+    def failing():
+        raise RuntimeError("a timing failed")
+
+    with pytest.raises(RuntimeError):
+        bench_moe.row_tiles_fastest(failing)()
+    assert moe.GROUP_ROWS == 8
+
+
 def test_fa2_baseline_is_attention_without_sinks_in_the_kernel_layout():
     # the FlashAttention-2 row times SDPA on the same [B, T, K, G, Dh] tensors; its output (and so the
     # gradient the backward timing feeds it) must have the kernel's layout and be causal GQA attention
