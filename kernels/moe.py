@@ -737,12 +737,14 @@ def chosen_tiles(since: dict[str, int] | None = None) -> dict[str, dict]:
 
 
 def _grid(P: int, E: int, N: int):
-    """(G, column tiles, groups): the row tiles' upper bound in groups of G = GROUP_ROWS (fewer where
-    there are fewer row tiles, as at decode), rounded up to whole groups (_program_tile)."""
+    """(G, column tiles, groups): the row tiles' upper bound in groups of G = GROUP_ROWS, rounded up to
+    whole groups (_program_tile). At decode's rows per expert (the 16 bucket) one group of all of them: the
+    activations are a few rows, and rounding up would add programs that find no rows."""
+    decode = rows_bucket(P, E) == 16
 
     def grid(meta):
         rows = triton.cdiv(P, meta["BLOCK_M"]) + min(E, P) - 1
-        group = min(GROUP_ROWS, rows)
+        group = rows if decode else min(GROUP_ROWS, rows)
         return (group, triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(rows, group))
 
     return grid

@@ -118,11 +118,11 @@ def test_moe_bench_times_the_row_tiles_fastest_order_inside_its_provider_only():
         sys.path.remove(str(BENCH))
     from gptoss.kernels import moe
 
-    meta = dict(BLOCK_M=16, BLOCK_N=32)
-    rows = -(-100 // 16) + 32 - 1
-    seen = bench_moe.row_tiles_fastest(lambda: moe._grid(100, 32, 256)(meta))()
+    meta = dict(BLOCK_M=64, BLOCK_N=32)  # 4,000 pairs over 32 experts: prefill's buckets
+    rows = -(-4000 // 64) + 32 - 1
+    seen = bench_moe.row_tiles_fastest(lambda: moe._grid(4000, 32, 256)(meta))()
     assert seen == (rows, 8, 1)
-    assert moe._grid(100, 32, 256)(meta) == (moe.GROUP_ROWS, 8, -(-rows // moe.GROUP_ROWS))
+    assert moe._grid(4000, 32, 256)(meta) == (moe.GROUP_ROWS, 8, -(-rows // moe.GROUP_ROWS))
 
     def failing():
         raise RuntimeError("a timing failed")

@@ -267,18 +267,20 @@ def _program_tiles_probe(out_ptr, BLOCK_N: tl.constexpr):
     tl.store(out_ptr + 2 * block + 1, n0)
 
 
-@pytest.mark.parametrize("P", [4, 40, 700])
+@pytest.mark.parametrize("P", [4, 700, 3000])
 @pytest.mark.parametrize("N", [32, 96, 640])
 def test_programs_take_every_tile_once_in_groups_of_row_tiles(P, N):
     # the grid's programs must cover every (row tile, column tile) once, the row tiles' upper bound rounded
     # up to whole groups; and in the order blocks start, a group's programs (so those running together)
     # take its GROUP_ROWS row tiles across all the column tiles, row tiles fastest: the activations in
-    # flight are a few row tiles' (read once while in L2), not all of them
+    # flight are a few row tiles' (read once while in L2), not all of them. At decode (4 pairs), one group.
     E, meta = 32, dict(BLOCK_M=16, BLOCK_N=32)
     grid = moe_kernel._grid(P, E, N)(meta)
     group, cols, groups = grid
     rows = -(-P // 16) + min(E, P) - 1
-    assert group == min(moe_kernel.GROUP_ROWS, rows) and cols == -(-N // 32) and (groups - 1) * group < rows
+    expected = rows if moe_kernel.rows_bucket(P, E) == 16 else min(moe_kernel.GROUP_ROWS, rows)
+    assert group == expected and cols == -(-N // 32) and (groups - 1) * group < rows
+    assert (P == 4) == (groups == 1)
     out = torch.full((group * cols * groups, 2), -1, dtype=torch.int32)
     _program_tiles_probe[grid](out, BLOCK_N=32)
     tiles = [(m, n // 32) for m, n in out.tolist()]
@@ -289,9 +291,11 @@ def test_programs_take_every_tile_once_in_groups_of_row_tiles(P, N):
 
 
 def test_moe_in_groups_of_row_tiles_matches_the_torch_path(monkeypatch):
-    # prefill's groups of row tiles on a case small enough for the interpreter: 9 row tiles in groups of
-    # 4, the grid rounded up to 12 (its last 3 row tiles find no rows and leave)
+    # prefill's groups of row tiles on a case small enough for the interpreter (taken for a prefill
+    # bucket): 9 row tiles in groups of 4, the grid rounded up to 12 (its last 3 row tiles find no rows)
     monkeypatch.setattr(moe_kernel, "GROUP_ROWS", 4)
+    monkeypatch.setattr(moe_kernel, "rows_bucket", lambda pairs, experts: 64)
+    assert moe_kernel._grid(39, 7, 96)(dict(BLOCK_M=16, BLOCK_N=32)) == (4, 3, 3)  # 13 tokens x 3 slots
     test_moe_forward_and_backward("prime-experts-ragged-tiles", torch.float32)
 
 
