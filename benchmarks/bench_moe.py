@@ -180,13 +180,11 @@ def main() -> None:
                 from gptoss.kernels.moe import autotuned, chosen_tiles, moe
 
                 providers["triton"] = lambda x=x, logits=logits: moe(x, logits, k, experts)
-                if T >= 1024:  # where the activations outgrow the L2 (see _program_tile); wrapped below
-                    providers[ROW_TILES_FASTEST] = providers["triton"]
             if args.train:  # each call: the forward with gradients, then the backward of a fixed gradient
                 grad = torch.randn(T, D, device=device, dtype=torch.bfloat16)
                 providers = {p: _with_backward(fn, x, logits, grad) for p, fn in providers.items()}
-            if ROW_TILES_FASTEST in providers:  # the whole call in that order, the backward's kernels too
-                providers[ROW_TILES_FASTEST] = row_tiles_fastest(providers[ROW_TILES_FASTEST])
+            if gpu and T >= 1024:  # where the activations outgrow the L2 (see _program_tile); the whole call
+                providers[ROW_TILES_FASTEST] = row_tiles_fastest(providers["triton"])  # (--train: its backward too)
             reference = experts_forward(x.float(), weights, ids, copy.deepcopy(experts).float(), 1.702, 7.0)
             for provider, fn in providers.items():
                 if provider == "triton":

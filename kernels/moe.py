@@ -31,8 +31,9 @@ decoded into the register pair that operand takes, mxfp4_decode_columns). The
 wgmma tiles (64+ rows) load each trip's scales a trip ahead (a byte a block is too small for the
 asynchronous copies that bring the codes and `a`, and a plain load read in its own trip stalls it).
 
-Grid: (8 row tiles, cdiv(N, BLOCK_N), row tiles / 8): the programs walk 8 row tiles at a time across every
-column tile (_program_tile). Expert e needs cdiv(count_e, BLOCK_M) row tiles; in all at most
+Grid: (G row tiles, cdiv(N, BLOCK_N), row tiles / G): the programs walk G row tiles at a time across every
+column tile (_program_tile); G = 8 at prefill, all the row tiles at decode (_grid). Expert e needs
+cdiv(count_e, BLOCK_M) row tiles; in all at most
 cdiv(P, BLOCK_M) + min(E, P) - 1 (ceil(a) + ceil(b) <= ceil(a + b) + 1, over the non-empty experts),
 so at decode (P = 4, BLOCK_M = 16) all 4 row tiles do work. Each program finds its expert from the
 counts on the device (a search in chunks of 128 experts, no host synchronisation).
