@@ -28,10 +28,11 @@ Which tiles meet. Positions are data (left padding, cache rings, continuation), 
 tiles that may contain a visible (query, key) are found on the device before the launch: per query
 tile the largest position and the smallest window start, per key tile the smallest and largest
 valid position; a pair is visited when those ranges overlap (a superset of the visible pairs; the
-exact mask is applied inside, and only where some row of the pair does not see the whole key tile: a
-uniform test on the tiles' extreme positions each trip, which most pairs of a long causal row pass).
-Each query tile loops over its [first, last] key tiles, each key tile over its [first, last] query
-tiles. Without host synchronisation, so a CUDA graph can capture it.
+exact mask is applied inside, and only where some row of the pair does not see the whole key tile).
+The same pass finds, per tile, the run of other-side tiles it sees whole (every row sees every key, no
+padding): most pairs of a long causal row. Each query tile loops over its [first, last) key tiles, each
+key tile over its [first, last) query tiles, and skips the per-score mask inside its run, a uniform test
+of two comparisons a trip. Without host synchronisation, so a CUDA graph can capture it.
 
 Decode (few rows, no gradient) takes the split-K kernels of kernels/attention_decode.py;
 attention_with_sinks below sends it there. What the two files share: kernels/attention_core.py.
@@ -65,6 +66,15 @@ from gptoss.kernels.attention_core import (
     seen_whole,
 )
 from gptoss.kernels.attention_decode import DECODE_ROWS, attention_decode  # noqa: F401 (attention_decode: also this module's)
+
+
+@triton.jit
+def _ranges_of(ranges_ptr, tile, BLOCK: tl.constexpr):
+    """A tile's row of tile_ranges' table, in the other side's offsets (tile index x BLOCK): the tiles it
+    meets, [first, last), and those it sees whole, [whole_first, whole_last). Four loads per program, not
+    per trip: the per-trip test is two comparisons of the loop's offset, with no reduction."""
+    row = ranges_ptr + tile * 4
+    return tl.load(row) * BLOCK, tl.load(row + 1) * BLOCK, tl.load(row + 2) * BLOCK, tl.load(row + 3) * BLOCK
 
 
 @triton.jit
@@ -120,18 +130,15 @@ def _attn_fwd_kernel(
     m_i = tl.load(sinks_ptr + h * G + g, mask=row_ok, other=0.0).to(tl.float32) * LOG2E_IN_KERNELS  # the sink
     l_i = tl.full([BLOCK_M], 1.0, tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    n_qtiles = tl.cdiv(T * G, BLOCK_M)
-    first = tl.load(ranges_ptr + (b * n_qtiles + pid_m) * 2)
-    last = tl.load(ranges_ptr + (b * n_qtiles + pid_m) * 2 + 1)
+    first, last, whole_first, whole_last = _ranges_of(ranges_ptr, b * tl.cdiv(T * G, BLOCK_M) + pid_m, BLOCK_N)
     k_base, v_base = k_ptr + b * sk_b + h * sk_h, v_ptr + b * sv_b + h * sv_h
-    newest_first, oldest_last = tl.min(qp, 0), tl.max(oldest, 0)  # the tile's rows: -1 where one is padding
-    for start in range(first * BLOCK_N, last * BLOCK_N, BLOCK_N):
+    for start in range(first, last, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < S
         kp = tl.load(kpos_ptr + b * skp_b + cols, mask=col_ok, other=-1)
         kt = tl.load(k_base + cols[None, :] * sk_s + d[:, None], mask=col_ok[None, :], other=0.0)  # [Dh, BLOCK_N]
         v = tl.load(v_base + cols[:, None] * sv_s + d[None, :], mask=col_ok[:, None], other=0.0)  # [BLOCK_N, Dh]
-        whole = seen_whole(tl.min(kp, 0), tl.max(kp, 0), newest_first, oldest_last)  # then no per-score mask
+        whole = (start >= whole_first) & (start < whole_last)  # every row sees every key: no per-score mask
         m_i, l_i, acc = attend_tile(q, kt, v, qp, oldest, kp, whole, m_i, l_i, acc, scale2, UPCAST, IEEE)
     out = acc / l_i[:, None]
     o_off = b * so_b + h * so_h + (t * so_t + g * so_g)[:, None] + d[None, :]
@@ -191,19 +198,16 @@ def _attn_bwd_dq_kernel(
     qp = tl.load(qpos_ptr + b * sqp_b + t, mask=row_ok, other=-1)
     oldest = tl.maximum(qp - window, -1)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    n_qtiles = tl.cdiv(T * G, BLOCK_M)
-    first = tl.load(ranges_ptr + (b * n_qtiles + pid_m) * 2)
-    last = tl.load(ranges_ptr + (b * n_qtiles + pid_m) * 2 + 1)
+    first, last, whole_first, whole_last = _ranges_of(ranges_ptr, b * tl.cdiv(T * G, BLOCK_M) + pid_m, BLOCK_N)
     k_base, v_base = k_ptr + b * sk_b + h * sk_h, v_ptr + b * sv_b + h * sv_h
-    newest_first, oldest_last = tl.min(qp, 0), tl.max(oldest, 0)  # as in the forward: unmasked whole tiles
-    for start in range(first * BLOCK_N, last * BLOCK_N, BLOCK_N):
+    for start in range(first, last, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < S
         kp = tl.load(kpos_ptr + b * skp_b + cols, mask=col_ok, other=-1)
         k = tl.load(k_base + cols[:, None] * sk_s + d[None, :], mask=col_ok[:, None], other=0.0)  # [BLOCK_N, Dh]
         vt = tl.load(v_base + cols[None, :] * sv_s + d[:, None], mask=col_ok[None, :], other=0.0)  # [Dh, BLOCK_N]
         s = dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, IEEE)
-        s = masked(s, qp, oldest, kp, seen_whole(tl.min(kp, 0), tl.max(kp, 0), newest_first, oldest_last))
+        s = masked(s, qp, oldest, kp, (start >= whole_first) & (start < whole_last))  # as in the forward
         p = tl.exp2(s * scale2 - lse[:, None])  # the scale in the exponent's fused multiply-add
         dp = dot(do, vt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, IEEE)
         ds = p * (dp - delta[:, None])
@@ -261,13 +265,10 @@ def _attn_bwd_dkdv_kernel(
     k = tl.load(k_ptr + b * sk_b + h * sk_h + cols[:, None] * sk_s + d[None, :], mask=col_ok[:, None], other=0.0)
     v = tl.load(v_ptr + b * sv_b + h * sv_h + cols[:, None] * sv_s + d[None, :], mask=col_ok[:, None], other=0.0)
     kp = tl.load(kpos_ptr + b * skp_b + cols, mask=col_ok, other=-1)
-    key_first, key_last = tl.min(kp, 0), tl.max(kp, 0)  # -1 where a key is padding or past S
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    n_ktiles = tl.cdiv(S, BLOCK_N)
-    first = tl.load(ranges_ptr + (b * n_ktiles + pid_n) * 2)
-    last = tl.load(ranges_ptr + (b * n_ktiles + pid_n) * 2 + 1)
-    for start in range(first * BLOCK_M, last * BLOCK_M, BLOCK_M):
+    first, last, whole_first, whole_last = _ranges_of(ranges_ptr, b * tl.cdiv(S, BLOCK_N) + pid_n, BLOCK_M)
+    for start in range(first, last, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < T * G
         t, g = rows // G, rows % G
@@ -284,7 +285,7 @@ def _attn_bwd_dkdv_kernel(
         seen = (kp[:, None] > oldest[None, :]) & (kp[:, None] <= qp[None, :])
         if IEEE:
             st = tl.where(seen, st, float("-inf"))
-        elif not seen_whole(key_first, key_last, tl.min(qp, 0), tl.max(oldest, 0)):
+        elif (start < whole_first) | (start >= whole_last):
             st = tl.where(seen, st, float("-inf"))
         pt = tl.exp2(st * scale2 - lse[None, :])  # the scale in the exponent's fused multiply-add
         dv = dot(pt.to(do.dtype), do, dv, UPCAST, IEEE)
@@ -301,20 +302,45 @@ INT_MAX = tl.constexpr(2147483647)  # "no position": larger than any int32 posit
 
 @triton.jit
 def _query_tiles(qpos_ptr, tiles, T, G, window, BLOCK_M: tl.constexpr):
-    """Per query tile of `tiles` [N]: the latest position of its rows, and the newest position too old
-    for all of them (INT_MAX when the tile has no valid row)."""
+    """Per query tile of `tiles` [N]: the latest position of its rows and the newest position too old for
+    all of them (INT_MAX when the tile has no valid row), which decide whether a key tile may meet it; and
+    its rows' earliest position and the oldest position too old for one of them (-1 where a row is padding
+    or past T * G), which decide whether it sees a key tile whole (seen_whole)."""
     rows = tiles[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
     qp = tl.load(qpos_ptr + rows // G, mask=rows < T * G, other=-1)
-    oldest = tl.where(qp >= 0, tl.maximum(qp - window, -1), INT_MAX)
-    return tl.max(qp, 1), tl.min(oldest, 1)
+    oldest = tl.maximum(qp - window, -1)
+    return tl.max(qp, 1), tl.min(tl.where(qp >= 0, oldest, INT_MAX), 1), tl.min(qp, 1), tl.max(oldest, 1)
 
 
 @triton.jit
 def _key_tiles(kpos_ptr, tiles, S, BLOCK_N: tl.constexpr):
-    """Per key tile of `tiles` [N]: the smallest and largest valid position (INT_MAX / -INT_MAX if none)."""
+    """Per key tile of `tiles` [N]: the smallest and largest valid position (INT_MAX / -INT_MAX if none),
+    and the smallest and largest position (-1 where a key is padding or past S: then never seen whole)."""
     cols = tiles[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     kp = tl.load(kpos_ptr + cols, mask=cols < S, other=-1)
-    return tl.min(tl.where(kp >= 0, kp, INT_MAX), 1), tl.max(tl.where(kp >= 0, kp, -INT_MAX), 1)
+    valid_min = tl.min(tl.where(kp >= 0, kp, INT_MAX), 1)
+    return valid_min, tl.max(tl.where(kp >= 0, kp, -INT_MAX), 1), tl.min(kp, 1), tl.max(kp, 1)
+
+
+@triton.jit
+def _span(hit, index, other, first, last):
+    """first and one past the last of `index` [CHUNK] where `hit`, merged into the running pair."""
+    first = tl.minimum(first, tl.min(tl.where(hit, index, other), 0))
+    return first, tl.maximum(last, tl.max(tl.where(hit, index + 1, 0), 0))
+
+
+@triton.jit
+def _ranges_store(out, first, last, whole_first, whole_last, n_whole):
+    """One tile's row of the table: [first, last) the tiles it meets; [whole_first, whole_last) tiles it
+    sees whole, kept only where every tile between is (else empty: the kernels then mask those tiles,
+    which is exact, only slower). Causal and sliding rows, left padding and rings keep them contiguous."""
+    first = tl.minimum(first, last)
+    whole_first = tl.minimum(whole_first, whole_last)
+    contiguous = n_whole == whole_last - whole_first
+    tl.store(out, first)
+    tl.store(out + 1, last)
+    tl.store(out + 2, tl.where(contiguous, whole_first, 0))
+    tl.store(out + 3, tl.where(contiguous, whole_last, 0))
 
 
 @triton.jit
@@ -337,39 +363,47 @@ def _tile_ranges_kernel(
     KEY_BLOCK_N: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
-    """Programs [0, n_q) write each query tile's [first, last) key tiles (tiles BLOCK_M x BLOCK_N: the
-    forward's or dQ's), programs [n_q, n_q + n_k) each key tile's [first, last) query tiles (tiles
-    KEY_BLOCK_M x KEY_BLOCK_N: dK/dV's); CHUNK tiles of the other side are examined at a time."""
+    """Programs [0, n_q) write each query tile's row of the table over key tiles (tiles BLOCK_M x BLOCK_N:
+    the forward's or dQ's), programs [n_q, n_q + n_k) each key tile's over query tiles (tiles KEY_BLOCK_M x
+    KEY_BLOCK_N: dK/dV's): the tiles it meets and those it sees whole (_ranges_store); CHUNK tiles of the
+    other side are examined at a time."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     qpos_ptr += b * stride_qb
     kpos_ptr += b * stride_kb
     lane = tl.arange(0, CHUNK)
     if pid < n_q:
-        q_last, q_oldest = _query_tiles(qpos_ptr, pid + 0 * lane, T, G, window, BLOCK_M)  # CHUNK equal copies
+        q_last, q_oldest, newest_first, oldest_last = _query_tiles(
+            qpos_ptr, pid + 0 * lane, T, G, window, BLOCK_M
+        )  # CHUNK equal copies
         other = tl.cdiv(S, BLOCK_N)
         first, last = other, other * 0
+        whole_first, whole_last, n_whole = other, other * 0, other * 0
         for start in range(0, other, CHUNK):
             j = start + lane
-            k_min, k_max = _key_tiles(kpos_ptr, j, S, BLOCK_N)
+            k_min, k_max, key_first, key_last = _key_tiles(kpos_ptr, j, S, BLOCK_N)
             meet = (k_min <= q_last) & (k_max > q_oldest) & (j < other)
-            first = tl.minimum(first, tl.min(tl.where(meet, j, other), 0))
-            last = tl.maximum(last, tl.max(tl.where(meet, j + 1, 0), 0))
-        out = q_ranges_ptr + (b * n_q + pid) * 2
+            whole = seen_whole(key_first, key_last, newest_first, oldest_last) & (j < other)
+            first, last = _span(meet, j, other, first, last)
+            whole_first, whole_last = _span(whole, j, other, whole_first, whole_last)
+            n_whole += tl.sum(whole.to(tl.int32), 0)
+        out = q_ranges_ptr + (b * n_q + pid) * 4
     else:
         tile = pid - n_q
-        k_min, k_max = _key_tiles(kpos_ptr, tile + 0 * lane, S, KEY_BLOCK_N)
+        k_min, k_max, key_first, key_last = _key_tiles(kpos_ptr, tile + 0 * lane, S, KEY_BLOCK_N)
         other = tl.cdiv(T * G, KEY_BLOCK_M)
         first, last = other, other * 0
+        whole_first, whole_last, n_whole = other, other * 0, other * 0
         for start in range(0, other, CHUNK):
             i = start + lane
-            q_last, q_oldest = _query_tiles(qpos_ptr, i, T, G, window, KEY_BLOCK_M)
+            q_last, q_oldest, newest_first, oldest_last = _query_tiles(qpos_ptr, i, T, G, window, KEY_BLOCK_M)
             meet = (k_min <= q_last) & (k_max > q_oldest) & (i < other)
-            first = tl.minimum(first, tl.min(tl.where(meet, i, other), 0))
-            last = tl.maximum(last, tl.max(tl.where(meet, i + 1, 0), 0))
-        out = k_ranges_ptr + (b * n_k + tile) * 2
-    tl.store(out, tl.minimum(first, last))
-    tl.store(out + 1, last)
+            whole = seen_whole(key_first, key_last, newest_first, oldest_last) & (i < other)
+            first, last = _span(meet, i, other, first, last)
+            whole_first, whole_last = _span(whole, i, other, whole_first, whole_last)
+            n_whole += tl.sum(whole.to(tl.int32), 0)
+        out = k_ranges_ptr + (b * n_k + tile) * 4
+    _ranges_store(out, first, last, whole_first, whole_last, n_whole)
 
 
 # --- launchers ---------------------------------------------------------------------------------------------
@@ -390,14 +424,15 @@ def tile_ranges(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """For each (batch, query tile) the [first, last) key tiles it may see (tiles block_m x block_n), and
     (keys=True) for each (batch, key tile) the [first, last) query tiles that may see it (tiles key_tiles,
-    by default the same): int32 [B, tiles, 2] each, in one launch (see the header). q_pos [B, T] and
-    k_pos [B, S] int32, last dimension contiguous."""
+    by default the same), each followed by the [first, last) tiles of the pair seen whole (every row sees
+    every key: no mask; empty where there are none or they are not contiguous): int32 [B, tiles, 4] each,
+    in one launch (see the header). q_pos [B, T] and k_pos [B, S] int32, last dimension contiguous."""
     B, T = q_pos.shape
     S = k_pos.shape[1]
     key_m, key_n = key_tiles or (block_m, block_n)
     n_q, n_k = triton.cdiv(T * G, block_m), triton.cdiv(S, key_n)
-    q_ranges = torch.empty(B, n_q, 2, dtype=torch.int32, device=q_pos.device)
-    k_ranges = torch.empty(B, n_k, 2, dtype=torch.int32, device=q_pos.device) if keys else q_ranges
+    q_ranges = torch.empty(B, n_q, 4, dtype=torch.int32, device=q_pos.device)
+    k_ranges = torch.empty(B, n_k, 4, dtype=torch.int32, device=q_pos.device) if keys else q_ranges
     _tile_ranges_kernel[(n_q + n_k if keys else n_q, B)](
         q_pos,
         k_pos,
@@ -438,7 +473,21 @@ def tile_ranges_reference(
     k_min = torch.where(kp >= 0, kp, big).amin(-1)  # [B, n_k]
     k_max = torch.where(kp >= 0, kp, -big).amax(-1)
     meet = (k_min[:, None, :] <= q_last[:, :, None]) & (k_max[:, None, :] > q_oldest[:, :, None])  # [B, n_q, n_k]
-    return _first_last(meet), _first_last(meet.transpose(1, 2))
+    # seen whole: every key of the tile (padding included, -1) newer than every row's oldest and no newer
+    # than its earliest row (padding included, -1)
+    q_first, q_too_old = qp.amin(-1), (qp - window).clamp(min=-1).amax(-1)
+    whole = (kp.amax(-1)[:, None, :] <= q_first[:, :, None]) & (kp.amin(-1)[:, None, :] > q_too_old[:, :, None])
+    return (
+        torch.cat((_first_last(meet), _contiguous(whole)), -1),
+        torch.cat((_first_last(meet.transpose(1, 2)), _contiguous(whole.transpose(1, 2))), -1),
+    )
+
+
+def _contiguous(whole: torch.Tensor) -> torch.Tensor:
+    """_first_last of `whole`, (0, 0) where its true columns are not one contiguous run."""
+    span = _first_last(whole)
+    run = whole.sum(-1) == span[..., 1] - span[..., 0]
+    return torch.where(run[..., None], span, 0).to(torch.int32).contiguous()
 
 
 def _first_last(meet: torch.Tensor) -> torch.Tensor:

@@ -204,12 +204,23 @@ def test_tile_ranges_cover_every_visible_pair(window, tiles):
     visible = (k_pos[:, None, :] > torch.as_tensor(oldest).unsqueeze(-1)) & (k_pos[:, None, :] <= rows.unsqueeze(-1))
     assert visible.any()
     for b, r, j in visible.nonzero().tolist():
-        first, last = qk[b, r // bm].tolist()
+        first, last = qk[b, r // bm, :2].tolist()
         assert first <= j // bn < last, (b, r, j, first, last)
-        first, last = kq[b, j // bn].tolist()
+        first, last = kq[b, j // bn, :2].tolist()
         assert first <= r // bm < last, (b, r, j, first, last)
     # and they skip: a causal row never visits key tiles entirely in its future
     assert (qk[1, 0, 1] * bn) <= 20 + 30 + bn
+    # the pairs a table calls seen whole are masked nowhere: every row and key there exists and is visible
+    pad = torch.nn.functional.pad
+    # (rows past T * G and keys past S are never seen whole)
+    seen = pad(visible, (0, bn * len(kq[0]) - visible.shape[2], 0, bm * len(qk[0]) - visible.shape[1]))
+    for b in range(2):
+        for table, by_query in ((qk[b], True), (kq[b], False)):
+            for i, (_, _, whole_first, whole_last) in enumerate(table.tolist()):
+                for j in range(whole_first, whole_last):
+                    q_tile, k_tile = (i, j) if by_query else (j, i)
+                    pair = seen[b, q_tile * bm : (q_tile + 1) * bm, k_tile * bn : (k_tile + 1) * bn]
+                    assert pair.all(), (b, q_tile, k_tile)
 
 
 @pytest.mark.parametrize("window", [1, 5, 40, None])
@@ -241,6 +252,8 @@ def test_tile_ranges_kernel_equals_the_torch_definition(window, tiles, G):
     assert got[0].dtype == torch.int32 and got[0].shape == want[0].shape and got[1].shape == want[1].shape
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert (want[0][..., 1] > 0).any() and (want[0][2] == 0).all()  # some tiles meet; the empty row meets none
+    if window is None:  # and some pairs are seen whole, on both sides
+        assert (want[0][..., 3] > want[0][..., 2]).any() and (want[1][..., 3] > want[1][..., 2]).any()
     q_only, none = kernel.tile_ranges(q_pos, k_pos, w, G, bm, bn, keys=False)
     assert none is None and torch.equal(q_only, want[0])
     # dQ and dK/dV on tiles of their own: each side's table for its own tiles, still one launch
@@ -248,6 +261,20 @@ def test_tile_ranges_kernel_equals_the_torch_definition(window, tiles, G):
     mixed = kernel.tile_ranges(q_pos, k_pos, w, G, bm, bn, key_tiles=other)
     assert torch.equal(mixed[0], want[0])
     assert torch.equal(mixed[1], kernel.tile_ranges_reference(q_pos, k_pos, w, G, *other)[1])
+
+
+def test_tiles_seen_whole_are_a_run_or_none():
+    # a query tile at 100..115 against key tiles 0..15 (whole), 16..30 and a padding key (met, masked),
+    # 32..47 (whole): two runs, so the table names none whole (the kernels then mask all three, exactly);
+    # without the padding key the three are one run
+    q_pos = torch.arange(100, 116).int()[None]
+    keys = torch.arange(48)
+    for k_pos, whole in ((torch.where(keys == 31, -1, keys), [0, 0]), (keys, [0, 3])):
+        k_pos = k_pos.int()[None].contiguous()
+        want = kernel.tile_ranges_reference(q_pos, k_pos, kernel.NO_WINDOW, 1, 16, 16)
+        got = kernel.tile_ranges(q_pos, k_pos, kernel.NO_WINDOW, 1, 16, 16)
+        assert got[0][0, 0].tolist() == [0, 3, *whole] and torch.equal(got[0], want[0])
+        assert torch.equal(got[1], want[1])
 
 
 BAD = [
