@@ -18,8 +18,12 @@ $(STAMP): pyproject.toml $(LOCK)
 demo: $(STAMP)
 	$(VENV)/bin/gptoss demo
 
+# Test files run in TEST_WORKERS processes (pytest-xdist), each file whole in one of them: a file's fixtures
+# (the compile gate's compiles, the app's server) are made once. TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=12
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gptoss kernels train tests benchmarks
