@@ -135,11 +135,11 @@ def _attn_fwd_kernel(
     for start in range(first, last, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < S
-        kp = tl.load(kpos_ptr + b * skp_b + cols, mask=col_ok, other=-1)
         kt = tl.load(k_base + cols[None, :] * sk_s + d[:, None], mask=col_ok[None, :], other=0.0)  # [Dh, BLOCK_N]
         v = tl.load(v_base + cols[:, None] * sv_s + d[None, :], mask=col_ok[:, None], other=0.0)  # [BLOCK_N, Dh]
         whole = (start >= whole_first) & (start < whole_last)  # every row sees every key: no per-score mask
-        m_i, l_i, acc = attend_tile(q, kt, v, qp, oldest, kp, whole, m_i, l_i, acc, scale2, UPCAST, IEEE)
+        kp_ptrs = kpos_ptr + b * skp_b + cols
+        m_i, l_i, acc = attend_tile(q, kt, v, qp, oldest, kp_ptrs, col_ok, whole, m_i, l_i, acc, scale2, UPCAST, IEEE)
     out = acc / l_i[:, None]
     o_off = b * so_b + h * so_h + (t * so_t + g * so_g)[:, None] + d[None, :]
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -203,16 +203,24 @@ def _attn_bwd_dq_kernel(
     for start in range(first, last, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < S
-        kp = tl.load(kpos_ptr + b * skp_b + cols, mask=col_ok, other=-1)
         k = tl.load(k_base + cols[:, None] * sk_s + d[None, :], mask=col_ok[:, None], other=0.0)  # [BLOCK_N, Dh]
         vt = tl.load(v_base + cols[None, :] * sv_s + d[:, None], mask=col_ok[None, :], other=0.0)  # [Dh, BLOCK_N]
         s = dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, IEEE)
-        s = masked(s, qp, oldest, kp, (start >= whole_first) & (start < whole_last))  # as in the forward
+        whole = (start >= whole_first) & (start < whole_last)  # as in the forward
+        s = masked(s, qp, oldest, kpos_ptr + b * skp_b + cols, col_ok, whole)
         p = tl.exp2(s * scale2 - lse[:, None])  # the scale in the exponent's fused multiply-add
         dp = dot(do, vt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, IEEE)
         ds = p * (dp - delta[:, None])
         dq = dot(ds.to(k.dtype), k, dq, UPCAST, IEEE)
     tl.store(dq_ptr + q_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _keys_seen(kp, qp_ptrs, row_ok, window):
+    """[keys, rows]: key position kp is seen by the row whose position is at qp_ptrs (-1 where not row_ok)."""
+    qp = tl.load(qp_ptrs, mask=row_ok, other=-1)
+    oldest = tl.maximum(qp - window, -1)
+    return (kp[:, None] > oldest[None, :]) & (kp[:, None] <= qp[None, :])
 
 
 @triton.jit
@@ -277,16 +285,14 @@ def _attn_bwd_dkdv_kernel(
         do = tl.load(do_ptr + q_off, mask=row_ok[:, None], other=0.0)
         lse = tl.load(lse_ptr + bh * T * G + rows, mask=row_ok, other=0.0)
         delta = tl.load(delta_ptr + bh * T * G + rows, mask=row_ok, other=0.0)
-        qp = tl.load(qpos_ptr + b * sqp_b + t, mask=row_ok, other=-1)
-        oldest = tl.maximum(qp - window, -1)
         st = dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST, IEEE)  # [BLOCK_N, BLOCK_M]
-        # as in the forward: the mask only where some row does not see the whole key tile (fp32, the parity
-        # runs, masks every tile: the test costs that tile 8 bytes of spill on sm_90a)
-        seen = (kp[:, None] > oldest[None, :]) & (kp[:, None] <= qp[None, :])
+        # as in the forward: the mask, and the rows' positions it reads, only where some row does not see
+        # the whole key tile (fp32, the parity runs, masks every tile: the test costs that tile 8 bytes of
+        # spill on sm_90a)
         if IEEE:
-            st = tl.where(seen, st, float("-inf"))
+            st = tl.where(_keys_seen(kp, qpos_ptr + b * sqp_b + t, row_ok, window), st, float("-inf"))
         elif (start < whole_first) | (start >= whole_last):
-            st = tl.where(seen, st, float("-inf"))
+            st = tl.where(_keys_seen(kp, qpos_ptr + b * sqp_b + t, row_ok, window), st, float("-inf"))
         pt = tl.exp2(st * scale2 - lse[None, :])  # the scale in the exponent's fused multiply-add
         dv = dot(pt.to(do.dtype), do, dv, UPCAST, IEEE)
         dpt = dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST, IEEE)

@@ -21,9 +21,9 @@ NO_WINDOW = 1 << 30  # a window no position reaches: full causal attention
 # halve its fixed costs and the output's rescaling a key); dQ 128 x 128, 8.3 / 9.8, where 64 x 64 took
 # 11.1 / 12.0; dK/dV 64 x 64, 4 warps, 12.9 / 14.9 (its 128 x 128 and 128 x 64 tiles spill or take more).
 # The backward's tile-pair table has one side for dQ's tiles and one for dK/dV's (tile_ranges' key_tiles).
-# Which tile pairs are seen whole comes from that table too (two comparisons a trip): reducing the key
-# tile's positions each trip took 3-5% more instructions on Triton 3.9, 8-9% more on 3.6, and 8-14 more
-# shared-memory operations a trip. With the table: forward 8.4 / 9.7, dQ 8.0 / 9.1, dK/dV 12.2 / 13.5.
+# Which tile pairs are seen whole comes from that table too (two comparisons a trip; reducing the key
+# tile's positions each trip took 3-9% more instructions), and positions are read only on masked trips:
+# forward 8.1 / 7.8, dQ 7.8 / 7.1, dK/dV 11.7 / 12.2 on tiles seen whole.
 CONFIGS = {
     "fwd": {"bf16": (128, 128, 8, 2), "fp32": (32, 32, 4, 2), "interpret": (32, 16, 1, 1)},
     "dq": {"bf16": (128, 128, 8, 2), "fp32": (16, 32, 4, 1), "interpret": (32, 16, 1, 1)},
@@ -81,18 +81,26 @@ def seen_whole(key_first, key_last, newest_first, oldest_last):
 
 
 @triton.jit
-def masked(s, qp, oldest, kp, whole):
-    """Scores [rows, keys] with what a row does not see at -inf; left as they are where `whole`."""
+def masked(s, qp, oldest, kp_ptrs, col_ok, whole):
+    """Scores [rows, keys] with what a row does not see at -inf; left as they are where `whole`. The keys'
+    positions (at kp_ptrs, -1 where not col_ok) are read only on a masked trip, in the branch, after the
+    trip's first product (read before it, in a branch of its own, the loop took 1-5 more instructions a
+    score; read every trip, pipelined through shared memory with the tiles, 0.3-1.9 more on tiles seen
+    whole)."""
     if not whole:
+        kp = tl.load(kp_ptrs, mask=col_ok, other=-1)
         s = tl.where(visible(qp, oldest, kp), s, float("-inf"))
     return s
 
 
 @triton.jit
-def attend_tile(q, kt, v, qp, oldest, kp, whole, m_i, l_i, acc, scale2, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+def attend_tile(
+    q, kt, v, qp, oldest, kp_ptrs, col_ok, whole, m_i, l_i, acc, scale2, UPCAST: tl.constexpr, IEEE: tl.constexpr
+):
     """attend() of a key tile against query positions qp (oldest: each row's last position too old) and
-    key positions kp, the mask built only where not `whole` (seen_whole)."""
-    s = masked(dot(q, kt, tl.zeros((q.shape[0], kt.shape[1]), tl.float32), UPCAST, IEEE), qp, oldest, kp, whole)
+    the key positions at kp_ptrs, read and the mask built only where not `whole` (seen_whole)."""
+    s = dot(q, kt, tl.zeros((q.shape[0], kt.shape[1]), tl.float32), UPCAST, IEEE)
+    s = masked(s, qp, oldest, kp_ptrs, col_ok, whole)
     return online_step(s, v, m_i, l_i, acc, scale2, UPCAST, IEEE)
 
 
