@@ -40,7 +40,10 @@ class LaunchCounter(TorchDispatchMode):
             run = launch(kernel, grid)
 
             def call(*args, **kwargs):
-                counter.triton.append(getattr(kernel, "__name__", type(kernel).__name__))
+                fn = kernel
+                while not hasattr(fn, "__name__") and hasattr(fn, "fn"):  # an Autotuner or Heuristics wraps it
+                    fn = fn.fn
+                counter.triton.append(getattr(fn, "__name__", type(fn).__name__))
                 counter._inside += 1
                 try:
                     return run(*args, **kwargs)

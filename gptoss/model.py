@@ -20,10 +20,10 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 
 from gptoss import mxfp4
+from gptoss.checkpointing import checkpointed
 from gptoss.config import ModelConfig
 
 
@@ -389,6 +389,8 @@ class DecoderLayer(nn.Module):
         cache: LayerKV | None = None,
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
+        # the last step saves nothing for backward: a checkpointed layer's recomputation does not need the
+        # MoE output (gptoss.checkpointing), and the triton path skips making it there
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -460,7 +462,7 @@ class GptOss(nn.Module):
         for i, layer in enumerate(self.model.layers):
             layer_cache = None if cache is None else cache.layers[i]
             if self.gradient_checkpointing and torch.is_grad_enabled():  # recompute each layer in backward
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, positions, layer_cache, use_reentrant=False)
+                x = checkpointed(layer, x, cos, sin, positions, layer_cache)
             else:
                 x = layer(x, cos, sin, positions, layer_cache)
         return self.model.norm(x)

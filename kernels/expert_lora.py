@@ -28,11 +28,16 @@ def expert_mask(routing: Routing, num_experts: int, r: int, dtype: torch.dtype) 
     return (columns[None, :] == row_expert[:, None]).to(dtype)
 
 
+def lora_rank(a: torch.Tensor, A: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """a [P, in] (sorted rows) -> z = (a A^T) * mask [P, E*r] in a's dtype: each row's own expert's r columns."""
+    return (a @ A.to(a.dtype).T) * mask.to(a.dtype)
+
+
 def lora_update(
     a: torch.Tensor, A: torch.Tensor, B: torch.Tensor, mask: torch.Tensor, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """a [P, in] (sorted rows) -> (z [P, E*r], the update s * z B^T [P, out]), both in a's dtype."""
-    z = (a @ A.to(a.dtype).T) * mask.to(a.dtype)
+    z = lora_rank(a, A, mask)
     return z, (scaling * z) @ B.to(a.dtype).T
 
 

@@ -7,8 +7,9 @@ weight, and their epilogue:
 
   kernel                    a [rows, K]          weight read as            N, K    epilogue
   _moe_gate_up_kernel       x[token(m)]          W1 [2I, D], rows = n      2I, D   h = acc + b1 (saved); act = swiglu(h) [P, I]
-  _moe_down_kernel          act[m] (sorted)      W2 [D, I], rows = n       D, I    y = acc + b2 (saved); out[pair] = w * y
-  _moe_down_bwd_kernel      grad_out[token(m)]   W2 [D, I], rows = k       I, D    gh = swiglu'(h) * w * acc  [P, 2I]
+  _moe_down_kernel          act[m] (sorted)      W2 [D, I], rows = n       D, I    y = acc + b2; out[pair] = w * y
+  _moe_down_bwd_kernel      grad_out[token(m)]   W2 [D, I], rows = k       I, D    gh = swiglu'(h) * w * acc  [P, 2I];
+                                                                                   dots[pair] += sum_n acc * act
   _moe_gate_up_bwd_kernel   gh[m] (sorted)       W1 [2I, D], rows = k      D, 2I   gx[pair] = acc
 
 They share three @triton.jit helpers: the expert search (_find_expert, _expert_rows), and the two main
@@ -51,7 +52,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gptoss.kernels.expert_lora import expert_mask, lora_backward, lora_update
+from gptoss.checkpointing import output_unread
+from gptoss.kernels.expert_lora import expert_mask, lora_backward, lora_rank, lora_update
 from gptoss.kernels.mxfp4 import (
     INTERPRET,
     mxfp4_blocks,
@@ -538,7 +540,6 @@ def _moe_down_kernel(
     bias_ptr,  # [E, D] b2
     gate_ptr,  # [P] fp32 routing weight of each pair
     out_ptr,  # out: [P, D] fp32, pair order: w * y
-    y_ptr,  # SAVE: [P, D] fp32, pair order: y (the routing weight's gradient)
     add_ptr,  # ADD: [P, D] fp32 or bf16, sorted rows: the LoRA update of y
     counts_ptr,
     offsets_ptr,
@@ -547,7 +548,6 @@ def _moe_down_kernel(
     N,
     E,
     ROWS,
-    SAVE: tl.constexpr,
     ADD: tl.constexpr,
     UPCAST: tl.constexpr,
     INTERPRET: tl.constexpr,
@@ -573,8 +573,6 @@ def _moe_down_kernel(
         acc += tl.load(add_ptr + m[:, None] * N + n[None, :], mask=mn_mask, other=0.0).to(tl.float32)
     gate = tl.load(gate_ptr + pair, mask=m_mask, other=0.0)
     y = acc + tl.load(bias_ptr + expert * N + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if SAVE:
-        tl.store(y_ptr + pair[:, None] * N + n[None, :], y, mask=mn_mask)
     tl.store(out_ptr + pair[:, None] * N + n[None, :], y * gate[:, None], mask=mn_mask)
 
 
@@ -587,6 +585,7 @@ def _moe_down_bwd_kernel(
     h_ptr,  # [P, 2I] the forward's h, sorted rows
     gate_ptr,  # [P] fp32 routing weight of each pair
     gh_ptr,  # out: [P, 2I] d loss / d h, sorted rows, gate and linear interleaved as h
+    dots_ptr,  # out: [P, cdiv(I, 32)] fp32, pair order: column tile j's share of sum_n (grad_out W2)[n] act[n]
     add_ptr,  # ADD: [P, I] fp32 or bf16, sorted rows: the adapter's path to d act (routing weight included)
     counts_ptr,
     offsets_ptr,
@@ -631,6 +630,12 @@ def _moe_down_bwd_kernel(
     d_gate, d_lin = _swiglu_bwd(g, lin, d_act, alpha, limit)
     gh = tl.reshape(tl.join(d_gate, d_lin), (BLOCK_M, 2 * BLOCK_N))
     tl.store(gh_ptr + m[:, None] * (2 * N) + j[None, :], gh.to(gh_ptr.dtype.element_ty), mask=hj_mask)
+    # the routing weight's gradient through the frozen product, d loss / d w = grad_out . (act W2^T), as
+    # sum_n acc[m, n] act[n]: act made again from h as the forward stored it (rounded to h's dtype); the
+    # columns past N have h = 0, so act = 0 there. One partial sum per column tile (no atomics: the
+    # autotuner may run a launch more than once), summed by moe_down_bwd.
+    act = _swiglu(g, lin, alpha, limit).to(h_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(dots_ptr + pair * tl.cdiv(N, 32) + tl.program_id(1), tl.sum(acc * act, axis=1), mask=m_mask)
 
 
 @_autotune("gate_up_bwd")
@@ -810,16 +815,15 @@ def moe_down_fwd(
     routing: Routing,
     gate: torch.Tensor,
     w2: ExpertWeights,
-    save: bool,
     add: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """act [P, I] (sorted rows) -> weighted outputs [P, D] fp32 in pair order (and y unweighted when
-    `save`); `add` [P, D] fp32 or bf16 (sorted rows) joins y before the routing weight."""
+) -> torch.Tensor:
+    """act [P, I] (sorted rows) -> weighted outputs [P, D] fp32 in pair order; `add` [P, D] fp32 or
+    bf16 (sorted rows) joins y before the routing weight. Nothing is kept for the backward: the routing
+    weights' gradient comes from moe_down_bwd."""
     w2.check(act, w2.cols)
     P, I, D = act.shape[0], act.shape[1], w2.rows
     _check_add(add, P, D)
     out = torch.empty(P, D, dtype=torch.float32, device=act.device)
-    y = torch.empty(P, D, dtype=torch.float32, device=act.device) if save else None
     if P:
         _moe_down_kernel[_grid(P, w2.experts, D)](
             act.contiguous(),
@@ -828,7 +832,6 @@ def moe_down_fwd(
             w2.bias,
             gate,
             out,
-            out if y is None else y,
             out if add is None else add,
             routing.counts,
             routing.offsets,
@@ -837,10 +840,9 @@ def moe_down_fwd(
             D,
             w2.experts,
             rows_bucket(P, w2.experts),
-            SAVE=save,
             **_flags(act, add),
         )
-    return out, y
+    return out
 
 
 def moe_down_bwd(
@@ -852,13 +854,17 @@ def moe_down_bwd(
     alpha: float,
     limit: float,
     add: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """grad of the MoE output [T, D] -> grad of the pre-activation h [P, 2I] (sorted rows); `add`
-    [P, I] fp32 or bf16 (sorted rows) joins the gradient of act before the SwiGLU's backward."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """grad of the MoE output [T, D] -> (grad of the pre-activation h [P, 2I] (sorted rows), dots [P] fp32
+    in pair order: grad_out[t] . (act W2_e^T), each pair's output without bias or adapter, dotted with its
+    token's gradient: the routing weight's gradient through the product); `add` [P, I] fp32 or bf16
+    (sorted rows) joins the gradient of act before the SwiGLU's backward."""
     w2.check(grad_out, w2.rows)
     P, D, I = h.shape[0], grad_out.shape[1], h.shape[1] // 2
     _check_add(add, P, I)
     gh = torch.empty(P, 2 * I, dtype=h.dtype, device=h.device)
+    # a column per 32 columns of act, the narrowest tile: a launch fills cdiv(I, BLOCK_N) of them
+    partial = torch.zeros(P, triton.cdiv(I, 32), dtype=torch.float32, device=h.device)
     if P:
         _moe_down_bwd_kernel[_grid(P, w2.experts, I)](
             grad_out.contiguous(),
@@ -867,6 +873,7 @@ def moe_down_bwd(
             h,
             gate,
             gh,
+            partial,
             gh if add is None else add,
             routing.counts,
             routing.offsets,
@@ -880,7 +887,7 @@ def moe_down_bwd(
             limit,
             **_flags(grad_out, add),
         )
-    return gh
+    return gh, partial.sum(1)
 
 
 def moe_gate_up_bwd(
@@ -931,7 +938,13 @@ def moe_combine(pairs: torch.Tensor, top_k: int, dtype: torch.dtype) -> torch.Te
 class MoEFunction(torch.autograd.Function):
     """out [T, D] = sum_slots w[t, s] * expert_{ids[t, s]}(x[t]); the MXFP4 weights (ExpertWeights) are
     frozen. Differentiable in x, w and, when given, the expert-major LoRA factors A1, B1 (gate_up) and
-    A2, B2 (down), whose update s * (a A_e^T) B_e^T joins each matrix's product in the kernel epilogue."""
+    A2, B2 (down), whose update s * (a A_e^T) B_e^T joins each matrix's product in the kernel epilogue.
+
+    The backward keeps h, not the experts' outputs y: the routing weights' gradient grad_out[t] . y[t, s]
+    is taken apart as grad_out . (act W2^T) (summed in down_bwd's epilogue, which has both factors),
+    grad_out . b2 and the adapter's s (grad_out B2) . z2. So a checkpointed layer's recomputation
+    (gptoss.checkpointing.output_unread) stops after gate_up: it returns zeros in place of the output,
+    which nothing reads there, without the down product and the combine."""
 
     @staticmethod
     def forward(
@@ -950,6 +963,7 @@ class MoEFunction(torch.autograd.Function):
         scaling: float,
     ) -> torch.Tensor:
         save = any(ctx.needs_input_grad[:6])
+        unread = save and output_unread()
         gate = weights.reshape(-1).float().contiguous()
         mask = z1 = z2 = u1 = u2 = None
         if A1 is not None or A2 is not None:
@@ -960,32 +974,40 @@ class MoEFunction(torch.autograd.Function):
             z1, u1 = lora_update(x.index_select(0, rows), A1, B1, mask, scaling)
         act, h = moe_gate_up_fwd(x, routing, w1, alpha, limit, save, add=u1)
         if A2 is not None:
-            z2, u2 = lora_update(act, A2, B2, mask, scaling)
-        out_pairs, y = moe_down_fwd(act, routing, gate, w2, save, add=u2)
+            z2, u2 = (lora_rank(act, A2, mask), None) if unread else lora_update(act, A2, B2, mask, scaling)
         if save:
-            ctx.save_for_backward(x, h, y, gate, act if A2 is not None else None, mask, z1, z2, A1, B1, A2, B2)
+            ctx.save_for_backward(x, h, gate, act if A2 is not None else None, mask, z1, z2, A1, B1, A2, B2)
             ctx.routing, ctx.w1, ctx.w2 = routing, w1, w2  # frozen buffers: held, never differentiated
             ctx.alpha, ctx.limit, ctx.scaling = alpha, limit, scaling
-        return moe_combine(out_pairs, routing.top_k, x.dtype)
+        if unread:
+            return x.new_zeros(x.shape)
+        return moe_combine(moe_down_fwd(act, routing, gate, w2, add=u2), routing.top_k, x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, h, y, gate, act, mask, z1, z2, A1, B1, A2, B2 = ctx.saved_tensors
+        x, h, gate, act, mask, z1, z2, A1, B1, A2, B2 = ctx.saved_tensors
         routing, K, s = ctx.routing, ctx.routing.top_k, ctx.scaling
         need = ctx.needs_input_grad
         T, D = grad_out.shape
         grad_out = grad_out.contiguous()
-        rows = routing.sorted_pairs.long() // K if A1 is not None or A2 is not None else None  # sorted row -> token
+        pairs = routing.sorted_pairs.long()  # sorted row -> pair (token * K + slot)
+        rows = pairs // K if A1 is not None or A2 is not None else None  # sorted row -> token
         grad_x = grad_w = dA1 = dB1 = dA2 = dB2 = d_act = None
-        if need[1]:  # d out / d w[t, s] = y[t, s] (the adapter's update included)
-            grad_w = torch.einsum("tkd,td->tk", y.view(T, K, D), grad_out.float())
         if A2 is not None:  # d loss / d y of each sorted row: its token's gradient times its routing weight
-            g_y = grad_out.index_select(0, rows) * gate[routing.sorted_pairs.long()].unsqueeze(-1).to(grad_out.dtype)
-            dA2, dB2, d_act = lora_backward(g_y, act, z2, A2, B2, mask, s)
-        if need[0] or need[2] or need[3]:
-            gh = moe_down_bwd(grad_out, routing, gate, ctx.w2, h, ctx.alpha, ctx.limit, add=d_act)
+            g_rows = grad_out.index_select(0, rows)
+            dA2, dB2, d_act = lora_backward(g_rows * gate[pairs].unsqueeze(-1).to(g_rows.dtype), act, z2, A2, B2, mask, s)
+        if need[0] or need[1] or need[2] or need[3]:
+            gh, dots = moe_down_bwd(grad_out, routing, gate, ctx.w2, h, ctx.alpha, ctx.limit, add=d_act)
+            if need[1]:  # d out / d w[t, s] = grad_out[t] . y[t, s], y = act W2^T + b2 + the adapter's update
+                if ctx.w2.bias is not None:  # [T, E] in the activations' dtype, as every product here
+                    by_expert = grad_out @ ctx.w2.bias.to(grad_out.dtype).T
+                    dots += by_expert.gather(1, routing.ids.long()).reshape(-1).float()
+                if A2 is not None:
+                    update = s * ((g_rows @ B2.to(g_rows.dtype)) * z2).float().sum(-1)  # sorted rows
+                    dots.index_add_(0, pairs, update)
+                grad_w = dots.view(T, K)
             dx = None
-            if A1 is not None:
+            if A1 is not None and (need[0] or need[2] or need[3]):
                 dA1, dB1, dx = lora_backward(gh, x.index_select(0, rows), z1, A1, B1, mask, s)
             if need[0]:
                 gx_pairs = moe_gate_up_bwd(gh, routing, ctx.w1, add=dx)

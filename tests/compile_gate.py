@@ -202,9 +202,9 @@ def run_workloads() -> list[Launch]:
                         plus = "+lora" if lora else ""
                         label["what"] = "forward" + plus
                         act, h = moe.moe_gate_up_fwd(x, r, w1, 1.702, 7.0, save=True, add=add[2 * I] if lora else None)
-                        moe.moe_down_fwd(act, r, gate, w2, save=True, add=add[D] if lora else None)
+                        moe.moe_down_fwd(act, r, gate, w2, add=add[D] if lora else None)
                         label["what"] = "backward" + plus
-                        gh = moe.moe_down_bwd(x, r, gate, w2, h, 1.702, 7.0, add=add[I] if lora else None)
+                        gh, _ = moe.moe_down_bwd(x, r, gate, w2, h, 1.702, 7.0, add=add[I] if lora else None)
                         moe.moe_gate_up_bwd(gh, r, w1, add=add[D] if lora else None)
                     label["what"] = "combine"
                     moe.moe_combine(torch.empty(P, D, dtype=torch.float32, **meta), k, dtype)

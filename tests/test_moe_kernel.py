@@ -401,7 +401,7 @@ def test_chosen_tiles_reports_each_launch_and_only_fresh_timings(monkeypatch):
         (lambda w1, w2, r, g: moe_kernel.moe_gate_up_fwd(torch.zeros(6, 96), r, w1, 1.702, 7.0, save=False), 64),
         (lambda w1, w2, r, g: moe_kernel.moe_gate_up_fwd(torch.zeros(6, 0), r, w1, 1.702, 7.0, save=False), 64),
         (lambda w1, w2, r, g: moe_kernel.moe_gate_up_fwd(torch.zeros(6, 64, 1), r, w1, 1.702, 7.0, save=False), 64),
-        (lambda w1, w2, r, g: moe_kernel.moe_down_fwd(torch.zeros(12, 32), r, g, w2, save=False), 64),
+        (lambda w1, w2, r, g: moe_kernel.moe_down_fwd(torch.zeros(12, 32), r, g, w2), 64),
         (
             lambda w1, w2, r, g: moe_kernel.moe_down_bwd(torch.zeros(6, 65), r, g, w2, torch.zeros(12, 128), 1.7, 7.0),
             64,

@@ -459,6 +459,50 @@ def test_a_training_step_on_the_triton_backend_runs_each_rmsnorm_and_rope_as_one
         assert not {"pow", "rsqrt", "mean", "cat", "split"} & set(ops), sorted(set(ops))
 
 
+def test_a_recomputed_layer_skips_the_moe_output_and_every_gradient_is_exact(tmp_path):
+    # a checkpointed layer runs again in the backward, where nothing reads its output: the MoE makes only
+    # what its backward keeps, no down product and no combine there; the gradients are an uncheckpointed
+    # step's bit for bit (a step of the layer that saved something made from the MoE output would differ)
+    from conftest import small_config
+
+    from gptoss import load_model
+    from gptoss.adapter import apply_lora
+    from gptoss.launches import LaunchCounter
+    from gptoss.train.loss import next_token_loss
+
+    config = small_config()
+    folder = write_checkpoint(tmp_path / "c", config, "hf-mxfp4", seed=2)
+    ids = torch.randint(0, 300, (1, 12))
+    grads, launches = {}, {}
+    for checkpointing in (False, True):
+        model = load_model(folder, backend="triton", dtype=torch.bfloat16)
+        apply_lora(model, 4, 8, [1])  # q/k/v/o everywhere, both expert matrices of layer 1
+        generator = torch.Generator().manual_seed(5)
+        with torch.no_grad():  # B non-zero too: every adapter's update reaches the output
+            for name, p in sorted(model.named_parameters()):
+                if p.requires_grad:
+                    p.copy_(0.05 * torch.randn(p.shape, generator=generator))
+        model.gradient_checkpointing = checkpointing
+        model.train()
+        with LaunchCounter() as forward:
+            loss, _ = next_token_loss(model, ids)
+        with LaunchCounter() as backward:
+            loss.backward()
+        grads[checkpointing] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        launches[checkpointing] = (forward.triton, backward.triton)
+    assert grads[True].keys() == grads[False].keys() and any("experts" in n for n in grads[True])
+    for name, grad in grads[False].items():
+        assert grad is not None and grad.abs().sum() > 0, name
+        assert torch.equal(grads[True][name], grad), name
+    L = config.num_hidden_layers
+    for checkpointing, (forward, backward) in launches.items():
+        assert forward.count("_moe_down_kernel") == L and forward.count("_moe_combine_kernel") == L
+        assert backward.count("_moe_gate_up_kernel") == (L if checkpointing else 0)  # h made again
+        assert backward.count("_moe_down_kernel") == 0  # the output, not
+        assert backward.count("_moe_combine_kernel") == L  # d x's only
+        assert backward.count("_moe_down_bwd_kernel") == backward.count("_moe_gate_up_bwd_kernel") == L
+
+
 @pytest.mark.parametrize("holder", ["alive", "other-host", "unreadable"])
 def test_a_second_run_on_a_locked_output_is_refused_naming_the_holder(base, tmp_path, holder):
     import socket
