@@ -153,7 +153,10 @@ def lora_step_flops(c: ModelConfig, tokens: int, supervised: int, r: int, expert
     input gradient only, and every layer's forward runs twice (activation checkpointing): 3x the
     forward. Attention's core: causal, a key window on sliding layers, backward 2.5x the forward, so
     4.5x. The unembedding runs on the supervised positions only (forward and input gradient). LoRA
-    factors: forward, recomputation, input and weight gradients, 4x. Norms, rotary and softmaxes: left out."""
+    factors: forward, recomputation, input and weight gradients, 4x. Norms, rotary and softmaxes: left out.
+    The count is the work of the recipe's step as transformers + PEFT does it, the measure both sides are
+    held to: our recomputation leaves out the experts' down product (gptoss.checkpointing), a ninth of
+    the experts' part, and is still counted as if it ran."""
     D, I, k, E = c.hidden_size, c.intermediate_size, c.num_experts_per_tok, c.num_local_experts
     L, T, Dh, H = c.num_hidden_layers, tokens, c.head_dim, c.num_attention_heads
     qkvo = 2 * (D * (c.q_dim + 2 * c.kv_dim) + c.q_dim * D)

@@ -18,8 +18,8 @@ The Triton kernel keeps q, k, v, the output and a fp32 log-sum-exp per row; its 
 registers and shared memory.
 
 MoE. The torch path (the CPU) keeps every routed expert's decoded weights for backward (all E of
-them once T * k >= E) and its rows; the Triton kernel keeps the pre-activation h [T*k, 2I] and the
-fp32 expert outputs [T*k, D], no weights. Expert adapters on the kernel path add the SwiGLU output
+them once T * k >= E) and its rows; the Triton kernel keeps the pre-activation h [T*k, 2I], no weights
+and no expert outputs, and its backward makes d h beside it, then the fp32 d x of each pair [T*k, D]. Expert adapters on the kernel path add the SwiGLU output
 [T*k, I] (the down adapter's input), the expert mask and the two rank products [T*k, E*r] in fp32, and
 in backward the fp32 gradients of the adapters' inputs and outputs.
 """
@@ -100,7 +100,9 @@ def training_peak(
         attn_ws = 2 * T * c.q_dim * b + H * T * 4 * 2  # out and dO, log-sum-exp and Delta
     decoded = min(E, P) * (2 * I * D + D * I) * b  # the routed experts' weights, kept for backward
     moe_rows_torch = P * (2 * D + 3 * I) * b + 2 * P * D * 4  # gathered x, h, act, y; fp32 weighted y, pairs
-    moe_rows_triton = P * 2 * I * b + 2 * P * D * 4  # h, fp32 y and the weighted pair outputs
+    # h and its gradient, the pairs' fp32 d x and the routing weights' partial sums (cdiv(I, 32) a pair);
+    # a recomputation makes no expert output (gptoss.checkpointing)
+    moe_rows_triton = 2 * P * 2 * I * b + P * D * 4 + P * -(-I // 32) * 4
     # expert adapters beside the kernels: act; mask, z1, z2; backward's fp32 d y, d x and d act rows
     lora_rows = P * I * b + 3 * P * E * r * 4 + P * (2 * D + I) * 4
     if moe == "torch":
