@@ -995,7 +995,9 @@ class MoEFunction(torch.autograd.Function):
         grad_x = grad_w = dA1 = dB1 = dA2 = dB2 = d_act = None
         if A2 is not None:  # d loss / d y of each sorted row: its token's gradient times its routing weight
             g_rows = grad_out.index_select(0, rows)
-            dA2, dB2, d_act = lora_backward(g_rows * gate[pairs].unsqueeze(-1).to(g_rows.dtype), act, z2, A2, B2, mask, s)
+            dA2, dB2, d_act = lora_backward(
+                g_rows * gate[pairs].unsqueeze(-1).to(g_rows.dtype), act, z2, A2, B2, mask, s
+            )
         if need[0] or need[1] or need[2] or need[3]:
             gh, dots = moe_down_bwd(grad_out, routing, gate, ctx.w2, h, ctx.alpha, ctx.limit, add=d_act)
             if need[1]:  # d out / d w[t, s] = grad_out[t] . y[t, s], y = act W2^T + b2 + the adapter's update

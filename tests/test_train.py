@@ -479,7 +479,7 @@ def test_a_recomputed_layer_skips_the_moe_output_and_every_gradient_is_exact(tmp
         apply_lora(model, 4, 8, [1])  # q/k/v/o everywhere, both expert matrices of layer 1
         generator = torch.Generator().manual_seed(5)
         with torch.no_grad():  # B non-zero too: every adapter's update reaches the output
-            for name, p in sorted(model.named_parameters()):
+            for p in model.parameters():
                 if p.requires_grad:
                     p.copy_(0.05 * torch.randn(p.shape, generator=generator))
         model.gradient_checkpointing = checkpointing
