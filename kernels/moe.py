@@ -943,8 +943,8 @@ class MoEFunction(torch.autograd.Function):
     The backward keeps h, not the experts' outputs y: the routing weights' gradient grad_out[t] . y[t, s]
     is taken apart as grad_out . (act W2^T) (summed in down_bwd's epilogue, which has both factors),
     grad_out . b2 and the adapter's s (grad_out B2) . z2. So a checkpointed layer's recomputation
-    (gptoss.checkpointing.output_unread) stops after gate_up: it returns zeros in place of the output,
-    which nothing reads there, without the down product and the combine."""
+    (gptoss.checkpointing.output_unread) stops after gate_up: it returns an uninitialised tensor in
+    place of the output, which nothing reads there, without the down product and the combine."""
 
     @staticmethod
     def forward(
@@ -979,8 +979,8 @@ class MoEFunction(torch.autograd.Function):
             ctx.save_for_backward(x, h, gate, act if A2 is not None else None, mask, z1, z2, A1, B1, A2, B2)
             ctx.routing, ctx.w1, ctx.w2 = routing, w1, w2  # frozen buffers: held, never differentiated
             ctx.alpha, ctx.limit, ctx.scaling = alpha, limit, scaling
-        if unread:
-            return x.new_zeros(x.shape)
+        if unread:  # a placeholder: nothing reads it (gptoss.checkpointing)
+            return x.new_empty(x.shape)
         return moe_combine(moe_down_fwd(act, routing, gate, w2, add=u2), routing.top_k, x.dtype)
 
     @staticmethod
@@ -1003,7 +1003,7 @@ class MoEFunction(torch.autograd.Function):
             if need[1]:  # d out / d w[t, s] = grad_out[t] . y[t, s], y = act W2^T + b2 + the adapter's update
                 if ctx.w2.bias is not None:  # [T, E] in the activations' dtype, as every product here
                     by_expert = grad_out @ ctx.w2.bias.to(grad_out.dtype).T
-                    dots += by_expert.gather(1, routing.ids.long()).reshape(-1).float()
+                    dots.view(T, K).add_(by_expert.gather(1, routing.ids.long()))
                 if A2 is not None:
                     update = s * ((g_rows @ B2.to(g_rows.dtype)) * z2).float().sum(-1)  # sorted rows
                     dots.index_add_(0, pairs, update)
