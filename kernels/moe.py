@@ -462,14 +462,14 @@ def _product_across_rows(
 
 
 @_autotune("gate_up")
-@triton.jit
+@triton.jit(do_not_specialize=["save"])
 def _moe_gate_up_kernel(
     x_ptr,  # [T, D] bf16 or fp32
     w_ptr,  # [E, 2I, D/32, 16] uint8: W1 in MXFP4
     s_ptr,  # [E, 2I, D/32] uint8 scales
     bias_ptr,  # [E, 2I] b1
     act_ptr,  # out: [P, I] swiglu(h), sorted rows
-    h_ptr,  # SAVE: [P, 2I] h, sorted rows (the backward's)
+    h_ptr,  # save: [P, 2I] h, sorted rows (the backward's)
     add_ptr,  # ADD: [P, 2I] fp32 or bf16, sorted rows: the LoRA update of h
     counts_ptr,
     offsets_ptr,
@@ -481,7 +481,7 @@ def _moe_gate_up_kernel(
     ROWS,  # rows-per-expert bucket: only the autotune key reads it
     alpha,
     limit,
-    SAVE: tl.constexpr,
+    save,  # 1 keeps h: a runtime flag, not a constexpr, so training and inference launch the same tiles
     ADD: tl.constexpr,
     UPCAST: tl.constexpr,
     INTERPRET: tl.constexpr,
@@ -519,8 +519,10 @@ def _moe_gate_up_kernel(
     if ADD:
         acc += tl.load(add_ptr + m[:, None] * N + n[None, :], mask=mn_mask, other=0.0).to(tl.float32)
     h = acc + tl.load(bias_ptr + expert * N + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if SAVE:
-        tl.store(h_ptr + m[:, None] * N + n[None, :], h.to(h_ptr.dtype.element_ty), mask=mn_mask)
+    # kept by a mask, not a branch (a branch made a swapped tile spill on sm_100a); the flag goes into a
+    # vector first (the interpreter refuses a mask made with a scalar)
+    keep = m_mask & (tl.full([BLOCK_M], save, tl.int32) != 0)
+    tl.store(h_ptr + m[:, None] * N + n[None, :], h.to(h_ptr.dtype.element_ty), mask=keep[:, None] & n_mask[None, :])
     g, lin = tl.split(tl.reshape(h, (BLOCK_M, BLOCK_N // 2, 2)))  # columns 2j, 2j+1: gate and linear of act j
     j = n0 // 2 + tl.arange(0, BLOCK_N // 2)
     act = _swiglu(g, lin, alpha, limit)
@@ -804,7 +806,7 @@ def moe_gate_up_fwd(
             rows_bucket(P, w1.experts),
             alpha,
             limit,
-            SAVE=save,
+            int(save),
             **_flags(x, add),
         )
     return act, h

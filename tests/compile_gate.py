@@ -206,6 +206,8 @@ def run_workloads() -> list[Launch]:
                         label["what"] = "backward" + plus
                         gh, _ = moe.moe_down_bwd(x, r, gate, w2, h, 1.702, 7.0, add=add[I] if lora else None)
                         moe.moe_gate_up_bwd(gh, r, w1, add=add[D] if lora else None)
+                    label["what"] = "inference"  # no h kept: the same compiled tiles (save is a runtime flag)
+                    moe.moe_gate_up_fwd(x, r, w1, 1.702, 7.0, save=False)
                     label["what"] = "combine"
                     moe.moe_combine(torch.empty(P, D, dtype=torch.float32, **meta), k, dtype)
                     label["what"] = "dequantize"

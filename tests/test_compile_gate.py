@@ -98,6 +98,16 @@ def test_every_kernel_compiles_without_spills(gate):
     assert {row["target"] for row in rows} == {"sm_90a", "sm_100a"}
 
 
+def test_inference_launches_the_tiles_training_compiles(gate):
+    # gate_up keeps h for the backward or not by a runtime flag: a prefill without gradients runs the very
+    # tiles the training workloads compile (a constexpr would double them, each half gated apart)
+    _, rows = gate
+    gate_up = [r for r in rows if r["kernel"] == "_moe_gate_up_kernel" and not r["config"]["ADD"]]
+    assert gate_up
+    for r in gate_up:
+        assert {"forward", "inference"} <= {launch["what"] for launch in r["launches"]}, r["config"]
+
+
 def test_decode_configs_meet_the_instruction_budget(gate):
     _, rows = gate
     decode = [
