@@ -424,10 +424,14 @@ def test_under_the_gpu_settings_every_kernel_and_matrix_product_takes_bf16_opera
     assert not fp32, {name: seen[name] for name in fp32}
 
 
-def test_a_training_step_on_the_triton_backend_runs_each_rmsnorm_and_rope_as_one_kernel_each_way(tmp_path):
-    # the torch RMSNorm is eight launches forward (upcast, square, mean, add, rsqrt, two products, cast)
-    # and a dozen backward over the residual stream, the torch RoPE eight per tensor (split, four
-    # products, sub, add, cat); the triton backend's are one kernel each way
+def test_a_checkpointed_step_on_the_triton_backend_launches_what_it_needs_and_its_gradients_are_exact(tmp_path):
+    # RMSNorm and RoPE: the torch RMSNorm is eight launches forward (upcast, square, mean, add, rsqrt, two
+    # products, cast) and a dozen backward over the residual stream, the torch RoPE eight per tensor (split,
+    # four products, sub, add, cat); the triton backend's are one kernel each way.
+    # The MoE: a checkpointed layer runs again in the backward, where nothing reads its output, so the MoE
+    # makes only what its backward keeps, no down product and no combine there; the gradients are an
+    # uncheckpointed step's bit for bit (a step of the layer that saved something made from the MoE output
+    # would differ)
     from conftest import small_config
 
     from gptoss import load_model
@@ -435,42 +439,8 @@ def test_a_training_step_on_the_triton_backend_runs_each_rmsnorm_and_rope_as_one
     from gptoss.launches import LaunchCounter
     from gptoss.train.loss import next_token_loss
 
-    config = small_config()
-    folder = write_checkpoint(tmp_path / "c", config, "hf-mxfp4", seed=2)
-    model = load_model(folder, backend="triton", dtype=torch.bfloat16)
-    apply_lora(model, 4, 8, [1])
-    model.gradient_checkpointing = True
-    model.train()
-    ids = torch.randint(0, 300, (1, 12))
-    with LaunchCounter() as forward:
-        loss, _ = next_token_loss(model, ids)
-    with LaunchCounter() as backward:
-        loss.backward()
-    norms = 2 * config.num_hidden_layers + 1
-    assert forward.triton.count("_rmsnorm_fwd_kernel") == norms
-    # backward: the checkpointed layers run their two norms forward again, then every norm backward once,
-    # but the first: its input, the frozen embedding's output, needs no gradient
-    assert backward.triton.count("_rmsnorm_fwd_kernel") == 2 * config.num_hidden_layers
-    assert backward.triton.count("_rmsnorm_bwd_kernel") == norms - 1
-    # RoPE: queries and keys, one launch each, in every layer forward, again in its recomputation, and back
-    assert forward.triton.count("_rope_kernel") == 2 * config.num_hidden_layers
-    assert backward.triton.count("_rope_kernel") == 4 * config.num_hidden_layers
-    for ops in (forward.torch, backward.torch):
-        assert not {"pow", "rsqrt", "mean", "cat", "split"} & set(ops), sorted(set(ops))
-
-
-def test_a_recomputed_layer_skips_the_moe_output_and_every_gradient_is_exact(tmp_path):
-    # a checkpointed layer runs again in the backward, where nothing reads its output: the MoE makes only
-    # what its backward keeps, no down product and no combine there; the gradients are an uncheckpointed
-    # step's bit for bit (a step of the layer that saved something made from the MoE output would differ)
-    from conftest import small_config
-
-    from gptoss import load_model
-    from gptoss.adapter import apply_lora
-    from gptoss.launches import LaunchCounter
-    from gptoss.train.loss import next_token_loss
-
-    config = small_config()
+    config = small_config(num_hidden_layers=2)  # a sliding and a full layer
+    L = config.num_hidden_layers
     folder = write_checkpoint(tmp_path / "c", config, "hf-mxfp4", seed=2)
     ids = torch.randint(0, 300, (1, 12))
     grads, launches = {}, {}
@@ -489,18 +459,29 @@ def test_a_recomputed_layer_skips_the_moe_output_and_every_gradient_is_exact(tmp
         with LaunchCounter() as backward:
             loss.backward()
         grads[checkpointing] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-        launches[checkpointing] = (forward.triton, backward.triton)
+        launches[checkpointing] = (forward, backward)
     assert grads[True].keys() == grads[False].keys() and any("experts" in n for n in grads[True])
     for name, grad in grads[False].items():
         assert grad is not None and grad.abs().sum() > 0, name
         assert torch.equal(grads[True][name], grad), name
-    L = config.num_hidden_layers
     for checkpointing, (forward, backward) in launches.items():
-        assert forward.count("_moe_down_kernel") == L and forward.count("_moe_combine_kernel") == L
-        assert backward.count("_moe_gate_up_kernel") == (L if checkpointing else 0)  # h made again
-        assert backward.count("_moe_down_kernel") == 0  # the output, not
-        assert backward.count("_moe_combine_kernel") == L  # d x's only
-        assert backward.count("_moe_down_bwd_kernel") == backward.count("_moe_gate_up_bwd_kernel") == L
+        assert forward.triton.count("_moe_down_kernel") == forward.triton.count("_moe_combine_kernel") == L
+        assert backward.triton.count("_moe_gate_up_kernel") == (L if checkpointing else 0)  # h made again
+        assert backward.triton.count("_moe_down_kernel") == 0  # the output, not
+        assert backward.triton.count("_moe_combine_kernel") == L  # d x's only
+        assert backward.triton.count("_moe_down_bwd_kernel") == backward.triton.count("_moe_gate_up_bwd_kernel") == L
+    forward, backward = launches[True]
+    norms = 2 * L + 1
+    assert forward.triton.count("_rmsnorm_fwd_kernel") == norms
+    # backward: the checkpointed layers run their two norms forward again, then every norm backward once,
+    # but the first: its input, the frozen embedding's output, needs no gradient
+    assert backward.triton.count("_rmsnorm_fwd_kernel") == 2 * L
+    assert backward.triton.count("_rmsnorm_bwd_kernel") == norms - 1
+    # RoPE: queries and keys, one launch each, in every layer forward, again in its recomputation, and back
+    assert forward.triton.count("_rope_kernel") == 2 * L
+    assert backward.triton.count("_rope_kernel") == 4 * L
+    for ops in (forward.torch, backward.torch):
+        assert not {"pow", "rsqrt", "mean", "cat", "split"} & set(ops), sorted(set(ops))
 
 
 @pytest.mark.parametrize("holder", ["alive", "other-host", "unreadable"])
