@@ -23,6 +23,15 @@ FREE = frozenset({
 SYNCS = frozenset({"_local_scalar_dense", "nonzero", "item", "masked_select", "index_put_"})
 
 
+def jit_function(kernel):
+    """The @triton.jit function a launched kernel object runs: Triton's Autotuner and Heuristics wrap it."""
+    from triton.runtime.autotuner import Autotuner, Heuristics
+
+    while isinstance(kernel, (Autotuner, Heuristics)):
+        kernel = kernel.fn
+    return kernel
+
+
 class LaunchCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -40,9 +49,7 @@ class LaunchCounter(TorchDispatchMode):
             run = launch(kernel, grid)
 
             def call(*args, **kwargs):
-                fn = kernel
-                while not hasattr(fn, "__name__") and hasattr(fn, "fn"):  # an Autotuner or Heuristics wraps it
-                    fn = fn.fn
+                fn = jit_function(kernel)
                 counter.triton.append(getattr(fn, "__name__", type(fn).__name__))
                 counter._inside += 1
                 try:

@@ -49,8 +49,10 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
-from triton.runtime.autotuner import Autotuner, Heuristics  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction, KernelInterface, create_function_from_signature  # noqa: E402
+
+from gptoss.launches import jit_function  # noqa: E402
 
 # what a cached row holds: a new format recompiles rather than read a row short of a field
 ROW_FORMAT = 8  # 2: loop_shared_ops; 3: the main loop is the largest innermost loop; 4: loop loads, ftz_ops;
@@ -71,8 +73,7 @@ ATTENTION = (8, 8, 64)  # KV heads, query heads per KV head, head dim: gpt-oss-2
 
 
 def _jit_of(obj) -> JITFunction | None:
-    while isinstance(obj, (Autotuner, Heuristics)):
-        obj = obj.fn
+    obj = jit_function(obj)
     return obj if isinstance(obj, JITFunction) else None
 
 

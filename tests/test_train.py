@@ -358,14 +358,13 @@ def test_under_the_gpu_settings_every_kernel_and_matrix_product_takes_bf16_opera
     # nor is any matrix product PyTorch runs, forward (under autocast, as the trainer's on CUDA: here the
     # CPU's) or backward (outside it, as on CUDA, where the autograd engine's threads have it off). An
     # fp32 product there is an fp32 GEMM on CUDA cores: the expert adapters' backward was, at E times
-    # the rank-r work. Matrix-vector products (the routing weights' gradient) are bandwidth-bound: left out.
+    # the rank-r work. Matrix-vector products are bandwidth-bound: left out.
     from conftest import small_config
-    from triton.runtime.autotuner import Autotuner, Heuristics
     from triton.runtime.jit import KernelInterface
 
     from gptoss import load_model
     from gptoss.adapter import apply_lora
-    from gptoss.launches import LaunchCounter
+    from gptoss.launches import LaunchCounter, jit_function
     from gptoss.train.loss import next_token_loss
     from gptoss.train.trainer import train_dtype
 
@@ -391,9 +390,7 @@ def test_under_the_gpu_settings_every_kernel_and_matrix_product_takes_bf16_opera
         run = launch(kernel, grid)
 
         def call(*args, **kwargs):
-            fn = kernel
-            while isinstance(fn, (Autotuner, Heuristics)):  # they wrap the jit function
-                fn = fn.fn
+            fn = jit_function(kernel)
             for name, value in [*zip(fn.arg_names, args), *kwargs.items()]:
                 if name in operands and isinstance(value, torch.Tensor):
                     seen.setdefault(f"{fn.__name__}.{name}", set()).add(value.dtype)

@@ -19,9 +19,10 @@ registers and shared memory.
 
 MoE. The torch path (the CPU) keeps every routed expert's decoded weights for backward (all E of
 them once T * k >= E) and its rows; the Triton kernel keeps the pre-activation h [T*k, 2I], no weights
-and no expert outputs, and its backward makes d h beside it, then the fp32 d x of each pair [T*k, D]. Expert adapters on the kernel path add the SwiGLU output
-[T*k, I] (the down adapter's input), the expert mask and the two rank products [T*k, E*r] in fp32, and
-in backward the fp32 gradients of the adapters' inputs and outputs.
+and no expert outputs, and its backward makes d h beside it, then the fp32 d x of each pair [T*k, D].
+Expert adapters on the kernel path add the SwiGLU output [T*k, I] (the down adapter's input), the
+expert mask and the two rank products [T*k, E*r] in fp32, and in backward the fp32 gradients of the
+adapters' inputs and outputs.
 """
 
 from __future__ import annotations
