@@ -278,7 +278,12 @@ def build_page(engine: Engine, title: str = "gptoss"):
         with gr.Accordion("Sampling", open=False):
             with gr.Row():
                 max_new = gr.Slider(
-                    1, min(MAX_REPLY_TOKENS, engine.context // 2), value=256, step=1, label="Max new tokens"
+                    1,
+                    min(MAX_REPLY_TOKENS, engine.context // 2),
+                    value=256,
+                    step=1,
+                    label="Max new tokens",
+                    elem_id="max-new",
                 )
                 temperature = gr.Slider(
                     0.0, 2.0, value=1.0, step=0.05, label="Temperature (0 = greedy)", elem_id="temperature"

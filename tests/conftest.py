@@ -14,6 +14,52 @@ if not torch.cuda.is_available():
 # "Cannot call @triton.jit'd outside of the scope of a kernel".
 import triton.language  # noqa: E402, F401
 
+
+def _patch_lang_once_per_launch() -> None:
+    """Triton's interpreter patches triton.language (five inspect.getmembers walks over its modules) at each
+    launch, and again at every call of a @triton.jit helper inside the kernel, in every program: a fifth of
+    an interpreted test's time. The helper's patch changes nothing: the launch's own patch is in place until
+    the launch ends, and a member it replaced is no longer a builtin to replace. So a helper's call whose
+    language modules the running launch already patched skips it; anything else goes to Triton's own code.
+    Where the interpreter's internals are not the ones this knows, nothing is changed."""
+    from triton.runtime import interpreter
+
+    original, scope_type = getattr(interpreter, "_patch_lang", None), getattr(interpreter, "_LangPatchScope", None)
+    if original is None or scope_type is None or getattr(original, "_once_per_launch", False):
+        return
+    modules = (triton.language, triton.language.core)
+    running: list[set[int]] = []  # the modules patched since the launch in progress began (launches do not nest)
+    seen: dict[object, frozenset[int]] = {}  # a jit function -> the language modules its globals hold
+
+    def patch_lang(fn):
+        langs = seen.get(fn)
+        if langs is None:
+            langs = seen[fn] = frozenset(id(v) for v in fn.__globals__.values() if any(v is m for m in modules))
+        if running and langs and langs <= running[-1]:
+            return scope_type()  # a helper inside the launch: already patched
+        scope = original(fn)
+        if running:  # a helper that sees a module not yet patched (Triton's own tl.sum sees tl.core): patched
+            running[-1] |= langs  # as Triton does, never restored by Triton either
+            return scope
+        running.append(set(langs))
+        restore = scope.restore
+
+        def restore_and_end():
+            running.clear()
+            restore()
+
+        scope.restore = restore_and_end
+        return scope
+
+    patch_lang._once_per_launch = True
+    interpreter._patch_lang = patch_lang
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    import triton  # noqa: E402
+
+    _patch_lang_once_per_launch()
+
 from gptoss.config import ModelConfig  # noqa: E402
 
 # The verified vocabulary beside the repository (../shared/vocab), when there; otherwise gptoss

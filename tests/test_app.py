@@ -275,6 +275,9 @@ def server(files, tmp_path_factory):
         proc.wait(30)
 
 
+SHORT = 24  # tokens a reply on the page, where the test does not stop it: a full 256 took 12 s a column
+
+
 def _wait(predicate, seconds=180, what=""):
     deadline = time.time() + seconds
     while time.time() < deadline:
@@ -303,7 +306,18 @@ def test_the_page_answers_in_two_columns_and_reports_bad_input(server, browser):
     def text(key):
         return el(f"#{key}").text
 
+    def max_new(n):  # the "Max new tokens" field of the Sampling section: short replies where length is not the point
+        field = el("#max-new input[type=number]")
+        field.send_keys(Keys.CONTROL, "a")
+        field.send_keys(str(n), Keys.TAB)
+        _wait(lambda: field.get_attribute("value") == str(n), 30, f"Max new tokens {n}")
+
+    def tokens(key):  # "token limit: 24 tokens, 3.1 tok/s" -> 24
+        return int(text(f"{key}-status").split(":")[1].split()[0])
+
     _wait(lambda: d.find_elements(By.CSS_SELECTOR, "#question textarea"), what="the page")
+    d.find_element(By.XPATH, "//*[contains(@class, 'label-wrap') and contains(., 'Sampling')]").click()
+    max_new(SHORT)
     el("#question textarea").send_keys("Quanto fa 23 più 19?")
     language = el("#language input")
     language.send_keys(Keys.CONTROL, "a")
@@ -313,7 +327,7 @@ def test_the_page_answers_in_two_columns_and_reports_bad_input(server, browser):
     for key in ("base", "tuned"):  # both columns fill, the base first
         _wait(lambda k=key: any(s in text(f"{k}-status") for s in finished), what=f"the {key} column")
         assert box(f"{key}-final") or box(f"{key}-analysis")
-        assert "tok/s" in text(f"{key}-status")
+        assert "tok/s" in text(f"{key}-status") and 0 < tokens(key) <= SHORT  # the page's token limit holds
     assert box("base-final") != box("tuned-final")  # the adapter changes the reply
     d.find_element(By.XPATH, "//button[@role='tab' and contains(., 'Harmony')]").click()
     _wait(lambda: "reasoning language: Dutch" in box("rendered"), what="the rendered prompt")
@@ -331,6 +345,7 @@ def test_the_page_answers_in_two_columns_and_reports_bad_input(server, browser):
     assert "Traceback" not in log.read_text()
 
     # a stopped generation: the page goes on and the next question is answered
+    max_new(256)  # long enough to be stopped while it runs
     el("#question textarea").send_keys("What is 2 plus 2?")
     el("#ask").click()
     _wait(lambda: "generating" in text("base-status"), 60, "the generation to start")
@@ -338,6 +353,7 @@ def test_the_page_answers_in_two_columns_and_reports_bad_input(server, browser):
     el("#stop").click()
     _wait(lambda: "stopped" in text("base-status") and "stopped" in text("tuned-status"), 60, "the stopped state")
     _wait(lambda: el("#ask").is_enabled(), 30, "the Ask button back")
+    max_new(SHORT)
     el("#ask").click()
     _wait(
         lambda: any(s in text("tuned-status") for s in finished),
