@@ -1,7 +1,7 @@
 """Compile gate: every Triton kernel of gptoss.kernels, compiled for the H100 (sm_90a) and Blackwell
 (sm_100a) on a machine without a GPU, the way a real launch would compile it.
 
-    python tests/compile_gate.py [--targets 90,100] [--jobs 2] [--json results.json]
+    python tests/compile_gate.py [--targets 90,100] [--jobs 2] [--json results.json] [--only P | --skip P]
 
 How: the kernels' own launchers run at the gpt-oss-20b and -120b shapes (decode: 1 token; prefill:
 4096), in bf16 and fp32, forward and backward, on `meta` tensors (shapes and dtypes, no memory);
@@ -514,8 +514,11 @@ def _cache_file() -> Path:
     return root / "compile_gate.json"
 
 
-def run_gate(targets=(90, 100), jobs: int = 2, only: tuple[str, ...] = ()) -> tuple[list[dict], list[str]]:
-    """Compile every variant (only: just the kernels whose names start so); returns (rows, problems)."""
+def run_gate(
+    targets=(90, 100), jobs: int = 2, only: tuple[str, ...] = (), skip: tuple[str, ...] = ()
+) -> tuple[list[dict], list[str]]:
+    """Compile every variant (only: just the kernels whose names start so; skip: all but those); returns
+    (rows, problems)."""
     global _VARIANTS
     found = discover()
     launches = run_workloads()
@@ -528,11 +531,11 @@ def run_gate(targets=(90, 100), jobs: int = 2, only: tuple[str, ...] = ()) -> tu
     for target in targets:
         for launch in launches:
             for variant in expand(launch, target):
-                if only and not variant.name.startswith(only):
+                if (only and not variant.name.startswith(only)) or (skip and variant.name.startswith(skip)):
                     continue
                 unique.setdefault(variant.key, variant)
                 labels.setdefault(variant.key, []).append(dict(variant.label, grid=variant.grid))
-    if not only:  # a part of the kernels leaves the others' tiles unreached
+    if not only and not skip:  # a part of the kernels leaves the others' tiles unreached
         problems += unreached_tiles(unique.values(), targets)
     cache_path = _cache_file()
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
@@ -727,16 +730,26 @@ def main(argv=None) -> int:
         help="compile just the kernels whose names start with one of these comma-separated prefixes "
         "(e.g. _decode_); the check that every autotune tile is reached is then skipped",
     )
+    parser.add_argument(
+        "--skip",
+        type=_prefixes,
+        default=(),
+        help="leave out the kernels whose names start with one of these comma-separated prefixes "
+        "(e.g. _moe_); the check that every autotune tile is reached is then skipped",
+    )
     args = parser.parse_args(argv)
     names = [name.split(".", 1)[1] for name in discover()]
-    if args.only and not any(name.startswith(args.only) for name in names):
-        parser.error(f"--only {','.join(args.only)}: matches no kernel of gptoss.kernels (e.g. {names[0]})")
+    for flag, prefixes in (("--only", args.only), ("--skip", args.skip)):
+        if prefixes and not any(name.startswith(prefixes) for name in names):
+            parser.error(f"{flag} {','.join(prefixes)}: matches no kernel of gptoss.kernels (e.g. {names[0]})")
+    if args.only and args.skip and all(name.startswith(args.skip) for name in names if name.startswith(args.only)):
+        parser.error(f"--only {','.join(args.only)} --skip {','.join(args.skip)}: leaves no kernel to compile")
     if args.json is not None and (args.json.is_dir() or not args.json.parent.is_dir()):
         parser.error(
             f"--json {args.json}: give a file path in an existing folder (checked before the ~minutes of compiling)"
         )
     start = time.perf_counter()
-    rows, problems = run_gate(args.targets, args.jobs, args.only)
+    rows, problems = run_gate(args.targets, args.jobs, args.only, args.skip)
     print(table(rows))
     print("\n" + decode_table(rows))
     print(

@@ -1,7 +1,13 @@
-"""The compile gate (tests/compile_gate.py) in the suite: every Triton kernel compiles for sm_90a and
-sm_100a without a GPU, no bf16 variant spills, shared memory fits, and the decode configurations of
-the grouped MXFP4 matmul meet the static bandwidth goal. It runs in a subprocess because the rest of
-the suite imports the kernels under TRITON_INTERPRET=1, where @triton.jit compiles nothing."""
+"""The compile gate (tests/compile_gate.py) in the suite: every Triton kernel compiles without a GPU, no
+bf16 variant spills, shared memory fits, and the decode configurations of the grouped MXFP4 matmul meet
+the static bandwidth goal. It runs in a subprocess because the rest of the suite imports the kernels under
+TRITON_INTERPRET=1, where @triton.jit compiles nothing.
+
+What the suite compiles: every kernel, mode, dtype and autotune tile for sm_90a (the H100 and H200 this
+project runs on), on the newest Triton and on the one the GPU machines' PyTorch ships; for sm_100a
+(Blackwell), every kernel but the grouped MoE matmuls' autotune sweep, on the newest. That sweep for
+sm_100a (about 100 variants, 45% of the gate's compile time: the suite is held to 10 minutes on two
+cores) is in `make gate`, which compiles everything for both targets."""
 
 import json
 import math
@@ -74,17 +80,25 @@ def compiling(*args: str, path: Path | None = None) -> subprocess.CompletedProce
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env)
 
 
+SUITE_RUNS = (("--targets", "90"), ("--targets", "100", "--skip", "_moe_"))  # the module docstring says why
+
+
 @pytest.fixture(scope="module")
 def gate(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gate") / "rows.json"
-    done = compiling(str(GATE), "--json", str(out))
-    print(done.stdout)  # the table, shown with pytest -s
-    return done, json.loads(out.read_text()) if out.exists() else []
+    runs, rows = [], []
+    for i, flags in enumerate(SUITE_RUNS):
+        out = tmp_path_factory.mktemp("gate") / f"rows-{i}.json"
+        done = compiling(str(GATE), *flags, "--json", str(out))
+        print(done.stdout)  # the table, shown with pytest -s
+        runs.append(done)
+        rows += json.loads(out.read_text()) if out.exists() else []
+    return runs, rows
 
 
 def test_every_kernel_compiles_without_spills(gate):
-    done, rows = gate
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    runs, rows = gate
+    for done in runs:
+        assert done.returncode == 0, done.args[2:] + [done.stdout[-3000:] + done.stderr[-3000:]]
     assert rows and all("error" not in row for row in rows)
     kernels = {row["kernel"] for row in rows}
     assert set(MOE_KERNELS) | {"_mxfp4_dequant_fwd_kernel", "_topk_softmax_fwd_kernel"} <= kernels
@@ -96,6 +110,8 @@ def test_every_kernel_compiles_without_spills(gate):
         "_attn_decode_merge_kernel",
     } <= kernels
     assert {row["target"] for row in rows} == {"sm_90a", "sm_100a"}
+    on_blackwell = {row["kernel"] for row in rows if row["target"] == "sm_100a"}
+    assert not on_blackwell & set(MOE_KERNELS) and on_blackwell >= {"_attn_fwd_kernel", "_decode_down_kernel"}
 
 
 def test_inference_launches_the_tiles_training_compiles(gate):
@@ -208,6 +224,11 @@ HOSTILE_ARGS = [
     (["--only", "_decode_,"], "kernel-name prefixes such as _decode_"),
     (["--only", "no_such_kernel"], "matches no kernel of gptoss.kernels"),
     (["--only"], "expected one argument"),
+    (["--skip", ""], "kernel-name prefixes such as _decode_"),
+    (["--skip", ",_moe_"], "kernel-name prefixes such as _decode_"),
+    (["--skip", "no_such_kernel"], "--skip no_such_kernel: matches no kernel"),
+    (["--skip"], "expected one argument"),
+    (["--only", "_moe_", "--skip", "_moe"], "leaves no kernel to compile"),
 ]
 
 
