@@ -154,20 +154,84 @@ def test_fa2_baseline_is_attention_without_sinks_in_the_kernel_layout():
     assert torch.allclose(got, want, atol=1e-5)
 
 
-@pytest.mark.parametrize("value", ["0", "-5", "100001", "abc", ""])
-def test_e2e_prompt_tokens_refuses_nonsense(value):
-    done = subprocess.run(
-        [sys.executable, str(BENCH / "bench_e2e.py"), "--prompt-tokens", value], capture_output=True, text=True
-    )
-    assert done.returncode == 2 and "--prompt-tokens" in done.stderr
+# Every refusal of a bad flag, as (script, flags, what its one line must say): all rows run in one process
+# (`refusals`), each as `python benchmarks/<script> <flags>` would, where a process a row cost ~3 s of
+# importing torch.
+REFUSALS = [
+    *(("bench_e2e.py", ["--prompt-tokens", v], "--prompt-tokens") for v in ["0", "-5", "100001", "abc", ""]),
+    *(("bench_e2e.py", ["--impls", v], "--impls") for v in ["", "gptoss-gpu", "gptoss-cpu,"]),
+    ("bench_e2e.py", ["--configs", ""], "--configs is empty"),
+    ("bench_e2e.py", ["--configs", "tiny,huge"], "unknown preset 'huge' in --configs"),
+    ("bench_e2e.py", ["--impls", "gptoss-triton"], "measures nothing on this cpu"),
+    ("bench_e2e.py", ["--impls", ""], "--impls takes a comma-separated list"),
+    ("bench_e2e.py", ["--prompt-tokens", "0"], "--prompt-tokens must be between 1 and 100000"),
+    ("bench_moe.py", ["--presets", "gpt-oss-7b"], "unknown preset 'gpt-oss-7b' in --presets"),
+    ("bench_train.py", ["--config", "tiny", "--steps", "0"], "--steps must be a positive whole number, found 0"),
+    ("bench_train.py", ["--config", "tiny", "--seq", "-5"], "--seq must be a positive whole number, found -5"),
+    (
+        "bench_train.py",
+        ["--config", "tiny", "--peak-tflops", "nan"],
+        "--peak-tflops must be a positive number, found nan",
+    ),
+    (
+        "bench_train.py",
+        ["--config", "tiny", "--peak-tflops", "0"],
+        "--peak-tflops must be a positive number, found 0.0",
+    ),
+    ("bench_train.py", ["--config", "gpt-oss-7b"], "unknown preset 'gpt-oss-7b'"),
+    ("bench_train.py", ["--config", "tiny", "--compare", "huge"], "unknown preset 'huge'"),
+    ("bench_train.py", ["--config", "tiny", "--steps", "two"], "invalid int value: 'two'"),
+    ("bench_train.py", ["--config", "tiny", "--seq", "99999999"], "the bundled rows hold"),
+]
+
+# Runs each row as the script's __main__ with its argv, stdout and stderr captured; an exception that
+# escapes is printed as Python would print it (so "Traceback" in a row's stderr means one escaped).
+_DRIVER = r"""
+import contextlib, io, json, os, runpy, sys, traceback
+bench, rows = sys.argv[1], json.loads(sys.argv[2])
+sys.path.insert(0, bench)
+results = []
+for script, flags, folder in rows:
+    os.environ["GPTOSS_RESULTS_DIR"] = folder
+    sys.argv = [script, *flags]
+    err, out, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        try:
+            runpy.run_path(os.path.join(bench, script), run_name="__main__")
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else 0 if exit.code is None else 1
+            if isinstance(exit.code, str):
+                print(exit.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    results.append([code, err.getvalue(), out.getvalue()])
+print(json.dumps(results))
+"""
 
 
-@pytest.mark.parametrize("value", ["", "gptoss-gpu", "gptoss-cpu,"])
-def test_e2e_impls_refuses_unknown_names(value):
+@pytest.fixture(scope="module")
+def refusals(tmp_path_factory):
+    """Row index -> (exit code, stderr, stdout, the files the row wrote to its own results folder)."""
+    folders = [tmp_path_factory.mktemp(f"refusal{i}") for i in range(len(REFUSALS))]
+    rows = [[script, flags, str(folder)] for (script, flags, _), folder in zip(REFUSALS, folders)]
     done = subprocess.run(
-        [sys.executable, str(BENCH / "bench_e2e.py"), "--impls", value], capture_output=True, text=True
+        [sys.executable, "-c", _DRIVER, str(BENCH), json.dumps(rows)], capture_output=True, text=True, timeout=600
     )
-    assert done.returncode == 2 and "--impls" in done.stderr
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    return [(*result, list(folder.iterdir())) for result, folder in zip(results, folders)]
+
+
+@pytest.mark.parametrize("i", range(len(REFUSALS)), ids=[f"{s}:{' '.join(f)}" for s, f, _ in REFUSALS])
+def test_benchmark_flags_are_refused_in_one_line_before_any_work(i, refusals):
+    expected = REFUSALS[i][2]
+    code, err, out, written = refusals[i]
+    if REFUSALS[i][0] == "bench_train.py":  # its own checks may say so on stdout, exit 1
+        assert code != 0 and expected in err + out, (code, err[-1000:], out[-1000:])
+    else:  # argparse's exit: the usage and one line of error, on stderr
+        assert code == 2 and expected in err, (code, err[-1000:])
+    assert "Traceback" not in err and not written, err[-1000:]  # nothing measured, nothing written
 
 
 def _bench_train(tmp_path, *flags):
@@ -209,45 +273,6 @@ def test_the_step_flop_count_is_the_analysis_count():
     )
     assert tf["unembedding"] == pytest.approx(4.74, abs=0.01) and tf["attention_core"] == pytest.approx(2.1, abs=0.05)
     assert tf["total"] == pytest.approx(44.1, abs=0.1)
-
-
-@pytest.mark.parametrize(
-    "flags, expected",
-    [
-        (["--config", "tiny", "--steps", "0"], "--steps must be a positive whole number, found 0"),
-        (["--config", "tiny", "--seq", "-5"], "--seq must be a positive whole number, found -5"),
-        (["--config", "tiny", "--peak-tflops", "nan"], "--peak-tflops must be a positive number, found nan"),
-        (["--config", "tiny", "--peak-tflops", "0"], "--peak-tflops must be a positive number, found 0.0"),
-        (["--config", "gpt-oss-7b"], "unknown preset 'gpt-oss-7b'"),
-        (["--config", "tiny", "--compare", "huge"], "unknown preset 'huge'"),
-        (["--config", "tiny", "--steps", "two"], "invalid int value: 'two'"),
-        (["--config", "tiny", "--seq", "99999999"], "the bundled rows hold"),
-    ],
-)
-def test_bench_train_refuses_bad_flags_in_one_line(flags, expected, tmp_path):
-    out = _bench_train(tmp_path, *flags)
-    assert out.returncode != 0 and expected in out.stderr + out.stdout
-    assert "Traceback" not in out.stderr
-
-
-@pytest.mark.parametrize(
-    "script, flags, expected",
-    [
-        ("bench_e2e.py", ["--configs", ""], "--configs is empty"),
-        ("bench_e2e.py", ["--configs", "tiny,huge"], "unknown preset 'huge' in --configs"),
-        ("bench_e2e.py", ["--impls", "gptoss-triton"], "measures nothing on this cpu"),
-        ("bench_e2e.py", ["--impls", ""], "--impls takes a comma-separated list"),
-        ("bench_e2e.py", ["--prompt-tokens", "0"], "--prompt-tokens must be between 1 and 100000"),
-        ("bench_moe.py", ["--presets", "gpt-oss-7b"], "unknown preset 'gpt-oss-7b' in --presets"),
-    ],
-)
-def test_benchmark_flags_are_refused_in_one_line_before_any_work(script, flags, expected, tmp_path):
-    env = dict(os.environ, GPTOSS_RESULTS_DIR=str(tmp_path))
-    done = subprocess.run(
-        [sys.executable, str(BENCH / script), *flags], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert done.returncode == 2 and expected in done.stderr, done.stderr[-1000:]
-    assert "Traceback" not in done.stderr and not list(tmp_path.iterdir())  # nothing measured, nothing written
 
 
 def test_e2e_counts_the_kernels_of_a_decode_step():
