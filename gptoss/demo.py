@@ -161,7 +161,8 @@ def _demo_training(folder: Path, args: argparse.Namespace) -> int:
             lora_r=16,
             lora_alpha=32,
             lora_expert_layers=[],  # q/k/v/o only: following the instruction is a copy, attention's job
-            eval_every=max(1, steps_lora // 2),
+            eval_every=steps_lora if args.quick else max(1, steps_lora // 2),  # --quick: one evaluation,
+            eval_batches=1 if args.quick else 4,  # of one batch (it checks the machinery, shows nothing)
             save_every=10**9,
             gradient_checkpointing=False,
             report_prompts=7 if args.quick else 84,
