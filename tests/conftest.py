@@ -138,20 +138,3 @@ def package_dirs() -> dict[str, str]:
 
     pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
     return dict(tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-dir"])
-
-
-def pytest_collection_modifyitems(config, items):
-    """The order pytest-xdist hands files to its processes (`make test` passes --no-loadscope-reorder, so it
-    is this one): the compile gate's file first, as the longest (its compiles take a third of the suite),
-    so it starts at once and the other process works through the rest beside it; then the files with the
-    most tests, as xdist's own order would have it (which put the gate's 12 tests near the end, where the
-    run waited on it alone). The tests inside a file keep their order."""
-    counts: dict[str, int] = {}
-    for item in items:
-        counts[item.nodeid.split("::")[0]] = counts.get(item.nodeid.split("::")[0], 0) + 1
-
-    def rank(item):
-        file = item.nodeid.split("::")[0]
-        return (not file.endswith("test_compile_gate.py"), -counts[file], file)
-
-    items.sort(key=rank)  # stable: a file's tests stay in order
