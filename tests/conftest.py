@@ -3,7 +3,7 @@ from pathlib import Path
 
 # Under pytest-xdist each worker takes its share of the cores for PyTorch's (OpenMP) threads, and so do the
 # processes its tests start: two workers of two threads each on two cores spin against each other, which
-# cost a third of the suite's CPU time (measured on two cores: 450 -> 298 CPU-seconds on four files). A thread
+# cost a third of the suite's CPU time (measured on two cores: 450 -> 316 CPU-seconds on four files). A thread
 # count the caller set is left alone.
 _THREADS = None
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0) > 1 and "OMP_NUM_THREADS" not in os.environ:
@@ -33,33 +33,35 @@ def _patch_lang_once_per_launch() -> None:
     launch, and again at every call of a @triton.jit helper inside the kernel, in every program (measured:
     27.6 s -> 19.1 s for an interpreted training step with this hook). The helper's patch changes nothing:
     the launch's own patch is in place until the launch ends, and a member it replaced is no longer a
-    builtin to replace. So a helper's call whose
-    language modules the running launch already patched skips it; anything else goes to Triton's own code.
-    Where the interpreter's internals are not the ones this knows, nothing is changed."""
+    builtin to replace. So a helper's call whose language modules the running launch already patched
+    skips it; anything else goes to Triton's own code. Where the interpreter's internals are not the ones
+    this knows, nothing is changed."""
     from triton.runtime import interpreter
 
     original, scope_type = getattr(interpreter, "_patch_lang", None), getattr(interpreter, "_LangPatchScope", None)
     if original is None or scope_type is None or getattr(original, "_once_per_launch", False):
         return
     modules = (triton.language, triton.language.core)
-    running: list[set[int]] = []  # the modules patched since the launch in progress began (launches do not nest)
+    patched: set[int] | None = None  # the modules patched since the launch in progress began (launches do not nest)
     seen: dict[object, frozenset[int]] = {}  # a jit function -> the language modules its globals hold
 
     def patch_lang(fn):
+        nonlocal patched
         langs = seen.get(fn)
         if langs is None:
             langs = seen[fn] = frozenset(id(v) for v in fn.__globals__.values() if any(v is m for m in modules))
-        if running and langs and langs <= running[-1]:
+        if patched is not None and langs and langs <= patched:
             return scope_type()  # a helper inside the launch: already patched
         scope = original(fn)
-        if running:  # a helper that sees a module not yet patched (Triton's own tl.sum sees tl.core): patched
-            running[-1] |= langs  # as Triton does, never restored by Triton either
+        if patched is not None:  # a helper that sees a module not yet patched (Triton's own tl.sum sees tl.core):
+            patched |= langs  # patched as Triton does, and never restored by Triton either
             return scope
-        running.append(set(langs))
+        patched = set(langs)  # the launch itself
         restore = scope.restore
 
         def restore_and_end():
-            running.clear()
+            nonlocal patched
+            patched = None
             restore()
 
         scope.restore = restore_and_end
@@ -70,8 +72,6 @@ def _patch_lang_once_per_launch() -> None:
 
 
 if os.environ.get("TRITON_INTERPRET") == "1":
-    import triton  # noqa: E402
-
     _patch_lang_once_per_launch()
 
 from gptoss.config import ModelConfig  # noqa: E402
