@@ -47,6 +47,7 @@ from results import PeakRSS, machine, record, table
 from gptoss import get_preset, load_model
 from gptoss.adapter import apply_lora, default_expert_layers
 from gptoss.config import ModelConfig
+from gptoss.model import check_input_ids
 from gptoss.synthetic import cached_checkpoint
 from gptoss.train.data import collate, load_dataset
 from gptoss.train.loss import next_token_loss
@@ -227,13 +228,14 @@ def ours_real(name, ids, mask, device, dtype, steps_n, profile_step):
     model.train()
     model.gradient_checkpointing = True
     opt = torch.optim.AdamW(params, lr=1e-4)
-    ids, mask = ids.to(device), mask.to(device)
+    check_input_ids(ids, config)  # on the host, as the trainer's device_batch: the step never asks the device
     count = int(mask[:, 1:].sum())
+    ids, mask = ids.to(device), mask.to(device)
 
     def step():
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):  # as the trainer on a GPU
-            loss, n = next_token_loss(model, ids, mask, count)
+            loss, n = next_token_loss(model, ids, mask, count, check=False)
         (loss / n).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

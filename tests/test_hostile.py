@@ -595,9 +595,9 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(fx, tmp_path, capsys, monk
     calls = []
     real = trainer_module.next_token_loss
 
-    def poisoned(*args):
+    def poisoned(*args, **kwargs):
         calls.append(1)
-        loss, n = real(*args)
+        loss, n = real(*args, **kwargs)
         return (loss * float("nan") if len(calls) == 3 else loss), n
 
     monkeypatch.setattr(trainer_module, "next_token_loss", poisoned)

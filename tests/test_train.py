@@ -322,7 +322,7 @@ def test_a_known_target_count_picks_the_supervised_rows_without_asking_the_devic
             self.embed = torch.nn.Embedding(50, 16)
             self.lm_head = torch.nn.Linear(16, 50, bias=False)
 
-        def hidden(self, ids):
+        def hidden(self, ids, check=True):
             return self.embed(ids)
 
     model = Toy()
@@ -352,7 +352,7 @@ def test_auto_trains_in_bf16_on_a_gpu_and_fp32_on_the_cpu():
         train_dtype("fp16", torch.device("cpu"))
 
 
-def test_under_the_gpu_settings_every_kernel_and_matrix_product_takes_bf16_operands(tmp_path, monkeypatch):
+def test_under_the_gpu_settings_every_kernel_and_product_takes_bf16_and_nothing_asks_the_device(tmp_path, monkeypatch):
     # what `gptoss train` builds on a GPU with the default --dtype auto, run here on the interpreter: the
     # operand each kernel multiplies (MoE: x / act / grad / gh; attention: q, k, v, dO) is never fp32;
     # nor is any matrix product PyTorch runs, forward (under autocast, as the trainer's on CUDA: here the
@@ -360,13 +360,14 @@ def test_under_the_gpu_settings_every_kernel_and_matrix_product_takes_bf16_opera
     # fp32 product there is an fp32 GEMM on CUDA cores: the expert adapters' backward was, at E times
     # the rank-r work. Matrix-vector products are bandwidth-bound: left out.
     from conftest import small_config
+    from torch.overrides import TorchFunctionMode
     from triton.runtime.jit import KernelInterface
 
     from gptoss import load_model
     from gptoss.adapter import apply_lora
     from gptoss.launches import LaunchCounter, jit_function
-    from gptoss.train.loss import next_token_loss
-    from gptoss.train.trainer import train_dtype
+    from gptoss.train.data import Example
+    from gptoss.train.trainer import Objective, device_batch, train_dtype
 
     class Products(LaunchCounter):  # PyTorch's matrix products outside the Triton kernels, with dtypes
         def __init__(self):
@@ -404,12 +405,32 @@ def test_under_the_gpu_settings_every_kernel_and_matrix_product_takes_bf16_opera
     apply_lora(model, 4, 8, [1])  # q/k/v/o everywhere, the experts of layer 1
     model.gradient_checkpointing = True
     model.train()
-    ids = torch.randint(0, 300, (1, 12))
+    # a batch as the trainer makes it: checked and counted on the host, sent without a wait
+    generator = torch.Generator().manual_seed(0)
+    row = torch.randint(0, 300, (12,), generator=generator).tolist()
+    examples = [Example(row, [0] * 4 + [1] * 8, "German", 0), Example(row[::-1], [0] * 7 + [1] * 5, "German", 1)]
+    sent = []
+
+    class Copies(TorchFunctionMode):  # every copy device_batch makes: is it sent without waiting?
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.Tensor.to:
+                sent.append((kwargs or {}).get("non_blocking", False) or (len(args) > 2 and args[2] is True))
+            return func(*args, **(kwargs or {}))
+
+    with Copies():
+        ids, mask, count = device_batch(examples, model.config, torch.device("cpu"))
+    assert sent == [True, True] and count == 8 + 5
     with Products() as forward, torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, _ = next_token_loss(model, ids)
+        loss = Objective(model)(ids, mask, count)
     with Products() as backward:
         loss.backward()
     assert not forward.fp32 and not backward.fp32, (forward.fp32, backward.fp32)
+    # nothing in the step asks the device (on a GPU each of these waits for it): the ids were checked on
+    # the host; and the same ids, checked by the model, are read back from the device twice
+    assert not forward.syncs and not backward.syncs, (forward.syncs, backward.syncs)
+    with LaunchCounter() as checked, torch.no_grad():
+        model.hidden(ids)
+    assert checked.syncs == ["_local_scalar_dense"] * 2
     moe = {
         "_moe_gate_up_kernel.x_ptr",
         "_moe_down_kernel.act_ptr",
@@ -577,3 +598,20 @@ def test_the_train_flags_are_the_config_fields():
         from_flags(parser.parse_args(["train", "--model", "m", "--output", "o", "--eval-dataset", ""])).eval_dataset
         is None
     )
+
+
+def test_a_batch_is_checked_on_the_host_before_it_is_sent():
+    # the model skips its own check of the ids in a training step (it would read them back from the
+    # device): device_batch's check on the host is then the only one, and refuses ids out of the vocabulary
+    from conftest import small_config
+
+    from gptoss.train.data import Example
+    from gptoss.train.trainer import device_batch
+
+    config = small_config()
+    good = Example([1, 2, 3], [0, 1, 1], "German", 0)
+    ids, mask, count = device_batch([good], config, torch.device("cpu"))
+    assert ids.tolist() == [[1, 2, 3]] and count == 2
+    for bad in ([1, config.vocab_size, 3], [1, -1, 3]):
+        with pytest.raises(ValueError, match=r"token ids must lie in \[0, 300\)"):
+            device_batch([good, Example(bad, [0, 1, 1], "German", 1)], config, torch.device("cpu"))

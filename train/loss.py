@@ -37,7 +37,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             loss += (total.log() + top.squeeze(1) - picked).sum()
             if need_h or need_w:  # d loss / d logits = softmax - one-hot, in the same memory
                 grad = logits.div_(total.unsqueeze(1))
-                grad[torch.arange(grad.shape[0], device=grad.device), t_c] -= 1.0
+                grad.scatter_add_(1, t_c.unsqueeze(1), grad.new_full((grad.shape[0], 1), -1.0))  # one kernel
                 grad = grad.to(weight.dtype)
                 if need_h:
                     grad_h[start : start + chunk] = grad @ weight
@@ -72,7 +72,7 @@ def linear_cross_entropy(
 
 
 def next_token_loss(
-    model, ids: torch.Tensor, mask: torch.Tensor | None = None, count: int | None = None
+    model, ids: torch.Tensor, mask: torch.Tensor | None = None, count: int | None = None, check: bool = True
 ) -> tuple[torch.Tensor, int]:
     """The training objective in one place: position t predicts token t + 1; the loss is summed over
     the targets that `mask` [B, T] marks (mask[:, t + 1] for the prediction made at t; None: all of
@@ -81,8 +81,10 @@ def next_token_loss(
 
     `count`, the number of targets the mask marks, when the caller knows it (the trainer reads it off
     the rows on the host): the supervised positions are then picked without asking the device how many
-    there are, so a step on a GPU does not wait on the host."""
-    hidden = model.hidden(ids)[:, :-1]
+    there are, so a step on a GPU does not wait on the host. `check=False`: the ids were checked where
+    they were made (the trainer checks them on the host, gptoss.model.check_input_ids), so the model does
+    not read them back from the device, which would wait on it twice."""
+    hidden = model.hidden(ids, check=check)[:, :-1]
     target = ids[:, 1:]
     if mask is None:
         return linear_cross_entropy(

@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from gptoss.adapter import apply_lora, default_expert_layers, lora_parameters, replacing, save_adapter
 from gptoss.errors import UsageError
 from gptoss.load import load_model
+from gptoss.model import check_input_ids
 from gptoss.train.config import TrainConfig
 from gptoss.train.data import Example, collate, load_dataset
 from gptoss.train.loss import next_token_loss
@@ -151,14 +152,24 @@ class Objective(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, count: int | None = None) -> torch.Tensor:
-        return next_token_loss(self.model, ids, mask, count)[0]
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, count: int) -> torch.Tensor:
+        return next_token_loss(self.model, ids, mask, count, check=False)[0]  # ids checked by device_batch
+
+
+def device_batch(examples: list[Example], config, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A batch as a step takes it: (ids, mask) on the device and the number of targets. Everything that
+    reads the rows happens on the host, where collate makes them: the ids' check and the count; the model
+    and the loss then never ask the device (each .item() there waits for it), and the copies are sent
+    without waiting (a blocking copy to a GPU synchronises with it too)."""
+    ids, mask = collate(examples)
+    check_input_ids(ids, config)
+    return ids.to(device, non_blocking=True), mask.to(device, non_blocking=True), int(mask[:, 1:].sum())
 
 
 def sum_loss(model, examples: list[Example], device) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over the supervised tokens of a batch, and their count."""
-    ids, mask = collate(examples)
-    return next_token_loss(model, ids.to(device), mask.to(device), int(mask[:, 1:].sum()))  # counted on the host
+    ids, mask, count = device_batch(examples, model.config, device)
+    return next_token_loss(model, ids, mask, count, check=False)
 
 
 @torch.no_grad()
@@ -381,11 +392,10 @@ class Trainer:
         for i in starts:
             last = i == starts[-1]  # DDP all-reduces on the last accumulation step only
             quiet = self.objective.no_sync() if self.world > 1 and not last else contextlib.nullcontext()
-            ids, mask = collate(examples[i : i + cfg.batch_size])
+            ids, mask, count = device_batch(examples[i : i + cfg.batch_size], self.model.config, self.device)
             with quiet:
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-                    # the targets counted on the host, where the mask is built: the device is not asked
-                    loss = self.objective(ids.to(self.device), mask.to(self.device), int(mask[:, 1:].sum()))
+                    loss = self.objective(ids, mask, count)
                 (loss * self.world / total_tokens).backward()  # DDP averages over the ranks: this makes the sum
             loss_sum += loss.detach().double()
         if self.world > 1:
