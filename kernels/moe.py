@@ -110,12 +110,18 @@ _BACKWARD = {
 }
 # By kernel (the names of KERNELS, below): the compile gate compiles every tile listed here.
 CONFIGS = {
-    "gate_up": _FORWARD,
+    # 256 token rows a tile, swapped: a decoded element serves twice the MACs of the 128-row tiles', so a
+    # trip's issue (252 SASS instructions a warp, 504 cycles for 8 warps) is half its wgmma (1,024 cycles)
+    # where the 128-row tile's is 0.92 of it; down's spills on sm_100a
+    "gate_up": {**_FORWARD, 256: [*_FORWARD[256], (256, 128, 64, 8, 2, 1)]},
     "down": {**_FORWARD, 16: [(16, 32, 128, 1, 3), (16, 64, 128, 2, 3)]},  # N = D: 2880 columns, not 5760
     "down_bwd": _BACKWARD,
     # 128 token rows a tile: twice the MACs a decoded element; swapped, down_bwd's spills on sm_100a with ADD
     "gate_up_bwd": {**_BACKWARD, 256: [*_BACKWARD[256], (128, 128, 64, 8, 2, 1)]},
 }
+# Tiles a kernel tries only without the LoRA update in its epilogue (ADD): with it they spill (Triton 3.6,
+# sm_90a: 8 bytes), and the adapted layers are a few of the model's.
+WITHOUT_ADD = {"gate_up": {(256, 128, 64, 8, 2, 1)}}
 FP32_CONFIGS = {16: [(16, 32, 64, 4, 2)], 64: [(32, 32, 64, 4, 2)], 256: [(64, 64, 32, 4, 2)]}  # parity runs
 INTERPRET_CONFIG = (16, 32, 64, 1, 1)
 
@@ -227,7 +233,8 @@ def _pruner(kernel: str):
         if INTERPRET:
             return [_config(*INTERPRET_CONFIG)]
         table = FP32_CONFIGS if kwargs["UPCAST"] else CONFIGS[kernel]
-        return [_config(*c) for c in table[named_args["ROWS"]]]
+        left_out = WITHOUT_ADD.get(kernel, set()) if kwargs["ADD"] else set()
+        return [_config(*c) for c in table[named_args["ROWS"]] if c not in left_out]
 
     return prune
 
@@ -522,8 +529,12 @@ def _moe_gate_up_kernel(
     # kept by a mask, not a branch (a branch made a swapped tile spill on sm_100a); the flag goes into a
     # vector first (the interpreter refuses a mask made with a scalar)
     keep = m_mask & (tl.full([BLOCK_M], save, tl.int32) != 0)
-    tl.store(h_ptr + m[:, None] * N + n[None, :], h.to(h_ptr.dtype.element_ty), mask=keep[:, None] & n_mask[None, :])
-    g, lin = tl.split(tl.reshape(h, (BLOCK_M, BLOCK_N // 2, 2)))  # columns 2j, 2j+1: gate and linear of act j
+    # h rounded to the activations' dtype before the SwiGLU, as it is kept: the act made here is then the
+    # one the backward makes again from the kept h (down_bwd's epilogue) and differentiates; and a rounded
+    # h takes half the registers of an fp32 one (the 256-row swapped tile spilled 48 bytes with it in fp32)
+    h = h.to(h_ptr.dtype.element_ty)
+    tl.store(h_ptr + m[:, None] * N + n[None, :], h, mask=keep[:, None] & n_mask[None, :])
+    g, lin = tl.split(tl.reshape(h.to(tl.float32), (BLOCK_M, BLOCK_N // 2, 2)))  # columns 2j, 2j+1: gate, linear
     j = n0 // 2 + tl.arange(0, BLOCK_N // 2)
     act = _swiglu(g, lin, alpha, limit)
     tl.store(
@@ -633,7 +644,7 @@ def _moe_down_bwd_kernel(
     gh = tl.reshape(tl.join(d_gate, d_lin), (BLOCK_M, 2 * BLOCK_N))
     tl.store(gh_ptr + m[:, None] * (2 * N) + j[None, :], gh.to(gh_ptr.dtype.element_ty), mask=hj_mask)
     # the routing weight's gradient through the frozen product, d loss / d w = grad_out . (act W2^T), as
-    # sum_n acc[m, n] act[n]: act made again from h as the forward stored it (rounded to h's dtype); the
+    # sum_n acc[m, n] act[n]: act made again as the forward made it, from the kept h (in h's dtype); the
     # columns past N have h = 0, so act = 0 there. One partial sum per column tile (no atomics: the
     # autotuner may run a launch more than once), summed by moe_down_bwd.
     act = _swiglu(g, lin, alpha, limit).to(h_ptr.dtype.element_ty).to(tl.float32)

@@ -373,6 +373,21 @@ def test_a_pinned_swapped_tile_swaps_every_kernel(monkeypatch):
     assert moe_kernel.tile_of(config) == (64, 128, 64, 8, 3) and "SWAP" not in config.kwargs
 
 
+def test_a_tile_left_out_with_the_update_is_tried_only_without_it(monkeypatch):
+    # WITHOUT_ADD: tiles that spill with the LoRA update in the epilogue are tried by the other launches
+    # only (the compile gate compiles what this pruner lets through, so a leak there fails the gate too)
+    monkeypatch.setattr(moe_kernel, "INTERPRET", False)  # the table a GPU launch prunes, not the interpreter's
+    assert moe_kernel.WITHOUT_ADD
+    for kernel, tiles in moe_kernel.WITHOUT_ADD.items():
+        prune = moe_kernel._pruner(kernel)
+        for rows, table in moe_kernel.CONFIGS[kernel].items():
+            plain = [moe_kernel.tile_of(c) for c in prune([], {"ROWS": rows}, UPCAST=False, ADD=False)]
+            added = [moe_kernel.tile_of(c) for c in prune([], {"ROWS": rows}, UPCAST=False, ADD=True)]
+            assert plain == [tuple(t) for t in table], (kernel, rows)
+            assert added == [t for t in plain if t not in tiles], (kernel, rows)
+        assert all(any(t in table for table in moe_kernel.CONFIGS[kernel].values()) for t in tiles), kernel
+
+
 def test_chosen_tiles_reports_each_launch_and_only_fresh_timings(monkeypatch):
     # what bench_moe records of the autotuners: the tile each kernel launched last, and the timings of
     # the tiles it compared only where that choice was made during the measured call
