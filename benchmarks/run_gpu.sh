@@ -66,8 +66,8 @@ else
 fi
 # decode at batch 1 and 8, each step one CUDA-graph replay: gpt-oss-20b and -120b, fused kernels and the plain path
 step bench_e2e 150 $PY benchmarks/bench_e2e.py --configs gpt-oss-20b,gpt-oss-120b --impls gptoss-triton,gptoss-triton-fused --random-weights
-# the MoE layer from 1 to 16,384 tokens (decode rows also graph-timed; the prefill bucket autotunes five
-# forward tiles), attention (its bf16 tiles and the earlier ones), the GPU tests, then the MoE layer forward and backward at prefill sizes
+# the MoE layer from 1 to 16,384 tokens (decode rows also graph-timed; the prefill bucket autotunes its
+# seven forward tiles, eight for gate_up), attention (its bf16 tiles and the earlier ones), the GPU tests, then the MoE layer forward and backward at prefill sizes
 step bench_moe 100 $PY benchmarks/bench_moe.py
 step bench_attention 60 $PY benchmarks/bench_attention.py
 step test_gpu 90 $PY -m pytest -q -rs tests/test_gpu.py

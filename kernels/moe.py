@@ -39,7 +39,10 @@ cdiv(P, BLOCK_M) + min(E, P) - 1 (ceil(a) + ceil(b) <= ceil(a + b) + 1, over the
 so at decode (P = 4, BLOCK_M = 16) all 4 row tiles do work. Each program finds its expert from the
 counts on the device (a search in chunks of 128 experts, no host synchronisation).
 Autotune key: N, K, the dtype path, ADD and ROWS, the mean rows per used expert in buckets (16: decode,
-64, 256: prefill); each kernel's bucket tries only its own tile shapes (CONFIGS, pruned by _pruner).
+64, 256, 1024: prefill); each kernel's bucket tries only its own tile shapes (CONFIGS, pruned by _pruner).
+A key is tuned once, at its first launch, so a bucket's sizes share one choice: 1024 (over 256 rows an
+expert: 20b prefills of 2,049+ tokens) keeps a long prefill from running what a 2,048-token training row
+chose, or what 1,024 tokens chose for 16,384.
 Reference: gptoss.model.experts_forward (the torch path), which the tests compare against.
 """
 
@@ -123,6 +126,8 @@ CONFIGS = {
 # sm_90a: 8 bytes), and the adapted layers are a few of the model's.
 WITHOUT_ADD = {"gate_up": {(256, 128, 64, 8, 2, 1)}}
 FP32_CONFIGS = {16: [(16, 32, 64, 4, 2)], 64: [(32, 32, 64, 4, 2)], 256: [(64, 64, 32, 4, 2)]}  # parity runs
+for _table in (*CONFIGS.values(), FP32_CONFIGS):  # over 256 rows an expert: the same tiles, tuned apart
+    _table[1024] = _table[256]
 INTERPRET_CONFIG = (16, 32, 64, 1, 1)
 
 
@@ -177,7 +182,7 @@ def expert_weights(experts) -> tuple[ExpertWeights, ExpertWeights]:
 def rows_bucket(pairs: int, experts: int) -> int:
     """Mean (token, slot) rows per used expert, rounded up to a bucket of CONFIGS."""
     rows = pairs / max(1, min(experts, pairs))
-    return 16 if rows <= 16 else 64 if rows <= 64 else 256
+    return 16 if rows <= 16 else 64 if rows <= 64 else 256 if rows <= 256 else 1024
 
 
 def _config(m, n, k, warps, stages, swap=0) -> triton.Config:

@@ -340,6 +340,7 @@ def unreached_tiles(variants, targets) -> list[str]:
         wanted = {(False, tile) for tiles in moe.CONFIGS[name].values() for tile in tiles}
         wanted |= {(True, tile) for tiles in moe.FP32_CONFIGS.values() for tile in tiles}
         wanted = {(*w, add) for w in wanted for add in (False, True)}  # without and with the LoRA update
+        wanted -= {(False, tile, True) for tile in moe.WITHOUT_ADD.get(name, ())}  # tried only without it
         for target in targets:
             seen = {
                 (

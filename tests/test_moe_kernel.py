@@ -312,7 +312,7 @@ def test_grid_bound_covers_every_tile():
     g = torch.Generator().manual_seed(0)
     for _ in range(2000):
         E = int(torch.randint(1, 130, (), generator=g))
-        block = [16, 32, 64, 128][int(torch.randint(0, 4, (), generator=g))]
+        block = [16, 32, 64, 128, 256][int(torch.randint(0, 5, (), generator=g))]
         counts = torch.randint(0, 3 if _ % 2 else 300, (E,), generator=g)
         P = int(counts.sum())
         if P == 0:
@@ -320,7 +320,7 @@ def test_grid_bound_covers_every_tile():
         needed = int(((counts + block - 1) // block).sum())
         bound = -(-P // block) + min(E, P) - 1
         assert needed <= bound, (counts.tolist(), block)
-    assert moe_kernel.rows_bucket(4, 32) == 16 and moe_kernel.rows_bucket(4096 * 4, 32) == 256
+    assert moe_kernel.rows_bucket(4, 32) == 16 and moe_kernel.rows_bucket(4096 * 4, 32) == 1024
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -371,6 +371,18 @@ def test_a_pinned_swapped_tile_swaps_every_kernel(monkeypatch):
     monkeypatch.setenv("GPTOSS_MOE_CONFIG", "64,128,64,8,3,0")
     (config,) = moe_kernel._pruner("down_bwd")([], {}, UPCAST=False)
     assert moe_kernel.tile_of(config) == (64, 128, 64, 8, 3) and "SWAP" not in config.kwargs
+
+
+def test_a_long_prefill_is_tuned_apart_from_a_training_row():
+    # a key is tuned at its first launch: the 20b row of 2,048 tokens (256 pairs an expert) and longer
+    # prefills fall in buckets of their own, with the same tiles to choose from
+    rows = [moe_kernel.rows_bucket(pairs, 32) for pairs in (4, 64, 512, 2048, 8192, 8196, 16384, 65536)]
+    assert rows == [16, 16, 16, 64, 256, 1024, 1024, 1024]
+    assert moe_kernel.rows_bucket(4 * 2048, 128) == 64  # 120b's 128 experts: 64 pairs each
+    for table in (*moe_kernel.CONFIGS.values(), moe_kernel.FP32_CONFIGS):
+        assert sorted(table) == [16, 64, 256, 1024] and table[1024] == table[256]
+    for kernel in moe_kernel.KERNELS.values():
+        assert "ROWS" in kernel.keys
 
 
 def test_a_tile_left_out_with_the_update_is_tried_only_without_it(monkeypatch):
