@@ -10,7 +10,8 @@ device (gptoss.synthetic.random_model: random MXFP4 experts, no checkpoint on di
 `--seq` tokens (default 2048) packed from the bundled Harmony rows (loss on their assistant tokens),
 LoRA r 8 / alpha 16 on q/k/v/o and the experts of the default layers (7, 15, 23 of 24), per-layer
 activation checkpointing, AdamW, bf16 weights on a GPU (the trainer's `--dtype auto`). Reported per
-config: step time (median of `--steps` after a warm-up), tokens/s, model FLOPs and MFU against
+config: step time (median of `--steps` after a warm-up), the warm-up step itself (`first_step_s`:
+where a GPU compiles and autotunes the kernels), tokens/s, model FLOPs and MFU against
 `--peak-tflops`, peak memory (allocated and reserved) beside the memory model's estimate, and a
 torch.profiler table of one step's top kernels; then the same step with transformers + PEFT for the
 configs in `--compare` (the recipe's way: experts dequantized to dense bf16, eager attention, gradient
@@ -61,8 +62,14 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def steps(step_fn, device: str, n=5) -> float:
-    step_fn()  # warm-up (on a GPU: the kernels' autotuning and compilation)
+def steps(step_fn, device: str, n=5) -> tuple[float, float]:
+    """(the median of n timed steps, the first step): the first, untimed in the median, is where a GPU
+    compiles and autotunes the kernels."""
+    _sync(device)
+    start = time.perf_counter()
+    step_fn()
+    _sync(device)
+    first = time.perf_counter() - start
     times = []
     for _ in range(n):
         _sync(device)
@@ -70,7 +77,7 @@ def steps(step_fn, device: str, n=5) -> float:
         step_fn()
         _sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times), first
 
 
 def _gpu_peak(device: str) -> dict:
@@ -108,7 +115,7 @@ def ours(folder, batch, layers, dtype, device):
                 (loss / n).backward()
             opt.step()
 
-        step_s = steps(step, device)
+        step_s, _ = steps(step, device)
     return {"step_s": step_s, "peak_rss_gb": mem.gb, **_gpu_peak(device), "trainable": sum(p.numel() for p in params)}
 
 
@@ -139,7 +146,7 @@ def theirs(folder, batch, layers, dtype, device):
             model(input_ids=ids, labels=labels).loss.backward()
             opt.step()
 
-        step_s = steps(step, device)
+        step_s, _ = steps(step, device)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"step_s": step_s, "peak_rss_gb": mem.gb, **_gpu_peak(device), "trainable": trainable}
 
@@ -240,8 +247,14 @@ def ours_real(name, ids, mask, device, dtype, steps_n, profile_step):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
 
-    step_s = steps(step, device, steps_n)
-    result = {"step_s": step_s, "build_s": build_s, **_gpu_peak(device), "backend": model.backend}
+    step_s, first_s = steps(step, device, steps_n)
+    result = {
+        "step_s": step_s,
+        "first_step_s": first_s,
+        "build_s": build_s,
+        **_gpu_peak(device),
+        "backend": model.backend,
+    }
     if model.backend == "triton":  # the MoE tiles the autotuners chose, at each kernel's last launch in a step
         from gptoss.kernels.moe import chosen_tiles
 
@@ -289,12 +302,13 @@ def theirs_real(name, ids, mask, device, dtype, steps_n):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
 
-    step_s = steps(step, device, steps_n)
+    step_s, first_s = steps(step, device, steps_n)
     base = model.get_base_model().config
     attention = getattr(base, "_attn_implementation", None) or "default"
     experts = getattr(base, "_experts_implementation", None) or "default"
     result = {
         "step_s": step_s,
+        "first_step_s": first_s,
         "build_s": build_s,
         **_gpu_peak(device),
         "backend": f"{attention} attention, {experts} experts",
@@ -357,7 +371,18 @@ def real_size(args) -> None:
                 if "peak_gpu_gb" in row:
                     row["peak_gpu_gib"] = row["peak_gpu_gb"] * 1e9 / 2**30
             rows.append(row)
-    cols = ["impl", "config", "device", "tokens", "step_tflop", "step_s", "tokens_per_s", "mfu", "build_s"]
+    cols = [
+        "impl",
+        "config",
+        "device",
+        "tokens",
+        "step_tflop",
+        "step_s",
+        "tokens_per_s",
+        "mfu",
+        "first_step_s",
+        "build_s",
+    ]
     if device == "cuda":
         cols += ["peak_gpu_gib", "reserved_gpu_gib", "predicted_peak_gb"]
     print(table(rows, cols))

@@ -57,7 +57,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME
 # the recipe's LoRA step at real size (gpt-oss-20b against transformers + PEFT, gpt-oss-120b alone); it
 # renders Harmony rows: it needs openai-harmony and the o200k_base vocabulary (see README)
 if harmony=$($PY -c "from gptoss.harmony import get_encoding; get_encoding()" 2>&1); then
-    # 240 s: its first step autotunes every MoE tile of the prefill buckets (swapped and not) on the device
+    # 240 s: its first step autotunes every MoE tile of the prefill buckets (swapped and not) on the device,
+    # each new key's tiles compiled first, side by side (gptoss.kernels.moe.compile_tiles); first_step_s says
+    # what that step took
     step bench_train 240 $PY benchmarks/bench_train.py --config gpt-oss-20b,gpt-oss-120b --compare gpt-oss-20b
 else
     echo "== bench_train skipped: Harmony is not usable here: ${harmony##*$'\n'}"

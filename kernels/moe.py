@@ -42,7 +42,9 @@ Autotune key: N, K, the dtype path, ADD and ROWS, the mean rows per used expert 
 64, 256, 1024: prefill); each kernel's bucket tries only its own tile shapes (CONFIGS, pruned by _pruner).
 A key is tuned once, at its first launch, so a bucket's sizes share one choice: 1024 (over 256 rows an
 expert: 20b prefills of 2,049+ tokens) keeps a long prefill from running what a 2,048-token training row
-chose, or what 1,024 tokens chose for 16,384.
+chose, or what 1,024 tokens chose for 16,384. On a GPU, the tiles a new key will time are compiled
+before it times them, side by side on the CPU's cores (compile_tiles); Triton's own loop compiles each
+as it reaches it.
 Reference: gptoss.model.experts_forward (the torch path), which the tests compare against.
 """
 
@@ -760,6 +762,50 @@ def chosen_tiles(since: dict[str, int] | None = None) -> dict[str, dict]:
 # --- launchers --------------------------------------------------------------------------------------------
 
 
+def _tuning_key(tuner, args: tuple, kwargs: dict) -> tuple:
+    """The key under which Triton's Autotuner files its choice for a launch: the key arguments' values, then
+    every tensor argument's dtype (Autotuner.run's own rule, the same in Triton 3.6 and 3.9)."""
+    named = {k: v for k, v in {**dict(zip(tuner.arg_names, args)), **kwargs}.items() if k in tuner.arg_names}
+    return tuple(
+        [named[k] for k in tuner.keys if k in named] + [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
+    )
+
+
+def compile_tiles(tuner, grid, args: tuple, kwargs: dict, workers: int | None = None) -> int:
+    """Compiles every tile the autotuner `tuner` will time for this launch, `workers` at a time (default:
+    one a CPU core), and returns how many it compiled. Its own loop compiles each tile as it times it,
+    one after another (2-3 s each for sm_90a on two CPU cores), and the recipe's first step meets 43
+    of them for gpt-oss-20b (28 for 120b). Triton's compiler spends most of that outside the GIL (in ptxas), so threads run side by side; each
+    compiled kernel lands in the JIT's cache under the key the timing run looks up. A tile that fails
+    to compile here is left for the autotuner, which meets the failure as it would have."""
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode  # Triton >= 3.5
+    except ImportError:
+        return 0
+    from concurrent.futures import ThreadPoolExecutor
+
+    tuner.nargs = dict(zip(tuner.arg_names, args))
+    try:
+        configs = tuner.prune_configs(dict(kwargs))
+    finally:
+        tuner.nargs = None
+    workers = min(len(configs), workers or len(os.sched_getaffinity(0)))
+    if len(configs) < 2 or workers < 2:
+        return 0
+    with ThreadPoolExecutor(workers) as pool, AsyncCompileMode(pool, ignore_errors=True):
+        for config in configs:  # as Autotuner._bench runs a config: the launch's kwargs, then the config's
+            tuner.fn.warmup(*args, grid=grid, **dict(kwargs, **config.all_kwargs()))
+    return len(configs)
+
+
+def _launch(tuner, grid, *args, **kwargs) -> None:
+    """tuner[grid](*args, **kwargs); on a GPU, at a key its autotuner has not met, the tiles it will time
+    are compiled first, side by side (compile_tiles)."""
+    if args[0].is_cuda and _tuning_key(tuner, args, kwargs) not in tuner.cache:
+        compile_tiles(tuner, grid, args, kwargs)
+    tuner[grid](*args, **kwargs)
+
+
 def _grid(P: int, E: int, N: int):
     """(G, column tiles, groups): the row tiles' upper bound in groups of G = GROUP_ROWS, rounded up to
     whole groups (_program_tile). At decode's rows per expert (the 16 bucket) one group of all of them: the
@@ -804,7 +850,9 @@ def moe_gate_up_fwd(
     act = torch.empty(P, I2 // 2, dtype=x.dtype, device=x.device)
     h = torch.empty(P, I2, dtype=x.dtype, device=x.device) if save else None
     if P:
-        _moe_gate_up_kernel[_grid(P, w1.experts, I2)](
+        _launch(
+            _moe_gate_up_kernel,
+            _grid(P, w1.experts, I2),
             x.contiguous(),
             w1.blocks,
             w1.scales,
@@ -843,7 +891,9 @@ def moe_down_fwd(
     _check_add(add, P, D)
     out = torch.empty(P, D, dtype=torch.float32, device=act.device)
     if P:
-        _moe_down_kernel[_grid(P, w2.experts, D)](
+        _launch(
+            _moe_down_kernel,
+            _grid(P, w2.experts, D),
             act.contiguous(),
             w2.blocks,
             w2.scales,
@@ -884,7 +934,9 @@ def moe_down_bwd(
     # a column per 32 columns of act, the narrowest tile: a launch fills cdiv(I, BLOCK_N) of them
     partial = torch.zeros(P, triton.cdiv(I, 32), dtype=torch.float32, device=h.device)
     if P:
-        _moe_down_bwd_kernel[_grid(P, w2.experts, I)](
+        _launch(
+            _moe_down_bwd_kernel,
+            _grid(P, w2.experts, I),
             grad_out.contiguous(),
             w2.blocks,
             w2.scales,
@@ -918,7 +970,9 @@ def moe_gate_up_bwd(
     _check_add(add, P, D)
     gx = torch.empty(P, D, dtype=torch.float32, device=gh.device)
     if P:
-        _moe_gate_up_bwd_kernel[_grid(P, w1.experts, D)](
+        _launch(
+            _moe_gate_up_bwd_kernel,
+            _grid(P, w1.experts, D),
             gh.contiguous(),
             w1.blocks,
             w1.scales,

@@ -424,3 +424,82 @@ def _meet_the_static_goals(rows):
         assert r["serial"] <= 3000, (name, r)
         assert r["per_element"] <= 3, (name, r)
         assert r["loop_loads_waited"] == 0, (name, r)
+
+
+# A launch's tiles compiled ahead by gptoss.kernels.moe.compile_tiles, on a driver that only reports an
+# sm_90 target (nothing is launched): then the autotuner's own pass over the same launch, its timing
+# stubbed and its runs compiled but not launched, must find every tile compiled already.
+COMPILE_AHEAD = """
+import json, sys, threading
+sys.path.insert(0, sys.argv[1])
+import triton, triton.compiler
+from triton.backends.compiler import GPUTarget
+from triton.runtime.driver import driver
+
+
+class Sm90:
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+
+threads = []
+compile = triton.compiler.compile
+
+
+def counting(*args, **kwargs):
+    threads.append(threading.get_ident())
+    return compile(*args, **kwargs)
+
+
+triton.compiler.compile = counting  # the JIT takes it from there when it makes its binder
+
+import compile_gate
+from gptoss.kernels import moe
+
+launch = next(
+    l for l in compile_gate.run_workloads()
+    if compile_gate._jit_of(l.kernel).__name__ == "_moe_gate_up_kernel" and l.label["shape"] == "gpt-oss-20b"
+    and l.label["dtype"] == "bfloat16" and not l.kwargs["ADD"] and dict(zip(l.kernel.arg_names, l.args))["ROWS"] == 64
+)
+tuner = launch.kernel
+driver.set_active(Sm90())
+key = moe._tuning_key(tuner, launch.args, launch.kwargs)
+known = key in tuner.cache
+tiles = moe.compile_tiles(tuner, launch.grid, launch.args, launch.kwargs, workers=int(sys.argv[2]))
+ahead = list(threads)
+run = tuner.fn.run
+tuner.fn.run = lambda *args, **kwargs: run(*args, **{**kwargs, "warmup": True})
+tuner._do_bench = lambda call, quantiles: (call(), [1.0, 1.0, 1.0])[1]
+tuner[launch.grid](*launch.args, **launch.kwargs)
+print(json.dumps(dict(
+    version=triton.__version__, tiles=tiles, ahead=len(ahead), threads=len(set(ahead)),
+    after=len(threads) - len(ahead), known=known, filed=key in tuner.cache,
+)))
+"""
+
+
+@pytest.mark.parametrize("triton_version", ["newest", GPU_TRITON])
+def test_the_tiles_an_autotuner_will_time_are_compiled_ahead_side_by_side(tmp_path, monkeypatch, triton_version):
+    # on a GPU the autotuner compiles each tile as it times it, one after another (2-3 s each here), and
+    # the recipe's first step meets 43 tiles for 20b. compile_tiles compiles them on threads first, into
+    # the JIT's cache under the keys the autotuner's runs look up: its pass then compiles nothing
+    side = None if triton_version == "newest" else side_triton(triton_version)
+    script = tmp_path / "ahead.py"
+    script.write_text(COMPILE_AHEAD)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))  # compiled here, not found on disk
+    done = compiling(str(script), str(GATE.parent), "2", path=side)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    if side is not None:
+        assert found["version"] == GPU_TRITON
+    # the 64-row bucket's four gate_up tiles, two at a time; the key the autotuner files its choice under
+    # is the one _launch asks about
+    assert found["tiles"] == found["ahead"] == 4 and found["threads"] == 2, found
+    assert found["after"] == 0, found
+    assert not found["known"] and found["filed"], found
