@@ -113,23 +113,29 @@ _BACKWARD = {
     64: [(32, 64, 64, 4, 3), (64, 128, 64, 8, 3), (64, 128, 64, 8, 3, 1)],
     256: [(64, 128, 64, 8, 3), (64, 64, 64, 8, 3), (64, 128, 128, 8, 2, 1)],
 }
+
+
+def _long_prefill(table: dict) -> dict:
+    """A table with rows_bucket's 1024 (over 256 rows an expert): the 256 bucket's tiles, tuned apart."""
+    return {**table, 1024: table[256]}
+
+
 # By kernel (the names of KERNELS, below): the compile gate compiles every tile listed here.
 CONFIGS = {
     # 256 token rows a tile, swapped: a decoded element serves twice the MACs of the 128-row tiles', so a
     # trip's issue (252 SASS instructions a warp, 504 cycles for 8 warps) is half its wgmma (1,024 cycles)
     # where the 128-row tile's is 0.92 of it; down's spills on sm_100a
-    "gate_up": {**_FORWARD, 256: [*_FORWARD[256], (256, 128, 64, 8, 2, 1)]},
-    "down": {**_FORWARD, 16: [(16, 32, 128, 1, 3), (16, 64, 128, 2, 3)]},  # N = D: 2880 columns, not 5760
-    "down_bwd": _BACKWARD,
+    "gate_up": _long_prefill({**_FORWARD, 256: [*_FORWARD[256], (256, 128, 64, 8, 2, 1)]}),
+    "down": _long_prefill({**_FORWARD, 16: [(16, 32, 128, 1, 3), (16, 64, 128, 2, 3)]}),  # N = D: 2880, not 5760
+    "down_bwd": _long_prefill(_BACKWARD),
     # 128 token rows a tile: twice the MACs a decoded element; swapped, down_bwd's spills on sm_100a with ADD
-    "gate_up_bwd": {**_BACKWARD, 256: [*_BACKWARD[256], (128, 128, 64, 8, 2, 1)]},
+    "gate_up_bwd": _long_prefill({**_BACKWARD, 256: [*_BACKWARD[256], (128, 128, 64, 8, 2, 1)]}),
 }
 # Tiles a kernel tries only without the LoRA update in its epilogue (ADD): with it they spill (Triton 3.6,
 # sm_90a: 8 bytes), and the adapted layers are a few of the model's.
 WITHOUT_ADD = {"gate_up": {(256, 128, 64, 8, 2, 1)}}
-FP32_CONFIGS = {16: [(16, 32, 64, 4, 2)], 64: [(32, 32, 64, 4, 2)], 256: [(64, 64, 32, 4, 2)]}  # parity runs
-for _table in (*CONFIGS.values(), FP32_CONFIGS):  # over 256 rows an expert: the same tiles, tuned apart
-    _table[1024] = _table[256]
+# fp32 activations (parity runs)
+FP32_CONFIGS = _long_prefill({16: [(16, 32, 64, 4, 2)], 64: [(32, 32, 64, 4, 2)], 256: [(64, 64, 32, 4, 2)]})
 INTERPRET_CONFIG = (16, 32, 64, 1, 1)
 
 
