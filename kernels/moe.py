@@ -785,8 +785,10 @@ def compile_tiles(tuner, grid, args: tuple, kwargs: dict, workers: int | None = 
     compiled kernel lands in the JIT's cache under the key the timing run looks up. A tile that fails
     to compile here is left for the autotuner, which meets the failure as it would have."""
     try:
-        from triton.runtime._async_compile import AsyncCompileMode  # Triton >= 3.5
+        from triton.runtime._async_compile import AsyncCompileMode, active_mode  # Triton >= 3.5
     except ImportError:
+        return 0
+    if active_mode.get() is not None:  # the caller compiles asynchronously already; one mode at a time
         return 0
     from concurrent.futures import ThreadPoolExecutor
 
