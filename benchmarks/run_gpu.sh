@@ -6,7 +6,8 @@
 # replayed CUDA graph), the MoE and attention kernel benchmarks, the GPU tests, the MoE layer forward and
 # backward (bench_moe --train) and the MXFP4 benchmark, and
 # writes one results file, OUT/gpu-results.jsonl (every JSON line of every step, plus each step's exit
-# code and time), beside each step's log. The whole run stays within a budget (below), 7.5 minutes by default.
+# code and time), beside each step's log, then prints the project's GPU goals against it (benchmarks/goals.py,
+# also OUT/goals.txt). The whole run stays within a budget (below), 7.5 minutes by default.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -78,5 +79,7 @@ step bench_mxfp4 30 $PY benchmarks/bench_mxfp4.py
 
 cat "$OUT"/steps.jsonl "$OUT"/*.jsonl 2>/dev/null | grep -v '^$' | sort -u >"$OUT/gpu-results.tmp"
 mv "$OUT/gpu-results.tmp" "$OUT/gpu-results.jsonl"
+# the project's GPU goals against what this run measured (met, not met, not measured), also in goals.txt
+$PY benchmarks/goals.py "$OUT/gpu-results.jsonl" | tee "$OUT/goals.txt"
 echo "results: $OUT/gpu-results.jsonl (logs beside it)"
 exit $status

@@ -154,6 +154,8 @@ def test_fa2_baseline_is_attention_without_sinks_in_the_kernel_layout():
     assert torch.allclose(got, want, atol=1e-5)
 
 
+RECORD = BENCH / "records" / "h200-2026-12-04.jsonl"  # make bench-gpu's lines of 2026-12-04, an H200
+
 # Every refusal of a bad flag, as (script, flags, what its one line must say): all rows run in one process
 # (`refusals`), each as `python benchmarks/<script> <flags>` would, where a process a row cost ~3 s of
 # importing torch.
@@ -182,6 +184,13 @@ REFUSALS = [
     ("bench_train.py", ["--config", "tiny", "--compare", "huge"], "unknown preset 'huge'"),
     ("bench_train.py", ["--config", "tiny", "--steps", "two"], "invalid int value: 'two'"),
     ("bench_train.py", ["--config", "tiny", "--seq", "99999999"], "the bundled rows hold"),
+    ("goals.py", [], "the following arguments are required: results"),
+    ("goals.py", ["/nonexistent/gpu-results.jsonl"], "no results file at /nonexistent/gpu-results.jsonl"),
+    ("goals.py", [str(BENCH)], f"no results file at {BENCH}"),  # a folder
+    *(
+        ("goals.py", [str(RECORD), "--peak-tflops", v], "expected a positive number of TFLOP/s")
+        for v in ["0", "-989", "nan", "inf", "abc", ""]
+    ),
 ]
 
 # Runs each row as the script's __main__ with its argv, stdout and stderr captured; an exception that
@@ -302,3 +311,79 @@ def test_e2e_counts_the_kernels_of_a_decode_step():
     bound_ms = bench_e2e.bytes_per_token(config) / 4.8e12 * 1e3
     assert bench_e2e.predicted_step_ms(0, config, 4800) == pytest.approx(bound_ms)
     assert bench_e2e.predicted_step_ms(200, config, 4800) == pytest.approx(bound_ms + 0.4)
+
+
+def _goals():
+    sys.path.insert(0, str(BENCH))
+    import goals
+
+    return goals
+
+
+def test_the_goals_read_from_a_recorded_gpu_run():
+    # benchmarks/records/h200-2026-12-04.jsonl, as docs/results.md reports it: the 20b step 0.322 s against
+    # transformers + PEFT's 0.647 s (2.01x), 12.9% MFU, 15.4 GB peak, 120b 63.0 GiB; the MoE layer 0.64x
+    # grouped_mm at 16,384 tokens; attention forward 0.69x FlashAttention-2 (4 x 2,048), forward and
+    # backward 0.47x (1 x 2,048); no MoE forward + backward rows in that run
+    goals = _goals()
+    lines = {line["goal"]: line for line in goals.goals(goals.read_rows(RECORD))}
+    verdicts = {goal: line["verdict"] for goal, line in lines.items()}
+    assert verdicts == {
+        "gpt-oss-20b LoRA step, speed over transformers + PEFT": "not met",
+        "gpt-oss-20b LoRA step, MFU": "not met",
+        "gpt-oss-20b LoRA step, peak allocated": "met",
+        "gpt-oss-120b LoRA step on one GPU, peak allocated": "met",
+        "the recipe's epoch (1,000 rows) on one GPU, at most": "met",
+        "MoE layer forward at 4,096+ tokens, over torch._grouped_mm": "not met",
+        "MoE layer forward at 4,096+ tokens, of the bf16 peak": "not met",
+        "MoE layer forward+backward at 4,096+ tokens, over torch._grouped_mm": "not measured",
+        "MoE layer forward+backward at 4,096+ tokens, of the bf16 peak": "not measured",
+        "attention forward at 2,048-8,192 tokens, over FlashAttention-2": "not met",
+        "attention forward + backward at 2,048-8,192 tokens, over FlashAttention-2": "not met",
+    }
+    measured = {goal: line["measured"] for goal, line in lines.items()}
+    assert measured["gpt-oss-20b LoRA step, speed over transformers + PEFT"].startswith("2.01x (0.647 s / 0.322 s)")
+    assert measured["gpt-oss-20b LoRA step, MFU"].startswith("12.9%")
+    assert measured["gpt-oss-20b LoRA step, peak allocated"] == "15.4 GB"
+    assert measured["gpt-oss-120b LoRA step on one GPU, peak allocated"] == "63.0 GiB"
+    assert measured["the recipe's epoch (1,000 rows) on one GPU, at most"] == "5.4 min"
+    assert measured["MoE layer forward at 4,096+ tokens, over torch._grouped_mm"].startswith(
+        "0.64x (gpt-oss-20b, 16,384"
+    )
+    assert measured["attention forward at 2,048-8,192 tokens, over FlashAttention-2"].startswith("0.69x (4 x 2,048")
+    assert measured["attention forward + backward at 2,048-8,192 tokens, over FlashAttention-2"].startswith("0.47x")
+
+
+def test_the_goals_of_a_run_that_measured_little(tmp_path):
+    # a log's text and broken lines are skipped, a later line of the same measurement replaces an earlier
+    # one, a step skipped for memory says why, and a file with nothing measured says so of every goal
+    goals = _goals()
+    row = {"bench": "train", "impl": "gptoss", "config": "gpt-oss-20b", "tokens": 2048, "step_tflop": 41.0}
+    path = tmp_path / "gpu-results.jsonl"
+    path.write_text(
+        "\n".join(
+            [
+                "== bench_train (limit 240s)",
+                json.dumps(dict(row, step_s=0.5, peak_gpu_gb=20.0)),
+                json.dumps(dict(row, step_s=0.1, peak_gpu_gb=12.0)),  # the later line of the same step
+                '{"bench": "train", "impl": "transformers+peft", "config": "gpt-oss-20b", "tokens": 2048, "step_s": 0.33}',
+                json.dumps(dict(row, config="gpt-oss-120b", skipped="does not fit this device: out of memory")),
+                '{"bench": "moe", "provider": "triton", "tokens": 4096, "vs',
+                "[1, 2]",
+            ]
+        )
+    )
+    lines = {line["goal"]: line for line in goals.goals(goals.read_rows(path))}
+    speed = lines["gpt-oss-20b LoRA step, speed over transformers + PEFT"]
+    assert speed["verdict"] == "met" and speed["measured"].startswith("3.30x")
+    assert lines["gpt-oss-20b LoRA step, MFU"]["measured"].startswith("41.5%")
+    assert lines["gpt-oss-20b LoRA step, peak allocated"]["measured"] == "12.0 GB"
+    big = lines["gpt-oss-120b LoRA step on one GPU, peak allocated"]
+    assert big["verdict"] == "not measured" and "out of memory" in big["measured"]
+    assert all(
+        line["verdict"] == "not measured" for goal, line in lines.items() if "MoE" in goal or "attention" in goal
+    )
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    report = goals.report(goals.goals(goals.read_rows(empty)))
+    assert report.splitlines()[-1] == "0 of 11 goals met, 11 not measured"
