@@ -55,6 +55,12 @@ def _number(value) -> float | None:
     return float(value) if isinstance(value, int | float) and value == value else None
 
 
+def _lowest(rows: list[dict], field: str) -> tuple[float, dict, int] | None:
+    """(the smallest number rows hold in `field`, its row, how many rows hold one); None where none does."""
+    found = [(v, r) for r in rows if (v := _number(r.get(field)))]
+    return (*min(found, key=lambda vr: vr[0]), len(found)) if found else None
+
+
 def _line(goal: str, target: str, measured: str | None, met: bool | None, why: str = "") -> dict:
     verdict = "not measured" if met is None else "met" if met else "not met"
     return {"goal": goal, "target": target, "measured": measured or why or "-", "verdict": verdict}
@@ -138,32 +144,30 @@ def moe_goals(rows: list[dict], peak_tflops: float) -> list[dict]:
     out = []
     for passes in ("forward", "forward+backward"):
         these = [r for r in moe if (r.get("pass") or "forward") == passes]
-        ratios = [(_number(r.get("vs_grouped_mm")), r) for r in these]
-        ratios = [(v, r) for v, r in ratios if v]
-        speeds = [(_number(r.get("tflops")), r) for r in these]
-        speeds = [(v, r) for v, r in speeds if v]
-        where = lambda r: f"{r.get('shape')}, {r.get('tokens'):,} tokens"  # noqa: E731
-        worst = min(ratios, key=lambda vr: vr[0]) if ratios else None
+        worst, slow = _lowest(these, "vs_grouped_mm"), _lowest(these, "tflops")
         out.append(
             _line(
                 f"MoE layer {passes} at 4,096+ tokens, over torch._grouped_mm",
                 ">= 1.0x",
-                f"{worst[0]:.2f}x ({where(worst[1])}; {len(ratios)} rows)" if worst else None,
+                f"{worst[0]:.2f}x ({_moe_row(worst[1])}; {worst[2]} rows)" if worst else None,
                 worst[0] >= 1.0 if worst else None,
                 "no MoE rows of 4,096+ tokens in the file",
             )
         )
-        slow = min(speeds, key=lambda vr: vr[0]) if speeds else None
         out.append(
             _line(
                 f"MoE layer {passes} at 4,096+ tokens, of the bf16 peak",
                 ">= 40%",
-                f"{100 * slow[0] / peak_tflops:.1f}% ({slow[0]:.0f} TFLOP/s, {where(slow[1])})" if slow else None,
+                f"{100 * slow[0] / peak_tflops:.1f}% ({slow[0]:.0f} TFLOP/s, {_moe_row(slow[1])})" if slow else None,
                 slow[0] >= 0.4 * peak_tflops if slow else None,
                 "no MoE rows of 4,096+ tokens in the file",
             )
         )
     return out
+
+
+def _moe_row(row: dict) -> str:
+    return f"{row.get('shape')}, {row.get('tokens'):,} tokens"
 
 
 def attention_goals(rows: list[dict]) -> list[dict]:
@@ -180,14 +184,12 @@ def attention_goals(rows: list[dict]) -> list[dict]:
     )
     out = []
     for what, target in (("fwd", 0.9), ("fwd+bwd", 0.8)):
-        ratios = [(_number(r.get("vs_fa2")), r) for r in attention if r.get("what") == what]
-        ratios = [(v, r) for v, r in ratios if v]
-        worst = min(ratios, key=lambda vr: vr[0]) if ratios else None
+        worst = _lowest([r for r in attention if r.get("what") == what], "vs_fa2")
         out.append(
             _line(
                 f"attention {'forward' if what == 'fwd' else 'forward + backward'} at 2,048-8,192 tokens, over FlashAttention-2",
                 f">= {target}x",
-                f"{worst[0]:.2f}x ({worst[1].get('B')} x {worst[1].get('T'):,} tokens; {len(ratios)} rows)"
+                f"{worst[0]:.2f}x ({worst[1].get('B')} x {worst[1].get('T'):,} tokens; {worst[2]} rows)"
                 if worst
                 else None,
                 worst[0] >= target if worst else None,
