@@ -781,9 +781,10 @@ def compile_tiles(tuner, grid, args: tuple, kwargs: dict, workers: int | None = 
     """Compiles every tile the autotuner `tuner` will time for this launch, `workers` at a time (default:
     one a CPU core), and returns how many it compiled. Its own loop compiles each tile as it times it,
     one after another (2-3 s each for sm_90a on two CPU cores), and the recipe's first step meets 43
-    of them for gpt-oss-20b (28 for 120b). Triton's compiler spends most of that outside the GIL (in ptxas), so threads run side by side; each
-    compiled kernel lands in the JIT's cache under the key the timing run looks up. A tile that fails
-    to compile here is left for the autotuner, which meets the failure as it would have."""
+    of them for gpt-oss-20b (28 for 120b). Triton's compiler spends most of that outside the GIL (in
+    ptxas), so threads run side by side; each compiled kernel lands in the JIT's cache under the key the
+    timing run looks up. A tile that fails to compile here is left for the autotuner, which meets the
+    failure as it would have."""
     try:
         from triton.runtime._async_compile import AsyncCompileMode, active_mode  # Triton >= 3.5
     except ImportError:
