@@ -27,6 +27,7 @@ cache underneath.
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import hashlib
 import importlib
@@ -35,6 +36,7 @@ import multiprocessing
 import os
 import pkgutil
 import re
+import struct
 import subprocess
 import sys
 import tempfile
@@ -368,15 +370,64 @@ def _tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def sass_stats(cubin: bytes, num_warps: int, elements_per_iteration: int | None) -> dict:
+def _text_section(cubin: bytes) -> bytes:
+    """The one kernel's instructions: the cubin's (ELF64) `.text.<kernel>` section."""
+    (shoff,) = struct.unpack_from("<Q", cubin, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", cubin, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQ", cubin, shoff + i * shentsize) for i in range(shnum)]
+    names = sections[shstrndx][4]  # offset of the section-name strings
+
+    def name(section) -> bytes:
+        start = names + section[0]
+        return cubin[start : cubin.index(b"\0", start)]
+
+    texts = [cubin[s[4] : s[4] + s[5]] for s in sections if name(s).startswith(b".text.")]
+    if len(texts) != 1:
+        raise ValueError(f"a cubin with {len(texts)} .text sections; the gate reads cubins of one kernel each")
+    return texts[0]
+
+
+def disassemble(cubins: list[bytes], target: int) -> list[list[tuple[int, str, str]]]:
+    """Each cubin's SASS as (address, opcode, operands), from one nvdisasm run over all of them.
+
+    The disassembler spends ~0.4 s of CPU setting up an architecture before it reads a byte: `cuobjdump
+    -sass` once a cubin took 218 s for the suite's 358 cubins, one nvdisasm run a target 9 s (measured on
+    two cores). So the kernels' instructions (each cubin's .text section) are laid end to end in one raw
+    instruction binary and disassembled at once. A kernel's addresses, and its branches' targets with them,
+    are then offset by where it starts in that binary; every figure read from them is a difference of two
+    addresses of the same kernel, the same as from the cubin alone (a test holds it to cuobjdump's)."""
+    if not cubins:
+        return []
+    texts = [_text_section(cubin) for cubin in cubins]
+    starts = [0]
+    for text in texts:
+        starts.append(starts[-1] + len(text))
+    with tempfile.NamedTemporaryFile(suffix=".bin") as f:
+        f.write(b"".join(texts))
+        f.flush()
+        done = subprocess.run([_tool("nvdisasm"), "-b", f"SM{target}a", f.name], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"nvdisasm -b SM{target}a failed: {done.stderr.strip()[:300]}")
+    kernels: list[list[tuple[int, str, str]]] = [[] for _ in cubins]
+    for address, _, op, rest in _SASS_LINE.findall(done.stdout):
+        at = int(address, 16)
+        kernels[bisect.bisect_right(starts, at) - 1].append((at, op, rest))
+    return kernels
+
+
+def resource_usage(cubin: bytes) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
+        return subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
+
+
+def sass_stats(
+    code: list[tuple[int, str, str]], usage: str, num_warps: int, elements_per_iteration: int | None
+) -> dict:
+    """What the gate reads from a kernel's SASS (`code`, from disassemble) and cuobjdump's resource usage."""
     found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
     regs, stack, _, local = (int(v) for v in found.groups())
-    code = [(int(a, 16), op, rest) for a, _, op, rest in _SASS_LINE.findall(sass)]
     ops = [op for _, op, _ in code]
     spill_ops = sum(op.startswith(("STL", "LDL")) for op in ops)
     mma = "FMA"
@@ -489,7 +540,9 @@ def _decode_trips_per_loop() -> int:
     return decode.TRIPS_PER_LOOP.value
 
 
-def compile_one(variant: Variant) -> dict:
+def compile_one(variant: Variant) -> tuple[dict, bytes | None]:
+    """The variant's row (its compile errors, shared memory, resource usage, seconds) and its cubin (None
+    where it does not compile); the SASS figures are added by compile_batch."""
     start = time.perf_counter()
     row = dict(
         kernel=variant.name, target=f"sm_{variant.target}a", **variant.label, config=variant.config, grid=variant.grid
@@ -498,16 +551,29 @@ def compile_one(variant: Variant) -> dict:
         compiled = triton.compile(variant.src, target=GPUTarget("cuda", variant.target, 32), options=variant.options)
     except Exception as error:  # noqa: BLE001 - every compile error is a finding of the gate
         first = str(error).strip().splitlines()
-        return dict(row, error=f"{type(error).__name__}: {first[0] if first else ''}"[:300])
-    stats = sass_stats(compiled.asm["cubin"], variant.config["num_warps"], trip_elements(variant.name, variant.config))
-    return dict(row, shared=compiled.metadata.shared, seconds=round(time.perf_counter() - start, 2), **stats)
+        return dict(row, error=f"{type(error).__name__}: {first[0] if first else ''}"[:300]), None
+    cubin = compiled.asm["cubin"]
+    usage = resource_usage(cubin)
+    return dict(row, shared=compiled.metadata.shared, usage=usage, seconds=round(time.perf_counter() - start, 2)), cubin
+
+
+def compile_batch(variants: list[Variant]) -> list[dict]:
+    """Rows of the variants: each compiled, then each target's cubins disassembled in one nvdisasm run."""
+    done = [compile_one(variant) for variant in variants]
+    for target in {variant.target for variant in variants}:
+        mine = [i for i, variant in enumerate(variants) if variant.target == target and done[i][1] is not None]
+        for i, code in zip(mine, disassemble([done[i][1] for i in mine], target)):
+            row, config = done[i][0], variants[i].config
+            elements = trip_elements(variants[i].name, config)
+            row.update(sass_stats(code, row.pop("usage"), config["num_warps"], elements))
+    return [row for row, _ in done]
 
 
 _VARIANTS: list[Variant] = []
 
 
-def _compile_index(i: int) -> dict:
-    return compile_one(_VARIANTS[i])
+def _compile_indices(indices: list[int]) -> list[dict]:
+    return compile_batch([_VARIANTS[i] for i in indices])
 
 
 def _cache_file() -> Path:
@@ -543,14 +609,18 @@ def run_gate(
     todo = [key for key in unique if key not in cache]
     _VARIANTS = [unique[key] for key in todo]
     if todo:
+        # batches of about a quarter of a process's share, each disassembled at once (see disassemble)
+        size = max(1, min(32, -(-len(todo) // (4 * max(1, jobs)))))
+        batches = [list(range(i, min(i + size, len(todo)))) for i in range(0, len(todo), size)]
         with multiprocessing.get_context("fork").Pool(max(1, jobs)) as pool:
-            for key, row in zip(todo, pool.imap(_compile_index, range(len(todo)))):
-                cache[key] = row
-                print(
-                    f"  compiled {len(cache)}: {row['kernel']} {row['target']} {row['config']} {row.get('error', '')}",
-                    file=sys.stderr,
-                    flush=True,
-                )
+            for indices, rows in zip(batches, pool.imap(_compile_indices, batches)):
+                for i, row in zip(indices, rows):
+                    cache[todo[i]] = row
+                    print(
+                        f"  compiled {len(cache)}: {row['kernel']} {row['target']} {row['config']} {row.get('error', '')}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(
             prefix=cache_path.name + ".", suffix=".tmp", dir=cache_path.parent

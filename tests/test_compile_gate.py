@@ -357,6 +357,75 @@ def test_a_cached_row_never_outlives_its_compiler(tmp_path):
     assert len({keys["first"], keys["other_triton"], keys["other_ptxas"]}) == 3
 
 
+ONE_DISASSEMBLY = """
+import json, subprocess, sys
+sys.path.insert(0, sys.argv[1])
+import compile_gate as gate
+
+# kernels with a K loop of wgmma (two MoE tiles), attention's loop with its skippable masked part, one
+# without a loop; two targets, several kernels each, so most sit at an offset in the shared binary
+want = {"_moe_gate_up_kernel": 2, "_attn_fwd_kernel": 1, "_rmsnorm_fwd_kernel": 1}
+picked = []
+for launch in gate.run_workloads():
+    name = gate._jit_of(launch.kernel).__name__
+    if name not in want or launch.label["dtype"] != "bfloat16" or launch.label["workload"] != "prefill":
+        continue
+    for target in (90, 100):
+        for variant in gate.expand(launch, target):
+            if sum(v.name == name and v.target == target for v in picked) < want[name]:
+                if name.startswith("_moe_") and target == 100:
+                    continue
+                picked.append(variant)
+rows = gate.compile_batch(picked)
+cubins = [gate.compile_one(variant)[1] for variant in picked]  # from Triton's cache
+together = {}  # each target's kernels from one nvdisasm run, as the gate reads them
+for target in (90, 100):
+    mine = [i for i, variant in enumerate(picked) if variant.target == target]
+    together.update(zip(mine, gate.disassemble([cubins[i] for i in mine], target)))
+out = []
+for i, (variant, row, cubin) in enumerate(zip(picked, rows, cubins)):
+    with open("k.cubin", "wb") as f:
+        f.write(cubin)
+    sass = subprocess.run([gate._tool("cuobjdump"), "-sass", "k.cubin"], capture_output=True, text=True).stdout
+    code = [(int(a, 16), op, rest) for a, _, op, rest in gate._SASS_LINE.findall(sass)]
+    alone = gate.sass_stats(code, gate.resource_usage(cubin), variant.config["num_warps"],
+                            gate.trip_elements(variant.name, variant.config))
+    start = together[i][0][0]  # the kernel's offset in the shared binary
+    out.append(dict(
+        kernel=variant.name, target=variant.target, alone=alone, batched={k: row.get(k) for k in alone},
+        start=start, same_code=[(a, op) for a, op, _ in code] == [(a - start, op) for a, op, _ in together[i]],
+    ))
+print(json.dumps(out))
+"""
+
+
+def test_one_disassembly_of_many_kernels_reads_what_cuobjdump_reads_of_each(gate, tmp_path):
+    # the gate reads every cubin's SASS from one nvdisasm run a batch (disassemble); each figure must be
+    # the one cuobjdump -sass gives for that cubin alone (run after the gate: compiled from Triton's cache)
+    script = tmp_path / "one.py"
+    script.write_text(ONE_DISASSEMBLY)
+    done = subprocess.run(
+        [sys.executable, str(script), str(GATE.parent)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "GPTOSS_MOE_CONFIG")},
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert sorted((f["kernel"], f["target"]) for f in found) == sorted(
+        [("_moe_gate_up_kernel", 90)] * 2
+        + [("_attn_fwd_kernel", 90), ("_rmsnorm_fwd_kernel", 90)]
+        + [("_attn_fwd_kernel", 100), ("_rmsnorm_fwd_kernel", 100)]
+    )
+    for f in found:  # the same instructions at the same places, and the same figures read from them
+        assert f["alone"]["instructions"] > 0 and f["same_code"] and f["batched"] == f["alone"], f
+    assert sum(f["start"] > 0 for f in found) >= 3  # read from inside the shared binary, not only its start
+    moe = [f["alone"] for f in found if f["kernel"].startswith("_moe_")]
+    assert all(m["main_loop"] and m["mma"] == "wgmma" for m in moe)  # loops were found, not just counted
+    assert any(f["alone"]["loop_skippable"] for f in found if f["kernel"] == "_attn_fwd_kernel")
+
+
 def test_every_kernel_compiles_without_spills_on_the_gpu_machines_triton(tmp_path):
     # the Triton the GPU machines' PyTorch ships: every kernel for sm_90a (their H100 and H200), where the
     # fused decode tiles meet their static goals too, and the fused decode kernels for sm_100a as well
