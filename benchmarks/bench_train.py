@@ -63,21 +63,16 @@ def _sync(device: str) -> None:
 
 
 def steps(step_fn, device: str, n=5) -> tuple[float, float]:
-    """(the median of n timed steps, the first step): the first, untimed in the median, is where a GPU
+    """(the median of n timed steps, the first step): the first, left out of the median, is where a GPU
     compiles and autotunes the kernels."""
-    _sync(device)
-    start = time.perf_counter()
-    step_fn()
-    _sync(device)
-    first = time.perf_counter() - start
     times = []
-    for _ in range(n):
+    for _ in range(n + 1):
         _sync(device)
         start = time.perf_counter()
         step_fn()
         _sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times), first
+    return statistics.median(times[1:]), times[0]
 
 
 def _gpu_peak(device: str) -> dict:
