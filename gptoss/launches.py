@@ -32,6 +32,16 @@ def jit_function(kernel):
     return kernel
 
 
+def autotune_configs(tuner, args: tuple, kwargs: dict) -> list:
+    """The configs Triton's Autotuner `tuner` will time for a launch with these arguments: its own pruning,
+    which reads the launch's named arguments from `tuner.nargs` (set for the call, as Autotuner.run does)."""
+    tuner.nargs = dict(zip(tuner.arg_names, args))
+    try:
+        return tuner.prune_configs(dict(kwargs))
+    finally:
+        tuner.nargs = None
+
+
 class LaunchCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()

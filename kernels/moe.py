@@ -69,6 +69,7 @@ from gptoss.kernels.mxfp4 import (
 )
 from gptoss.kernels.rounding import rounded
 from gptoss.kernels.routing import Routing, route
+from gptoss.launches import autotune_configs
 
 SEARCH = tl.constexpr(128)  # experts examined per step of the tile -> expert search
 GROUP_ROWS = 8  # row tiles whose programs run together, over every column tile (_grid, _program_tile)
@@ -793,11 +794,7 @@ def compile_tiles(tuner, grid, args: tuple, kwargs: dict, workers: int | None = 
         return 0
     from concurrent.futures import ThreadPoolExecutor
 
-    tuner.nargs = dict(zip(tuner.arg_names, args))
-    try:
-        configs = tuner.prune_configs(dict(kwargs))
-    finally:
-        tuner.nargs = None
+    configs = autotune_configs(tuner, args, kwargs)
     workers = min(len(configs), workers or len(os.sched_getaffinity(0)))
     if len(configs) < 2 or workers < 2:
         return 0

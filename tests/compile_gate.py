@@ -54,7 +54,7 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction, KernelInterface, create_function_from_signature  # noqa: E402
 
-from gptoss.launches import jit_function  # noqa: E402
+from gptoss.launches import autotune_configs, jit_function  # noqa: E402
 
 # what a cached row holds: a new format recompiles rather than read a row short of a field
 ROW_FORMAT = 8  # 2: loop_shared_ops; 3: the main loop is the largest innermost loop; 4: loop loads, ftz_ops;
@@ -306,9 +306,7 @@ def expand(launch: Launch, target: int) -> list[Variant]:
     named = dict(zip(fn.arg_names, launch.args))
     configs = [None]
     if isinstance(launch.kernel, Autotuner):
-        tuner = launch.kernel
-        tuner.nargs = named
-        configs = tuner.prune_configs({**launch.kwargs})
+        configs = autotune_configs(launch.kernel, launch.args, launch.kwargs)
     backend = make_backend(GPUTarget("cuda", target, 32))
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     variants = []
@@ -541,8 +539,8 @@ def _decode_trips_per_loop() -> int:
 
 
 def compile_one(variant: Variant) -> tuple[dict, bytes | None]:
-    """The variant's row (its compile errors, shared memory, resource usage, seconds) and its cubin (None
-    where it does not compile); the SASS figures are added by compile_batch."""
+    """The variant's row (its compile error, or its shared memory and seconds) and its cubin (None where it
+    does not compile); the figures read from the cubin are added by compile_batch."""
     start = time.perf_counter()
     row = dict(
         kernel=variant.name, target=f"sm_{variant.target}a", **variant.label, config=variant.config, grid=variant.grid
@@ -552,9 +550,8 @@ def compile_one(variant: Variant) -> tuple[dict, bytes | None]:
     except Exception as error:  # noqa: BLE001 - every compile error is a finding of the gate
         first = str(error).strip().splitlines()
         return dict(row, error=f"{type(error).__name__}: {first[0] if first else ''}"[:300]), None
-    cubin = compiled.asm["cubin"]
-    usage = resource_usage(cubin)
-    return dict(row, shared=compiled.metadata.shared, usage=usage, seconds=round(time.perf_counter() - start, 2)), cubin
+    seconds = round(time.perf_counter() - start, 2)
+    return dict(row, shared=compiled.metadata.shared, seconds=seconds), compiled.asm["cubin"]
 
 
 def compile_batch(variants: list[Variant]) -> list[dict]:
@@ -563,9 +560,9 @@ def compile_batch(variants: list[Variant]) -> list[dict]:
     for target in {variant.target for variant in variants}:
         mine = [i for i, variant in enumerate(variants) if variant.target == target and done[i][1] is not None]
         for i, code in zip(mine, disassemble([done[i][1] for i in mine], target)):
-            row, config = done[i][0], variants[i].config
+            (row, cubin), config = done[i], variants[i].config
             elements = trip_elements(variants[i].name, config)
-            row.update(sass_stats(code, row.pop("usage"), config["num_warps"], elements))
+            row.update(sass_stats(code, resource_usage(cubin), config["num_warps"], elements))
     return [row for row, _ in done]
 
 
