@@ -358,7 +358,7 @@ def test_a_cached_row_never_outlives_its_compiler(tmp_path):
 
 
 ONE_DISASSEMBLY = """
-import json, subprocess, sys
+import json, subprocess, sys, tempfile
 sys.path.insert(0, sys.argv[1])
 import compile_gate as gate
 
@@ -384,9 +384,10 @@ for target in (90, 100):
     together.update(zip(mine, gate.disassemble([cubins[i] for i in mine], target)))
 out = []
 for i, (variant, row, cubin) in enumerate(zip(picked, rows, cubins)):
-    with open("k.cubin", "wb") as f:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
-    sass = subprocess.run([gate._tool("cuobjdump"), "-sass", "k.cubin"], capture_output=True, text=True).stdout
+        f.flush()
+        sass = subprocess.run([gate._tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
     code = [(int(a, 16), op, rest) for a, _, op, rest in gate._SASS_LINE.findall(sass)]
     alone = gate.sass_stats(code, gate.resource_usage(cubin), variant.config["num_warps"],
                             gate.trip_elements(variant.name, variant.config))
@@ -404,13 +405,7 @@ def test_one_disassembly_of_many_kernels_reads_what_cuobjdump_reads_of_each(gate
     # the one cuobjdump -sass gives for that cubin alone (run after the gate: compiled from Triton's cache)
     script = tmp_path / "one.py"
     script.write_text(ONE_DISASSEMBLY)
-    done = subprocess.run(
-        [sys.executable, str(script), str(GATE.parent)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env={k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "GPTOSS_MOE_CONFIG")},
-    )
+    done = compiling(str(script), str(GATE.parent))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert sorted((f["kernel"], f["target"]) for f in found) == sorted(
