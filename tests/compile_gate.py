@@ -538,6 +538,25 @@ def _decode_trips_per_loop() -> int:
     return decode.TRIPS_PER_LOOP.value
 
 
+def compile_error(error: BaseException) -> str:
+    """A compile error in one line: why, and where. Triton wraps an error raised in an inlined helper in
+    one error for each caller, whose text is only the call's position ("at 36:24:", the source, a caret),
+    so the reason is the innermost cause's last line and the place the innermost position that Triton's
+    errors name (with the source line its caret points at)."""
+    chain = [error]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    reason = [line.strip() for line in str(chain[-1]).splitlines() if line.strip()]
+    text = f"{type(chain[-1]).__name__}: {reason[-1] if reason else ''}"
+    for wrapped in reversed(chain):
+        lines = str(wrapped).splitlines()
+        if lines and lines[0].startswith("at ") and "^" in (line.strip() for line in lines):
+            pointed = next(lines[i - 1].strip() for i in range(1, len(lines)) if lines[i].strip() == "^")
+            text += f" ({lines[0].rstrip(':')} {pointed})"
+            break
+    return text[:300]
+
+
 def compile_one(variant: Variant) -> tuple[dict, bytes | None]:
     """The variant's row (its compile error, or its shared memory and seconds) and its cubin (None where it
     does not compile); the figures read from the cubin are added by compile_batch."""
@@ -548,8 +567,7 @@ def compile_one(variant: Variant) -> tuple[dict, bytes | None]:
     try:
         compiled = triton.compile(variant.src, target=GPUTarget("cuda", variant.target, 32), options=variant.options)
     except Exception as error:  # noqa: BLE001 - every compile error is a finding of the gate
-        first = str(error).strip().splitlines()
-        return dict(row, error=f"{type(error).__name__}: {first[0] if first else ''}"[:300]), None
+        return dict(row, error=compile_error(error)), None
     seconds = round(time.perf_counter() - start, 2)
     return dict(row, shared=compiled.metadata.shared, seconds=seconds), compiled.asm["cubin"]
 

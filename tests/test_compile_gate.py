@@ -206,6 +206,33 @@ def test_a_kernel_outside_the_workloads_fails_the_gate(tmp_path):
     assert done.stdout.strip() == "['routing._orphan_kernel']", done.stdout + done.stderr[-2000:]
 
 
+def test_a_compile_error_in_a_helper_is_reported_with_its_reason_and_line(tmp_path):
+    # Triton wraps an error raised in an inlined helper in one for each caller, whose text is only the call's
+    # position: the gate's row must carry the reason and the helper's line, not "at 2:8:"
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import sys, torch, triton, triton.language as tl\n"
+        f"sys.path.insert(0, {str(GATE.parent)!r})\n"
+        "import compile_gate\n"
+        "@triton.jit\n"
+        "def _widen(x, BLOCK: tl.constexpr):\n"
+        "    return tl.reshape(x, (BLOCK + 1,))\n"
+        "@triton.jit\n"
+        "def _bad_kernel(x_ptr, BLOCK: tl.constexpr):\n"
+        "    v = _widen(tl.load(x_ptr + tl.arange(0, BLOCK)), BLOCK)\n"
+        "    tl.store(x_ptr + tl.arange(0, BLOCK), v)\n"
+        "x = torch.empty(16, device='meta')\n"
+        "(variant,) = compile_gate.expand(compile_gate.Launch(_bad_kernel, (1,), (x,), {'BLOCK': 16}, {}), 90)\n"
+        "row, cubin = compile_gate.compile_one(variant)\n"
+        "print(cubin is None, row['error'])\n"
+    )
+    done = compiling(str(probe))
+    out = done.stdout.strip()
+    assert out.startswith("True "), out + done.stderr[-2000:]
+    assert "must be a power of 2" in out and "return tl.reshape(x, (BLOCK + 1,))" in out, out
+    assert "\n" not in out and len(out) <= 306, out
+
+
 HOSTILE_ARGS = [
     (["--targets", "abc"], "compute capabilities such as 90,100"),
     (["--targets", ""], "compute capabilities such as 90,100"),
