@@ -647,6 +647,8 @@ def run_gate(
     for key in unique:
         row = dict(cache[key])
         row["launches"] = labels[key]  # every (shape, workload, dtype) that compiles to this variant
+        if "error" not in row:
+            row["blocks_per_sm"] = blocks_per_sm(row)
         rows.append(row)
         where = f"{row['kernel']} {row['target']} {row['config']}"
         if "error" in row:
@@ -671,7 +673,7 @@ def _mode(row) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'kernel':<28}{'lora':<10}{'target':<9}{'dtype':<9}{'config (M,N,K,w,s)':<22}{'regs':>5}{'spill':>6}{'smem':>8}{'mma':>9}{'grid dec':>10}{'grid bat':>12}{'grid pre':>13}{'instr/el':>9}"
+    head = f"{'kernel':<28}{'lora':<10}{'target':<9}{'dtype':<9}{'config (M,N,K,w,s[,swap])':<28}{'regs':>5}{'spill':>6}{'smem':>8}{'blk/SM':>7}{'mma':>9}{'grid dec':>10}{'grid bat':>12}{'grid pre':>13}{'instr/el':>9}"
     lines = [head, "-" * len(head)]
     for row in sorted(
         rows, key=lambda r: (r["kernel"], _mode(r), r["target"], r["launches"][0]["dtype"], str(r["config"]))
@@ -680,7 +682,7 @@ def table(rows: list[dict]) -> str:
         shape = ",".join(
             str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "BLOCK_G", "BLOCK_P", "BLOCK_E") if k in c
         )
-        shape += f",{c['num_warps']},{c['num_stages']}"
+        shape += f",{c['num_warps']},{c['num_stages']}" + (",1" if c.get("SWAP") else "")  # as CONFIGS writes it
         grids = {}
         for launch in row["launches"]:
             programs = 1
@@ -691,13 +693,13 @@ def table(rows: list[dict]) -> str:
         dtype = "/".join(sorted({_SHORT[launch["dtype"]] for launch in row["launches"]}))
         if "error" in row:
             lines.append(
-                f"{row['kernel']:<28}{_mode(row):<10}{row['target']:<9}{dtype:<9}{shape:<22} ERROR {row['error'][:60]}"
+                f"{row['kernel']:<28}{_mode(row):<10}{row['target']:<9}{dtype:<9}{shape:<28} ERROR {row['error'][:60]}"
             )
             continue
         per = f"{row['per_element']:.2f}" if row["per_element"] is not None else "-"
         lines.append(
-            f"{row['kernel']:<28}{_mode(row):<10}{row['target']:<9}{dtype:<9}{shape:<22}{row['registers']:>5}"
-            f"{row['spill_bytes']:>6}{row['shared']:>8}{row['mma']:>9}{grid.get('decode', '-'):>10}{grid.get('batch', '-'):>12}{grid.get('prefill', '-'):>13}{per:>9}"
+            f"{row['kernel']:<28}{_mode(row):<10}{row['target']:<9}{dtype:<9}{shape:<28}{row['registers']:>5}"
+            f"{row['spill_bytes']:>6}{row['shared']:>8}{row['blocks_per_sm']:>7}{row['mma']:>9}{grid.get('decode', '-'):>10}{grid.get('batch', '-'):>12}{grid.get('prefill', '-'):>13}{per:>9}"
         )
     return "\n".join(lines)
 
@@ -733,6 +735,18 @@ def _positive(text: str) -> int:
 DECODE_MXFP4 = ("_decode_gate_up_kernel", "_decode_down_kernel")  # and the grouped MoE kernels (moe_kernels())
 SMS = 132  # H100 and H200 SXM
 MAX_WARPS_PER_SM, REGISTERS_PER_SM, BLOCKS_PER_SM = 64, 65536, 32
+SHARED_PER_SM, SHARED_PER_BLOCK_RESERVED = 233472, 1024  # 228 KiB an SM (sm_90, sm_100), 1 KiB of it per block
+
+
+def blocks_per_sm(row: dict) -> int:
+    """How many blocks of a compiled kernel one SM holds at once: what its registers (allocated per warp
+    in units of 256: 8 a thread), its shared memory (each block also takes 1 KiB the system reserves) and
+    its warps allow."""
+    warps = row["config"]["num_warps"]
+    per_warp = -(-row["registers"] * 32 // 256) * 256
+    by_registers = REGISTERS_PER_SM // (per_warp * warps)
+    by_shared = SHARED_PER_SM // (row["shared"] + SHARED_PER_BLOCK_RESERVED)
+    return min(by_registers, by_shared, BLOCKS_PER_SM, MAX_WARPS_PER_SM // warps)
 
 
 def decode_launch_table(rows: list[dict]) -> list[dict]:
@@ -754,10 +768,7 @@ def decode_launch_table(rows: list[dict]) -> list[dict]:
             programs = 1
             for g in launch["grid"]:
                 programs *= g
-            by_registers = REGISTERS_PER_SM // max(1, row["registers"] * 32 * warps)
-            by_shared = SHARED_LIMIT // row["shared"] if row["shared"] else BLOCKS_PER_SM
-            blocks = min(by_registers, by_shared, BLOCKS_PER_SM, MAX_WARPS_PER_SM // warps)
-            filled = min(blocks, -(-programs // SMS)) * warps
+            filled = min(blocks_per_sm(row), -(-programs // SMS)) * warps
             if row["kernel"] in moe_kernels():
                 per_trip, k = c["BLOCK_N"] * c["BLOCK_K"], 2880  # D = I = 2880 for both products
                 trips, loop_trips = -(-k // c["BLOCK_K"]), 1

@@ -180,6 +180,28 @@ def _prefill_tiles_stream(rows):
     assert {r["kernel"] for r in square} == set(forward)
     for r in square:
         assert r["per_element"] <= r["config"]["BLOCK_M"] / 16, (r["kernel"], r["config"], r["per_element"])
+
+    # the forward's 64 x 128 tiles on one warpgroup: a trip's fixed costs paid by 4 warps, not 8, so fewer
+    # instructions an element than the 8-warp tile of that shape, and two or more blocks an SM, so that
+    # one block decodes while another's product runs (an unswapped block waits for its own each trip)
+    def tile(r):
+        c = r["config"]
+        return c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c.get("SWAP", False)
+
+    for kernel in forward:
+        for add in (False, True):
+            mine = [r for r in tiles if r["kernel"] == kernel and r["config"]["ADD"] == add]
+            (eight,) = [r for r in mine if tile(r) == (64, 128, 64, 8, False)]
+            one_group = [r for r in mine if tile(r) == (64, 128, 64, 4, False)]
+            assert len(one_group) == 2, (kernel, add, [r["config"] for r in one_group])
+            for r in one_group:
+                assert r["per_element"] < eight["per_element"], (
+                    kernel,
+                    r["config"],
+                    r["per_element"],
+                    eight["per_element"],
+                )
+                assert r["blocks_per_sm"] >= 2, (kernel, r["config"], r["registers"], r["shared"])
     # swapped tiles (the decoded tile as wgmma's register operand): the loop never waits for all of its
     # products, so the tensor cores still work while the next trip loads and decodes
     swapped = [r for r in tiles if r["config"].get("SWAP")]
