@@ -86,9 +86,10 @@ WIDE_OFFSETS = 2**31  # gate_up_bwd's [P, D] output this large or larger takes 6
 # 7.0-7.5 instructions per element on Triton 3.9, 6.7-7.1 on 3.6; the autotuner weighs that against the
 # unswapped tiles' synchronous products. 64 x 128 on one warpgroup (4 warps): a trip's fixed costs (the
 # blocks' addresses, the scales, barriers, descriptors) are paid by 4 warps instead of 8, 5.2-5.6
-# instructions per element against 6.7-6.9, and at 128-194 registers two to four blocks share an SM, so
-# one block's decode runs beside another's product (a block waits for its own each trip). The backward's
-# 4-warp tiles wait on their scale loads on Triton 3.6 (gate_up_bwd) or spill (down_bwd): not listed.
+# instructions per element against 6.7-6.9, and at 128-194 registers two to four blocks still share an
+# SM, as with 8 warps, so one block's decode runs beside another's product (an unswapped block waits for
+# its own each trip); half the warps an SM to hide latency with, which the autotuner weighs. The
+# backward's 4-warp tiles wait on their scale loads on Triton 3.6 (gate_up_bwd) or spill (down_bwd).
 _FORWARD = {
     16: [(16, 64, 128, 2, 3), (16, 128, 64, 4, 3)],
     64: [

@@ -182,8 +182,8 @@ def _prefill_tiles_stream(rows):
         assert r["per_element"] <= r["config"]["BLOCK_M"] / 16, (r["kernel"], r["config"], r["per_element"])
 
     # the forward's 64 x 128 tiles on one warpgroup: a trip's fixed costs paid by 4 warps, not 8, so fewer
-    # instructions an element than the 8-warp tile of that shape, and two or more blocks an SM, so that
-    # one block decodes while another's product runs (an unswapped block waits for its own each trip)
+    # instructions an element than the 8-warp tile of that shape, and still two or more blocks an SM, so
+    # that one block decodes while another's product runs (an unswapped block waits for its own each trip)
     def tile(r):
         c = r["config"]
         return c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c.get("SWAP", False)
