@@ -66,6 +66,7 @@ from gptoss.kernels.mxfp4 import (
     mxfp4_decode_columns,
     mxfp4_scales,
     mxfp4_tile,
+    scales_taken_here,
 )
 from gptoss.kernels.rounding import rounded
 from gptoss.kernels.routing import Routing, route
@@ -89,7 +90,7 @@ WIDE_OFFSETS = 2**31  # gate_up_bwd's [P, D] output this large or larger takes 6
 # instructions per element against 6.7-6.9, and at 128-194 registers two to four blocks still share an
 # SM, as with 8 warps, so one block's decode runs beside another's product (an unswapped block waits for
 # its own each trip); half the warps an SM to hide latency with, which the autotuner weighs. The
-# backward's 4-warp tiles wait on their scale loads on Triton 3.6 (gate_up_bwd) or spill (down_bwd).
+# backward's: below.
 _FORWARD = {
     16: [(16, 64, 128, 2, 3), (16, 128, 64, 4, 3)],
     64: [
@@ -122,12 +123,17 @@ _FORWARD = {
 # K = 64 (8.0-8.5 on 3.9) instead; 3.9 spills (16, 64, 64, 2, 3) and, on sm_100a, (32, 64, 128, 4, 2).
 # Swapped backward tiles (_product_across_rows' SWAP), asynchronous like the forward's: 64 x 128 x 64 at
 # 7.8-8.0 instructions per element (3.6: 7.6-7.8), and K = 128, which swapped waits on no load on either
-# Triton, at 6.3-7.0 (3.6: 7.4-7.9); swapped 128 x 128 x 128 spills on sm_100a (down_bwd).
+# Triton, at 6.3-7.0 (3.6: 7.4-7.9); swapped 128 x 128 x 128 spills on sm_100a (down_bwd). Unswapped
+# K = 128 (5.6-5.7 per element, against 6.6-6.8 at K = 64) and, for gate_up_bwd, 64 x 128 on one
+# warpgroup (4 warps: 5.2-5.3 at K = 64, 4.7-5.1 at K = 128) once Triton 3.6 waited on their scale loads
+# in the trip that issued them; the scales now reach the decode through scales_taken_here, and none
+# waits. down_bwd's 4-warp tiles spill (its epilogue holds the product, h and the SwiGLU's backward).
 _BACKWARD = {
     16: [(16, 64, 128, 2, 2), (16, 128, 128, 4, 3)],
-    64: [(32, 64, 64, 4, 3), (64, 128, 64, 8, 3), (64, 128, 64, 8, 3, 1)],
-    256: [(64, 128, 64, 8, 3), (64, 64, 64, 8, 3), (64, 128, 128, 8, 2, 1)],
+    64: [(32, 64, 64, 4, 3), (64, 128, 64, 8, 3), (64, 128, 64, 8, 3, 1), (64, 128, 128, 8, 2)],
+    256: [(64, 128, 64, 8, 3), (64, 64, 64, 8, 3), (64, 128, 128, 8, 2, 1), (64, 128, 128, 8, 2)],
 }
+_ONE_WARPGROUP_BACKWARD = [(64, 128, 64, 4, 2), (64, 128, 128, 4, 2)]
 
 
 def _long_prefill(table: dict) -> dict:
@@ -143,8 +149,15 @@ CONFIGS = {
     "gate_up": _long_prefill({**_FORWARD, 256: [*_FORWARD[256], (256, 128, 64, 8, 2, 1)]}),
     "down": _long_prefill({**_FORWARD, 16: [(16, 32, 128, 1, 3), (16, 64, 128, 2, 3)]}),  # N = D: 2880, not 5760
     "down_bwd": _long_prefill(_BACKWARD),
-    # 128 token rows a tile: twice the MACs a decoded element; swapped, down_bwd's spills on sm_100a with ADD
-    "gate_up_bwd": _long_prefill({**_BACKWARD, 256: [*_BACKWARD[256], (128, 128, 64, 8, 2, 1)]}),
+    # 128 token rows a tile: twice the MACs a decoded element; swapped, down_bwd's spills on sm_100a with ADD.
+    # And the one-warpgroup tiles (above)
+    "gate_up_bwd": _long_prefill(
+        {
+            **_BACKWARD,
+            64: [*_BACKWARD[64], *_ONE_WARPGROUP_BACKWARD],
+            256: [*_BACKWARD[256], (128, 128, 64, 8, 2, 1), *_ONE_WARPGROUP_BACKWARD],
+        }
+    ),
 }
 # Tiles a kernel tries only without the LoRA update in its epilogue (ADD): with it they spill (Triton 3.6,
 # sm_90a: 8 bytes), and the adapted layers are a few of the model's.
@@ -475,9 +488,8 @@ def _product_across_rows(
             w = tl.reshape(tl.permute(tl.join(w_even, w_odd), (2, 0, 1)), (BLOCK_N, BLOCK_K))
             accT = _dot(w, tl.trans(a), accT, UPCAST)  # [BLOCK_N, BLOCK_K] x [BLOCK_K, BLOCK_M]
         elif WGMMA:  # this trip's scales came a trip ahead; the next trip's are loaded now
-            w_even, w_odd = mxfp4_decode(
-                mxfp4_blocks(w_e, k, g, (k[:, None] < K) & (g[None, :] < G), G), scale, INTERPRET
-            )
+            byte = mxfp4_blocks(w_e, k, g, (k[:, None] < K) & (g[None, :] < G), G)
+            w_even, w_odd = mxfp4_decode(byte, scales_taken_here(scale, INTERPRET), INTERPRET)
             k_next = k + BLOCK_K
             scale = mxfp4_scales(s_e, k_next, g, (k_next[:, None] < K) & (g[None, :] < G), G)
             acc_even = _dot(a, w_even, acc_even, UPCAST)  # columns n0, n0 + 2, ...

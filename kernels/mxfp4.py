@@ -344,6 +344,21 @@ def mxfp4_scales(scales_ptr, r, g, mask, G):
 
 
 @triton.jit
+def scales_taken_here(scale, INTERPRET: tl.constexpr):
+    """Scale bytes loaded a trip ahead (mxfp4_scales), taken up in the trip that decodes with them: each
+    passed through a register move the compiler cannot see into. Where a thread's two scales belong to
+    neighbouring rows of a tile read across its packed dimension, the decode multiplies by them as one
+    bf16 pair, and Triton 3.6 packed the two bytes into that pair right after the loads: in the trip that
+    issues them, which then waited for them. After the move the packing can only come in the trip that
+    uses them. int32 out (the bytes' values); the interpreter has no PTX, and takes them as they are."""
+    if INTERPRET:
+        return scale.to(tl.int32)
+    return tl.inline_asm_elementwise(
+        "mov.b32 $0, $1;", "=r,r", [scale.to(tl.int32)], dtype=tl.int32, is_pure=True, pack=1
+    )
+
+
+@triton.jit
 def mxfp4_decode(byte, scale, INTERPRET: tl.constexpr, PAIRED: tl.constexpr = False):
     """Codes [R, B, 16] and scale bytes [R, B] or [R, B, 1] -> (even, odd) [R, B * 16] each: the values at even and odd
     positions along the row, kept apart (a matmul can contract them against the even and odd columns of

@@ -181,27 +181,31 @@ def _prefill_tiles_stream(rows):
     for r in square:
         assert r["per_element"] <= r["config"]["BLOCK_M"] / 16, (r["kernel"], r["config"], r["per_element"])
 
-    # the forward's 64 x 128 tiles on one warpgroup: a trip's fixed costs paid by 4 warps, not 8, so fewer
-    # instructions an element than the 8-warp tile of that shape, and still two or more blocks an SM, so
-    # that one block decodes while another's product runs (an unswapped block waits for its own each trip)
+    # 64 x 128 tiles on one warpgroup (gate_up, down, gate_up_bwd): a trip's fixed costs paid by 4 warps,
+    # not 8, so fewer instructions an element than the 8-warp 64 x 128 x 64 tile, and still two or more
+    # blocks an SM, so that one block decodes while another's product runs (an unswapped block waits for
+    # its own each trip). And K = 128 a trip in the backward (8 warps): fewer than K = 64 too
     def tile(r):
         c = r["config"]
         return c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c.get("SWAP", False)
 
-    for kernel in forward:
+    for kernel in (*forward, "_moe_gate_up_bwd_kernel", "_moe_down_bwd_kernel"):
         for add in (False, True):
             mine = [r for r in tiles if r["kernel"] == kernel and r["config"]["ADD"] == add]
             (eight,) = [r for r in mine if tile(r) == (64, 128, 64, 8, False)]
-            one_group = [r for r in mine if tile(r) == (64, 128, 64, 4, False)]
-            assert len(one_group) == 2, (kernel, add, [r["config"] for r in one_group])
+            one_group = [r for r in mine if tile(r)[1:] in ((128, 64, 4, False), (128, 128, 4, False))]
+            wide_k = [r for r in mine if tile(r) == (64, 128, 128, 8, False)]
+            expected = {"_moe_down_bwd_kernel": (0, 1), "_moe_gate_up_bwd_kernel": (2, 1)}.get(kernel, (2, 1))
+            assert (len(one_group), len(wide_k)) == expected, (kernel, add, [tile(r) for r in mine])
             for r in one_group:
+                assert r["blocks_per_sm"] >= 2, (kernel, r["config"], r["registers"], r["shared"])
+            for r in one_group + wide_k:
                 assert r["per_element"] < eight["per_element"], (
                     kernel,
                     r["config"],
                     r["per_element"],
                     eight["per_element"],
                 )
-                assert r["blocks_per_sm"] >= 2, (kernel, r["config"], r["registers"], r["shared"])
     # swapped tiles (the decoded tile as wgmma's register operand): the loop never waits for all of its
     # products, so the tensor cores still work while the next trip loads and decodes
     swapped = [r for r in tiles if r["config"].get("SWAP")]
