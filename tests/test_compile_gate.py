@@ -604,7 +604,7 @@ print(json.dumps(dict(
 @pytest.mark.parametrize("triton_version", ["newest", GPU_TRITON])
 def test_the_tiles_an_autotuner_will_time_are_compiled_ahead_side_by_side(tmp_path, monkeypatch, triton_version):
     # on a GPU the autotuner compiles each tile as it times it, one after another (2-3 s each here), and
-    # the recipe's first step meets 51 tiles for 20b. compile_tiles compiles them on threads first, into
+    # the recipe's first step meets 59 tiles for 20b. compile_tiles compiles them on threads first, into
     # the JIT's cache under the keys the autotuner's runs look up: its pass then compiles nothing
     side = None if triton_version == "newest" else side_triton(triton_version)
     script = tmp_path / "ahead.py"
