@@ -82,7 +82,7 @@ WIDE_OFFSETS = 2**31  # gate_up_bwd's [P, D] output this large or larger takes 6
 # 180-360 programs for 132 SMs. Prefill: 64- and 128-row tiles on wgmma. 2880 = 45 x 64. K = 128 a trip
 # spreads a trip's fixed costs (barriers, copies, descriptors) over twice the elements: 5.8-6.1 SASS
 # instructions per element against 6.6-6.8 at K = 64, on Triton 3.6 and 3.9 (the backward's K = 128 tiles
-# wait on their scale loads on 3.6, so the backward keeps K = 64). A sixth field of 1: the tile swapped
+# waited on their scale loads on 3.6 until scales_taken_here, below). A sixth field of 1: the tile swapped
 # (_product_along_rows' SWAP: the decoded tile as wgmma's register operand, the product asynchronous) at
 # 7.0-7.5 instructions per element on Triton 3.9, 6.7-7.1 on 3.6; the autotuner weighs that against the
 # unswapped tiles' synchronous products. 64 x 128 on one warpgroup (4 warps): a trip's fixed costs (the
