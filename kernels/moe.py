@@ -86,11 +86,11 @@ WIDE_OFFSETS = 2**31  # gate_up_bwd's [P, D] output this large or larger takes 6
 # (_product_along_rows' SWAP: the decoded tile as wgmma's register operand, the product asynchronous) at
 # 7.0-7.5 instructions per element on Triton 3.9, 6.7-7.1 on 3.6; the autotuner weighs that against the
 # unswapped tiles' synchronous products. 64 x 128 on one warpgroup (4 warps): a trip's fixed costs (the
-# blocks' addresses, the scales, barriers, descriptors) are paid by 4 warps instead of 8, 5.2-5.6
-# instructions per element against 6.7-6.9, and at 128-194 registers two to four blocks still share an
+# blocks' addresses, the scales, barriers, descriptors) are paid by 4 warps instead of 8, 5.25-5.42
+# instructions per element against 6.7-6.9, and at 131-194 registers two or three blocks still share an
 # SM, as with 8 warps, so one block's decode runs beside another's product (an unswapped block waits for
-# its own each trip); half the warps an SM to hide latency with, which the autotuner weighs. The
-# backward's: below.
+# its own each trip); half the warps an SM to hide latency with, which the autotuner weighs. Two stages:
+# three took 0.14-0.22 more instructions an element. The backward's: below.
 _FORWARD = {
     16: [(16, 64, 128, 2, 3), (16, 128, 64, 4, 3)],
     64: [
@@ -98,12 +98,10 @@ _FORWARD = {
         (64, 64, 64, 4, 3),
         (64, 128, 64, 8, 3),
         (64, 128, 64, 8, 3, 1),
-        (64, 128, 64, 4, 3),
         (64, 128, 64, 4, 2),
     ],
     256: [
         (64, 128, 64, 8, 3),
-        (64, 128, 64, 4, 3),
         (64, 128, 64, 4, 2),
         (128, 64, 64, 8, 3),
         (128, 128, 64, 8, 3),
@@ -125,15 +123,18 @@ _FORWARD = {
 # 7.8-8.0 instructions per element (3.6: 7.6-7.8), and K = 128, which swapped waits on no load on either
 # Triton, at 6.3-7.0 (3.6: 7.4-7.9); swapped 128 x 128 x 128 spills on sm_100a (down_bwd). Unswapped
 # K = 128 (5.6-5.7 per element, against 6.6-6.8 at K = 64) and, for gate_up_bwd, 64 x 128 on one
-# warpgroup (4 warps: 5.2-5.3 at K = 64, 4.7-5.1 at K = 128) once Triton 3.6 waited on their scale loads
-# in the trip that issued them; the scales now reach the decode through scales_taken_here, and none
+# warpgroup (4 warps: 5.2-5.3 at K = 64, 4.7-5.1 at K = 128): Triton 3.6 waited on their scale loads in
+# the trip that issued them until the scales reached the decode through scales_taken_here; now none
 # waits. down_bwd's 4-warp tiles spill (its epilogue holds the product, h and the SwiGLU's backward).
 _BACKWARD = {
     16: [(16, 64, 128, 2, 2), (16, 128, 128, 4, 3)],
-    64: [(32, 64, 64, 4, 3), (64, 128, 64, 8, 3), (64, 128, 64, 8, 3, 1), (64, 128, 128, 8, 2)],
-    256: [(64, 128, 64, 8, 3), (64, 64, 64, 8, 3), (64, 128, 128, 8, 2, 1), (64, 128, 128, 8, 2)],
+    64: [(32, 64, 64, 4, 3), (64, 128, 64, 8, 3), (64, 128, 64, 8, 3, 1)],
+    256: [(64, 128, 64, 8, 3), (64, 64, 64, 8, 3), (64, 128, 128, 8, 2, 1)],
 }
-_ONE_WARPGROUP_BACKWARD = [(64, 128, 64, 4, 2), (64, 128, 128, 4, 2)]
+# down_bwd at K = 128 on 8 warps; gate_up_bwd on one warpgroup at K = 64 and 128 (its 8-warp K = 128 tile,
+# 5.66-5.69 per element, holds as many blocks an SM as the 4-warp one at 4.7-5.1)
+_DOWN_BWD_MORE = [(64, 128, 128, 8, 2)]
+_GATE_UP_BWD_MORE = [(64, 128, 64, 4, 2), (64, 128, 128, 4, 2)]
 
 
 def _long_prefill(table: dict) -> dict:
@@ -148,14 +149,15 @@ CONFIGS = {
     # where the 128-row tile's is 0.92 of it; down's spills on sm_100a
     "gate_up": _long_prefill({**_FORWARD, 256: [*_FORWARD[256], (256, 128, 64, 8, 2, 1)]}),
     "down": _long_prefill({**_FORWARD, 16: [(16, 32, 128, 1, 3), (16, 64, 128, 2, 3)]}),  # N = D: 2880, not 5760
-    "down_bwd": _long_prefill(_BACKWARD),
-    # 128 token rows a tile: twice the MACs a decoded element; swapped, down_bwd's spills on sm_100a with ADD.
-    # And the one-warpgroup tiles (above)
+    "down_bwd": _long_prefill(
+        {**_BACKWARD, 64: [*_BACKWARD[64], *_DOWN_BWD_MORE], 256: [*_BACKWARD[256], *_DOWN_BWD_MORE]}
+    ),
+    # 128 token rows a tile: twice the MACs a decoded element; swapped, down_bwd's spills on sm_100a with ADD
     "gate_up_bwd": _long_prefill(
         {
             **_BACKWARD,
-            64: [*_BACKWARD[64], *_ONE_WARPGROUP_BACKWARD],
-            256: [*_BACKWARD[256], (128, 128, 64, 8, 2, 1), *_ONE_WARPGROUP_BACKWARD],
+            64: [*_BACKWARD[64], *_GATE_UP_BWD_MORE],
+            256: [*_BACKWARD[256], (128, 128, 64, 8, 2, 1), *_GATE_UP_BWD_MORE],
         }
     ),
 }

@@ -195,7 +195,7 @@ def _prefill_tiles_stream(rows):
             (eight,) = [r for r in mine if tile(r) == (64, 128, 64, 8, False)]
             one_group = [r for r in mine if tile(r)[1:] in ((128, 64, 4, False), (128, 128, 4, False))]
             wide_k = [r for r in mine if tile(r) == (64, 128, 128, 8, False)]
-            expected = {"_moe_down_bwd_kernel": (0, 1), "_moe_gate_up_bwd_kernel": (2, 1)}.get(kernel, (2, 1))
+            expected = {"_moe_down_bwd_kernel": (0, 1), "_moe_gate_up_bwd_kernel": (2, 0)}.get(kernel, (1, 1))
             assert (len(one_group), len(wide_k)) == expected, (kernel, add, [tile(r) for r in mine])
             for r in one_group:
                 assert r["blocks_per_sm"] >= 2, (kernel, r["config"], r["registers"], r["shared"])
@@ -604,7 +604,7 @@ print(json.dumps(dict(
 @pytest.mark.parametrize("triton_version", ["newest", GPU_TRITON])
 def test_the_tiles_an_autotuner_will_time_are_compiled_ahead_side_by_side(tmp_path, monkeypatch, triton_version):
     # on a GPU the autotuner compiles each tile as it times it, one after another (2-3 s each here), and
-    # the recipe's first step meets 59 tiles for 20b. compile_tiles compiles them on threads first, into
+    # the recipe's first step meets 53 tiles for 20b. compile_tiles compiles them on threads first, into
     # the JIT's cache under the keys the autotuner's runs look up: its pass then compiles nothing
     side = None if triton_version == "newest" else side_triton(triton_version)
     script = tmp_path / "ahead.py"

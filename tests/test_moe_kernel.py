@@ -214,9 +214,16 @@ def test_triton_backend_needs_mxfp4(tmp_path):
         load_model(folder, backend="triton")
 
 
-@pytest.mark.parametrize(
-    "config", sorted({moe_kernel.tile_of(c) for c in moe_kernel.all_configs()}), ids=lambda c: "-".join(map(str, c))
-)
+def _interpreted_tiles() -> list[tuple]:
+    """One config of each tile a GPU launch may pick, as the interpreter runs it: it takes a block's
+    arrays whole, so warps and stages change nothing there (the compile gate compiles every config)."""
+    tiles = {}
+    for config in sorted({moe_kernel.tile_of(c) for c in moe_kernel.all_configs()}):
+        tiles.setdefault(config[:3] + config[5:], config)
+    return sorted(tiles.values())
+
+
+@pytest.mark.parametrize("config", _interpreted_tiles(), ids=lambda c: "-".join(map(str, c)))
 def test_every_autotune_config(config, monkeypatch):
     # each tile shape a GPU launch may pick, pinned through GPTOSS_MOE_CONFIG, on the ragged case
     # (D = 96, I = 160 and 13 x 3 rows are multiples of none of the tiles)
