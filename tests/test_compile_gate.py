@@ -185,16 +185,18 @@ def _prefill_tiles_stream(rows):
     # not 8, so fewer instructions an element than the 8-warp 64 x 128 x 64 tile, and still two or more
     # blocks an SM, so that one block decodes while another's product runs (an unswapped block waits for
     # its own each trip). And K = 128 a trip in the backward (8 warps): fewer than K = 64 too
-    def tile(r):
-        c = r["config"]
-        return c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c.get("SWAP", False)
+    from gptoss.kernels.moe import tile_of
+
+    def tile(r):  # as CONFIGS writes it, stages left out: (M, N, K, warps), then 1 if swapped
+        t = tile_of(r["config"])
+        return t[:4] + t[5:]
 
     for kernel in (*forward, "_moe_gate_up_bwd_kernel", "_moe_down_bwd_kernel"):
         for add in (False, True):
             mine = [r for r in tiles if r["kernel"] == kernel and r["config"]["ADD"] == add]
-            (eight,) = [r for r in mine if tile(r) == (64, 128, 64, 8, False)]
-            one_group = [r for r in mine if tile(r)[1:] in ((128, 64, 4, False), (128, 128, 4, False))]
-            wide_k = [r for r in mine if tile(r) == (64, 128, 128, 8, False)]
+            (eight,) = [r for r in mine if tile(r) == (64, 128, 64, 8)]
+            one_group = [r for r in mine if tile(r) in ((64, 128, 64, 4), (64, 128, 128, 4))]
+            wide_k = [r for r in mine if tile(r) == (64, 128, 128, 8)]
             expected = {"_moe_down_bwd_kernel": (0, 1), "_moe_gate_up_bwd_kernel": (2, 0)}.get(kernel, (1, 1))
             assert (len(one_group), len(wide_k)) == expected, (kernel, add, [tile(r) for r in mine])
             for r in one_group:
