@@ -23,11 +23,15 @@ NO_WINDOW = 1 << 30  # a window no position reaches: full causal attention
 # The backward's tile-pair table has one side for dQ's tiles and one for dK/dV's (tile_ranges' key_tiles).
 # Which tile pairs are seen whole comes from that table too (two comparisons a trip; reducing the key
 # tile's positions each trip took 3-9% more instructions), and positions are read only on masked trips:
-# forward 8.1 / 7.8, dQ 7.8 / 7.1, dK/dV 11.7 / 12.2 on tiles seen whole.
+# forward 8.0 / 7.7, dQ 7.7 / 7.1, dK/dV 11.8 / 11.8 on tiles seen whole. Three stages: with two, each
+# trip waited at its top for the keys and values the trip before had sent for after its products (the
+# compile gate's loop_copies_ahead 0), the whole latency of memory, and at one 8-warp block an SM (fwd,
+# dQ) no other block to fill it; three keep a trip's copies in flight at the same instructions a score
+# (two: 8.1 / 7.8, 7.8 / 7.1, 11.7 / 12.2), for 16-32 KiB more shared memory (fwd 112 KiB, dQ 128, dK/dV 65).
 CONFIGS = {
-    "fwd": {"bf16": (128, 128, 8, 2), "fp32": (32, 32, 4, 2), "interpret": (32, 16, 1, 1)},
-    "dq": {"bf16": (128, 128, 8, 2), "fp32": (16, 32, 4, 1), "interpret": (32, 16, 1, 1)},
-    "dkdv": {"bf16": (64, 64, 4, 2), "fp32": (16, 32, 4, 1), "interpret": (16, 32, 1, 1)},
+    "fwd": {"bf16": (128, 128, 8, 3), "fp32": (32, 32, 4, 2), "interpret": (32, 16, 1, 1)},
+    "dq": {"bf16": (128, 128, 8, 3), "fp32": (16, 32, 4, 1), "interpret": (32, 16, 1, 1)},
+    "dkdv": {"bf16": (64, 64, 4, 3), "fp32": (16, 32, 4, 1), "interpret": (16, 32, 1, 1)},
     "decode": {"bf16": (16, 64, 4, 3), "fp32": (16, 32, 4, 2), "interpret": (16, 16, 1, 1)},
 }
 

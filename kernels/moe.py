@@ -89,8 +89,13 @@ WIDE_OFFSETS = 2**31  # gate_up_bwd's [P, D] output this large or larger takes 6
 # blocks' addresses, the scales, barriers, descriptors) are paid by 4 warps instead of 8, 5.25-5.42
 # instructions per element against 6.7-6.9, and at 131-194 registers two or three blocks still share an
 # SM, as with 8 warps, so one block's decode runs beside another's product (an unswapped block waits for
-# its own each trip); half the warps an SM to hide latency with, which the autotuner weighs. Two stages:
-# three took 0.14-0.22 more instructions an element. The backward's: below.
+# its own each trip); half the warps an SM to hide latency with, which the autotuner weighs.
+# Every tile has three stages, none two: a two-stage loop issues the next trip's copies (LDGSTS) after its
+# product and waits for all of them (DEPBAR.LE SB0, 0x0) at the top of that trip, so each trip waits out
+# the whole latency of memory, hidden only by other blocks on the SM. With three, a trip's copies stay in
+# flight through the next trip (the compile gate's loop_copies_ahead, held to 1 or more by its test), for
+# 0.1-0.4 more SASS instructions an element, the instruction count that had chosen two.
+# The backward's: below.
 _FORWARD = {
     16: [(16, 64, 128, 2, 3), (16, 128, 64, 4, 3)],
     64: [
@@ -98,15 +103,15 @@ _FORWARD = {
         (64, 64, 64, 4, 3),
         (64, 128, 64, 8, 3),
         (64, 128, 64, 8, 3, 1),
-        (64, 128, 64, 4, 2),
+        (64, 128, 64, 4, 3),
     ],
     256: [
         (64, 128, 64, 8, 3),
-        (64, 128, 64, 4, 2),
+        (64, 128, 64, 4, 3),
         (128, 64, 64, 8, 3),
         (128, 128, 64, 8, 3),
         (64, 128, 128, 8, 3),
-        (128, 128, 128, 8, 2),
+        (128, 128, 128, 8, 3),
         (64, 128, 64, 8, 3, 1),
         (128, 128, 64, 8, 3, 1),
     ],
@@ -116,9 +121,9 @@ _FORWARD = {
 # 2.11's, failed to lower every 64 x 128 and 4-warp 64-row tile, TritonGPUOptimizeDotOperands). 64 x 128
 # now compiles clean on 3.6 and 3.9 at 6.6-6.8 SASS instructions per element (8.2-8.6 on 3.6), where
 # 64 x 64 x 64, before the only one, took 9.3-10.1 (now 10.3-10.9); 128 x 128 spills on sm_100a with ADD.
-# With the LoRA update in the epilogue (ADD) 3.6 spills 8 bytes at (16, 64, 128, 2, 3) and
-# (32, 64, 128, 4, 3): two stages (5.8-6.0 instructions per element on sm_90a, against 5.9-6.1) and
-# K = 64 (8.0-8.5 on 3.9) instead; 3.9 spills (16, 64, 64, 2, 3) and, on sm_100a, (32, 64, 128, 4, 2).
+# With the LoRA update in the epilogue (ADD) 3.6 spilled 8 bytes at (16, 64, 128, 2, 3) and
+# (32, 64, 128, 4, 3) (no longer at the first: 184-198 registers); K = 64 (8.0-8.5 on 3.9) instead of the
+# second; 3.9 spills (16, 64, 64, 2, 3) and, on sm_100a, (32, 64, 128, 4, 2).
 # Swapped backward tiles (_product_across_rows' SWAP), asynchronous like the forward's: 64 x 128 x 64 at
 # 7.8-8.0 instructions per element (3.6: 7.6-7.8), and K = 128, which swapped waits on no load on either
 # Triton, at 6.3-7.0 (3.6: 7.4-7.9); swapped 128 x 128 x 128 spills on sm_100a (down_bwd). Unswapped
@@ -127,14 +132,14 @@ _FORWARD = {
 # the trip that issued them until the scales reached the decode through scales_taken_here; now none
 # waits. down_bwd's 4-warp tiles spill (its epilogue holds the product, h and the SwiGLU's backward).
 _BACKWARD = {
-    16: [(16, 64, 128, 2, 2), (16, 128, 128, 4, 3)],
+    16: [(16, 64, 128, 2, 3), (16, 128, 128, 4, 3)],
     64: [(32, 64, 64, 4, 3), (64, 128, 64, 8, 3), (64, 128, 64, 8, 3, 1)],
-    256: [(64, 128, 64, 8, 3), (64, 64, 64, 8, 3), (64, 128, 128, 8, 2, 1)],
+    256: [(64, 128, 64, 8, 3), (64, 64, 64, 8, 3), (64, 128, 128, 8, 3, 1)],
 }
 # down_bwd at K = 128 on 8 warps; gate_up_bwd on one warpgroup at K = 64 and 128 (its 8-warp K = 128 tile,
 # 5.66-5.69 per element, holds as many blocks an SM as the 4-warp one at 4.7-5.1)
-_DOWN_BWD_MORE = [(64, 128, 128, 8, 2)]
-_GATE_UP_BWD_MORE = [(64, 128, 64, 4, 2), (64, 128, 128, 4, 2)]
+_DOWN_BWD_MORE = [(64, 128, 128, 8, 3)]
+_GATE_UP_BWD_MORE = [(64, 128, 64, 4, 3), (64, 128, 128, 4, 3)]
 
 
 def _long_prefill(table: dict) -> dict:
@@ -147,7 +152,7 @@ CONFIGS = {
     # 256 token rows a tile, swapped: a decoded element serves twice the MACs of the 128-row tiles', so a
     # trip's issue (252 SASS instructions a warp, 504 cycles for 8 warps) is half its wgmma (1,024 cycles)
     # where the 128-row tile's is 0.92 of it; down's spills on sm_100a
-    "gate_up": _long_prefill({**_FORWARD, 256: [*_FORWARD[256], (256, 128, 64, 8, 2, 1)]}),
+    "gate_up": _long_prefill({**_FORWARD, 256: [*_FORWARD[256], (256, 128, 64, 8, 3, 1)]}),
     "down": _long_prefill({**_FORWARD, 16: [(16, 32, 128, 1, 3), (16, 64, 128, 2, 3)]}),  # N = D: 2880, not 5760
     "down_bwd": _long_prefill(
         {**_BACKWARD, 64: [*_BACKWARD[64], *_DOWN_BWD_MORE], 256: [*_BACKWARD[256], *_DOWN_BWD_MORE]}
@@ -157,13 +162,13 @@ CONFIGS = {
         {
             **_BACKWARD,
             64: [*_BACKWARD[64], *_GATE_UP_BWD_MORE],
-            256: [*_BACKWARD[256], (128, 128, 64, 8, 2, 1), *_GATE_UP_BWD_MORE],
+            256: [*_BACKWARD[256], (128, 128, 64, 8, 3, 1), *_GATE_UP_BWD_MORE],
         }
     ),
 }
 # Tiles a kernel tries only without the LoRA update in its epilogue (ADD): with it they spill (Triton 3.6,
 # sm_90a: 8 bytes), and the adapted layers are a few of the model's.
-WITHOUT_ADD = {"gate_up": {(256, 128, 64, 8, 2, 1)}}
+WITHOUT_ADD = {"gate_up": {(256, 128, 64, 8, 3, 1)}}
 # fp32 activations (parity runs)
 FP32_CONFIGS = _long_prefill({16: [(16, 32, 64, 4, 2)], 64: [(32, 32, 64, 4, 2)], 256: [(64, 64, 32, 4, 2)]})
 INTERPRET_CONFIG = (16, 32, 64, 1, 1)

@@ -57,9 +57,10 @@ from triton.runtime.jit import JITFunction, KernelInterface, create_function_fro
 from gptoss.launches import autotune_configs, jit_function  # noqa: E402
 
 # what a cached row holds: a new format recompiles rather than read a row short of a field
-ROW_FORMAT = 8  # 2: loop_shared_ops; 3: the main loop is the largest innermost loop; 4: loop loads, ftz_ops;
+ROW_FORMAT = 9  # 2: loop_shared_ops; 3: the main loop is the largest innermost loop; 4: loop loads, ftz_ops;
 # 5: loop_wide_loads_waited (since dropped); 6: asynchronous copies to shared memory (LDGSTS) are not loads
-# into registers; 7: loop_wgmma_pending; 8: loop_skippable, attention's per_element (a trip's scores)
+# into registers; 7: loop_wgmma_pending; 8: loop_skippable, attention's per_element (a trip's scores);
+# 9: loop_copies_ahead
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 and sm_100 (227 KiB)
 SHAPES = {  # hidden D, intermediate I, experts E, top-k
     "gpt-oss-20b": (2880, 2880, 32, 4),
@@ -467,6 +468,15 @@ def sass_stats(
     pending = [
         int(n, 16) for op, rest in body if op.startswith("WARPGROUP.DEPBAR") for n in re.findall(r"0x([0-9a-f]+)", rest)
     ]
+    # the asynchronous copies to shared memory (LDGSTS) a trip commits in groups (LDGDEPBAR) and waits for
+    # (DEPBAR.LE SB0, N: until at most N groups are in flight): N over the groups a trip commits is how many
+    # trips' copies stay in flight through the wait. 0: each trip waits for the copies the trip before it
+    # issued, after its own product, so the whole latency of memory is exposed in every trip (None: no copies)
+    groups = sum(op.startswith("LDGDEPBAR") for op, _ in body)
+    copy_waits = [
+        int(n, 16) for op, rest in body if op.startswith("DEPBAR") for n in re.findall(r"SB0, 0x([0-9a-f]+)", rest)
+    ]
+    copies_ahead = min(copy_waits) / groups if groups and copy_waits else None
     return dict(
         registers=regs,
         spill_bytes=stack + local,
@@ -479,6 +489,7 @@ def sass_stats(
         loop_loads=loads,
         loop_loads_waited=waited,
         loop_wgmma_pending=min(pending) if pending else None,
+        loop_copies_ahead=copies_ahead,
         loop_skippable=skippable,
         ftz_ops=sum(".FTZ" in op for op in ops),
     )

@@ -164,6 +164,37 @@ def test_prefill_configs_use_wgmma(gate):
     _prefill_tiles_stream(rows)
 
 
+def test_tensor_core_tiles_keep_a_trip_of_copies_in_flight(gate):
+    _copies_stay_in_flight(gate[1])
+
+
+def _copies_stay_in_flight(rows):
+    """Every bf16 tile of the grouped MoE kernels and of attention's training kernels, sm_90a: the loop
+    waits for its asynchronous copies to shared memory with the next trip's still in flight. With two
+    stages a loop issues the next trip's copies after its product and waits for them at the top of that
+    trip (DEPBAR.LE SB0, 0x0): the whole latency of memory in every trip, hidden only by other blocks on
+    the SM, of which attention's 128 x 128 tiles have none. The instruction count does not show it."""
+    tiles = [
+        r
+        for r in rows
+        if r["kernel"] in (*MOE_KERNELS, "_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel")
+        and r["target"] == "sm_90a"
+        and {launch["dtype"] for launch in r["launches"]} == {"bfloat16"}
+    ]
+    assert {r["kernel"] for r in tiles} == {
+        *MOE_KERNELS,
+        "_attn_fwd_kernel",
+        "_attn_bwd_dq_kernel",
+        "_attn_bwd_dkdv_kernel",
+    }
+    for r in tiles:
+        assert r["loop_copies_ahead"] is not None and r["loop_copies_ahead"] >= 1, (
+            r["kernel"],
+            r["config"],
+            r["loop_copies_ahead"],
+        )
+
+
 def _prefill_tiles_stream(rows):
     """The grouped MoE kernels' wgmma tiles (64+ rows, prefill and training), bf16 on sm_90a: no global
     load of the main loop is waited on in the trip that issues it (the E8M0 scales, one byte a block,
@@ -493,6 +524,7 @@ def test_every_kernel_compiles_without_spills_on_the_gpu_machines_triton(tmp_pat
     _meet_the_static_goals(rows)
     _prefill_tiles_stream(rows)
     _attention_trips_keep_pace(rows)
+    _copies_stay_in_flight(rows)
 
 
 def test_fused_decode_kernels_stream_without_shared_memory_in_their_loops(gate):
