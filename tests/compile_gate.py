@@ -684,7 +684,7 @@ def _mode(row) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'kernel':<28}{'lora':<10}{'target':<9}{'dtype':<9}{'config (M,N,K,w,s[,swap])':<28}{'regs':>5}{'spill':>6}{'smem':>8}{'blk/SM':>7}{'mma':>9}{'grid dec':>10}{'grid bat':>12}{'grid pre':>13}{'instr/el':>9}"
+    head = f"{'kernel':<28}{'lora':<10}{'target':<9}{'dtype':<9}{'config (M,N,K,w,s[,swap])':<28}{'regs':>5}{'spill':>6}{'smem':>8}{'blk/SM':>7}{'mma':>9}{'grid dec':>10}{'grid bat':>12}{'grid pre':>13}{'instr/el':>9}{'ahead':>6}"
     lines = [head, "-" * len(head)]
     for row in sorted(
         rows, key=lambda r: (r["kernel"], _mode(r), r["target"], r["launches"][0]["dtype"], str(r["config"]))
@@ -708,9 +708,11 @@ def table(rows: list[dict]) -> str:
             )
             continue
         per = f"{row['per_element']:.2f}" if row["per_element"] is not None else "-"
+        ahead = row.get("loop_copies_ahead")  # trips of copies in flight through the loop's wait
+        ahead = f"{ahead:g}" if ahead is not None else "-"
         lines.append(
             f"{row['kernel']:<28}{_mode(row):<10}{row['target']:<9}{dtype:<9}{shape:<28}{row['registers']:>5}"
-            f"{row['spill_bytes']:>6}{row['shared']:>8}{row['blocks_per_sm']:>7}{row['mma']:>9}{grid.get('decode', '-'):>10}{grid.get('batch', '-'):>12}{grid.get('prefill', '-'):>13}{per:>9}"
+            f"{row['spill_bytes']:>6}{row['shared']:>8}{row['blocks_per_sm']:>7}{row['mma']:>9}{grid.get('decode', '-'):>10}{grid.get('batch', '-'):>12}{grid.get('prefill', '-'):>13}{per:>9}{ahead:>6}"
         )
     return "\n".join(lines)
 
