@@ -29,11 +29,16 @@ from gptoss.model import attention_with_sinks as reference
 K, G, DH = 8, 8, 64
 
 
-# The bf16 tiles the kernels took before the compile gate's count of instructions a score chose 128 x 128
-# for the forward and dQ (gptoss.kernels.attention_core.CONFIGS): timed beside them, since which is faster
-# is the GPU's to say.
-EARLIER_TILES = {"fwd": (128, 64, 8, 3), "dq": (64, 64, 4, 2)}
+# bf16 tiles timed beside the chosen ones (gptoss.kernels.attention_core.CONFIGS), since which is faster is
+# the GPU's to say: the tiles the kernels took before the compile gate's count of instructions a score chose
+# 128 x 128 for the forward and dQ, and the chosen tiles on two stages, where each trip waits at its top for
+# the keys and values the trip before sent for (the gate's loop_copies_ahead 0; CONFIGS' comment)
 EARLIER = "triton (earlier tiles)"
+TWO_STAGES = "triton (two stages)"
+OTHER_TILES = {
+    EARLIER: {"fwd": (128, 64, 8, 3), "dq": (64, 64, 4, 2)},
+    TWO_STAGES: {"fwd": (128, 128, 8, 2), "dq": (128, 128, 8, 2), "dkdv": (64, 64, 4, 2)},
+}
 
 
 @contextlib.contextmanager
@@ -87,7 +92,7 @@ def training_rows(shapes, device, dtype, providers) -> list[dict]:
             if name == "fa2 (sdpa flash, no sink)" and window is not None:
                 continue
             for what, flops in (("fwd", flops_fwd), ("fwd+bwd", 3.5 * flops_fwd)):
-                chosen = tiles(EARLIER_TILES) if name == EARLIER else contextlib.nullcontext()
+                chosen = tiles(OTHER_TILES[name]) if name in OTHER_TILES else contextlib.nullcontext()
                 if what == "fwd":
                     run = lambda fn=fn: fn(q, k, v, sinks, pos, window)  # noqa: E731
                     with torch.no_grad(), chosen:
@@ -147,7 +152,8 @@ def main() -> None:
         from gptoss.kernels.attention import attention_with_sinks as kernel
 
         providers["triton"] = lambda q, k, v, sinks, pos, window: kernel(q, k, v, sinks, pos, pos, window)
-        providers[EARLIER] = providers["triton"]  # timed inside tiles(EARLIER_TILES)
+        for name in OTHER_TILES:  # timed inside tiles(OTHER_TILES[name])
+            providers[name] = providers["triton"]
         providers["fa2 (sdpa flash, no sink)"] = lambda q, k, v, sinks, pos, window: _fa2(q, k, v)
         shapes = [(1, 2048, None), (1, 2048, 128), (1, 4096, None), (1, 4096, 128), (4, 2048, None)]
         caches = [(1, 4096), (1, 32768), (8, 8192)]

@@ -65,7 +65,7 @@ def test_the_moe_training_rows_run_each_provider_forward_and_backward():
 
 
 def test_attention_bench_times_the_earlier_tiles_with_the_kernels_own_launches():
-    # its "earlier tiles" rows must launch the kernels with those tiles (forward and dQ), and the chosen
+    # its "earlier tiles" rows (and the other sets of OTHER_TILES) must launch the kernels with those tiles (forward and dQ), and the chosen
     # tiles must come back after them, also when a timing fails
     sys.path.insert(0, str(BENCH))
     try:
@@ -105,6 +105,12 @@ def test_attention_bench_times_the_earlier_tiles_with_the_kernels_own_launches()
         KernelInterface.__getitem__ = launch
     assert ("_attn_fwd_kernel", 16, 16) in seen and ("_attn_bwd_dq_kernel", 16, 16) in seen, seen
     assert CONFIGS == chosen
+    # each other set the GPU times differs from the chosen bf16 tiles in every kernel it names, and the
+    # two-stage set is the chosen tiles on two stages
+    for other in bench_attention.OTHER_TILES.values():
+        assert other and all(CONFIGS[name]["bf16"] != tile for name, tile in other.items()), other
+    two = {name: (*CONFIGS[name]["bf16"][:3], 2) for name in ("fwd", "dq", "dkdv")}
+    assert bench_attention.OTHER_TILES[bench_attention.TWO_STAGES] == two
 
 
 def test_moe_bench_times_the_row_tiles_fastest_order_inside_its_provider_only():
