@@ -94,7 +94,7 @@ WIDE_OFFSETS = 2**31  # gate_up_bwd's [P, D] output this large or larger takes 6
 # product and waits for all of them (DEPBAR.LE SB0, 0x0) at the top of that trip, so each trip waits out
 # the whole latency of memory, hidden only by other blocks on the SM. With three, a trip's copies stay in
 # flight through the next trip (the compile gate's loop_copies_ahead, held to 1 or more by its test), for
-# 0.1-0.4 more SASS instructions an element, the instruction count that had chosen two.
+# at most 0.4 more SASS instructions an element (the count that had chosen two).
 # The backward's: below.
 _FORWARD = {
     16: [(16, 64, 128, 2, 3), (16, 128, 64, 4, 3)],
