@@ -12,6 +12,8 @@ Providers, all in the same process on the same weights and routing:
   torch-grouped-mm   torch._grouped_mm on dense bf16 weights, pairs sorted by expert (where it exists)
   triton (row tiles fastest)   at 1,024+ tokens: triton with its programs in their order before groups of
                      row tiles (all row tiles against one column tile at a time), on the same tiles
+  triton (two stages)  at 4,096 tokens, forward: triton on the tiles its autotuners chose, on two stages (a
+                     trip then waits for the copies the trip before sent; CONFIGS' comment in kernels/moe.py)
 Routing is top-4 of router logits computed from random activations and a random router, so experts
 get roughly equal, randomly varying loads, as in a trained model without heavy skew.
 TFLOP/s counts 2 x pairs x (D x 2I + I x D); GB/s counts the MXFP4 bytes of the experts actually used
@@ -107,6 +109,34 @@ def row_tiles_fastest(fn):
     return run
 
 
+TWO_STAGES = "triton (two stages)"  # at TWO_STAGES_TOKENS: the autotuners' choices on two stages
+TWO_STAGES_TOKENS = 4096
+
+
+def on_two_stages(fn):
+    """`fn` with every choice the MoE kernels' autotuners hold put on two stages while it runs (Triton
+    launches a key's cached choice), the choices and each tuner's best_config put back afterwards, also
+    after a failure: the tiles the triton provider timed, with the pipelining the kernels left behind."""
+    from gptoss.kernels.moe import KERNELS
+
+    def run():
+        saved = {name: (dict(tuner.cache), getattr(tuner, "best_config", None)) for name, tuner in KERNELS.items()}
+        try:
+            for name, tuner in KERNELS.items():
+                for key, config in saved[name][0].items():
+                    two = copy.copy(config)
+                    two.num_stages = 2
+                    tuner.cache[key] = two
+            return fn()
+        finally:
+            for name, tuner in KERNELS.items():
+                tuner.cache.clear()
+                tuner.cache.update(saved[name][0])
+                tuner.best_config = saved[name][1]
+
+    return run
+
+
 def _with_backward(forward, x, logits, grad):
     """A provider's forward, run with gradients to x and the router logits, then the backward of `grad`:
     what a training step pays for the layer (its expert weights frozen). Returns the output, detached."""
@@ -185,6 +215,9 @@ def main() -> None:
                 providers = {p: _with_backward(fn, x, logits, grad) for p, fn in providers.items()}
             if gpu and T >= 1024:  # where the activations outgrow the L2 (see _program_tile); the whole call
                 providers[ROW_TILES_FASTEST] = row_tiles_fastest(providers["triton"])  # (--train: its backward too)
+            if gpu and T == TWO_STAGES_TOKENS and not args.train:  # after "triton", whose choices it takes; the
+                # forward only: --train's step has a minute for three sizes' autotuning of four kernels
+                providers[TWO_STAGES] = on_two_stages(providers["triton"])
             reference = experts_forward(x.float(), weights, ids, copy.deepcopy(experts).float(), 1.702, 7.0)
             for provider, fn in providers.items():
                 if provider == "triton":

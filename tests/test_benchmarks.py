@@ -138,6 +138,43 @@ def test_moe_bench_times_the_row_tiles_fastest_order_inside_its_provider_only():
     assert moe.GROUP_ROWS == 8
 
 
+def test_moe_bench_times_the_chosen_tiles_on_two_stages_inside_its_provider_only():
+    # its "two stages" rows: every choice the autotuners hold is the same tile on two stages while the
+    # provider runs, and the choices themselves (the same objects) come back afterwards, also after a failure
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_moe
+    finally:
+        sys.path.remove(str(BENCH))
+    import triton
+
+    from gptoss.kernels.moe import KERNELS, tile_of
+
+    saved = {name: (dict(tuner.cache), getattr(tuner, "best_config", None)) for name, tuner in KERNELS.items()}
+    chosen = triton.Config(dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SWAP=0), num_warps=4, num_stages=3)
+    try:
+        for tuner in KERNELS.values():
+            tuner.cache[("a key",)] = chosen
+        seen = bench_moe.on_two_stages(
+            lambda: {n: [tile_of(c) for c in t.cache.values()] for n, t in KERNELS.items()}
+        )()
+        assert seen and all((64, 128, 64, 4, 2) in tiles for tiles in seen.values()), seen
+        assert all(all(t[4] == 2 for t in tiles) for tiles in seen.values()), seen
+        assert all(tuner.cache[("a key",)] is chosen and chosen.num_stages == 3 for tuner in KERNELS.values())
+
+        def failing():
+            raise RuntimeError("a timing failed")
+
+        with pytest.raises(RuntimeError):
+            bench_moe.on_two_stages(failing)()
+        assert all(tuner.cache[("a key",)] is chosen for tuner in KERNELS.values())
+    finally:
+        for name, tuner in KERNELS.items():
+            tuner.cache.clear()
+            tuner.cache.update(saved[name][0])
+            tuner.best_config = saved[name][1]
+
+
 def test_fa2_baseline_is_attention_without_sinks_in_the_kernel_layout():
     # the FlashAttention-2 row times SDPA on the same [B, T, K, G, Dh] tensors; its output (and so the
     # gradient the backward timing feeds it) must have the kernel's layout and be causal GQA attention
