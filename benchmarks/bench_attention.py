@@ -24,6 +24,7 @@ import json
 import torch
 from results import RESULTS_DIR, copy_bandwidth_gbs, machine, record, table, time_graph_ms, time_ms
 
+from gptoss.kernels.attention_core import CONFIGS
 from gptoss.model import attention_with_sinks as reference
 
 K, G, DH = 8, 8, 64
@@ -37,7 +38,7 @@ EARLIER = "triton (earlier tiles)"
 TWO_STAGES = "triton (two stages)"
 OTHER_TILES = {
     EARLIER: {"fwd": (128, 64, 8, 3), "dq": (64, 64, 4, 2)},
-    TWO_STAGES: {"fwd": (128, 128, 8, 2), "dq": (128, 128, 8, 2), "dkdv": (64, 64, 4, 2)},
+    TWO_STAGES: {name: (*CONFIGS[name]["bf16"][:3], 2) for name in ("fwd", "dq", "dkdv")},
 }
 
 
@@ -45,8 +46,6 @@ OTHER_TILES = {
 def tiles(overrides: dict[str, tuple], dtype_path: str = "bf16"):
     """The attention kernels launch with `overrides` ({kernel: (BLOCK_M, BLOCK_N, warps, stages)}) for
     one dtype path while inside; the chosen tiles come back however it is left."""
-    from gptoss.kernels.attention_core import CONFIGS
-
     saved = {name: CONFIGS[name][dtype_path] for name in overrides}
     try:
         for name, tile in overrides.items():

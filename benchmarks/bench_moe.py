@@ -120,10 +120,11 @@ def on_two_stages(fn):
     from gptoss.kernels.moe import KERNELS
 
     def run():
-        saved = {name: (dict(tuner.cache), getattr(tuner, "best_config", None)) for name, tuner in KERNELS.items()}
+        choices = {name: dict(tuner.cache) for name, tuner in KERNELS.items()}
+        best = {name: getattr(tuner, "best_config", None) for name, tuner in KERNELS.items()}
         try:
             for name, tuner in KERNELS.items():
-                for key, config in saved[name][0].items():
+                for key, config in choices[name].items():
                     two = copy.copy(config)
                     two.num_stages = 2
                     tuner.cache[key] = two
@@ -131,8 +132,8 @@ def on_two_stages(fn):
         finally:
             for name, tuner in KERNELS.items():
                 tuner.cache.clear()
-                tuner.cache.update(saved[name][0])
-                tuner.best_config = saved[name][1]
+                tuner.cache.update(choices[name])
+                tuner.best_config = best[name]
 
     return run
 

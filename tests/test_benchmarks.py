@@ -65,8 +65,8 @@ def test_the_moe_training_rows_run_each_provider_forward_and_backward():
 
 
 def test_attention_bench_times_the_earlier_tiles_with_the_kernels_own_launches():
-    # its "earlier tiles" rows (and the other sets of OTHER_TILES) must launch the kernels with those tiles (forward and dQ), and the chosen
-    # tiles must come back after them, also when a timing fails
+    # its rows of other tiles (OTHER_TILES) must launch the kernels with those tiles (here a set of its
+    # own for the forward and dQ), and the chosen tiles must come back after them, also when a timing fails
     sys.path.insert(0, str(BENCH))
     try:
         import bench_attention
